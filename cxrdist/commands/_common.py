@@ -1,0 +1,37 @@
+"""Shared CLI plumbing: config options on every command and one-line errors for our known failures."""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import click
+
+from cxrdist.errors import CxrdistError
+
+
+def config_options(func: Callable) -> Callable:
+    """Add `--config` and repeatable `--set section.key=value` to a command."""
+    func = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+                        help="Override one config value, e.g. --set train.batch_size=4 (repeatable).")(func)
+    func = click.option("--config", "config", default=None, metavar="PRESET|FILE",
+                        help="Config preset name (dev, product, demo) or a YAML file.")(func)
+    return func
+
+
+def friendly_errors(func: Callable) -> Callable:
+    """Turn our own errors (and a few OS ones) into a one-line message with exit code 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except CxrdistError as exc:
+            raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            if exc.errno == 28:  # ENOSPC
+                raise click.ClickException(f"disk full while writing {exc.filename or 'output'}: free space and rerun") from None
+            if isinstance(exc, PermissionError):
+                raise click.ClickException(f"permission denied: {exc.filename}: choose a writable location") from None
+            raise
+
+    return wrapper

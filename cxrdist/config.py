@@ -1,0 +1,335 @@
+"""Typed configuration: dataclasses built from YAML presets, files and `--set a.b=c` overrides.
+
+Build order is always: defaults -> preset or file (YAML) -> overrides. Unknown keys and wrong types are
+errors that name the key, raised before any heavy work starts. The resolved config is written next to
+every output (run folders, checkpoints, sample folders) and its hash is logged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from cxrdist.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how samples become model inputs."""
+
+    shards: str = "shards/phantom"  # a shard set folder written by `cxrdist shard` (has index.json)
+    image_size: int = 64  # must equal the shard set's size; checked at load time
+    prompt_template: str = "{report}"  # applied exactly once, at training and at sampling
+    num_workers: int = 0  # DataLoader workers per rank reading shards
+    shuffle_buffer: int = 256  # webdataset sample shuffle buffer
+    augment: bool = False  # mild rotation / crop / contrast jitter; never a horizontal flip
+    max_train_samples: int = 0  # 0 = all; small values make quick experiments and tests
+
+    def __post_init__(self) -> None:
+        _require(self.image_size >= 8 and self.image_size % 8 == 0, "data.image_size", "a multiple of 8, >= 8")
+        _require("{report}" in self.prompt_template, "data.prompt_template", "a string containing {report}")
+        _require(self.num_workers >= 0, "data.num_workers", ">= 0")
+
+
+@dataclass
+class ModelConfig:
+    """The base model: a diffusers folder or hub id, or a named preset built from a config."""
+
+    pretrained: str = "preset:tiny"  # path, hub id, or "preset:<name>" (tiny, sd15-arch)
+    revision: Optional[str] = None
+    vae_dtype: str = "fp32"  # fp32 | bf16 | fp16: the frozen VAE's weights
+    gradient_checkpointing: bool = False
+    attention: str = "sdpa"  # sdpa | default
+
+
+@dataclass
+class LoraConfig:
+    """Adapters: separate rank/alpha/dropout for the UNet and the text encoder."""
+
+    unet_rank: int = 8
+    unet_alpha: float = 8.0
+    unet_dropout: float = 0.0
+    unet_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    train_text_encoder: bool = True
+    text_rank: int = 8
+    text_alpha: float = 8.0
+    text_dropout: float = 0.0
+    # CLIP names; BERT-style encoders use query/key/value/dense (resolved per encoder when left as "auto").
+    text_targets: list[str] = field(default_factory=lambda: ["auto"])
+
+    def __post_init__(self) -> None:
+        _require(self.unet_rank >= 1, "lora.unet_rank", ">= 1")
+        _require(self.text_rank >= 1, "lora.text_rank", ">= 1")
+        _require(0.0 <= self.unet_dropout < 1.0, "lora.unet_dropout", "in [0, 1)")
+        _require(0.0 <= self.text_dropout < 1.0, "lora.text_dropout", "in [0, 1)")
+        _require(bool(self.unet_targets), "lora.unet_targets", "a non-empty list of module names")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | adamw8bit
+    lr_unet: float = 1e-4
+    lr_text: float = 5e-5
+    weight_decay_unet: float = 1e-2
+    weight_decay_text: float = 1e-2
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0  # 0 disables clipping; applied on every optimizer step
+    scheduler: str = "cosine"  # cosine | constant | linear
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.name in ("adamw", "adamw8bit"), "optim.name", "adamw or adamw8bit")
+        _require(self.scheduler in ("cosine", "constant", "linear"), "optim.scheduler", "cosine, constant or linear")
+        _require(self.lr_unet > 0 and self.lr_text > 0, "optim.lr_unet/lr_text", "> 0")
+        _require(self.max_grad_norm >= 0, "optim.max_grad_norm", ">= 0 (0 disables clipping)")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", ">= 0")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    max_steps: int = 0  # optimizer steps; 0 = derived from epochs
+    batch_size: int = 8  # per rank, per micro-step
+    grad_accum: int = 1
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    seed: int = 0
+    caption_dropout: float = 0.1  # share of prompts replaced by "" so classifier-free guidance is trained
+    noise_offset: float = 0.0
+    snr_gamma: float = 0.0  # min-SNR-gamma weighting; 0 = off
+    checkpoint_every: int = 0  # optimizer steps between accelerate save_state; 0 = end of epoch only
+    keep_last: int = 2
+    log_every: int = 10
+    output_dir: str = "runs"
+    run_name: str = ""  # "" = derived from config hash and fold
+    export_zip: bool = False
+    collective_timeout_s: int = 600  # ranks waiting longer than this on a dead peer fail loudly
+    allow_tf32: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, "train.epochs", ">= 1")
+        _require(self.batch_size >= 1, "train.batch_size", ">= 1")
+        _require(self.grad_accum >= 1, "train.grad_accum", ">= 1")
+        _require(self.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision", "no, fp16 or bf16")
+        _require(0.0 <= self.caption_dropout < 1.0, "train.caption_dropout", "in [0, 1)")
+        _require(self.keep_last >= 1, "train.keep_last", ">= 1")
+
+
+@dataclass
+class EvalConfig:
+    k_folds: int = 5  # folds the shard set is split into (checked against index.json)
+    eval_every_epochs: int = 1
+    eval_every_steps: int = 0  # 0 = use eval_every_epochs
+    metric: str = "val_loss"  # val_loss | ssim | psnr | mse | faithfulness
+    mode: str = "min"  # min | max
+    patience: int = 3  # evaluations without improvement before stopping; 0 = never stop early
+    val_loss_timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
+    num_metric_images: int = 8  # images generated per evaluation for SSIM/PSNR/MSE
+    num_grid_prompts: int = 4
+    inference_steps: int = 25
+    scheduler: str = "dpm++"
+    guidance: float = 4.0
+
+    def __post_init__(self) -> None:
+        _require(self.metric in ("val_loss", "ssim", "psnr", "mse", "faithfulness"), "eval.metric",
+                 "val_loss, ssim, psnr, mse or faithfulness")
+        _require(self.mode in ("min", "max"), "eval.mode", "min or max")
+        _require(self.patience >= 0, "eval.patience", ">= 0")
+        _require(self.k_folds >= 2, "eval.k_folds", ">= 2")
+
+
+@dataclass
+class SampleConfig:
+    steps: int = 25
+    scheduler: str = "dpm++"  # dpm++ | ddim | pndm | euler | ddpm
+    guidance: float = 4.0
+    negative_prompt: str = ""
+    height: int = 0  # 0 = the base model's native size
+    width: int = 0
+    batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1, "sample.steps", ">= 1")
+        _require(self.batch_size >= 1, "sample.batch_size", ">= 1")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Short, stable hash of the resolved config (logged at start-up, part of default run names)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:10]
+
+    def save(self, path: str | Path) -> Path:
+        """Write the resolved config as YAML, atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        tmp.replace(path)
+        return path
+
+
+def _require(ok: bool, key: str, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' must be {expected}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building from plain data, with strict keys and types
+# ---------------------------------------------------------------------------------------------------------
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotated type `tp`; allow int -> float and str -> number from the CLI."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {type(value).__name__}")
+        return [_coerce(v, item_tp, f"{key}[]") for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"config key '{key}' has an unsupported type {tp!r}")  # pragma: no cover
+
+
+def _merge_section(section: Any, updates: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(updates, dict):
+        raise ConfigError(f"config section '{prefix}' must be a mapping, got {type(updates).__name__}")
+    hints = typing.get_type_hints(type(section))
+    names = {f.name for f in dataclasses.fields(section)}
+    values = dataclasses.asdict(section)
+    for key, value in updates.items():
+        full = f"{prefix}.{key}"
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"unknown config key '{full}' (known keys in '{prefix}': {known})")
+        values[key] = _coerce(value, hints[key], full)
+    return type(section)(**values)
+
+
+def merge(cfg: Config, updates: dict[str, Any]) -> Config:
+    """Return a new Config with `updates` (nested dict of sections) applied strictly."""
+    if not isinstance(updates, dict):
+        raise ConfigError("a config file must hold a mapping of sections (data, model, lora, ...)")
+    sections = {f.name for f in dataclasses.fields(cfg)}
+    new = {name: getattr(cfg, name) for name in sections}
+    for name, sub in updates.items():
+        if name not in sections:
+            raise ConfigError(f"unknown config section '{name}' (known: {', '.join(sorted(sections))})")
+        new[name] = _merge_section(new[name], sub or {}, name)
+    return Config(**new)
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Turn ["train.lr=2e-4", "lora.unet_rank=4"] into a nested dict; values parsed as YAML scalars."""
+    nested: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"override key '{dotted}' must be section.key, e.g. train.batch_size")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        nested.setdefault(parts[0], {})[parts[1]] = value
+    return nested
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    """`dev` -> configs/dev.yaml; any existing file path is taken as is."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    candidate = CONFIG_DIR / f"{name_or_path}.yaml"
+    if candidate.exists():
+        return candidate
+    presets = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"config '{name_or_path}' not found: give a YAML file or one of the presets {presets}")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from None
+    return data
+
+
+def load_config(config: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """defaults -> preset/file -> `section.key=value` overrides, all validated."""
+    cfg = Config()
+    if config:
+        cfg = merge(cfg, load_yaml(resolve_preset(str(config))))
+    if overrides:
+        cfg = merge(cfg, parse_overrides(list(overrides)))
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config saved with a run or checkpoint (strict, like any other source)."""
+    return merge(Config(), data)
+
+
+def diff_configs(a: Config, b: Config, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Keys whose values differ, as 'section.key: a -> b' strings (used to explain a refused resume)."""
+    out = []
+    da, db = a.to_dict(), b.to_dict()
+    for section in da:
+        for key in da[section]:
+            full = f"{section}.{key}"
+            if full in ignore or section in ignore:
+                continue
+            if da[section][key] != db[section][key]:
+                out.append(f"{full}: {da[section][key]!r} -> {db[section][key]!r}")
+    return out

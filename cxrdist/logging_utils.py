@@ -1,0 +1,24 @@
+"""Logging set up once per process; quiet the noise our dependencies print."""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+
+def setup_logging(level: int = logging.INFO, rank: int | None = None) -> None:
+    """Configure the root logger once; non-main ranks only report warnings and errors."""
+    if rank is None:
+        rank = int(os.environ.get("RANK", "0"))
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if rank == 0 else f"[rank{rank}] %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level if rank == 0 else logging.WARNING, format=fmt, datefmt="%H:%M:%S", force=True)
+    quiet_dependencies()
+
+
+def quiet_dependencies() -> None:
+    """bitsandbytes warns about `kernels-community` on import; diffusers/transformers log at INFO."""
+    warnings.filterwarnings("ignore", message=".*kernels-community.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for name in ("diffusers", "transformers", "bitsandbytes", "DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
