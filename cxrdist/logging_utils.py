@@ -21,4 +21,17 @@ def quiet_dependencies() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     for name in ("diffusers", "transformers", "bitsandbytes", "DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*will assume that the vocabulary was not modified.*")
+    warnings.filterwarnings("ignore", message=".*requires torchvision.*")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if not os.environ.get("CUDA_VISIBLE_DEVICES", "x") or not _cuda_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise probes and warns on every import
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -16,3 +16,20 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Presets are materialised into a per-session cache so tests never see a stale folder."""
+    os.environ["CXRDIST_CACHE"] = str(tmp_path_factory.mktemp("cxrdist-cache"))
+    from cxrdist.logging_utils import quiet_dependencies
+
+    quiet_dependencies()
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_base_path():
+    from cxrdist.models.loading import preset_folder
+
+    return str(preset_folder("tiny"))

@@ -1,0 +1,152 @@
+"""One loader for every base model: a diffusers SD 1.x/2.x folder, a hub id, or a named preset.
+
+Presets are materialised once as diffusers folders in a cache and then loaded with `from_pretrained`, so
+the same loading code runs for a preset, a local folder and a hub id.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cxrdist.errors import ModelError
+from cxrdist.models.presets import PRESETS, save_preset
+
+log = logging.getLogger(__name__)
+
+PRESET_PREFIX = "preset:"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class BaseModel:
+    """The parts of a latent diffusion model that training and sampling need."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler_config: dict
+    source: str  # what the user asked for ("preset:tiny", a path, or a hub id)
+    path: str  # the folder the weights came from
+    fingerprint: str  # identifies the base; recorded in adapters and checked when they load
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def channels(self) -> int:
+        return int(self.vae.config.in_channels)
+
+    @property
+    def text_encoder_kind(self) -> str:
+        from cxrdist.models.text import is_clip
+
+        return "clip" if is_clip(self.text_encoder) else "bert"
+
+    def to(self, device: torch.device | str) -> "BaseModel":
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device)
+        return self
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("CXRDIST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cxrdist")
+    return Path(root)
+
+
+def preset_folder(name: str) -> Path:
+    """A preset's diffusers folder in the cache, written on first use (seeded, so identical everywhere)."""
+    if name not in PRESETS:
+        raise ModelError(f"unknown model preset '{name}': choose one of {sorted(PRESETS)}")
+    import diffusers
+    import transformers
+
+    folder = cache_dir() / "presets" / f"{name}-d{diffusers.__version__}-t{transformers.__version__}"
+    if not (folder / "model_index.json").exists():
+        log.info("building preset '%s' into %s", name, folder)
+        save_preset(name, folder)
+    return folder
+
+
+def resolve_base_path(pretrained: str) -> str:
+    """`preset:NAME` -> cached folder; an existing folder stays; anything else is treated as a hub id."""
+    if pretrained.startswith(PRESET_PREFIX):
+        return str(preset_folder(pretrained[len(PRESET_PREFIX):]))
+    path = Path(pretrained).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").exists() and not (path / "unet" / "config.json").exists():
+            raise ModelError(f"{pretrained} is not a diffusers pipeline folder (no model_index.json or unet/): "
+                             "point --pretrained at a Stable Diffusion folder or use preset:tiny")
+        return str(path)
+    if pretrained.startswith((".", "/", "~")) or pretrained.count("/") != 1:
+        raise ModelError(f"base model '{pretrained}' not found: give an existing folder, a hub id (org/name), "
+                         f"or one of {[PRESET_PREFIX + n for n in PRESETS]}")
+    return pretrained  # a hub id: from_pretrained honours HF_HUB_OFFLINE and the local cache
+
+
+def fingerprint(path: str) -> str:
+    """Hash of every config file plus each weight file's size and first/last MiB: cheap, and it changes
+    when the architecture or the weights change."""
+    root = Path(path)
+    if not root.exists():
+        return hashlib.sha256(path.encode()).hexdigest()[:16]
+    digest = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors", ".bin", ".txt")):
+        rel = file.relative_to(root).as_posix()
+        if rel.startswith("cxrdist_"):
+            continue
+        digest.update(rel.encode())
+        if file.suffix in (".json", ".txt"):
+            digest.update(file.read_bytes())
+        else:
+            size = file.stat().st_size
+            digest.update(str(size).encode())
+            with file.open("rb") as handle:
+                digest.update(handle.read(1 << 20))
+                handle.seek(max(0, size - (1 << 20)))
+                digest.update(handle.read(1 << 20))
+    return digest.hexdigest()[:16]
+
+
+def _load_component(cls, path: str, subfolder: str, revision: str | None, **kwargs):
+    try:
+        return cls.from_pretrained(path, subfolder=subfolder, revision=revision, **kwargs)
+    except OSError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"cannot load {subfolder} from '{path}': {first}") from None
+
+
+def load_base(pretrained: str, revision: str | None = None, vae_dtype: str = "fp32") -> BaseModel:
+    """Load UNet, VAE, text encoder, tokenizer and the noise-schedule config of a base model, all frozen."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoModel, AutoTokenizer
+
+    path = resolve_base_path(pretrained)
+    unet = _load_component(UNet2DConditionModel, path, "unet", revision)
+    vae = _load_component(AutoencoderKL, path, "vae", revision, torch_dtype=DTYPES[vae_dtype])
+    text_encoder = _load_component(AutoModel, path, "text_encoder", revision)
+    tokenizer = _load_component(AutoTokenizer, path, "tokenizer", revision)
+    scheduler = _load_component(DDPMScheduler, path, "scheduler", revision)
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+    return BaseModel(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                     scheduler_config=dict(scheduler.config), source=pretrained, path=path,
+                     fingerprint=fingerprint(path))
+
+
+def read_model_index(path: str | Path) -> dict:
+    index = Path(path) / "model_index.json"
+    return json.loads(index.read_text()) if index.exists() else {}

@@ -1,0 +1,210 @@
+"""LoRA adapters (peft) on the UNet and the text encoder: attach, save, load.
+
+Only adapter weights are trainable; the base stays frozen. Adapters are saved as
+`pytorch_lora_weights.safetensors` in the layout diffusers' `load_lora_weights` reads ("unet." and
+"text_encoder." prefixes, peft key names) plus `cxrdist.json` describing the base, ranks, targets and the
+prompt template. Loading goes through peft's `set_peft_model_state_dict`, which works for CLIP and
+BERT-style encoders alike (diffusers' loader cannot take a BERT text-encoder LoRA).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cxrdist.config import LoraConfig
+from cxrdist.errors import ModelError
+from cxrdist.models.loading import BaseModel
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+METADATA_NAME = "cxrdist.json"
+ADAPTER_FORMAT = "cxrdist-lora/1"
+# Attention projections per encoder family: CLIP names its projections q/k/v/out_proj, BERT query/key/value
+# and attention.output.dense (the attention output, not the MLP's output.dense).
+TEXT_TARGETS = {
+    "clip": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "bert": ["query", "key", "value", "attention.output.dense"],
+}
+
+
+def text_targets(base: BaseModel, cfg: LoraConfig) -> list[str]:
+    return TEXT_TARGETS[base.text_encoder_kind] if cfg.text_targets == ["auto"] else list(cfg.text_targets)
+
+
+def _peft_config(rank: int, alpha: float, dropout: float, targets: list[str]):
+    from peft import LoraConfig as PeftLoraConfig
+
+    # Gaussian A / zero B: the adapted model starts exactly equal to the base.
+    return PeftLoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
+                          target_modules=targets)
+
+
+def attach_lora(base: BaseModel, cfg: LoraConfig) -> dict[str, Any]:
+    """Inject adapters in place; return the resolved adapter description stored with checkpoints."""
+    base.unet.requires_grad_(False)
+    base.text_encoder.requires_grad_(False)
+    base.unet.add_adapter(_peft_config(cfg.unet_rank, cfg.unet_alpha, cfg.unet_dropout, cfg.unet_targets))
+    spec: dict[str, Any] = {
+        "unet": {"rank": cfg.unet_rank, "alpha": cfg.unet_alpha, "dropout": cfg.unet_dropout,
+                 "targets": list(cfg.unet_targets)},
+        "text_encoder": None,
+    }
+    if cfg.train_text_encoder:
+        targets = text_targets(base, cfg)
+        base.text_encoder.add_adapter(_peft_config(cfg.text_rank, cfg.text_alpha, cfg.text_dropout, targets))
+        spec["text_encoder"] = {"rank": cfg.text_rank, "alpha": cfg.text_alpha, "dropout": cfg.text_dropout,
+                                "targets": targets}
+    _check_targets_matched(base, spec)
+    for module in (base.unet, base.text_encoder):
+        for name, param in module.named_parameters():
+            param.requires_grad_("lora_" in name)
+    return spec
+
+
+def _check_targets_matched(base: BaseModel, spec: dict) -> None:
+    if not lora_parameters(base.unet):
+        raise ModelError(f"lora.unet_targets {spec['unet']['targets']} match no UNet module: use attention "
+                         "projection names such as to_q, to_k, to_v, to_out.0")
+
+
+def lora_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for n, p in module.named_parameters() if "lora_" in n]
+
+
+def count_parameters(module: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    params = list(module.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def adapter_state_dicts(unet, text_encoder) -> tuple[dict, dict | None]:
+    """peft-format LoRA tensors of both models (copied to CPU, contiguous, detached)."""
+    from peft.utils import get_peft_model_state_dict
+
+    def grab(module):
+        return {k: v.detach().to("cpu").contiguous().clone() for k, v in get_peft_model_state_dict(module).items()}
+
+    unet_sd = grab(unet)
+    text_sd = grab(text_encoder) if getattr(text_encoder, "peft_config", None) else None
+    return unet_sd, text_sd
+
+
+def _peft_metadata(spec: dict | None) -> dict | None:
+    if spec is None:
+        return None
+    return {"r": spec["rank"], "lora_alpha": spec["alpha"], "target_modules": spec["targets"]}
+
+
+def save_adapter(out_dir: str | Path, unet_sd: dict, text_sd: dict | None, metadata: dict) -> Path:
+    """Write weights + cxrdist.json into a temporary folder and rename it into place."""
+    from diffusers import StableDiffusionPipeline
+
+    out = Path(out_dir)
+    if out.exists():
+        raise ModelError(f"{out} already exists: adapters are never overwritten, choose another folder")
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    spec = metadata["adapter"]
+    StableDiffusionPipeline.save_lora_weights(
+        tmp, unet_lora_layers=unet_sd, text_encoder_lora_layers=text_sd, safe_serialization=True,
+        unet_lora_adapter_metadata=_peft_metadata(spec["unet"]),
+        text_encoder_lora_adapter_metadata=_peft_metadata(spec["text_encoder"]),
+    )
+    (tmp / METADATA_NAME).write_text(json.dumps({"format": ADAPTER_FORMAT, **metadata}, indent=2, default=str))
+    tmp.rename(out)
+    return out
+
+
+def adapter_metadata(base: BaseModel, spec: dict, prompt_template: str, config: dict | None = None,
+                     **extra: Any) -> dict:
+    """What a checkpoint needs to be self-describing: the base, the adapter shapes, the template, the config."""
+    return {
+        "base": {"source": base.source, "fingerprint": base.fingerprint, "text_encoder": base.text_encoder_kind,
+                 "image_size": base.image_size, "channels": base.channels},
+        "adapter": spec,
+        "prompt_template": prompt_template,
+        "config": config or {},
+        **extra,
+    }
+
+
+def read_adapter_metadata(folder: str | Path) -> dict:
+    path = Path(folder) / METADATA_NAME
+    if not path.exists():
+        raise ModelError(f"{folder} has no {METADATA_NAME}: not a cxrdist adapter folder")
+    data = json.loads(path.read_text())
+    if data.get("format") != ADAPTER_FORMAT:
+        raise ModelError(f"{path} has format {data.get('format')!r}, expected {ADAPTER_FORMAT!r}")
+    return data
+
+
+def _split_prefixed(state: dict) -> tuple[dict, dict]:
+    unet, text = {}, {}
+    for key, value in state.items():
+        if key.startswith("unet."):
+            unet[key[len("unet."):]] = value
+        elif key.startswith("text_encoder."):
+            text[key[len("text_encoder."):]] = value
+    return unet, text
+
+
+def _check_shapes(module: torch.nn.Module, incoming: dict, what: str, folder: Path, base: BaseModel) -> None:
+    """Refuse an adapter made for another base, naming the first tensor that does not fit."""
+    from peft.utils import get_peft_model_state_dict
+
+    expected = get_peft_model_state_dict(module)
+    missing = sorted(set(expected) - set(incoming))
+    unknown = sorted(set(incoming) - set(expected))
+    if missing or unknown:
+        key = (unknown or missing)[0]
+        raise ModelError(f"LoRA {folder} does not fit base '{base.source}': {what} key '{key}' "
+                         f"{'is not in the base' if unknown else 'is missing from the adapter'}")
+    for key, tensor in incoming.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise ModelError(f"LoRA {folder} does not fit base '{base.source}': {what} '{key}' has shape "
+                             f"{tuple(tensor.shape)}, the base expects {tuple(expected[key].shape)}")
+
+
+def load_adapter(folder: str | Path, base: BaseModel) -> dict:
+    """Attach the adapter described in `folder` to `base` and load its weights bit-exactly."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta = read_adapter_metadata(folder)
+    weights = folder / WEIGHTS_NAME
+    if not weights.exists():
+        raise ModelError(f"{weights} not found: the adapter folder is incomplete")
+    if meta["base"]["fingerprint"] != base.fingerprint:
+        log.warning("adapter %s was trained on base '%s' (fingerprint %s); loading it on '%s' (%s)", folder,
+                    meta["base"]["source"], meta["base"]["fingerprint"], base.source, base.fingerprint)
+    spec = meta["adapter"]
+    unet_sd, text_sd = _split_prefixed(load_file(str(weights)))
+    lora_cfg = LoraConfig(
+        unet_rank=spec["unet"]["rank"], unet_alpha=spec["unet"]["alpha"], unet_targets=spec["unet"]["targets"],
+        train_text_encoder=spec["text_encoder"] is not None,
+        **({"text_rank": spec["text_encoder"]["rank"], "text_alpha": spec["text_encoder"]["alpha"],
+            "text_targets": spec["text_encoder"]["targets"]} if spec["text_encoder"] else {}),
+    )
+    try:
+        attach_lora(base, lora_cfg)
+    except (ValueError, RuntimeError) as exc:
+        raise ModelError(f"LoRA {folder} does not fit base '{base.source}': {str(exc).splitlines()[0]}") from None
+    _check_shapes(base.unet, unet_sd, "UNet", folder, base)
+    set_peft_model_state_dict(base.unet, unet_sd)
+    if spec["text_encoder"]:
+        _check_shapes(base.text_encoder, text_sd, "text encoder", folder, base)
+        set_peft_model_state_dict(base.text_encoder, text_sd)
+    for module in (base.unet, base.text_encoder):
+        module.requires_grad_(False)
+    return meta
+

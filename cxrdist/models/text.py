@@ -1,0 +1,77 @@
+"""Prompts to conditioning: the prompt template (applied exactly once) and the text encoder call.
+
+Training, validation and sampling all go through `encode_prompts`, so the conditioning the sampler sees is
+the conditioning the adapter was trained on, for CLIP and BERT-style encoders alike.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from cxrdist.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+def apply_template(template: str, report: str) -> str:
+    """Fill the template once. An empty report stays empty (the unconditional prompt for guidance)."""
+    report = report.strip()
+    if not report:
+        return ""
+    return template.replace("{report}", report)
+
+
+CONTEXT_TOKENS = 77  # what SD's CLIP reads; BERT-style encoders are held to the same budget
+
+
+def max_length(tokenizer) -> int:
+    length = int(getattr(tokenizer, "model_max_length", CONTEXT_TOKENS) or CONTEXT_TOKENS)
+    return min(length, CONTEXT_TOKENS)
+
+
+def tokenize(tokenizer, prompts: list[str], warn: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids padded to the encoder's length; say what was cut rather than truncating silently."""
+    length = max_length(tokenizer)
+    if warn:
+        for prompt in prompts:
+            ids = tokenizer(prompt, truncation=False, add_special_tokens=True)["input_ids"]
+            if len(ids) > length:
+                kept = tokenizer.decode(ids[1 : length - 1], skip_special_tokens=True)
+                cut = prompt[len(kept):].strip() if prompt.lower().startswith(kept.lower()[:20]) else "(tail)"
+                log.warning("prompt is %d tokens, the text encoder reads %d: cut '%s'", len(ids), length,
+                            _shorten(cut))
+    batch = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    return batch["input_ids"], batch["attention_mask"]
+
+
+def _shorten(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def encode_ids(text_encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token last-layer hidden states used as cross-attention context.
+
+    CLIP is causal and SD never masks it (padding after the end token cannot change earlier tokens); a
+    bidirectional BERT-style encoder was pretrained with masks, so it gets one.
+    """
+    device = next(text_encoder.parameters()).device
+    if is_clip(text_encoder) or attention_mask is None:
+        return text_encoder(input_ids.to(device))[0]
+    return text_encoder(input_ids.to(device), attention_mask=attention_mask.to(device))[0]
+
+
+def is_clip(text_encoder) -> bool:
+    return getattr(getattr(text_encoder, "config", None), "model_type", "").startswith("clip")
+
+
+def encode_prompts(tokenizer, text_encoder, prompts: list[str], warn: bool = True) -> torch.Tensor:
+    ids, mask = tokenize(tokenizer, prompts, warn=warn)
+    return encode_ids(text_encoder, ids, mask)
+
+
+def check_prompts(prompts: list[str]) -> list[str]:
+    cleaned = [p.strip() for p in prompts]
+    if not cleaned or any(not p for p in cleaned):
+        raise InputError("empty description: give report text with --description or --prompts-file")
+    return cleaned

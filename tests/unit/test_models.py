@@ -1,0 +1,106 @@
+import json
+
+import pytest
+import torch
+
+from cxrdist.config import LoraConfig
+from cxrdist.errors import ModelError
+from cxrdist.models.loading import load_base
+from cxrdist.models.lora import (adapter_metadata, adapter_state_dicts, attach_lora, count_parameters,
+                                 load_adapter, lora_parameters, save_adapter)
+from cxrdist.models.presets import build_clip_tokenizer, save_preset
+from cxrdist.models.text import apply_template, encode_prompts, tokenize
+
+
+def _forward(base, prompt="Mild cardiomegaly. No effusion."):
+    torch.manual_seed(1)
+    latents = torch.randn(1, 4, 16, 16)
+    context = encode_prompts(base.tokenizer, base.text_encoder, [prompt])
+    return base.unet(latents, torch.tensor([500]), encoder_hidden_states=context).sample, context
+
+
+def _trained_adapter(base):
+    spec = attach_lora(base, LoraConfig(unet_rank=4, unet_alpha=8, text_rank=2, text_alpha=2))
+    for param in lora_parameters(base.unet) + lora_parameters(base.text_encoder):
+        param.data.normal_(std=0.05)
+    return spec
+
+
+def test_clip_tokenizer_is_the_real_vocabulary():
+    tok = build_clip_tokenizer()
+    assert len(tok) == 49408
+    assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+def test_preset_round_trip_through_a_saved_folder(tmp_path, tiny_base_path):
+    out = save_preset("tiny", tmp_path / "tiny")
+    assert (out / "model_index.json").exists() and "safety_checker" not in json.loads((out / "model_index.json").read_text()) or \
+        json.loads((out / "model_index.json").read_text())["safety_checker"] == [None, None]
+    a, b = load_base(str(out)), load_base(tiny_base_path)
+    assert a.fingerprint == b.fingerprint  # seeded presets are identical wherever they are built
+    assert torch.equal(_forward(a)[0], _forward(b)[0])
+    assert (a.image_size, a.channels, a.text_encoder_kind) == (64, 1, "clip")
+    with pytest.raises(ModelError, match="not empty"):
+        save_preset("tiny", out)
+
+
+def test_only_adapter_weights_train_and_base_is_untouched(tiny_base_path):
+    base = load_base(tiny_base_path)
+    before = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    attach_lora(base, LoraConfig())
+    trainable, total = count_parameters(base.unet)
+    assert 0 < trainable < total * 0.1
+    assert all("lora_" in n for n, p in base.unet.named_parameters() if p.requires_grad)
+    assert all("lora_" in n for n, p in base.text_encoder.named_parameters() if p.requires_grad)
+    optimizer = torch.optim.AdamW([p for p in base.unet.parameters() if p.requires_grad], lr=1e-2)
+    out, _ = _forward(base)
+    out.pow(2).mean().backward()
+    optimizer.step()
+    after = base.unet.state_dict()
+    changed = [k for k in before if k in after and not torch.equal(before[k], after[k])]
+    assert changed == []  # every base tensor is bit-identical; only lora_* tensors moved
+    assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in base.unet.named_parameters() if "lora_B" in n)
+
+
+def test_adapter_save_load_is_bit_exact_and_diffusers_reads_it(tmp_path, tiny_base_path):
+    from diffusers import StableDiffusionPipeline
+
+    base = load_base(tiny_base_path)
+    spec = _trained_adapter(base)
+    expected, expected_context = _forward(base)
+    folder = save_adapter(tmp_path / "adapter", *adapter_state_dicts(base.unet, base.text_encoder),
+                          adapter_metadata(base, spec, "{report}"))
+    fresh = load_base(tiny_base_path)
+    load_adapter(folder, fresh)
+    got, got_context = _forward(fresh)
+    assert torch.equal(got_context, expected_context) and torch.equal(got, expected)
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_base_path, safety_checker=None)
+    pipe.load_lora_weights(folder)
+    context = encode_prompts(pipe.tokenizer, pipe.text_encoder, ["Mild cardiomegaly. No effusion."])
+    torch.manual_seed(1)
+    latents = torch.randn(1, 4, 16, 16)
+    via_diffusers = pipe.unet(latents, torch.tensor([500]), encoder_hidden_states=context).sample
+    assert torch.allclose(via_diffusers, expected, atol=1e-5)
+    with pytest.raises(ModelError, match="already exists"):
+        save_adapter(folder, *adapter_state_dicts(base.unet, base.text_encoder), adapter_metadata(base, spec, "{report}"))
+
+
+def test_adapter_for_another_base_is_refused_naming_both(tmp_path, tiny_base_path):
+    base = load_base(tiny_base_path)
+    spec = attach_lora(base, LoraConfig(unet_rank=4))
+    unet_sd, text_sd = adapter_state_dicts(base.unet, base.text_encoder)
+    key = next(k for k in unet_sd if "lora_A" in k)
+    unet_sd[key] = torch.zeros(4, unet_sd[key].shape[1] + 3)  # as if made for a wider model
+    folder = save_adapter(tmp_path / "bad", unet_sd, text_sd, adapter_metadata(base, spec, "{report}"))
+    with pytest.raises(ModelError, match=r"does not fit base .*shape"):
+        load_adapter(folder, load_base(tiny_base_path))
+
+
+def test_template_applied_once_and_long_prompts_warn(caplog, tiny_base_path):
+    assert apply_template("chest x-ray: {report}", " Normal heart. ") == "chest x-ray: Normal heart."
+    assert apply_template("chest x-ray: {report}", "") == ""
+    tok = load_base(tiny_base_path).tokenizer
+    with caplog.at_level("WARNING"):
+        ids, mask = tokenize(tok, ["normal " * 100])
+    assert ids.shape == (1, 77) and "cut" in caplog.text
