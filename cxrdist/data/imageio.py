@@ -1,0 +1,173 @@
+"""Image decoding, resizing and encoding for the shard builder and the loaders.
+
+Everything in between decode and encode is a 2-D float32 array in [0, 1]: 16-bit PNG/TIFF and DICOM keep
+their full bit depth until `encode_png` quantises. A file that cannot be decoded raises
+`RecordRejected` with a stable reason key, so the builder counts it instead of crashing or inventing pixels.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+import numpy as np
+from PIL import Image
+
+from cxrdist.data.sources.base import RecordRejected
+
+RESIZE_MODES = ("pad", "crop")
+BIT_DEPTHS = (8, 16)
+
+# PIL mode -> full-scale value. Modes not listed are converted to 8-bit grayscale first (RGB, palette...).
+_PIL_FULL_SCALE = {"L": 255.0, "I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I": 65535.0, "1": 1.0}
+
+DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    # DICOM Part 10 files carry "DICM" after a 128-byte preamble; exports often have no suffix at all.
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def decode_file(path: str | Path) -> np.ndarray:
+    """Decode PNG / JPEG / TIFF (8 or 16 bit) or DICOM to float32 [0, 1], shape (H, W)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecordRejected("missing_image", str(path))
+    if path.suffix.lower() in DICOM_SUFFIXES or _looks_like_dicom(path):
+        return decode_dicom(path)
+    return _decode_pil(path)
+
+
+def decode_bytes(data: bytes) -> np.ndarray:
+    """Decode an encoded image held in memory (PNG / JPEG / TIFF) to float32 [0, 1]."""
+    return _decode_pil(io.BytesIO(data))
+
+
+def _decode_pil(src) -> np.ndarray:
+    try:
+        with Image.open(src) as image:
+            image.load()  # forces the full decode here, so truncated files fail now and not later
+            if image.mode not in _PIL_FULL_SCALE:
+                image = image.convert("L")
+            pixels = np.asarray(image)
+            full_scale = _PIL_FULL_SCALE[image.mode]
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise RecordRejected("corrupt_image", f"{src}: {exc}") from None
+    if pixels.ndim != 2 or pixels.size == 0:
+        raise RecordRejected("unsupported_image", f"{src}: shape {pixels.shape}")
+    if image.mode == "I" and pixels.max(initial=0) > 65535:
+        full_scale = float(pixels.max())  # 32-bit integer images: scale by their own range
+    out = pixels.astype(np.float32)
+    out *= np.float32(1.0 / full_scale)
+    return out
+
+
+def decode_dicom(path: str | Path) -> np.ndarray:
+    """DICOM to float32 [0, 1]: modality LUT (slope/intercept), then VOI LUT or window, MONOCHROME1 inverted."""
+    try:
+        import pydicom
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:  # pragma: no cover - pydicom is a declared dependency
+        raise RecordRejected("unsupported_format", "DICOM needs pydicom: pip install pydicom") from None
+    try:
+        with warnings.catch_warnings():  # malformed-tag chatter; a real failure raises below
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(str(path))
+            raw = ds.pixel_array
+    except Exception as exc:  # pydicom raises many types for bad/compressed data; all mean "cannot read this"
+        raise RecordRejected("corrupt_image", f"{path}: {type(exc).__name__}: {exc}") from None
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
+    if raw.ndim != 2 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise RecordRejected("unsupported_image", f"{path}: {photometric} with shape {raw.shape}")
+    values = np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        values = _window(values, ds.WindowCenter, ds.WindowWidth)
+    else:
+        if "VOILUTSequence" in ds:
+            # A VOI LUT is a table indexed by stored values, so it needs integers.
+            values = np.asarray(apply_voi_lut(np.rint(values).astype(np.int64), ds), dtype=np.float64)
+        values = _stretch(values)
+    if photometric == "MONOCHROME1":
+        values = 1.0 - values  # MONOCHROME1 stores bright = low values; flip so bone is bright everywhere
+    return values.astype(np.float32)
+
+
+def _first(value) -> float:
+    # WindowCenter/Width may be multi-valued (several presets); the first is the default view.
+    try:
+        return float(value[0])
+    except (TypeError, IndexError):
+        return float(value)
+
+
+def _window(values: np.ndarray, center, width) -> np.ndarray:
+    # DICOM PS3.3 C.11.2.1.2 linear window, mapped to [0, 1] instead of the output bit range.
+    c, w = _first(center), max(_first(width), 1.0)
+    out = (values - (c - 0.5)) / (w - 1.0) + 0.5 if w > 1 else (values >= c).astype(np.float64)
+    return np.clip(out, 0.0, 1.0)
+
+
+def _stretch(values: np.ndarray) -> np.ndarray:
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros_like(values)
+    return (values - low) / (high - low)
+
+
+def check_pixels(pixels: np.ndarray, where: str) -> np.ndarray:
+    """Refuse arrays that would silently become garbage (wrong rank, NaN, out of range)."""
+    if not isinstance(pixels, np.ndarray) or pixels.ndim != 2 or min(pixels.shape) < 1:
+        raise RecordRejected("bad_pixels", f"{where}: expected a 2-D array, got {getattr(pixels, 'shape', type(pixels))}")
+    if not np.isfinite(pixels).all():
+        raise RecordRejected("bad_pixels", f"{where}: NaN or infinite values")
+    return np.clip(pixels.astype(np.float32, copy=False), 0.0, 1.0)
+
+
+def fit_size(height: int, width: int, size: int, mode: str) -> tuple[int, int]:
+    """Scaled (h, w) keeping the aspect ratio: longest side = size (pad) or shortest side = size (crop)."""
+    scale = size / (max(height, width) if mode == "pad" else min(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def resize_square(pixels: np.ndarray, size: int, mode: str = "pad") -> np.ndarray:
+    """Aspect-preserving resize to size x size, then black padding or a centre crop. Never flips."""
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
+    height, width = pixels.shape
+    new_h, new_w = fit_size(height, width, size, mode)
+    if (new_h, new_w) != (height, width):
+        image = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32))
+        # reducing_gap first box-reduces by an integer factor, then Lanczos: same quality, ~6x faster on
+        # 2000x2500 inputs than Lanczos over the full image.
+        image = image.resize((new_w, new_h), Image.Resampling.LANCZOS, reducing_gap=3.0)
+        pixels = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
+    if mode == "pad":
+        out = np.zeros((size, size), dtype=np.float32)
+        top, left = (size - new_h) // 2, (size - new_w) // 2
+        out[top:top + new_h, left:left + new_w] = pixels
+        return out
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return np.ascontiguousarray(pixels[top:top + size, left:left + size])
+
+
+def _quantise(pixels: np.ndarray, bit_depth: int) -> Image.Image:
+    full = (1 << bit_depth) - 1
+    values = np.rint(np.clip(pixels, 0.0, 1.0) * full)
+    if bit_depth == 8:
+        return Image.fromarray(values.astype(np.uint8))
+    return Image.fromarray(values.astype(np.uint16))
+
+
+def encode_png(pixels: np.ndarray, bit_depth: int = 8) -> bytes:
+    """Grayscale PNG bytes; no timestamps or text chunks, so equal pixels give equal bytes."""
+    if bit_depth not in BIT_DEPTHS:
+        raise ValueError(f"bit depth must be one of {BIT_DEPTHS}, got {bit_depth}")
+    buffer = io.BytesIO()
+    _quantise(pixels, bit_depth).save(buffer, format="PNG", compress_level=6)
+    return buffer.getvalue()
+

@@ -1,0 +1,165 @@
+"""Indiana University / Open-i chest X-rays (NLMCXR): one XML report per study, one PNG per image.
+
+Report layout (ecgen-radiology/<n>.xml), the parts we read:
+    <uId id="CXR1"/>
+    <AbstractText Label="FINDINGS">...</AbstractText>   also IMPRESSION, INDICATION, COMPARISON
+    <MeSH><major>Cardiomegaly/mild</major>...</MeSH>
+    <parentImage id="CXR1_1_IM-0001-3001">...</parentImage>   pixels in CXR1_1_IM-0001-3001.png
+The report is the group: its frontal and lateral images always land in the same split.
+"""
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from cxrdist.data.imageio import decode_file
+from cxrdist.data.sources.base import Record, RecordRejected
+from cxrdist.errors import DataError
+
+SECTIONS = ("findings", "impression", "indication", "comparison")
+DEFAULT_FIELDS = ("findings", "impression")  # INDICATION is not visible in an image, so off by default
+REPORTS_FOLDER = "ecgen-radiology"
+
+_DEID = re.compile(r"X{3,}")  # de-identification placeholders ("XXXX"), also glued to words: "x-XXXX"
+_SPACE_BEFORE_PUNCT = re.compile(r"\s+([.,;:!?])")
+_REPEATED_PUNCT = re.compile(r"([.,;:!?])(?:\s*[.,;:!?])+")
+_UNSAFE_KEY = re.compile(r"[^A-Za-z0-9_-]")
+
+
+@dataclass
+class IUReport:
+    uid: str  # <uId id>, or the file stem when absent
+    file: str
+    sections: dict[str, str] = field(default_factory=dict)  # lower-case label -> raw text
+    images: list[str] = field(default_factory=list)  # parentImage ids, in document order
+    mesh: list[str] = field(default_factory=list)  # <MeSH><major> terms, e.g. "Pleural Effusion/left/small"
+
+
+def clean_text(text: str) -> str:
+    """Drop XXXX placeholders, collapse whitespace, tidy the punctuation the removal leaves behind."""
+    text = _DEID.sub(" ", text)
+    text = " ".join(text.split())
+    text = _SPACE_BEFORE_PUNCT.sub(r"\1", text)
+    text = _REPEATED_PUNCT.sub(r"\1", text)
+    return text.lstrip(" .,;:!?").strip()
+
+
+def has_words(text: str) -> bool:
+    return re.search(r"[A-Za-z]{2,}", text) is not None
+
+
+def build_prompt(sections: dict[str, str], fields: Sequence[str] = DEFAULT_FIELDS) -> str:
+    """The chosen sections, cleaned, in the order given, joined by a space; "" when none has words."""
+    parts = [clean_text(sections.get(name, "")) for name in fields]
+    return " ".join(part for part in parts if has_words(part))
+
+
+def parse_report(path: str | Path) -> IUReport:
+    """Parse one report XML. Raises RecordRejected('bad_xml') for files that are not well-formed."""
+    path = Path(path)
+    try:
+        root = ET.parse(path).getroot()
+    except (ET.ParseError, OSError) as exc:
+        raise RecordRejected("bad_xml", f"{path.name}: {exc}") from None
+    uid_node = root.find(".//uId")
+    uid = (uid_node.get("id") if uid_node is not None else None) or path.stem
+    report = IUReport(uid=_UNSAFE_KEY.sub("_", uid), file=path.name)
+    for node in root.iter("AbstractText"):
+        label = (node.get("Label") or "").strip().lower()
+        if label in SECTIONS:
+            report.sections[label] = "".join(node.itertext()).strip()
+    for node in root.iter("parentImage"):
+        if node.get("id"):
+            report.images.append(node.get("id").strip())
+    for mesh in root.iter("MeSH"):
+        report.mesh.extend(" ".join("".join(m.itertext()).split()) for m in mesh.findall("major"))
+    report.mesh = [term for term in report.mesh if term]
+    return report
+
+
+class IUXraySource:
+    """Records from extracted NLMCXR folders: `roots` hold ecgen-radiology/*.xml and the PNGs (any depth)."""
+
+    name = "iu-xray"
+
+    def __init__(self, roots: Sequence[str | Path], fields: Sequence[str] = DEFAULT_FIELDS) -> None:
+        unknown = [f for f in fields if f not in SECTIONS]
+        if unknown or not fields:
+            raise DataError(f"unknown report field(s) {unknown or fields}: choose from {', '.join(SECTIONS)}")
+        self.roots = [Path(r) for r in roots]
+        self.fields = tuple(fields)
+        self._rejected: list[tuple[str, str, str]] = []
+        self._summary: Counter = Counter()
+
+    def _report_files(self) -> list[Path]:
+        files: list[Path] = []
+        for root in self.roots:
+            folders = [root] if root.name == REPORTS_FOLDER else sorted(root.rglob(REPORTS_FOLDER))
+            for folder in folders:
+                files.extend(p for p in folder.glob("*.xml") if p.is_file())
+        if not files:
+            raise DataError(f"no {REPORTS_FOLDER}/*.xml found under {', '.join(map(str, self.roots))}: "
+                            "pass the folder (or archives) holding the NLMCXR reports with --from")
+        # Numeric stems sort numerically (2.xml before 10.xml) so the order matches the collection's.
+        return sorted(files, key=lambda p: (int(p.stem) if p.stem.isdigit() else 1 << 62, p.name))
+
+    def _image_index(self) -> dict[str, Path]:
+        index: dict[str, Path] = {}
+        for root in self.roots:
+            for png in sorted(root.rglob("*.png")):
+                index.setdefault(png.stem, png)
+        return index
+
+    def records(self) -> Iterator[Record]:
+        self._rejected, self._summary = [], Counter()
+        images = self._image_index()
+        seen_images: set[str] = set()
+        for path in self._report_files():
+            self._summary["reports_seen"] += 1
+            try:
+                report = parse_report(path)
+            except RecordRejected as exc:
+                self._reject(path.name, exc.reason, exc.detail)
+                continue
+            prompt = build_prompt(report.sections, self.fields)
+            if not prompt:
+                self._reject(path.name, "empty_report", f"no words in {'/'.join(self.fields)}")
+                continue
+            if not report.images:
+                self._reject(path.name, "no_images", "report lists no parentImage")
+                continue
+            self._summary["reports_used"] += 1
+            for image_id in report.images:
+                self._summary["images_listed"] += 1
+                if image_id in seen_images:
+                    self._reject(image_id, "duplicate_image", f"also listed by an earlier report ({path.name})")
+                    continue
+                seen_images.add(image_id)
+                if image_id not in images:
+                    self._summary["images_missing"] += 1
+                    self._reject(image_id, "missing_image", f"{image_id}.png not found (listed in {path.name})")
+                    continue
+                self._summary["images_found"] += 1
+                yield Record(uid=_UNSAFE_KEY.sub("_", image_id), group=report.uid, prompt=prompt,
+                             labels=list(report.mesh), view="", source=self.name,
+                             source_path=str(images[image_id]), extra={"report_file": report.file})
+
+    def _reject(self, identifier: str, reason: str, detail: str) -> None:
+        self._rejected.append((identifier, reason, detail))
+
+    def rejected(self) -> list[tuple[str, str, str]]:
+        return list(self._rejected)
+
+    def summary(self) -> dict[str, int]:
+        """Counts from the last records() pass: reports seen/used, images listed/found/missing."""
+        keys = ("reports_seen", "reports_used", "images_listed", "images_found", "images_missing")
+        return {key: int(self._summary[key]) for key in keys}
+
+    def load(self, record: Record) -> np.ndarray:
+        return decode_file(record.source_path)

@@ -1,0 +1,120 @@
+"""Tiny hand-made inputs for the data tests: IU-style XML reports, PNG/TIFF/DICOM images, manifests.
+
+Imported by the data test modules (unit and integration); it holds no tests itself.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+
+def gradient(height: int, width: int, *, seed: int = 0) -> np.ndarray:
+    """A float image in [0, 1] with structure (ramp + blob), distinct per seed."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    rng = np.random.default_rng(seed)
+    cy, cx = rng.uniform(0.3, 0.7) * height, rng.uniform(0.3, 0.7) * width
+    blob = np.exp(-(((yy - cy) / (0.2 * height)) ** 2 + ((xx - cx) / (0.2 * width)) ** 2))
+    return np.clip(0.5 * xx / max(width - 1, 1) + 0.5 * blob, 0, 1).astype(np.float32)
+
+
+def write_png(path: Path, height: int = 40, width: int = 32, *, seed: int = 0, bits: int = 8) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = gradient(height, width, seed=seed)
+    if bits == 8:
+        Image.fromarray(np.rint(pixels * 255).astype(np.uint8)).save(path)
+    else:
+        Image.fromarray(np.rint(pixels * 65535).astype(np.uint16)).save(path)
+    return path
+
+
+def write_dicom(path: Path, values: np.ndarray, *, photometric: str = "MONOCHROME2", slope: float = 1.0,
+                intercept: float = 0.0, window: tuple[float, float] | None = None, bits: int = 12) -> Path:
+    """A minimal but valid DICOM file (explicit VR little endian) holding uint16 `values`."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[str(path.name)])
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.PatientID = "anon"
+    ds.Rows, ds.Columns = values.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits, bits - 1
+    ds.PixelRepresentation = 0
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    ds.PixelData = values.astype(np.uint16).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(str(path), enforce_file_format=True)
+    return path
+
+
+def report_xml(uid: str, *, findings: str | None = None, impression: str | None = None,
+               indication: str | None = None, images: Sequence[str] = (), mesh: Sequence[str] = ()) -> str:
+    """An IU/Open-i style report with the structure of the real ecgen-radiology files."""
+    def section(label: str, text: str | None) -> str:
+        return f'<AbstractText Label="{label}">{text}</AbstractText>' if text is not None \
+            else f'<AbstractText Label="{label}"/>'
+
+    majors = "".join(f"<major>{term}</major>" for term in mesh)
+    parents = "".join(
+        f'<parentImage id="{image}"><figureId>F{i + 1}</figureId><caption>Xray Chest PA and Lateral</caption>'
+        f'<panel type="single"><url>/hadoop/storage/radiology/extract/{image}.jpg</url></panel></parentImage>'
+        for i, image in enumerate(images))
+    return (
+        '<?xml version="1.0" encoding="utf-8"?>\n'
+        f'<eCitation><meta type="rr"/><uId id="{uid}"/><pmcId id="{uid[3:]}"/><docSource>CXR</docSource>'
+        '<MedlineCitation Owner="Indiana University" Status="supplied"><Article PubModel="Electronic">'
+        '<Journal><JournalIssue><PubDate><Year>2013</Year></PubDate></JournalIssue></Journal>'
+        '<ArticleTitle>Indiana University Chest X-ray Collection</ArticleTitle><Abstract>'
+        f'{section("COMPARISON", "None.")}{section("INDICATION", indication)}'
+        f'{section("FINDINGS", findings)}{section("IMPRESSION", impression)}'
+        '</Abstract></Article></MedlineCitation>'
+        f'<MeSH>{majors}<automatic>normal</automatic></MeSH>{parents}</eCitation>\n'
+    )
+
+
+def make_iu_tree(root: Path, n_reports: int = 6, images_per_report: int = 2, *, missing: Sequence[str] = (),
+                 corrupt: Sequence[str] = (), size: tuple[int, int] = (40, 32)) -> Path:
+    """ecgen-radiology/<n>.xml + png/<image>.png, every report with text; returns root."""
+    reports, pngs = root / "ecgen-radiology", root / "png"
+    reports.mkdir(parents=True, exist_ok=True)
+    labels = ["Cardiomegaly/mild", "Pleural Effusion/left/small", "normal"]
+    for n in range(1, n_reports + 1):
+        images = [f"CXR{n}_1_IM-{n:04d}-{1001 + k}" for k in range(images_per_report)]
+        xml = report_xml(f"CXR{n}", findings=f"Finding number {n}. Heart XXXX normal.",
+                         impression=f"Impression {n}.", images=images, mesh=[labels[n % 3]])
+        (reports / f"{n}.xml").write_text(xml, encoding="utf-8")
+        for k, image in enumerate(images):
+            if image in missing:
+                continue
+            path = write_png(pngs / f"{image}.png", *size, seed=n * 10 + k)
+            if image in corrupt:
+                path.write_bytes(path.read_bytes()[:60])  # truncated: header survives, data does not
+    return root
+
+
+def write_manifest(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    else:
+        import csv
+
+        keys = sorted({key for row in rows for key in row})
+        with open(path, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+    return path
