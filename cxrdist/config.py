@@ -139,6 +139,10 @@ class EvalConfig:
     inference_steps: int = 25
     scheduler: str = "dpm++"
     guidance: float = 4.0
+    # Training-issue additions:
+    max_eval_samples: int = 0  # 0 = the whole validation fold / test split for the loss; >0 caps it (quick runs)
+    min_delta: float = 0.0  # an evaluation must beat the best by more than this to count as an improvement
+    run_test: bool = True  # after training, evaluate the best checkpoint on the held-out test split
 
     def __post_init__(self) -> None:
         _require(self.metric in ("val_loss", "ssim", "psnr", "mse", "faithfulness"), "eval.metric",
@@ -148,20 +152,58 @@ class EvalConfig:
         _require(self.k_folds >= 2, "eval.k_folds", ">= 2")
 
 
+# Sampler names; cxrdist.sample.SCHEDULERS maps each to a diffusers class (checked to agree at import).
+SAMPLE_SCHEDULERS = ("dpm++", "ddim", "pndm", "euler", "ddpm")
+
+
 @dataclass
 class SampleConfig:
+    """`cxrdist sample` defaults; every field also has a command-line flag that overrides it."""
+
     steps: int = 25
     scheduler: str = "dpm++"  # dpm++ | ddim | pndm | euler | ddpm
     guidance: float = 4.0
-    negative_prompt: str = ""
+    negative_prompt: str = ""  # used as is (no template); "" = the unconditional prompt seen in training
     height: int = 0  # 0 = the base model's native size
     width: int = 0
     batch_size: int = 8
+    seed: int = 0  # image i of a run gets seed + i
+    num_images: int = 1  # images per description
+    device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
+    dtype: str = "fp32"  # fp32 | bf16 | fp16: weights and compute while sampling
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1, "sample.steps", ">= 1 (--steps)")
+        _require(self.batch_size >= 1, "sample.batch_size", ">= 1 (--batch-size)")
+        _require(self.num_images >= 1, "sample.num_images", ">= 1 (--num-images)")
+        _require(self.scheduler in SAMPLE_SCHEDULERS, "sample.scheduler", f"one of {', '.join(SAMPLE_SCHEDULERS)} (--scheduler)")
+        _require(self.guidance >= 0, "sample.guidance", ">= 0 (--guidance)")
+        for key, value in (("height", self.height), ("width", self.width)):
+            _require(value == 0 or (value >= 8 and value % 8 == 0), f"sample.{key}", f"0 or a multiple of 8 (--{key})")
+        _require(self.dtype in ("fp32", "bf16", "fp16"), "sample.dtype", "fp32, bf16 or fp16 (--dtype)")
+
+
+@dataclass
+class PretrainConfig:
+    """`cxrdist pretrain`: the embedded default base, trained from scratch on phantom shards."""
+
+    preset: str = "tiny-minilm"  # architecture (and frozen text encoder) to start from
+    vae_steps: int = 600
+    vae_batch_size: int = 32
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    unet_steps: int = 3000
+    unet_batch_size: int = 64
+    unet_lr: float = 5e-4
+    ema_decay: float = 0.999
+    caption: str = "chest radiograph"  # the only text the base ever sees
+    uncond_prob: float = 0.1  # share of empty prompts, so classifier-free guidance works on the base
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _require(self.steps >= 1, "sample.steps", ">= 1")
-        _require(self.batch_size >= 1, "sample.batch_size", ">= 1")
+        _require(self.vae_steps >= 1 and self.unet_steps >= 1, "pretrain.vae_steps/unet_steps", ">= 1")
+        _require(0.0 <= self.uncond_prob < 1.0, "pretrain.uncond_prob", "in [0, 1)")
+        _require(0.0 < self.ema_decay < 1.0, "pretrain.ema_decay", "in (0, 1)")
 
 
 @dataclass
@@ -173,6 +215,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,0 +1,340 @@
+"""Synthetic radiographs from report text: scheduler table, batched seeded generation, model loading for
+sampling, and output writing (PNG + metadata, index.jsonl, contact sheet).
+
+`generate_images` is the one generation path: the CLI, the trainer's validation and `cxrdist evaluate` all
+call it, so what is validated is what users sample. It assembles a diffusers StableDiffusionPipeline around
+modules that are already loaded (no weight copies, never a safety checker: it blacks out radiographs) and
+hands it precomputed conditioning from `cxrdist.models.text.encode_prompts`, so CLIP and BERT-style text
+encoders go through the same code.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from cxrdist.config import SAMPLE_SCHEDULERS
+from cxrdist.errors import InputError, ModelError
+from cxrdist.models.loading import BaseModel, load_base
+from cxrdist.models.text import apply_template, encode_prompts
+
+log = logging.getLogger(__name__)
+
+
+def _scheduler_table() -> dict[str, tuple[Any, dict]]:
+    from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                           PNDMScheduler)
+
+    return {
+        # Default: 2nd-order DPM-Solver++ gives usable images in ~25 steps (the original used PNDM x 500).
+        "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+        "ddim": (DDIMScheduler, {}),
+        "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
+        "euler": (EulerDiscreteScheduler, {}),
+        "ddpm": (DDPMScheduler, {}),
+    }
+
+
+SCHEDULERS: dict[str, tuple[Any, dict]] = _scheduler_table()
+assert set(SCHEDULERS) == set(SAMPLE_SCHEDULERS), "config.SAMPLE_SCHEDULERS and sample.SCHEDULERS disagree"
+
+
+@dataclass
+class SampleSettings:
+    """How to sample; the same knobs as SampleConfig minus what is per-run (seed, count, device)."""
+
+    steps: int = 25
+    scheduler: str = "dpm++"
+    guidance: float = 4.0
+    negative_prompt: str = ""  # used as is (no template); "" is the unconditional prompt seen in training
+    height: int = 0  # 0 = base.image_size
+    width: int = 0
+    batch_size: int = 8
+
+    @classmethod
+    def from_config(cls, cfg) -> "SampleSettings":
+        return cls(steps=cfg.steps, scheduler=cfg.scheduler, guidance=cfg.guidance,
+                   negative_prompt=cfg.negative_prompt, height=cfg.height, width=cfg.width,
+                   batch_size=cfg.batch_size)
+
+
+def build_scheduler(name: str, scheduler_config: dict):
+    """A fresh scheduler of the named kind on the base model's noise schedule."""
+    if name not in SCHEDULERS:
+        raise InputError(f"unknown scheduler '{name}': choose one of {', '.join(SCHEDULERS)}")
+    cls, kwargs = SCHEDULERS[name]
+    return cls.from_config(scheduler_config, **kwargs)
+
+
+def image_shape(base: BaseModel, settings: SampleSettings) -> tuple[int, int]:
+    height = settings.height or base.image_size
+    width = settings.width or base.image_size
+    for what, value in (("height", height), ("width", width)):
+        if value < 8 or value % 8:
+            raise InputError(f"image {what} {value} must be a positive multiple of 8")
+    return height, width
+
+
+def _check(settings: SampleSettings, reports: list[str], seeds: list[int]) -> None:
+    if settings.steps < 1:
+        raise InputError(f"steps must be >= 1, got {settings.steps}")
+    if settings.batch_size < 1:
+        raise InputError(f"batch size must be >= 1, got {settings.batch_size}")
+    if settings.scheduler not in SCHEDULERS:
+        raise InputError(f"unknown scheduler '{settings.scheduler}': choose one of {', '.join(SCHEDULERS)}")
+    if len(reports) != len(seeds):
+        raise InputError(f"{len(reports)} reports but {len(seeds)} seeds: give one seed per image")
+    if not reports:
+        raise InputError("nothing to generate: give at least one report")
+
+
+@contextlib.contextmanager
+def _eval_mode(*modules: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (no LoRA dropout) while sampling; every submodule's own flag is restored afterwards."""
+    saved = [(m, m.training) for module in modules for m in module.modules()]
+    try:
+        for module in modules:
+            module.eval()
+        yield
+    finally:
+        for m, training in saved:
+            m.training = training
+
+
+@contextlib.contextmanager
+def _on_device(base: BaseModel, device: torch.device) -> Iterator[None]:
+    """Move the modules to `device` for the call only when they are elsewhere, and back afterwards."""
+    modules = (base.unet, base.vae, base.text_encoder)
+    before = [next(m.parameters()).device for m in modules]
+    moved = any(d != device for d in before)
+    if moved:
+        for module in modules:
+            module.to(device)
+    try:
+        yield
+    finally:
+        if moved:
+            for module, where in zip(modules, before):
+                module.to(where)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def assemble_pipeline(base: BaseModel, scheduler):
+    """A StableDiffusionPipeline around the loaded modules: shares them, copies nothing, no safety checker."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                   unet=base.unet, scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _initial_noise(seeds: list[int], shape: tuple[int, ...]) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """Per-image CPU generators: image i's noise depends on seeds[i] only (not on batch, device or dtype)."""
+    generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+    noise = torch.cat([torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in generators])
+    return noise, generators
+
+
+def _decode(base: BaseModel, latents: torch.Tensor) -> np.ndarray:
+    """Latents -> grayscale float32 images in [0, 1]; 3-channel VAEs are averaged over channels."""
+    vae = base.vae
+    latents = latents.to(vae.dtype) / vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift:
+        latents = latents + shift
+    pixels = vae.decode(latents, return_dict=False)[0].float()
+    pixels = (pixels / 2 + 0.5).clamp(0, 1).mean(dim=1)
+    return pixels.cpu().numpy().astype(np.float32)
+
+
+def _embed_unique(base: BaseModel, prompts: list[str]) -> torch.Tensor:
+    """Encode each distinct prompt once (one truncation warning per prompt), then index per image."""
+    unique = list(dict.fromkeys(prompts))
+    embeds = encode_prompts(base.tokenizer, base.text_encoder, unique)
+    where = {p: i for i, p in enumerate(unique)}
+    return embeds[torch.tensor([where[p] for p in prompts], device=embeds.device)]
+
+
+@torch.no_grad()
+def generate_images(base: BaseModel, reports: list[str], settings: SampleSettings, *, template: str = "{report}",
+                    seeds: list[int], device=None, dtype: torch.dtype = torch.float32,
+                    progress: bool = False) -> np.ndarray:
+    """Generate one grayscale image per report: float32 array N x H x W in [0, 1].
+
+    Image i depends only on (reports[i], seeds[i], settings), not on which other images share its batch.
+    `template` is applied exactly once here; pass raw report text. Works with adapters attached; the
+    modules' train/eval flags and devices are restored on return, requires_grad is never touched.
+    `dtype` other than float32 runs under autocast (weights are not cast).
+    """
+    from tqdm.auto import tqdm
+
+    reports = list(reports)
+    seeds = list(seeds)
+    _check(settings, reports, seeds)
+    height, width = image_shape(base, settings)
+    device = torch.device(device) if device is not None else next(base.unet.parameters()).device
+    prompts = [apply_template(template, r) for r in reports]
+    latent_shape = (int(base.unet.config.in_channels), height // base.vae_scale_factor, width // base.vae_scale_factor)
+    batches = [range(i, min(i + settings.batch_size, len(prompts))) for i in range(0, len(prompts), settings.batch_size)]
+    out = np.empty((len(prompts), height, width), dtype=np.float32)
+    bar = tqdm(total=len(batches) * settings.steps, desc="sampling", unit="step", disable=not progress)
+
+    def tick(pipe, step, timestep, tensors):
+        bar.update(1)
+        return tensors
+
+    with _on_device(base, device), _eval_mode(base.unet, base.vae, base.text_encoder), _autocast(device, dtype):
+        cond = _embed_unique(base, prompts)
+        uncond = encode_prompts(base.tokenizer, base.text_encoder, [settings.negative_prompt.strip()], warn=True)
+        for batch in batches:
+            noise, generators = _initial_noise([seeds[i] for i in batch], latent_shape)
+            pipe = assemble_pipeline(base, build_scheduler(settings.scheduler, base.scheduler_config))
+            latents = pipe(prompt_embeds=cond[batch.start:batch.stop],
+                           negative_prompt_embeds=uncond.expand(len(batch), -1, -1),
+                           height=height, width=width, num_inference_steps=settings.steps,
+                           guidance_scale=settings.guidance, generator=generators,
+                           latents=noise.to(device, cond.dtype), output_type="latent",
+                           callback_on_step_end=tick).images
+            out[batch.start:batch.stop] = _decode(base, latents)
+    bar.close()
+    return out
+
+
+def contact_sheet(images: np.ndarray, columns: int = 0, pad: int = 2, limit: int = 64) -> np.ndarray:
+    """The first `limit` images tiled on a white-bordered grid (float32 in [0, 1]); for TensorBoard and grid.png."""
+    images = np.asarray(images)[:limit]
+    n, h, w = images.shape
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    sheet = np.ones((rows * (h + pad) + pad, columns * (w + pad) + pad), dtype=np.float32)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        sheet[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = image
+    return sheet
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading whatever the user points --model-path at
+# ---------------------------------------------------------------------------------------------------------
+
+MERGED_FORMAT = "cxrdist-merged/1"
+
+
+def load_for_sampling(model_path: str | Path, base_override: str | None = None,
+                      vae_dtype: str = "fp32") -> tuple[BaseModel, dict | None]:
+    """Load a cxrdist LoRA folder (on its recorded base, or `base_override`), a .zip of one, a full
+    diffusers pipeline folder, or a plain diffusers LoRA folder (needs `base_override`).
+
+    Returns the base with any adapter attached and the checkpoint's metadata (None when there is none).
+    """
+    path = Path(model_path).expanduser()
+    if not path.exists():
+        raise ModelError(f"model path '{model_path}' not found: give a LoRA checkpoint folder, a .zip of one, "
+                         "or a diffusers pipeline folder")
+    if not _readable(path):
+        raise ModelError(f"model path '{model_path}' is not readable: check its permissions")
+    if path.is_dir():
+        return _load_folder(path, base_override, vae_dtype)
+    from cxrdist.archive import safe_extract
+
+    with tempfile.TemporaryDirectory(prefix="cxrdist-zip-") as tmp:
+        root = safe_extract(path, tmp)
+        return _load_folder(_model_root(root, path), base_override, vae_dtype)
+
+
+def _readable(path: Path) -> bool:
+    import os
+
+    return os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0))
+
+
+def _kind(folder: Path) -> str | None:
+    from cxrdist.models.lora import METADATA_NAME, WEIGHTS_NAME
+
+    if (folder / "model_index.json").exists():
+        return "pipeline"
+    if (folder / METADATA_NAME).exists():
+        return "adapter"
+    if (folder / WEIGHTS_NAME).exists():
+        return "diffusers-lora"
+    return None
+
+
+def _model_root(root: Path, archive: Path) -> Path:
+    """The archive's model folder: its top level, or the single folder inside it that holds a model."""
+    if _kind(root):
+        return root
+    found = [p for p in sorted(root.iterdir()) if p.is_dir() and _kind(p)]
+    if len(found) != 1:
+        raise ModelError(f"{archive} holds {'no' if not found else 'more than one'} model folder: expected one "
+                         "LoRA checkpoint (cxrdist.json) or diffusers pipeline (model_index.json)")
+    return found[0]
+
+
+def _load_folder(folder: Path, base_override: str | None, vae_dtype: str) -> tuple[BaseModel, dict | None]:
+    kind = _kind(folder)
+    loaders = {"adapter": _load_adapter_folder, "pipeline": _load_pipeline_folder,
+               "diffusers-lora": _load_diffusers_lora}
+    if kind is None:
+        raise ModelError(f"{folder} is not a model: expected a LoRA checkpoint folder (cxrdist.json), a "
+                         "diffusers pipeline folder (model_index.json) or a .zip of one")
+    return loaders[kind](folder, base_override, vae_dtype)
+
+
+def _load_base_for(source: str, folder: Path, vae_dtype: str, overridden: bool) -> BaseModel:
+    try:
+        return load_base(source, vae_dtype=vae_dtype)
+    except ModelError as exc:
+        hint = "" if overridden else "; pass --base to load the adapter on another copy of its base"
+        raise ModelError(f"base '{source}' of {folder.name} cannot be loaded: {exc}{hint}") from None
+
+
+def _load_adapter_folder(folder: Path, base_override: str | None, vae_dtype: str):
+    from cxrdist.models.lora import load_adapter, read_adapter_metadata
+
+    meta = read_adapter_metadata(folder)
+    source = base_override or meta["base"]["source"]
+    base = _load_base_for(source, folder, vae_dtype, overridden=bool(base_override))
+    meta = load_adapter(folder, base)
+    return base, meta
+
+
+def _load_pipeline_folder(folder: Path, base_override: str | None, vae_dtype: str):
+    import json
+
+    if base_override:
+        raise InputError(f"--base applies to LoRA checkpoints, but {folder} is a full pipeline: drop --base")
+    base = load_base(str(folder), vae_dtype=vae_dtype)
+    meta_file = folder / "cxrdist.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.exists() else None
+    return base, meta
+
+
+def _load_diffusers_lora(folder: Path, base_override: str | None, vae_dtype: str):
+    """A LoRA saved by diffusers itself (no cxrdist.json): loaded with diffusers' own loader onto --base."""
+    if not base_override:
+        raise ModelError(f"{folder} is a diffusers LoRA without cxrdist.json, so its base is unknown: "
+                         "pass --base PATH_OR_PRESET")
+    base = _load_base_for(base_override, folder, vae_dtype, overridden=True)
+    pipe = assemble_pipeline(base, build_scheduler("ddpm", base.scheduler_config))
+    try:
+        pipe.load_lora_weights(str(folder))
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise ModelError(f"LoRA {folder} does not fit base '{base.source}': {str(exc).splitlines()[0]}") from None
+    for module in (base.unet, base.text_encoder):
+        module.requires_grad_(False)
+    return base, None

@@ -1,0 +1,115 @@
+"""generate_images: seeded, batch-independent, template once, both encoder families, modes restored."""
+import numpy as np
+import pytest
+import torch
+
+from cxrdist.config import SAMPLE_SCHEDULERS, LoraConfig, load_config
+from cxrdist.errors import ConfigError, InputError
+from cxrdist.models.loading import load_base, preset_folder
+from cxrdist.models.lora import attach_lora, lora_parameters
+from cxrdist.sample import SCHEDULERS, SampleSettings, contact_sheet, generate_images
+
+REPORTS = ["Mild cardiomegaly. No effusion.", "Normal heart size. Small left pleural effusion.", "Clear lungs."]
+FAST = SampleSettings(steps=2, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_base_path):
+    return load_base(tiny_base_path)
+
+
+def test_same_seed_same_image_and_seeds_matter(tiny):
+    a = generate_images(tiny, REPORTS, FAST, seeds=[1, 2, 3])
+    b = generate_images(tiny, REPORTS, FAST, seeds=[1, 2, 3])
+    c = generate_images(tiny, REPORTS, FAST, seeds=[4, 5, 6])
+    assert a.shape == (3, 64, 64) and a.dtype == np.float32
+    assert 0.0 <= a.min() and a.max() <= 1.0 and a.std() > 0.01
+    assert np.array_equal(a, b)
+    assert np.abs(a - c).max() > 0.05
+
+
+def test_image_does_not_depend_on_its_batch(tiny):
+    together = generate_images(tiny, REPORTS, SampleSettings(steps=2, batch_size=3), seeds=[1, 2, 3])
+    alone = generate_images(tiny, [REPORTS[1]], SampleSettings(steps=2, batch_size=1), seeds=[2])
+    shuffled = generate_images(tiny, [REPORTS[2], REPORTS[1]], SampleSettings(steps=2, batch_size=2), seeds=[3, 2])
+    assert np.allclose(together[1], alone[0], atol=1e-4)
+    assert np.allclose(together[1], shuffled[1], atol=1e-4)
+    assert np.allclose(together[2], shuffled[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("name", SAMPLE_SCHEDULERS)
+def test_every_scheduler_runs_and_is_reproducible(tiny, name):
+    settings = SampleSettings(steps=3, scheduler=name, guidance=0.0)  # guidance <= 1 also skips CFG
+    a = generate_images(tiny, REPORTS[:2], settings, seeds=[7, 8])
+    assert np.array_equal(a, generate_images(tiny, REPORTS[:2], settings, seeds=[7, 8]))
+
+
+def test_scheduler_table_matches_config_and_unknown_is_refused(tiny):
+    assert set(SCHEDULERS) == set(SAMPLE_SCHEDULERS)
+    dpm_class, dpm_kwargs = SCHEDULERS["dpm++"]
+    assert dpm_class.__name__ == "DPMSolverMultistepScheduler" and dpm_kwargs["algorithm_type"] == "dpmsolver++"
+    with pytest.raises(InputError, match="unknown scheduler 'lms'"):
+        generate_images(tiny, REPORTS[:1], SampleSettings(steps=1, scheduler="lms"), seeds=[0])
+    with pytest.raises(ConfigError, match="sample.scheduler"):
+        load_config(None, ["sample.scheduler=lms"])
+
+
+def test_template_applied_exactly_once(tiny, monkeypatch):
+    import cxrdist.sample as sample
+
+    seen = []
+    real = sample.encode_prompts
+
+    def spy(tokenizer, text_encoder, prompts, warn=True):
+        seen.extend(prompts)
+        return real(tokenizer, text_encoder, prompts, warn=warn)
+
+    monkeypatch.setattr(sample, "encode_prompts", spy)
+    generate_images(tiny, ["Normal heart.", "Normal heart."], SampleSettings(steps=1, negative_prompt="blurry"),
+                    template="chest x-ray: {report}", seeds=[0, 1])
+    assert seen == ["chest x-ray: Normal heart.", "blurry"]  # duplicates encoded once, negative not templated
+
+
+def test_long_prompt_warns_what_was_cut(tiny, caplog):
+    with caplog.at_level("WARNING"):
+        generate_images(tiny, ["heart normal " * 40 + "zebra tail"], SampleSettings(steps=1), seeds=[0])
+    assert "cut" in caplog.text and "zebra tail" in caplog.text
+
+
+def test_live_adapters_keep_their_modes_and_grads(tiny_base_path):
+    base = load_base(tiny_base_path)
+    attach_lora(base, LoraConfig(unet_rank=2, text_rank=2, unet_dropout=0.1))
+    base.unet.train()
+    base.text_encoder.train()
+    base.unet.conv_in.eval()  # a mixed state must come back as it was
+    before = {n: (m.training) for n, m in base.unet.named_modules()}
+    generate_images(base, REPORTS[:2], FAST, seeds=[0, 1])
+    assert {n: m.training for n, m in base.unet.named_modules()} == before
+    assert base.text_encoder.training and not base.vae.training
+    assert all(p.requires_grad for p in lora_parameters(base.unet) + lora_parameters(base.text_encoder))
+    assert not any(p.requires_grad for n, p in base.unet.named_parameters() if "lora_" not in n)
+
+
+def test_bert_encoder_preset_samples():
+    base = load_base(str(preset_folder("tiny-minilm")))
+    images = generate_images(base, REPORTS[:2], SampleSettings(steps=2), seeds=[0, 1])
+    assert images.shape == (2, 64, 64) and np.isfinite(images).all()
+
+
+def test_bad_settings_are_one_line_errors(tiny):
+    with pytest.raises(InputError, match="one seed per image"):
+        generate_images(tiny, REPORTS, FAST, seeds=[0])
+    with pytest.raises(InputError, match="multiple of 8"):
+        generate_images(tiny, REPORTS[:1], SampleSettings(steps=1, height=60), seeds=[0])
+
+
+def test_contact_sheet_tiles_images():
+    images = np.zeros((5, 8, 8), dtype=np.float32)
+    sheet = contact_sheet(images, pad=2)
+    assert sheet.shape == (2 * 10 + 2, 3 * 10 + 2)
+    assert sheet[2:10, 2:10].max() == 0.0 and sheet[0, 0] == 1.0
+
+
+def test_bf16_autocast_runs_without_casting_weights(tiny):
+    images = generate_images(tiny, REPORTS[:1], SampleSettings(steps=2), seeds=[0], dtype=torch.bfloat16)
+    assert np.isfinite(images).all() and next(tiny.unet.parameters()).dtype == torch.float32
