@@ -118,3 +118,34 @@ def write_manifest(path: Path, rows: list[dict]) -> Path:
             writer.writeheader()
             writer.writerows(rows)
     return path
+
+
+def make_manifest_set(root: Path, n_groups: int = 12, per_group: int = 2, *, corrupt: Sequence[int] = (),
+                      size: tuple[int, int] = (48, 36)) -> Path:
+    """PNGs (every third one 16-bit) + a CSV manifest; indices in `corrupt` are truncated files."""
+    rows = []
+    labels = ["Cardiomegaly/mild", "Pleural Effusion/left/small", "normal"]
+    for g in range(n_groups):
+        for k in range(per_group):
+            i = g * per_group + k
+            path = write_png(root / "img" / f"im{i:03d}.png", *size, seed=i, bits=16 if i % 3 == 0 else 8)
+            if i in corrupt:
+                path.write_bytes(path.read_bytes()[:70])
+            rows.append({"image": f"img/im{i:03d}.png", "group": f"patient{g:02d}",
+                         "report": f"Report for patient {g}. View {k}.", "view": "PA" if k == 0 else "LATERAL",
+                         "labels": labels[g % 3]})
+    return write_manifest(root / "manifest.csv", rows)
+
+
+def tar_members(path: Path) -> list[str]:
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return tar.getnames()
+
+
+def tar_metas(path: Path) -> list[dict]:
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return [json.loads(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".json")]

@@ -1,0 +1,172 @@
+"""index.json: what a shard set holds, and the checks every reader runs before trusting it.
+
+Layout of a shard set folder:
+    index.json          written last: its presence means the build completed
+    rejects.jsonl       one line per skipped input, with the reason
+    test-000000.tar     shards per split (test, fold0 .. fold{K-1}), `shard_size` samples each
+    .parts/             per-shard stats (the resume markers) and the build plan
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from cxrdist.errors import DataError
+
+FORMAT_VERSION = 1
+INDEX_NAME = "index.json"
+REJECTS_NAME = "rejects.jsonl"
+PARTS_DIR = ".parts"
+TEST_SPLIT = "test"
+
+
+def fold_name(fold: int) -> str:
+    return f"fold{fold}"
+
+
+def shard_name(split: str, number: int) -> str:
+    return f"{split}-{number:06d}.tar"
+
+
+@dataclass
+class ShardIndex:
+    root: Path
+    format_version: int
+    source: str
+    image_size: int
+    channels: int  # always 1: shards hold grayscale; loaders replicate to 3 channels when asked
+    bit_depth: int
+    folds: int
+    seed: int
+    test_fraction: float
+    splits: dict[str, dict[str, Any]]  # name -> {count, groups, shards: [{name, count, sha256, bytes}], labels}
+    options: dict[str, Any] = field(default_factory=dict)
+    counts: dict[str, Any] = field(default_factory=dict)
+    rejects: dict[str, int] = field(default_factory=dict)
+    source_summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fold_names(self) -> list[str]:
+        return [fold_name(k) for k in range(self.folds)]
+
+    def check_fold(self, fold: int) -> str:
+        if not isinstance(fold, int) or not 0 <= fold < self.folds:
+            raise DataError(f"fold {fold} is out of range for {self.root}: valid folds are 0..{self.folds - 1}")
+        return fold_name(fold)
+
+    def check_split(self, split: str) -> str:
+        if split not in self.splits:
+            raise DataError(f"split {split!r} not in {self.root}: choose one of {', '.join(self.splits)}")
+        return split
+
+    def check_image_size(self, image_size: int) -> None:
+        if image_size != self.image_size:
+            raise DataError(
+                f"{self.root} holds {self.image_size}x{self.image_size} images but {image_size} was asked for: "
+                f"rebuild the shards with --size {image_size} or set data.image_size={self.image_size}")
+
+    def shards(self, splits: Iterable[str]) -> list[dict[str, Any]]:
+        """Shard entries of the given splits, in index order, each with an added absolute `path`."""
+        out = []
+        for split in splits:
+            for entry in self.splits[self.check_split(split)]["shards"]:
+                out.append({**entry, "split": split, "path": str(self.root / entry["name"])})
+        return out
+
+    def count(self, splits: Iterable[str]) -> int:
+        return sum(int(self.splits[self.check_split(s)]["count"]) for s in splits)
+
+
+def load_index(shards_dir: str | os.PathLike) -> ShardIndex:
+    """Read and sanity-check `<shards_dir>/index.json`; DataError naming the file and the fix otherwise."""
+    root = Path(shards_dir)
+    path = root / INDEX_NAME
+    if not path.is_file():
+        hint = " (an interrupted build: rerun it with --resume)" if (root / PARTS_DIR).is_dir() else ""
+        raise DataError(f"{path} not found{hint}: build the shard set with `cxrdist shard ...` first")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path} is unreadable ({exc}): rebuild the shard set with `cxrdist shard ...`") from None
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise DataError(f"{path} has format version {version}, this cxrdist reads {FORMAT_VERSION}: "
+                        "rebuild the shard set with this version")
+    try:
+        return ShardIndex(root=root, format_version=version, source=data["source"],
+                          image_size=int(data["image_size"]), channels=int(data["channels"]),
+                          bit_depth=int(data["bit_depth"]), folds=int(data["folds"]), seed=int(data["seed"]),
+                          test_fraction=float(data["test_fraction"]), splits=data["splits"],
+                          options=data.get("options", {}), counts=data.get("counts", {}),
+                          rejects=data.get("rejects", {}), source_summary=data.get("source_summary", {}))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{path} is missing or has a bad field ({exc}): rebuild the shard set") from None
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_checksums(index: ShardIndex | str | os.PathLike, splits: Optional[Iterable[str]] = None, *,
+                     full: bool = True, raise_on_error: bool = True) -> list[str]:
+    """Check every shard of `splits` (default: all) exists, has the recorded size and (full) sha256.
+
+    Returns the list of problems (empty when all is well); raises DataError on the first problem when
+    `raise_on_error`.
+    """
+    if not isinstance(index, ShardIndex):
+        index = load_index(index)
+    problems = []
+    for entry in index.shards(list(splits) if splits is not None else list(index.splits)):
+        path = Path(entry["path"])
+        if not path.is_file():
+            problem = f"{path} is missing: rebuild the shard set (or restore the file)"
+        elif "bytes" in entry and path.stat().st_size != entry["bytes"]:
+            problem = (f"{path} has {path.stat().st_size} bytes, index.json says {entry['bytes']}: "
+                       "the file is damaged; rebuild the shard set")
+        elif full and sha256_file(path) != entry["sha256"]:
+            problem = f"{path} checksum mismatch with index.json: the file is damaged; rebuild the shard set"
+        else:
+            continue
+        if raise_on_error:
+            raise DataError(problem)
+        problems.append(problem)
+    return problems
+
+
+_VERIFIED: dict[tuple[str, int, int], str] = {}
+
+
+def verify_once(index: ShardIndex, splits: Iterable[str]) -> None:
+    """verify_checksums, but each file is hashed once per process (loaders are rebuilt every epoch)."""
+    for entry in index.shards(splits):
+        path = Path(entry["path"])
+        try:
+            stat = path.stat()
+        except OSError:
+            raise DataError(f"{path} is missing: rebuild the shard set (or restore the file)") from None
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if _VERIFIED.get(key) == entry["sha256"]:
+            continue
+        if stat.st_size != entry.get("bytes", stat.st_size) or sha256_file(path) != entry["sha256"]:
+            raise DataError(f"{path} checksum mismatch with index.json: the file is damaged; rebuild the shard set")
+        _VERIFIED[key] = entry["sha256"]
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON under a temporary name, then rename: readers never see half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=1, sort_keys=True)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
