@@ -1,0 +1,143 @@
+"""Train / eval loaders over a tiny shard set: batch format, exact counts per rank, order, errors."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from cxrdist.data.index import sha256_file
+from cxrdist.data.loader import batches_per_epoch, eval_loader, train_loader
+from cxrdist.data.shard import build_shards, write_tar
+from cxrdist.data.sources.manifest import ManifestSource
+from cxrdist.errors import DataError
+from test_data_fixtures import make_manifest_set
+
+# 13 patients x 2 images, shard_size 3: folds hold 6 or 8 images in 2-3 uneven shards
+OPTS = dict(size=32, folds=3, test_fraction=0.25, seed=0, shard_size=3, workers=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loader")
+    build_shards(ManifestSource(make_manifest_set(root / "in", n_groups=13)), root / "out", **OPTS)
+    return root / "out"
+
+
+def _keys(loader):
+    return [key for batch in loader for key in batch["keys"]]
+
+
+def _split_keys(shards, split):
+    index = json.loads((shards / "index.json").read_text())
+    keys = []
+    for entry in index["splits"][split]["shards"]:
+        with tarfile.open(shards / entry["name"]) as tar:
+            keys += [m.name[:-4] for m in tar.getmembers() if m.name.endswith(".png")]
+    return keys
+
+
+def test_batch_format(shards):
+    batch = next(iter(train_loader(shards, 0, batch_size=4, image_size=32)))
+    assert batch["pixel_values"].shape == (4, 1, 32, 32) and batch["pixel_values"].dtype == torch.float32
+    assert -1.0 <= batch["pixel_values"].min() < 0 and batch["pixel_values"].max() <= 1.0
+    assert all(p.startswith("Report for patient") for p in batch["prompts"])
+    assert [m["uid"] for m in batch["meta"]] == batch["keys"] and "latents" not in batch
+    rgb = next(iter(eval_loader(shards, "test", batch_size=2, image_size=32, channels=3)))
+    assert rgb["pixel_values"].shape == (2, 3, 32, 32)
+    assert torch.equal(rgb["pixel_values"][:, 0], rgb["pixel_values"][:, 2])
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_train_every_rank_gets_exactly_batches_per_epoch(shards, world_size):
+    expected = batches_per_epoch(shards, 1, batch_size=2, world_size=world_size)
+    train = set(_split_keys(shards, "fold0") + _split_keys(shards, "fold2"))
+    assert expected == len(train) // world_size // 2
+    seen = []
+    for rank in range(world_size):
+        loader = train_loader(shards, 1, batch_size=2, image_size=32, rank=rank, world_size=world_size)
+        batches = list(loader)
+        assert len(batches) == len(loader) == expected
+        assert all(len(b["keys"]) == 2 for b in batches)
+        seen += [k for b in batches for k in b["keys"]]
+    assert len(seen) == len(set(seen)) and set(seen) <= train  # disjoint ranks, held-out fold never used
+
+
+def test_train_order_seeded_epoch_dependent_and_worker_independent(shards):
+    a = _keys(train_loader(shards, 0, batch_size=2, image_size=32, seed=1, epoch=0))
+    assert a == _keys(train_loader(shards, 0, batch_size=2, image_size=32, seed=1, epoch=0))
+    assert a != _keys(train_loader(shards, 0, batch_size=2, image_size=32, seed=1, epoch=1))
+    assert sorted(a) == sorted(_keys(train_loader(shards, 0, batch_size=2, image_size=32, seed=1, epoch=1)))
+    assert a == _keys(train_loader(shards, 0, batch_size=2, image_size=32, seed=1, num_workers=2))
+    resumed = _keys(train_loader(shards, 0, batch_size=2, image_size=32, seed=1, start_batch=3))
+    assert resumed == a[6:]
+
+
+def test_max_samples_and_augment(shards):
+    loader = train_loader(shards, 0, batch_size=2, image_size=32, max_samples=5)
+    assert len(loader) == 2 == batches_per_epoch(shards, 0, batch_size=2, max_samples=5)
+    plain = next(iter(train_loader(shards, 0, batch_size=2, image_size=32)))["pixel_values"]
+    jittered = next(iter(train_loader(shards, 0, batch_size=2, image_size=32, augment=True)))["pixel_values"]
+    assert plain.shape == jittered.shape and not torch.equal(plain, jittered)
+    assert jittered.min() >= -1 and jittered.max() <= 1
+
+
+def test_eval_fixed_order_and_max_samples(shards):
+    keys = _split_keys(shards, "fold1")
+    assert _keys(eval_loader(shards, "fold1", batch_size=4, image_size=32)) == keys
+    assert _keys(eval_loader(shards, 1, batch_size=4, image_size=32, num_workers=2)) == keys
+    assert _keys(eval_loader(shards, "fold1", batch_size=4, image_size=32, max_samples=3)) == keys[:3]
+    parts = [_keys(eval_loader(shards, "test", batch_size=2, image_size=32, rank=r, world_size=3)) for r in range(3)]
+    assert sorted(k for p in parts for k in p) == sorted(_split_keys(shards, "test"))
+
+
+def test_clear_errors(shards, tmp_path):
+    with pytest.raises(DataError, match=r"fold 3 is out of range .*valid folds are 0\.\.2"):
+        train_loader(shards, 3, batch_size=2, image_size=32)
+    with pytest.raises(DataError, match=r"holds 32x32 images but 64 .*--size 64 or set data.image_size=32"):
+        train_loader(shards, 0, batch_size=2, image_size=64)
+    with pytest.raises(DataError, match=r"index.json not found.*cxrdist shard"):
+        eval_loader(tmp_path, "test", batch_size=2, image_size=32)
+    with pytest.raises(DataError, match="split 'val' not in"):
+        eval_loader(shards, "val", batch_size=2, image_size=32)
+    with pytest.raises(DataError, match="fewer than batch_size x world_size"):
+        train_loader(shards, 0, batch_size=64, image_size=32)
+
+
+def test_checksum_mismatch_is_refused(shards, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy)
+    victim = copy / "fold0-000000.tar"
+    data = bytearray(victim.read_bytes())
+    data[700] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="fold0-000000.tar checksum mismatch.*rebuild"):
+        train_loader(copy, 1, batch_size=2, image_size=32)
+
+
+def test_cached_latents_are_passed_through(shards, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy)
+    index = json.loads((copy / "index.json").read_text())
+    entry = index["splits"]["test"]["shards"][0]
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(copy / entry["name"]) as tar:
+        for member in tar.getmembers():
+            key, ext = member.name.split(".", 1)
+            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    for parts in samples.values():
+        buffer = io.BytesIO()
+        np.save(buffer, np.ones((4, 4, 4), dtype=np.float16))
+        parts["latents.npy"] = buffer.getvalue()
+    entry["sha256"], entry["bytes"] = write_tar(copy / entry["name"], list(samples.items()))
+    (copy / "index.json").write_text(json.dumps(index))
+    batch = next(iter(eval_loader(copy, "test", batch_size=2, image_size=32, max_samples=2)))
+    assert batch["latents"].shape == (2, 4, 4, 4) and batch["latents"].dtype == torch.float32
+    assert sha256_file(copy / entry["name"]) == entry["sha256"]
