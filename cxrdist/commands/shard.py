@@ -1,0 +1,153 @@
+"""`cxrdist shard ...`: build WebDataset shard sets from a source, and inspect them. Parse, call, report."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from cxrdist.commands._common import friendly_errors
+
+
+def _build_options(default_size: int) -> Callable:
+    def decorate(func: Callable) -> Callable:
+        options = [
+            click.option("--out", "out", required=True, type=click.Path(file_okay=False),
+                         help="Folder for the shard set (index.json, rejects.jsonl, <split>-NNNNNN.tar)."),
+            click.option("--size", default=default_size, show_default=True, help="Square image side in pixels."),
+            click.option("--folds", default=5, show_default=True, help="Cross-validation folds of the non-test part."),
+            click.option("--test-fraction", default=0.2, show_default=True,
+                         help="Share of groups (patients / reports) held out as the test split."),
+            click.option("--seed", default=0, show_default=True, help="Seed of the group-level split."),
+            click.option("--shard-size", default=1000, show_default=True, help="Samples per tar file."),
+            click.option("--workers", default=0, show_default=True, help="Preprocessing processes (0 = all cores)."),
+            click.option("--resize", "resize_mode", type=click.Choice(["pad", "crop"]), default="pad",
+                         show_default=True, help="Keep the whole image (pad) or centre-crop to a square."),
+            click.option("--bit-depth", type=click.Choice(["8", "16"]), default="8", show_default=True,
+                         help="PNG bit depth in the shards."),
+            click.option("--resume", is_flag=True, help="Continue an interrupted build in --out."),
+        ]
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+def _run_build(source, out: str, kw: dict[str, Any]) -> None:
+    from cxrdist.data.shard import build_shards
+
+    kw = dict(kw, bit_depth=int(kw["bit_depth"]))
+    index = build_shards(source, out, **kw)
+    _echo_build_summary(Path(out), index)
+
+
+def _echo_build_summary(out: Path, index: dict) -> None:
+    run, counts = index["run"], index["counts"]
+    n_shards = sum(len(s["shards"]) for s in index["splits"].values())
+    click.echo(f"{counts['written']} samples in {n_shards} shards at {out} "
+               f"({counts['rejected']} rejected); this run processed {run['processed']} images in "
+               f"{run['seconds']:.1f} s ({run['images_per_second']:.1f} img/s, {run['workers']} workers"
+               + (f", {run['shards_resumed']} shards kept from before" if run["shards_resumed"] else "") + ")")
+    click.echo("splits: " + ", ".join(f"{name} {s['count']} ({s['groups']} groups)"
+                                      for name, s in index["splits"].items()))
+    if index.get("source_summary"):
+        click.echo("source: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in index["source_summary"].items()))
+    if index["rejects"]:
+        click.echo("rejected: " + ", ".join(f"{reason} {n}" for reason, n in index["rejects"].items())
+                   + f" (every one listed in {out / 'rejects.jsonl'})")
+    click.echo(f"index: {out / 'index.json'}")
+
+
+@click.group()
+def shard() -> None:
+    """Build WebDataset shard sets (iu-xray, manifest, phantom) and inspect them."""
+
+
+@shard.command("iu-xray")
+@click.option("--from", "from_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder with NLMCXR_png.tgz / NLMCXR_reports.tgz or their extracted folders (no download).")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None,
+              help="Where archives are downloaded and extracted (default: <out>/.inputs).")
+@click.option("--fields", default="findings,impression", show_default=True,
+              help="Report sections that make the prompt, in order (findings, impression, indication, comparison).")
+@click.option("--parallel-downloads", default=1, show_default=True, help="Parallel HTTP ranges per archive.")
+@_build_options(256)
+@friendly_errors
+def iu_xray(from_dir, cache_dir, fields, parallel_downloads, out, **kw) -> None:
+    """Indiana University / Open-i chest X-rays (CC BY-NC-ND 4.0): download or --from DIR, then shard."""
+    from cxrdist.data.sources.download import prepare_iu_inputs
+    from cxrdist.data.sources.iu_xray import IUXraySource
+
+    roots = prepare_iu_inputs(from_dir, cache_dir or Path(out) / ".inputs", parallel=parallel_downloads)
+    source = IUXraySource([r.resolve() for r in roots], fields=[f.strip() for f in fields.split(",") if f.strip()])
+    _run_build(source, out, kw)
+
+
+@shard.command("manifest")
+@click.argument("manifest_file", type=click.Path(dir_okay=False))
+@click.option("--root", type=click.Path(file_okay=False), default=None,
+              help="Base folder for relative paths (default: the manifest's folder).")
+@click.option("--image-col", default="image", show_default=True)
+@click.option("--group-col", default="group", show_default=True, help="Patient or study id column.")
+@click.option("--text-col", default=None, help="Report text column [default: report, if present].")
+@click.option("--text-path-col", default=None, help="Column with a path to a report file [default: report_path].")
+@click.option("--view-col", default=None, help="View column [default: view, if present].")
+@click.option("--labels-col", default=None, help="Labels column [default: labels, if present].")
+@click.option("--uid-col", default=None, help="Unique id column [default: uid, else the image file name].")
+@click.option("--label-sep", default="|", show_default=True, help="Separator of labels in one CSV cell.")
+@_build_options(256)
+@friendly_errors
+def manifest(manifest_file, root, image_col, group_col, text_col, text_path_col, view_col, labels_col, uid_col,
+             label_sep, out, **kw) -> None:
+    """Any CSV / TSV / JSONL of image path + report (+ group, view, labels): MIMIC-CXR, CheXpert, PadChest..."""
+    from cxrdist.data.sources.manifest import ManifestColumns, ManifestSource
+
+    columns = ManifestColumns(image=image_col, group=group_col, text=text_col, text_path=text_path_col,
+                              view=view_col, labels=labels_col, uid=uid_col, label_sep=label_sep)
+    manifest_path = Path(manifest_file).resolve()
+    _run_build(ManifestSource(manifest_path, columns, root=Path(root).resolve() if root else None), out, kw)
+
+
+@shard.command("phantom")
+@click.option("--n", "n", default=5000, show_default=True, help="Number of synthetic phantoms.")
+@_build_options(64)
+@friendly_errors
+def phantom(n, out, **kw) -> None:
+    """Procedurally generated chest phantoms with templated reports (the offline default data set)."""
+    from cxrdist.data.sources import source_class
+
+    source = source_class("phantom")(n=n, size=kw["size"], seed=kw["seed"])
+    _run_build(source, out, kw)
+
+
+@shard.command("inspect")
+@click.argument("shards_dir", type=click.Path(file_okay=False))
+@click.option("--verify", is_flag=True, help="Recompute every shard's sha256 against index.json.")
+@click.option("--preview", type=click.Path(dir_okay=False), default=None,
+              help="Preview grid PNG path (default: <dir>/preview.png).")
+@click.option("--no-preview", is_flag=True, help="Skip the preview grid.")
+@click.option("--split", default=None, help="Split shown in the preview (default: test, else fold0).")
+@click.option("-n", "n", default=16, show_default=True, help="Samples in the preview grid.")
+@friendly_errors
+def inspect_cmd(shards_dir, verify, preview, no_preview, split, n) -> None:
+    """Print a shard set's summary, verify checksums, and write a preview grid with prompts."""
+    from cxrdist.data.index import load_index, verify_checksums
+    from cxrdist.data.inspect import preview_grid, summary_lines
+    from cxrdist.errors import DataError
+
+    index = load_index(shards_dir)
+    for line in summary_lines(index):
+        click.echo(line)
+    if verify:
+        problems = verify_checksums(index, raise_on_error=False)
+        for problem in problems:
+            click.echo(f"BAD  {problem}", err=True)
+        n_shards = sum(len(s["shards"]) for s in index.splits.values())
+        if problems:
+            raise DataError(f"{len(problems)} of {n_shards} shards failed verification: rebuild the shard set")
+        click.echo(f"verified    {n_shards} shards: all sha256 match index.json")
+    if not no_preview:
+        path = preview_grid(index, preview or os.path.join(shards_dir, "preview.png"), n=n, split=split)
+        click.echo(f"preview     {path}")

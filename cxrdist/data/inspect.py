@@ -1,0 +1,86 @@
+"""`cxrdist shard inspect`: the index summary in words, checksum verification, a preview grid with prompts."""
+from __future__ import annotations
+
+import io
+import tarfile
+import textwrap
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from cxrdist.data.index import TEST_SPLIT, ShardIndex
+from cxrdist.errors import DataError
+
+
+def summary_lines(index: ShardIndex, top_labels: int = 8) -> list[str]:
+    counts = index.counts
+    lines = [
+        f"shard set   {index.root}",
+        f"source      {index.source}   images {index.image_size}x{index.image_size}, {index.channels} channel, "
+        f"{index.bit_depth}-bit PNG, resize {index.options.get('resize_mode', '?')}",
+        f"splits      seed {index.seed}, test fraction {index.test_fraction}, {index.folds} folds",
+        f"samples     {counts.get('written', 0)} written of {counts.get('records', 0)} records, "
+        f"{counts.get('rejected', 0)} rejected",
+    ]
+    for name, split in index.splits.items():
+        lines.append(f"  {name:<8} {split['count']:>7} samples  {split.get('groups', 0):>6} groups  "
+                     f"{len(split['shards']):>4} shards")
+    if index.rejects:
+        lines.append("rejects     " + ", ".join(f"{reason} {n}" for reason, n in index.rejects.items()))
+    if index.source_summary:
+        lines.append("source      " + ", ".join(f"{k} {v}" for k, v in index.source_summary.items()))
+    labels: Counter = Counter()
+    for split in index.splits.values():
+        labels.update(split.get("labels", {}))
+    if labels:
+        lines.append("labels      " + ", ".join(f"{k} {v}" for k, v in labels.most_common(top_labels)))
+    return lines
+
+
+def first_samples(index: ShardIndex, split: str, n: int) -> list[tuple[np.ndarray, str]]:
+    """(pixels uint8, prompt) of the first n samples of `split` in shard order."""
+    out: list[tuple[np.ndarray, str]] = []
+    for entry in index.shards([split]):
+        with tarfile.open(entry["path"]) as tar:
+            parts: dict[str, dict[str, bytes]] = {}
+            for member in tar.getmembers():
+                key, _, ext = member.name.partition(".")
+                parts.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        for sample in parts.values():
+            array = np.asarray(Image.open(io.BytesIO(sample["png"])))
+            if array.dtype == np.uint16:
+                array = (array // 257).astype(np.uint8)
+            out.append((array, sample.get("txt", b"").decode("utf-8")))
+            if len(out) == n:
+                return out
+    return out
+
+
+def preview_grid(index: ShardIndex, out_path: str | Path, *, n: int = 16, split: Optional[str] = None,
+                 columns: int = 4, cell: int = 192, text_lines: int = 5) -> Path:
+    """A PNG grid of the first `n` samples, each with the start of its prompt underneath."""
+    split = split or (TEST_SPLIT if TEST_SPLIT in index.splits else index.fold_names[0])
+    samples = first_samples(index, index.check_split(split), n)
+    if not samples:
+        raise DataError(f"split {split} of {index.root} is empty: choose another with --split")
+    font = ImageFont.load_default()
+    line_height, chars = 12, max(12, cell // 6)
+    rows = -(-len(samples) // columns)
+    height = cell + line_height * text_lines + 6
+    canvas = Image.new("L", (columns * cell, rows * height), 255)
+    draw = ImageDraw.Draw(canvas)
+    for i, (pixels, prompt) in enumerate(samples):
+        x, y = (i % columns) * cell, (i // columns) * height
+        canvas.paste(Image.fromarray(pixels).resize((cell, cell), Image.Resampling.BICUBIC), (x, y))
+        lines = textwrap.wrap(prompt, chars)[:text_lines] or ["(no text)"]
+        for k, line in enumerate(lines):
+            draw.text((x + 3, y + cell + 2 + k * line_height), line, fill=0, font=font)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    canvas.save(tmp, format="PNG")
+    tmp.replace(out_path)
+    return out_path
