@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from cxrdist.config import SAMPLE_SCHEDULERS
 from cxrdist.errors import InputError, ModelError
 from cxrdist.models.loading import BaseModel, load_base
 from cxrdist.models.text import apply_template, encode_prompts
+from cxrdist.sample_output import check_output_dir, contact_sheet, write_samples  # contact_sheet: for trainer grids
 
 log = logging.getLogger(__name__)
 
@@ -214,19 +214,6 @@ def generate_images(base: BaseModel, reports: list[str], settings: SampleSetting
     return out
 
 
-def contact_sheet(images: np.ndarray, columns: int = 0, pad: int = 2, limit: int = 64) -> np.ndarray:
-    """The first `limit` images tiled on a white-bordered grid (float32 in [0, 1]); for TensorBoard and grid.png."""
-    images = np.asarray(images)[:limit]
-    n, h, w = images.shape
-    columns = columns or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / columns)
-    sheet = np.ones((rows * (h + pad) + pad, columns * (w + pad) + pad), dtype=np.float32)
-    for i, image in enumerate(images):
-        r, c = divmod(i, columns)
-        sheet[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = image
-    return sheet
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Loading whatever the user points --model-path at
 # ---------------------------------------------------------------------------------------------------------
@@ -338,3 +325,66 @@ def _load_diffusers_lora(folder: Path, base_override: str | None, vae_dtype: str
     for module in (base.unet, base.text_encoder):
         module.requires_grad_(False)
     return base, None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A whole run, as `cxrdist sample` does it
+# ---------------------------------------------------------------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; an explicit device that is not here is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"unknown device '{name}': use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device '{name}' asked for, but CUDA is not available here: use --device cpu")
+    return device
+
+
+def default_out_dir(model_path: str | Path) -> Path:
+    import time
+
+    stem = Path(model_path).name.removesuffix(".zip") or "model"
+    return Path("samples") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def sample_to_folder(cfg, model_path: str | Path, reports: list[str], out_dir: str | Path,
+                     base_override: str | None = None) -> dict:
+    """Load the model, generate `cfg.sample.num_images` images per report (image i gets seed
+    `cfg.sample.seed + i`), write them with metadata; return a summary. Inputs are checked before the model
+    loads, and nothing is written before every image exists."""
+    import time
+
+    from cxrdist.models.loading import DTYPES
+
+    out = check_output_dir(out_dir)
+    device = resolve_device(cfg.sample.device)
+    dtype = DTYPES[cfg.sample.dtype]
+    base, meta = load_for_sampling(model_path, base_override, vae_dtype=cfg.model.vae_dtype)
+    base.to(device)
+    if dtype != torch.float32:  # half weights save memory; the VAE keeps model.vae_dtype (fp16 VAEs overflow)
+        base.unet.to(dtype=dtype)
+        base.text_encoder.to(dtype=dtype)
+    template = (meta or {}).get("prompt_template", "{report}")
+    expanded = [r for r in reports for _ in range(cfg.sample.num_images)]
+    seeds = [cfg.sample.seed + i for i in range(len(expanded))]
+    settings = SampleSettings.from_config(cfg.sample)
+    start = time.perf_counter()
+    images = generate_images(base, expanded, settings, template=template, seeds=seeds, device=device,
+                             dtype=dtype, progress=True)
+    seconds = time.perf_counter() - start
+    common = {"negative_prompt": settings.negative_prompt, "steps": settings.steps, "scheduler": settings.scheduler,
+              "guidance": settings.guidance, "height": int(images.shape[1]), "width": int(images.shape[2]),
+              "template": template, "dtype": cfg.sample.dtype, "model": str(model_path), "base": base.source,
+              "base_fingerprint": base.fingerprint}
+    records = [{"report": r, "prompt": apply_template(template, r), "seed": s, **common}
+               for r, s in zip(expanded, seeds)]
+    files = write_samples(out, images, records, cfg)
+    return {"out": out, "files": files, "seconds": seconds, "height": images.shape[1], "width": images.shape[2],
+            "device": str(device)}
