@@ -19,6 +19,7 @@ import logging
 import multiprocessing
 import os
 import random
+import sys
 import tarfile
 import time
 from collections import Counter
@@ -221,8 +222,10 @@ def _pool_results(items: list[tuple[Record, str]], source, options: ShardOptions
         _init_worker(*args)  # in-process: no pickling, no IPC, so one worker costs nothing extra
         yield from map(_process, items)
         return
-    # spawn, not fork: the parent may hold torch/OpenMP threads, which a forked child can deadlock on.
-    context = multiprocessing.get_context("spawn")
+    # fork starts in milliseconds, but a parent that has imported torch holds OpenMP threads a forked
+    # child can deadlock on: then spawn (slower start, each worker imports numpy/PIL afresh).
+    use_fork = "torch" not in sys.modules and "fork" in multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if use_fork else "spawn")
     chunk = max(1, min(16, len(items) // (workers * 8)))
     with context.Pool(workers, initializer=_init_worker, initargs=args) as pool:
         yield from pool.imap(_process, items, chunksize=chunk)
