@@ -1,0 +1,99 @@
+"""Text faithfulness: does a generated image show what its report says?
+
+Each generated image is read (`cxrdist.metrics.reader.read_image`) and compared, attribute by attribute,
+with the attributes of the report it was generated from (`attributes_from_labels`). The score of an
+attribute is the share of images whose reading matches; `macro` averages the primary attributes.
+
+Targets of "unknown" (a label that does not say, e.g. an effusion without a side) are skipped. A reading of
+"unknown" (an unreadable image) is never skipped: it counts as a miss, so broken samples cannot score.
+
+Chance levels (`chance_level`) say what a generator that ignores the text would score:
+- "prior" (default): sum over classes of p_c^2, with p the class shares among the targets. A text-blind
+  generator that reproduces the training distribution hits class c with probability p_c, independently of
+  the report; with training and test drawn alike, its expected accuracy is sum p_c^2.
+- "majority": max p_c, a generator that always draws the commonest class (e.g. only normal studies).
+Balanced accuracy (mean recall over the classes present) is reported too: its chance is 1/K for any
+text-blind generator, which makes rare classes (a nodule zone) visible.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Iterable, Optional
+
+import numpy as np
+
+from cxrdist.metrics.attributes import ATTRIBUTES, SECONDARY_CLASSES, UNKNOWN, attributes_from_labels
+
+
+def _score(readings: list[dict[str, str]], targets: list[dict[str, str]], name: str) -> dict[str, float]:
+    pairs = [(t[name], r.get(name, UNKNOWN)) for r, t in zip(readings, targets) if t.get(name, UNKNOWN) != UNKNOWN]
+    if not pairs:
+        return {"accuracy": float("nan"), "balanced_accuracy": float("nan"), "n": 0}
+    hits = [target == read for target, read in pairs]
+    recalls = [np.mean([h for (t, _), h in zip(pairs, hits) if t == cls]) for cls in sorted({t for t, _ in pairs})]
+    return {"accuracy": float(np.mean(hits)), "balanced_accuracy": float(np.mean(recalls)), "n": len(pairs)}
+
+
+def faithfulness_from_attributes(readings: list[dict[str, str]], targets: list[dict[str, str]]) -> dict:
+    """Scores from attribute dicts already read (`readings`) and expected (`targets`), aligned by index.
+
+    Returns {"attributes": {name: {"accuracy", "balanced_accuracy", "n"}}, "secondary": {same, for severity
+    grades}, "macro": mean primary accuracy, "macro_balanced": mean primary balanced accuracy, "n_images"}.
+    """
+    if len(readings) != len(targets):
+        raise ValueError(f"{len(readings)} readings but {len(targets)} targets")
+    primary = {name: _score(readings, targets, name) for name in ATTRIBUTES}
+    secondary = {name: _score(readings, targets, name) for name in SECONDARY_CLASSES}
+    scored = [v for v in primary.values() if v["n"]]
+    return {
+        "attributes": primary,
+        "secondary": secondary,
+        "macro": float(np.mean([v["accuracy"] for v in scored])) if scored else float("nan"),
+        "macro_balanced": float(np.mean([v["balanced_accuracy"] for v in scored])) if scored else float("nan"),
+        "n_images": len(readings),
+    }
+
+
+def faithfulness(images: Iterable[np.ndarray], labels: list[list[str]],
+                 readings: Optional[list[dict[str, str]]] = None) -> dict:
+    """Read each image and score it against the attributes of its labels (see the module docstring).
+
+    `images[i]` was generated from the report whose MeSH-style labels are `labels[i]`. Pass `readings` to
+    reuse readings already made (then `images` is ignored)."""
+    from cxrdist.metrics.reader import read_image
+
+    targets = [attributes_from_labels(lab) for lab in labels]
+    if readings is None:
+        readings = [read_image(img) for img in images]
+    return faithfulness_from_attributes(readings, targets)
+
+
+def chance_level(labels: list[list[str]], kind: str = "prior") -> dict[str, float]:
+    """Expected accuracy per primary attribute (and "macro") of a generator that ignores the text.
+    `kind`: "prior" (sum of squared class shares) or "majority" (largest class share)."""
+    if kind not in ("prior", "majority"):
+        raise ValueError(f"chance_level kind must be 'prior' or 'majority', not {kind!r}")
+    targets = [attributes_from_labels(lab) for lab in labels]
+    out = {}
+    for name in ATTRIBUTES:
+        counts = Counter(t[name] for t in targets if t[name] != UNKNOWN)
+        total = sum(counts.values())
+        if not total:
+            out[name] = float("nan")
+            continue
+        shares = np.array(list(counts.values()), dtype=float) / total
+        out[name] = float((shares**2).sum() if kind == "prior" else shares.max())
+    out["macro"] = float(np.nanmean([out[n] for n in ATTRIBUTES]))
+    return out
+
+
+def format_report(scores: dict, chance: Optional[dict[str, float]] = None) -> str:
+    """A small table: attribute, accuracy, balanced accuracy, n, and chance when given."""
+    lines = [f"{'attribute':<22}{'accuracy':>9}{'balanced':>9}{'n':>6}" + (f"{'chance':>8}" if chance else "")]
+    for group in ("attributes", "secondary"):
+        for name, v in scores[group].items():
+            row = f"{name:<22}{v['accuracy']:>9.3f}{v['balanced_accuracy']:>9.3f}{v['n']:>6d}"
+            lines.append(row + (f"{chance[name]:>8.3f}" if chance and name in chance else ""))
+    macro = f"{'macro':<22}{scores['macro']:>9.3f}{scores['macro_balanced']:>9.3f}{scores['n_images']:>6d}"
+    lines.append(macro + (f"{chance['macro']:>8.3f}" if chance else ""))
+    return "\n".join(lines)
