@@ -9,12 +9,18 @@ from cxrdist.metrics.attributes import (
     attributes_from_labels,
     attributes_from_report,
 )
-from cxrdist.metrics.faithfulness import chance_level, faithfulness, faithfulness_from_attributes, format_report
+from cxrdist.metrics.faithfulness import (
+    chance_level,
+    faithfulness,
+    faithfulness_details,
+    faithfulness_from_attributes,
+    format_report,
+)
 from cxrdist.metrics.reader import measure, read_image
 
 __all__ = [
     "ATTRIBUTES", "ATTRIBUTE_CLASSES", "SECONDARY_CLASSES", "attributes_from_labels", "attributes_from_report",
-    "chance_level", "faithfulness", "faithfulness_from_attributes", "format_report", "measure", "read_image",
+    "chance_level", "faithfulness", "faithfulness_details", "faithfulness_from_attributes", "format_report", "measure", "read_image",
     "image_metrics", "diversity",
 ]
 

@@ -3,6 +3,8 @@
 Each generated image is read (`cxrdist.metrics.reader.read_image`) and compared, attribute by attribute,
 with the attributes of the report it was generated from (`attributes_from_labels`). The score of an
 attribute is the share of images whose reading matches; `macro` averages the primary attributes.
+`faithfulness` returns a flat {attribute: accuracy, "macro": ...} dict; `faithfulness_details` adds
+balanced accuracy and counts per attribute.
 
 Targets of "unknown" (a label that does not say, e.g. an effusion without a side) are skipped. A reading of
 "unknown" (an unreadable image) is never skipped: it counts as a miss, so broken samples cannot score.
@@ -54,12 +56,10 @@ def faithfulness_from_attributes(readings: list[dict[str, str]], targets: list[d
     }
 
 
-def faithfulness(images: Iterable[np.ndarray], labels: list[list[str]],
-                 readings: Optional[list[dict[str, str]]] = None) -> dict:
-    """Read each image and score it against the attributes of its labels (see the module docstring).
-
-    `images[i]` was generated from the report whose MeSH-style labels are `labels[i]`. Pass `readings` to
-    reuse readings already made (then `images` is ignored)."""
+def faithfulness_details(images: Iterable[np.ndarray], labels: list[list[str]],
+                         readings: Optional[list[dict[str, str]]] = None) -> dict:
+    """Read each image and score it against the attributes of its labels; nested result with balanced
+    accuracy and counts (see `faithfulness_from_attributes`). Pass `readings` to reuse readings."""
     from cxrdist.metrics.reader import read_image
 
     targets = [attributes_from_labels(lab) for lab in labels]
@@ -68,14 +68,27 @@ def faithfulness(images: Iterable[np.ndarray], labels: list[list[str]],
     return faithfulness_from_attributes(readings, targets)
 
 
+def faithfulness(images: Iterable[np.ndarray], labels: list[list[str]],
+                 readings: Optional[list[dict[str, str]]] = None) -> dict[str, float]:
+    """Share of images whose reading matches their report, flat: {attribute: accuracy, ..., "macro": mean
+    over the primary attributes, "macro_balanced": mean primary balanced accuracy}. Primary attributes
+    come first, then the secondary grades (heart_severity, effusion_*_size).
+
+    `images[i]` (2-D, [0, 1] or uint8) was generated from the report whose labels are `labels[i]`."""
+    details = faithfulness_details(images, labels, readings)
+    flat = {name: v["accuracy"] for group in ("attributes", "secondary") for name, v in details[group].items()}
+    flat["macro"], flat["macro_balanced"] = details["macro"], details["macro_balanced"]
+    return flat
+
+
 def chance_level(labels: list[list[str]], kind: str = "prior") -> dict[str, float]:
-    """Expected accuracy per primary attribute (and "macro") of a generator that ignores the text.
-    `kind`: "prior" (sum of squared class shares) or "majority" (largest class share)."""
+    """Expected accuracy per attribute (primary, then secondary) and "macro" (primary only) of a generator
+    that ignores the text. `kind`: "prior" (sum of squared class shares) or "majority" (largest share)."""
     if kind not in ("prior", "majority"):
         raise ValueError(f"chance_level kind must be 'prior' or 'majority', not {kind!r}")
     targets = [attributes_from_labels(lab) for lab in labels]
     out = {}
-    for name in ATTRIBUTES:
+    for name in (*ATTRIBUTES, *SECONDARY_CLASSES):
         counts = Counter(t[name] for t in targets if t[name] != UNKNOWN)
         total = sum(counts.values())
         if not total:
@@ -88,7 +101,7 @@ def chance_level(labels: list[list[str]], kind: str = "prior") -> dict[str, floa
 
 
 def format_report(scores: dict, chance: Optional[dict[str, float]] = None) -> str:
-    """A small table: attribute, accuracy, balanced accuracy, n, and chance when given."""
+    """A small table from `faithfulness_details`: attribute, accuracy, balanced accuracy, n, chance."""
     lines = [f"{'attribute':<22}{'accuracy':>9}{'balanced':>9}{'n':>6}" + (f"{'chance':>8}" if chance else "")]
     for group in ("attributes", "secondary"):
         for name, v in scores[group].items():

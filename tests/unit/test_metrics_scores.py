@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cxrdist.data.sources.phantom import draw_study
-from cxrdist.metrics import chance_level, diversity, faithfulness, format_report, image_metrics
+from cxrdist.metrics import chance_level, diversity, faithfulness, faithfulness_details, format_report, image_metrics
 from cxrdist.metrics.attributes import ATTRIBUTES, UNKNOWN
 from cxrdist.metrics.faithfulness import faithfulness_from_attributes
 
@@ -20,11 +20,14 @@ def phantoms():
 def test_real_phantoms_are_faithful_and_shuffled_ones_are_near_chance(phantoms):
     images, labels = phantoms
     scores = faithfulness(images, labels)
-    assert scores["macro"] >= 0.98 and set(scores["attributes"]) == set(ATTRIBUTES)
+    assert scores["macro"] >= 0.98 and min(scores[name] for name in ATTRIBUTES) >= 0.97
+    assert all(isinstance(v, float) for v in scores.values())  # flat: one number per attribute
     shuffled = faithfulness([images[i] for i in np.random.default_rng(0).permutation(len(images))], labels)
     assert abs(shuffled["macro"] - chance_level(labels)["macro"]) < 0.08
     assert shuffled["macro_balanced"] < 0.6
-    assert "macro" in format_report(scores, chance_level(labels))
+    details = faithfulness_details(images, labels)
+    assert details["attributes"]["heart"]["n"] == len(images)
+    assert "macro" in format_report(details, chance_level(labels))
 
 
 def test_chance_levels_by_hand():
