@@ -218,9 +218,6 @@ def generate_images(base: BaseModel, reports: list[str], settings: SampleSetting
 # Loading whatever the user points --model-path at
 # ---------------------------------------------------------------------------------------------------------
 
-MERGED_FORMAT = "cxrdist-merged/1"
-
-
 def load_for_sampling(model_path: str | Path, base_override: str | None = None,
                       vae_dtype: str = "fp32") -> tuple[BaseModel, dict | None]:
     """Load a cxrdist LoRA folder (on its recorded base, or `base_override`), a .zip of one, a full

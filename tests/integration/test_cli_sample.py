@@ -119,6 +119,24 @@ def _zip_with(path, member, symlink=False):
     return path
 
 
+def _plain_lora(tmp_path, adapter):
+    folder = tmp_path / "plain-lora"
+    folder.mkdir(exist_ok=True)
+    shutil.copy(adapter / "pytorch_lora_weights.safetensors", folder)
+    return folder
+
+
+def test_plain_diffusers_lora_loads_onto_base_like_ours(adapter, tmp_path):
+    from cxrdist.sample import SampleSettings, generate_images, load_for_sampling
+
+    ours, meta = load_for_sampling(adapter)
+    theirs, none = load_for_sampling(_plain_lora(tmp_path, adapter), base_override="preset:tiny")
+    settings = SampleSettings(steps=1)
+    assert none is None and meta["prompt_template"] == TEMPLATE
+    assert np.allclose(generate_images(ours, ["Normal heart."], settings, seeds=[0]),
+                       generate_images(theirs, ["Normal heart."], settings, seeds=[0]), atol=1e-5)
+
+
 def _bad_inputs(tmp_path, adapter, tiny_base_path):
     """(label, extra args, expected message part) for every refused input."""
     not_a_model = tmp_path / "empty-folder"
@@ -139,6 +157,8 @@ def _bad_inputs(tmp_path, adapter, tiny_base_path):
         ("symlink member", ["--model-path", str(_zip_with(tmp_path / "link.zip", "ckpt/link", symlink=True)),
                             "--description", "x"], "symbolic link"),
         ("wrong base", [*ok, "--base", "preset:tiny-minilm"], "does not fit base 'preset:tiny-minilm'"),
+        ("diffusers LoRA without --base", ["--model-path", str(_plain_lora(tmp_path, adapter)), "--description", "x"],
+         "pass --base"),
         ("base on pipeline", ["--model-path", tiny_base_path, "--description", "x", "--base", "preset:tiny"],
          "drop --base"),
         ("empty description", ["--model-path", str(adapter), "--description", "  "], "empty description"),

@@ -1,0 +1,107 @@
+"""Merge a LoRA checkpoint into its base and write a standalone diffusers pipeline folder.
+
+The merge runs on freshly loaded modules, never on a live training model (the original project's
+`merge_and_unload` destroyed the model it was still using), and the adapter checkpoint is only read.
+The merged folder is a plain StableDiffusionPipeline (no safety checker) that `load_base`, diffusers and
+`cxrdist sample` load directly, plus `cxrdist.json` saying where it came from.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from cxrdist import __version__
+from cxrdist.errors import InputError
+from cxrdist.models.loading import BaseModel
+from cxrdist.models.lora import WEIGHTS_NAME
+
+log = logging.getLogger(__name__)
+
+MERGED_FORMAT = "cxrdist-merged/1"
+
+
+def fuse_lora(model: torch.nn.Module) -> int:
+    """Fold every LoRA layer's update into its base weight and put the plain layer back; return the count.
+
+    Afterwards the model has the architecture and state-dict keys of the base, so it saves as a normal model.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    fused = 0
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        module.merge(safe_merge=True)  # safe_merge: refuses to write NaN/inf into the base weight
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
+        fused += 1
+    # Both diffusers and transformers save only the adapter while these say one is loaded.
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    if getattr(model, "_hf_peft_config_loaded", False):
+        model._hf_peft_config_loaded = False
+    return fused
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"--out {out} exists and is not an empty folder: choose a new folder")
+
+
+def save_pipeline(base: BaseModel, out: Path, provenance: dict) -> Path:
+    """Write the modules as a StableDiffusionPipeline folder (+ cxrdist.json) via a temporary folder."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                   unet=base.unet, scheduler=DDPMScheduler.from_config(base.scheduler_config),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "cxrdist.json").write_text(json.dumps(provenance, indent=2, default=str))
+    if out.exists():
+        out.rmdir()  # checked empty above
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(out)
+    return out
+
+
+def merge_adapter(model_path: str | Path, out: str | Path, base_override: str | None = None) -> Path:
+    """Load base + adapter into fresh modules, fuse, save a standalone pipeline folder at `out`."""
+    from cxrdist.sample import load_for_sampling
+
+    out = Path(out)
+    _check_out(out)
+    source = Path(model_path)
+    base, meta = load_for_sampling(source, base_override)
+    if not getattr(base.unet, "peft_config", None):
+        raise InputError(f"{model_path} holds no LoRA adapter (it is a full pipeline already): nothing to merge")
+    fused = fuse_lora(base.unet) + fuse_lora(base.text_encoder)
+    log.info("fused %d LoRA layers into the base weights", fused)
+    weights = source if source.is_file() else source / WEIGHTS_NAME
+    meta = meta or {}
+    provenance = {
+        "format": MERGED_FORMAT,
+        "merged_from": str(model_path),
+        "merged_from_sha256": _sha256(weights) if weights.is_file() else None,
+        "base": meta.get("base", {"source": base.source, "fingerprint": base.fingerprint}),
+        "adapter": meta.get("adapter"),
+        "prompt_template": meta.get("prompt_template", "{report}"),
+        "config": meta.get("config", {}),
+        "software": f"cxrdist {__version__}",
+    }
+    return save_pipeline(base, out, provenance)
