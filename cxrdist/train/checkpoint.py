@@ -1,0 +1,156 @@
+"""Training checkpoints (accelerate `save_state`, adapter weights only) and best-model exports.
+
+Layout inside a run folder:
+    checkpoints/step_00000120/   accelerate state: adapter.safetensors, optimizer, scheduler, RNG, trainer
+                                 state, config.yaml; `cxrdist_checkpoint.json` is written last, so a folder
+                                 without it (a process killed mid-save) is never resumed from
+    best_model_fold3_epoch7/     the best adapter so far: diffusers-format LoRA + cxrdist.json + metrics.json
+                                 + README.md (model card); loadable by `cxrdist sample --model-path`
+
+`save_state` runs on EVERY rank (DeepSpeed has a barrier inside); the hooks keep only LoRA tensors.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cxrdist.config import Config, config_from_dict, diff_configs, load_yaml
+from cxrdist.errors import ConfigError, InputError, ModelError
+from cxrdist.train.model import LoraDiffusionModel, lora_state
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+MARKER = "cxrdist_checkpoint.json"
+ADAPTER_FILE = "adapter.safetensors"
+CONFIG_FILE = "config.yaml"
+# Keys that may change between a run and its resumption: where things go and how verbose, not what is trained.
+RESUME_MAY_DIFFER = ("train.output_dir", "train.run_name", "train.log_every", "train.export_zip",
+                     "train.collective_timeout_s", "data.num_workers", "sample", "pretrain")
+
+
+def _unwrap(model):
+    """The LoraDiffusionModel inside DDP / a DeepSpeed engine / torch.compile, or None."""
+    while True:
+        if isinstance(model, LoraDiffusionModel):
+            return model
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return None
+        model = inner
+
+
+class Checkpointer:
+    """save / resolve / load of training state for one run folder."""
+
+    def __init__(self, accelerator, run_dir: Path, cfg: Config, keep_last: int):
+        self.accelerator, self.cfg, self.keep_last = accelerator, cfg, keep_last
+        self.dir = Path(run_dir) / CHECKPOINTS
+        accelerator.register_save_state_pre_hook(self._save_hook)
+        accelerator.register_load_state_pre_hook(self._load_hook)
+
+    # -- accelerate hooks ------------------------------------------------------------------------------
+    def _save_hook(self, models, weights, output_dir) -> None:
+        from safetensors.torch import save_file
+
+        for i in reversed(range(len(models))):
+            inner = _unwrap(models[i])
+            if inner is None:
+                continue
+            if self.accelerator.is_main_process:
+                tensors = {k: v.to("cpu").contiguous() for k, v in lora_state(inner).items()}
+                save_file(tensors, os.path.join(output_dir, ADAPTER_FILE))
+            if i < len(weights):
+                weights.pop(i)  # accelerate would otherwise write the whole frozen base
+
+    def _load_hook(self, models, input_dir) -> None:
+        from safetensors.torch import load_file
+
+        for i in reversed(range(len(models))):
+            inner = _unwrap(models[i])
+            if inner is None:
+                continue
+            load_adapter_state(inner, load_file(os.path.join(input_dir, ADAPTER_FILE)), input_dir)
+            models.pop(i)
+
+    # -- save / rotate ---------------------------------------------------------------------------------
+    def save(self, step: int, info: dict[str, Any]) -> Path:
+        path = self.dir / f"step_{step:08d}"
+        if self.accelerator.is_main_process and path.exists():
+            shutil.rmtree(path)  # an unfinished save of this step, or a replay after resuming further back
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(path))
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            self.cfg.save(path / CONFIG_FILE)
+            _write_json(path / MARKER, {"step": step, **info})
+            self._rotate()
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def _rotate(self) -> None:
+        complete = self.complete()
+        for old in complete[: max(0, len(complete) - self.keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def complete(self) -> list[Path]:
+        if not self.dir.is_dir():
+            return []
+        return sorted(p for p in self.dir.iterdir() if p.is_dir() and (p / MARKER).is_file())
+
+    # -- resume ----------------------------------------------------------------------------------------
+    def resolve(self, resume: str) -> Path:
+        if resume == "latest":
+            found = self.complete()
+            if not found:
+                raise InputError(f"--resume latest: no complete checkpoint under {self.dir}: "
+                                 "start without --resume (or point --output-dir at the run to continue)")
+            return found[-1]
+        path = Path(resume)
+        if not (path / MARKER).is_file():
+            raise InputError(f"--resume {resume}: not a complete cxrdist checkpoint (no {MARKER}): "
+                             f"give 'latest' or a folder under {self.dir}")
+        return path
+
+    def load(self, path: Path) -> dict[str, Any]:
+        check_resumable(path, self.cfg)
+        self.accelerator.load_state(str(path))
+        return json.loads((path / MARKER).read_text())
+
+
+def check_resumable(path: Path, cfg: Config, fold: int | None = None) -> None:
+    """Refuse a checkpoint written under another config (naming every key that differs) or another fold."""
+    saved = config_from_dict(load_yaml(path / CONFIG_FILE))
+    diffs = [d for d in diff_configs(saved, cfg) if not d.startswith(RESUME_MAY_DIFFER)]
+    if diffs:
+        raise ConfigError(f"cannot resume from {path}: it was trained with a different config ({'; '.join(diffs)}): "
+                          "resume with the same config, or start a new run with another --output-dir")
+    marker = json.loads((path / MARKER).read_text())
+    if fold is not None and marker.get("fold") != fold:
+        raise ConfigError(f"cannot resume from {path}: it is fold {marker.get('fold')}, not fold {fold}")
+
+
+def load_adapter_state(model: LoraDiffusionModel, tensors: dict[str, torch.Tensor], where) -> None:
+    expected = lora_state(model)
+    missing = sorted(set(expected) - set(tensors))
+    unknown = sorted(set(tensors) - set(expected))
+    if missing or unknown:
+        raise ModelError(f"checkpoint {where} does not fit this model: adapter key "
+                         f"'{(missing or unknown)[0]}' {'missing' if missing else 'unexpected'}; "
+                         "resume with the config it was trained with")
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name, value in tensors.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)

@@ -1,0 +1,184 @@
+"""Evaluation during training and on the test split.
+
+(a) diffusion loss at fixed timesteps with fixed per-sample noise: deterministic and cheap, the default
+    early-stopping signal; every sample of the split counted exactly once across ranks.
+(b) the original project's image metrics (MSE, SSIM, PSNR, data range 1.0) between images generated with
+    the fast sampler and the ground truth for the same reports, on a fixed subset; `faithfulness` on
+    phantom data.
+(c) a grid of images for fixed validation prompts.
+(b) and (c) run on the main process with the live modules; the numbers are broadcast so every rank takes
+the same early-stopping decision.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from cxrdist.config import Config
+from cxrdist.train.model import BatchEncoder, DiffusionObjective
+
+log = logging.getLogger(__name__)
+
+IMAGE_METRICS = ("mse", "ssim", "psnr")
+
+
+def sample_seed(key: str, seed: int) -> int:
+    """Noise seed of one sample: depends on its key only, not on batching, rank or world size."""
+    return (int(hashlib.sha256(key.encode()).hexdigest()[:12], 16) + seed * 7919) % (2**62)
+
+
+@dataclass
+class LossSet:
+    """One rank's share of a split, encoded once: scaled latents, token ids, fixed noise."""
+
+    latents: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    noise: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.latents.shape[0])
+
+
+@torch.no_grad()
+def build_loss_set(batches, encoder: BatchEncoder, device, seed: int) -> LossSet | None:
+    latents, ids, masks, noise = [], [], [], []
+    for batch in batches:
+        lat = encoder.latents(batch, device)
+        i, m = encoder.token_ids(encoder.prompts(batch["prompts"], None))
+        for key in batch["keys"]:
+            g = torch.Generator().manual_seed(sample_seed(str(key), seed))
+            noise.append(torch.randn(lat.shape[1:], generator=g))
+        latents.append(lat)
+        ids.append(i)
+        masks.append(m)
+    if not latents:
+        return None
+    return LossSet(torch.cat(latents), torch.cat(ids).to(device), torch.cat(masks).to(device),
+                   torch.stack(noise).to(device))
+
+
+@torch.no_grad()
+def diffusion_loss(model, objective: DiffusionObjective, data: LossSet | None, timesteps: list[int],
+                   batch_size: int, accelerator) -> float:
+    """Mean loss over samples x fixed timesteps. Ranks run the same number of forward passes (padding
+    with zero-weight repeats), which sharded engines need, and sums are reduced across ranks."""
+    device = accelerator.device
+    n_local = len(data) if data is not None else 0
+    n_batches = torch.tensor([-(-n_local // batch_size)], device=device)
+    most = int(accelerator.gather(n_batches).max().item())
+    total = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, sample count
+    for b in range(most):
+        lo = b * batch_size
+        real = lo < n_local
+        sl = slice(lo, lo + batch_size) if real else slice(0, min(batch_size, max(n_local, 1)))
+        if data is None:
+            break  # a rank without samples (more ranks than samples): nothing to pad with
+        x0, noise = data.latents[sl], data.noise[sl]
+        for t in timesteps:
+            steps = torch.full((x0.shape[0],), int(t), device=device, dtype=torch.long)
+            noisy, target = objective.noisy_inputs(x0, noise, steps)
+            pred = model(noisy, steps, data.input_ids[sl], data.attention_mask[sl])
+            if real:
+                total[0] += objective.per_sample_loss(pred, target, steps).double().sum()
+        if real:
+            total[1] += x0.shape[0] * len(timesteps)
+    total = accelerator.reduce(total, reduction="sum")
+    return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+
+
+@dataclass
+class ImageSubset:
+    reports: list[str]
+    references: np.ndarray  # N x H x W in [0, 1]
+    labels: list[Any]
+
+
+def read_subset(batches) -> ImageSubset | None:
+    reports, refs, labels = [], [], []
+    for batch in batches:
+        pixels = torch.as_tensor(batch["pixel_values"]).float()
+        refs.append(((pixels.mean(dim=1) + 1.0) / 2.0).clamp(0, 1).numpy())  # [-1, 1] -> [0, 1], grayscale
+        reports.extend(batch["prompts"])
+        labels.extend(m.get("labels") for m in batch.get("meta", [{}] * len(batch["prompts"])))
+    if not reports:
+        return None
+    return ImageSubset(reports, np.concatenate(refs), labels)
+
+
+def generate(base, reports: list[str], cfg: Config, dtype: torch.dtype, seed: int) -> np.ndarray:
+    from cxrdist.sample import SampleSettings, generate_images
+
+    e = cfg.eval
+    settings = SampleSettings(steps=e.inference_steps, scheduler=e.scheduler, guidance=e.guidance,
+                              negative_prompt=cfg.sample.negative_prompt, height=cfg.data.image_size,
+                              width=cfg.data.image_size, batch_size=cfg.sample.batch_size)
+    seeds = [seed + i for i in range(len(reports))]
+    return generate_images(base, reports, settings, template=cfg.data.prompt_template, seeds=seeds,
+                           device=next(base.unet.parameters()).device, dtype=dtype)
+
+
+def image_scores(cfg: Config, generated: np.ndarray, subset: ImageSubset) -> dict[str, float]:
+    from cxrdist.metrics.image import image_metrics
+
+    scores = {k: float(v) for k, v in image_metrics(generated, subset.references).items() if k in IMAGE_METRICS}
+    if cfg.eval.metric == "faithfulness":
+        from cxrdist.metrics.faithfulness import faithfulness
+
+        scores["faithfulness"] = float(faithfulness(generated, subset.labels)["macro"])
+    return scores
+
+
+class Evaluator:
+    """Evaluates one split (the held-out fold or `test`); inputs are read and encoded once."""
+
+    def __init__(self, cfg: Config, accelerator, data, split: str, encoder: BatchEncoder,
+                 objective: DiffusionObjective, base, dtype: torch.dtype):
+        self.cfg, self.accelerator, self.data, self.split = cfg, accelerator, data, split
+        self.encoder, self.objective, self.base, self.dtype = encoder, objective, base, dtype
+        self._loss_set: LossSet | None = None
+        self._subset: ImageSubset | None = None
+        self._loaded = False
+        self.n_images = max(cfg.eval.num_metric_images, cfg.eval.num_grid_prompts)
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loss_set = build_loss_set(self.data.eval_batches(self.split), self.encoder, self.accelerator.device,
+                                        self.cfg.train.seed)
+        if self.n_images and self.accelerator.is_main_process:
+            self._subset = read_subset(self.data.first_samples(self.split, self.n_images))
+        self._loaded = True
+
+    def run(self, model) -> tuple[dict[str, float], np.ndarray | None]:
+        """Metrics (identical on every rank) and the generated images (main process only, else None)."""
+        from accelerate.utils import broadcast_object_list
+
+        self._load()
+        unwrapped = self.accelerator.unwrap_model(model)
+        was_training = unwrapped.training
+        unwrapped.eval()
+        try:
+            metrics = {"val_loss": diffusion_loss(model, self.objective, self._loss_set,
+                                                  self.cfg.eval.val_loss_timesteps, self.cfg.train.batch_size,
+                                                  self.accelerator)}
+            images, scores = None, {}
+            if self.n_images and self.accelerator.is_main_process and self._subset is not None:
+                images = generate(self.base, self._subset.reports, self.cfg, self.dtype, self.cfg.train.seed)
+                if self.cfg.eval.num_metric_images:
+                    n = self.cfg.eval.num_metric_images
+                    part = ImageSubset(self._subset.reports[:n], self._subset.references[:n], self._subset.labels[:n])
+                    scores = image_scores(self.cfg, images[:n], part)
+            shared = [scores]
+            if self.accelerator.num_processes > 1:
+                broadcast_object_list(shared, from_process=0)
+            metrics.update(shared[0])
+        finally:
+            unwrapped.train(was_training)
+        grid = images[: self.cfg.eval.num_grid_prompts] if images is not None and self.cfg.eval.num_grid_prompts else None
+        return metrics, grid

@@ -1,0 +1,86 @@
+"""Best-model export: the adapter as `cxrdist sample` loads it, plus metrics and a short model card.
+
+Exporting only copies adapter tensors (never merges or unloads), so the live model is untouched. The
+previous best of the fold is replaced only after the new one is completely written.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from cxrdist.models.lora import WEIGHTS_NAME, adapter_metadata, adapter_state_dicts, save_adapter
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+CARD_FILE = "README.md"
+
+
+def best_name(fold: int, epoch: int) -> str:
+    return f"best_model_fold{fold}_epoch{epoch}"
+
+
+def export_best(model, base, spec: dict, cfg, run_dir: Path, *, fold: int, epoch: int, step: int,
+                metrics: dict[str, float], previous: Path | None) -> Path:
+    """Write `run_dir/best_model_fold{k}_epoch{e}/` (main process only) and remove the previous best."""
+    run_dir = Path(run_dir)
+    final = run_dir / best_name(fold, epoch)
+    staging = run_dir / f".{final.name}.staging"
+    if staging.exists():
+        shutil.rmtree(staging)
+    unet_sd, text_sd = adapter_state_dicts(model.unet, model.text_encoder if model.train_text_encoder else None)
+    info = {"fold": fold, "epoch": epoch, "step": step, "metrics": metrics, "early_stopping_metric": cfg.eval.metric}
+    meta = adapter_metadata(base, spec, cfg.data.prompt_template, cfg.to_dict(), training=info)
+    save_adapter(staging, unet_sd, text_sd, meta)
+    (staging / METRICS_FILE).write_text(json.dumps(info, indent=2))
+    (staging / CARD_FILE).write_text(model_card(cfg, base, info))
+    for old in {previous, final} - {None}:
+        if old.exists():
+            shutil.rmtree(old)
+    staging.rename(final)
+    return final
+
+
+def model_card(cfg, base, info: dict[str, Any]) -> str:
+    metrics = "\n".join(f"| {k} | {v:.6g} |" for k, v in info["metrics"].items())
+    return f"""# cxrdist LoRA adapter — fold {info['fold']}, epoch {info['epoch']} (step {info['step']})
+
+Text-to-chest-X-ray LoRA adapter on base `{base.source}` ({base.image_size} px, {base.channels} channel(s)),
+trained on shards `{cfg.data.shards}` with fold {info['fold']} held out for validation. Selected as the best
+of its run by `{info['early_stopping_metric']}` on the validation fold.
+
+| validation metric | value |
+|---|---|
+{metrics}
+
+Prompt template (applied once, at training and sampling): `{cfg.data.prompt_template}`.
+
+    cxrdist sample --model-path <this folder> --description "Mild cardiomegaly. No effusion."
+
+Images generated with this adapter are synthetic: they are not radiographs of a patient and must not be
+used for diagnosis. Validation metrics compare generated images with real ones for the same reports and
+say nothing about clinical correctness.
+"""
+
+
+def weights_digest(folder: Path) -> str:
+    return hashlib.sha256((Path(folder) / WEIGHTS_NAME).read_bytes()).hexdigest()
+
+
+def load_exported(model, folder: Path) -> None:
+    """Copy an exported adapter's weights into the live model's adapters (exactly, in place)."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(Path(folder) / WEIGHTS_NAME))
+    for prefix, module in (("unet.", model.unet), ("text_encoder.", model.text_encoder)):
+        part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if part:
+            result = set_peft_model_state_dict(module, part)
+            unexpected = getattr(result, "unexpected_keys", [])
+            if unexpected:
+                raise ValueError(f"{folder}: adapter keys {unexpected[:3]} do not fit the live model")

@@ -1,0 +1,142 @@
+"""The trained module (UNet + text encoder as ONE nn.Module) and the diffusion objective.
+
+One module, because DDP and DeepSpeed must see the text-encoder call inside the wrapped forward (and
+accelerate refuses two models under DeepSpeed). The objective uses a DDPM scheduler built from the base's
+own scheduler config (its betas and prediction type), never the sampler's.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+from torch import nn
+
+from cxrdist.errors import ModelError
+from cxrdist.models.text import apply_template, encode_ids, max_length
+
+log = logging.getLogger(__name__)
+
+
+class LoraDiffusionModel(nn.Module):
+    """forward(noisy latents, timesteps, token ids) -> the UNet's prediction."""
+
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module, train_text_encoder: bool):
+        super().__init__()
+        self.unet = unet
+        self.text_encoder = text_encoder
+        self.train_text_encoder = train_text_encoder
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.train_text_encoder:
+            return encode_ids(self.text_encoder, input_ids, attention_mask)
+        with torch.no_grad():
+            return encode_ids(self.text_encoder, input_ids, attention_mask)
+
+    def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        context = self.encode_text(input_ids, attention_mask)
+        return self.unet(noisy_latents, timesteps, encoder_hidden_states=context).sample
+
+
+def lora_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter tensors by full parameter name (the checkpoint format: exact, and nothing of the base)."""
+    return {name: p.detach() for name, p in module.named_parameters() if "lora_" in name}
+
+
+# What the UNet is trained to predict, per the base's `prediction_type`.
+TARGETS: dict[str, Callable] = {
+    "epsilon": lambda sched, x0, noise, t: noise,
+    "v_prediction": lambda sched, x0, noise, t: sched.get_velocity(x0, noise, t),
+    "sample": lambda sched, x0, noise, t: x0,
+}
+# min-SNR-gamma (Hang et al. 2023): the weight that turns each target's loss into min(SNR, gamma) weighting.
+SNR_WEIGHTS: dict[str, Callable] = {
+    "epsilon": lambda snr, gamma: torch.clamp(snr, max=gamma) / snr,
+    "v_prediction": lambda snr, gamma: torch.clamp(snr, max=gamma) / (snr + 1),
+    "sample": lambda snr, gamma: torch.clamp(snr, max=gamma),
+}
+
+
+class DiffusionObjective:
+    """Noising, targets and the (optionally min-SNR weighted) MSE loss of the base's training schedule."""
+
+    def __init__(self, scheduler_config: dict, noise_offset: float = 0.0, snr_gamma: float = 0.0):
+        from diffusers import DDPMScheduler
+
+        self.scheduler = DDPMScheduler.from_config(scheduler_config)
+        self.prediction_type = self.scheduler.config.prediction_type
+        if self.prediction_type not in TARGETS:
+            raise ModelError(f"base scheduler prediction_type '{self.prediction_type}' is not supported: "
+                             f"use one of {sorted(TARGETS)}")
+        self.num_timesteps = int(self.scheduler.config.num_train_timesteps)
+        self.noise_offset = noise_offset
+        self.snr_gamma = snr_gamma
+
+    def sample_noise(self, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        if self.noise_offset:
+            # A per-image, per-channel constant: lets the model learn overall brightness shifts.
+            offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator,
+                                 device=latents.device, dtype=latents.dtype)
+            noise = noise + self.noise_offset * offset
+        return noise
+
+    def sample_timesteps(self, n: int, generator: torch.Generator, device) -> torch.Tensor:
+        return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=device).long()
+
+    def noisy_inputs(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
+        """(noisy latents, target) for given noise and timesteps."""
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        target = TARGETS[self.prediction_type](self.scheduler, latents, noise, timesteps)
+        return noisy, target
+
+    def per_sample_loss(self, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        loss = (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
+        if self.snr_gamma:
+            loss = loss * self.snr_weights(timesteps)
+        return loss
+
+    def snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        alphas = self.scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+        snr = alphas / (1.0 - alphas)
+        return SNR_WEIGHTS[self.prediction_type](snr, self.snr_gamma)
+
+
+class BatchEncoder:
+    """Turns loader batches into model inputs: latents (cached or VAE-encoded), template, caption dropout,
+    token ids. The VAE is frozen and never part of the trained module."""
+
+    def __init__(self, vae, tokenizer, template: str, caption_dropout: float):
+        self.vae = vae
+        self.tokenizer = tokenizer
+        self.template = template
+        self.caption_dropout = caption_dropout
+        self.scaling = float(vae.config.scaling_factor)
+        self.cut_prompts = 0
+
+    @torch.no_grad()
+    def latents(self, batch: dict, device) -> torch.Tensor:
+        """Scaled latents. The posterior mean is used both when encoding here and when caching latents, so a
+        run on cached latents sees exactly the inputs of a run that encodes on the fly."""
+        if batch.get("latents") is not None:
+            raw = torch.as_tensor(batch["latents"]).to(device=device, dtype=torch.float32)
+        else:
+            pixels = torch.as_tensor(batch["pixel_values"]).to(device=device, dtype=self.vae.dtype)
+            raw = self.vae.encode(pixels).latent_dist.mode().float()
+        return raw * self.scaling
+
+    def prompts(self, reports: list[str], generator: torch.Generator | None) -> list[str]:
+        prompts = [apply_template(self.template, r) for r in reports]
+        if generator is not None and self.caption_dropout > 0:
+            drop = torch.rand(len(prompts), generator=generator, device=generator.device) < self.caption_dropout
+            prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
+        return prompts
+
+    def token_ids(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        length = max_length(self.tokenizer)
+        full = self.tokenizer(prompts, truncation=False)["input_ids"]
+        self.cut_prompts += sum(len(ids) > length for ids in full)  # reported once per epoch, not per batch
+        batch = self.tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
+                               return_tensors="pt")
+        return batch["input_ids"], batch["attention_mask"]

@@ -1,0 +1,90 @@
+"""Optimizers (a lookup table) over the adapter parameters only, and the lr schedule.
+
+Two parameter groups, UNet adapters and text-encoder adapters, each with its own lr and weight decay.
+The schedule is stepped once per optimizer step by the trainer (never with the loss).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from cxrdist.config import OptimConfig
+from cxrdist.errors import ConfigError
+from cxrdist.models.lora import lora_parameters
+
+GROUP_NAMES = ("unet", "text")
+
+
+def param_groups(model, cfg: OptimConfig) -> list[dict]:
+    """Adapter parameters of the joint model; the frozen base never reaches the optimizer."""
+    groups = [{"name": "unet", "params": lora_parameters(model.unet), "lr": cfg.lr_unet,
+               "weight_decay": cfg.weight_decay_unet}]
+    text = lora_parameters(model.text_encoder) if model.train_text_encoder else []
+    if text:
+        groups.append({"name": "text", "params": text, "lr": cfg.lr_text, "weight_decay": cfg.weight_decay_text})
+    for group in groups:
+        if not all(p.requires_grad for p in group["params"]):
+            raise ConfigError(f"{group['name']} adapter parameters are frozen: attach LoRA before building the optimizer")
+    return groups
+
+
+def _adamw(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def _adamw8bit(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*kernels-community.*")
+            import bitsandbytes as bnb
+        optimizer = bnb.optim.AdamW8bit(groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    except Exception as exc:  # ImportError, or a library that loads but has no kernel for this device
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"optim.name=adamw8bit needs bitsandbytes, which cannot run here ({reason}): "
+                          "`pip install bitsandbytes`, or set optim.name=adamw") from None
+    return optimizer
+
+
+OPTIMIZERS: dict[str, Callable[[list[dict], OptimConfig], torch.optim.Optimizer]] = {
+    "adamw": _adamw,
+    "adamw8bit": _adamw8bit,
+}
+
+
+def build_optimizer(model, cfg: OptimConfig) -> torch.optim.Optimizer:
+    return OPTIMIZERS[cfg.name](param_groups(model, cfg), cfg)
+
+
+def _warmup(step: int, warmup: int) -> float:
+    return (step + 1) / (warmup + 1) if step < warmup else 1.0
+
+
+def _progress(step: int, warmup: int, total: int) -> float:
+    return min(1.0, (step - warmup) / max(1, total - warmup))
+
+
+# Multiplier of the base lr after `step` optimizer steps (step 0 = the first update).
+SCHEDULES: dict[str, Callable[[int, int, int], float]] = {
+    "constant": lambda step, warmup, total: _warmup(step, warmup),
+    "linear": lambda step, warmup, total: (_warmup(step, warmup) if step < warmup
+                                           else 1.0 - _progress(step, warmup, total)),
+    "cosine": lambda step, warmup, total: (_warmup(step, warmup) if step < warmup
+                                           else 0.5 * (1.0 + math.cos(math.pi * _progress(step, warmup, total)))),
+}
+
+
+def lr_multiplier(name: str, step: int, warmup: int, total: int) -> float:
+    return SCHEDULES[name](step, warmup, total)
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+    """LambdaLR over all groups (each keeps its own base lr); `total_steps` counts optimizer steps."""
+    if cfg.warmup_steps >= total_steps > 0:
+        raise ConfigError(f"optim.warmup_steps={cfg.warmup_steps} is not below the {total_steps} training steps: "
+                          "lower it or train longer")
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(cfg.scheduler, step, cfg.warmup_steps, total_steps))

@@ -1,0 +1,107 @@
+"""Entry points behind launch/train.py: one fold, or every fold with a cross-validation summary.
+
+Run folders: `<root>/fold{k}/` where `<root>` is `--output-dir` or `train.output_dir/<run_name or config
+hash>`; the CV summary goes to `<root>/cv_summary.json` and `<root>/cv/` (TensorBoard).
+All input checks run here, before any model is loaded, and fail with one line.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+from cxrdist.config import Config
+from cxrdist.errors import InputError
+from cxrdist.train.checkpoint import CHECKPOINTS, check_resumable
+from cxrdist.train.trainer import TEST_METRICS, FoldResult, Trainer
+
+log = logging.getLogger(__name__)
+
+
+def run_root(cfg: Config, output_dir: Optional[str] = None) -> Path:
+    return Path(output_dir) if output_dir else Path(cfg.train.output_dir) / (cfg.train.run_name or cfg.hash())
+
+
+def fold_dir(root: Path, fold: int) -> Path:
+    return Path(root) / f"fold{fold}"
+
+
+def preflight(cfg: Config, fold: int, run_dir: Path, resume: Optional[str]) -> None:
+    """Cheap checks with one-line errors: shards and fold, base model path, output folder, resume config."""
+    from cxrdist.data.index import load_index
+    from cxrdist.models.loading import resolve_base_path
+
+    index = load_index(cfg.data.shards)
+    index.check_fold(fold)
+    index.check_image_size(cfg.data.image_size)
+    resolve_base_path(cfg.model.pretrained)
+    if cfg.eval.metric != "val_loss" and cfg.eval.num_metric_images < 1:
+        raise InputError(f"eval.metric={cfg.eval.metric} needs generated images: set eval.num_metric_images >= 1")
+    _check_writable(run_dir)
+    started = (run_dir / CHECKPOINTS).is_dir() and any((run_dir / CHECKPOINTS).iterdir())
+    if resume is None and (started or (run_dir / TEST_METRICS).exists()):
+        raise InputError(f"{run_dir} already holds a training run: continue it with --resume latest, "
+                         "or choose another --output-dir / train.run_name")
+    if resume and resume != "latest":
+        check_resumable(Path(resume), cfg, fold)
+
+
+def _check_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise InputError(f"output folder {run_dir} is not writable ({exc.strerror}): choose another --output-dir") from None
+
+
+def train_fold(cfg: Config, fold: int, *, run_dir: Path, resume: Optional[str] = None) -> FoldResult:
+    """Train one fold from a fresh adapter, export the best checkpoint, evaluate it on the test split."""
+    from cxrdist.train.data import ShardData
+
+    preflight(cfg, fold, run_dir, resume)
+    if resume == "latest" and not (run_dir / CHECKPOINTS).is_dir():
+        resume = None  # --all-folds --resume latest: folds not started yet start fresh
+    factory = functools.partial(ShardData, cfg, fold)
+    trainer = Trainer(cfg, fold=fold, run_dir=run_dir, data_factory=factory, resume=resume)
+    try:
+        if trainer.accelerator.is_main_process:
+            cfg.save(run_dir / "config.yaml")
+        result = trainer.fit()
+    finally:
+        trainer.close()
+    if trainer.accelerator.is_main_process:
+        print_summary(cfg, result)
+    return result
+
+
+def print_summary(cfg: Config, result: FoldResult) -> None:
+    best = f"{result.best_value:.5g} at epoch {result.best_epoch}" if result.best_value is not None else "none"
+    lines = [f"fold {result.fold}: {result.steps} steps{' (stopped early)' if result.stopped_early else ''}, "
+             f"{result.images_per_s:.1f} images/s",
+             f"  best {cfg.eval.metric}: {best} -> {result.best_path}",
+             f"  test: " + (", ".join(f"{k}={v:.5g}" for k, v in result.test_metrics.items()) or "not run"),
+             f"  run folder: {result.run_dir} (tensorboard --logdir {result.run_dir})"]
+    print("\n".join(lines), flush=True)
+
+
+def run(cfg: Config, fold: int, *, output_dir: Optional[str] = None, resume: Optional[str] = None) -> FoldResult:
+    return train_fold(cfg, fold, run_dir=fold_dir(run_root(cfg, output_dir), fold), resume=resume)
+
+
+def run_all_folds(cfg: Config, *, output_dir: Optional[str] = None, resume: Optional[str] = None) -> dict:
+    """Every fold from a fresh adapter, then mean ± std of every metric (JSON + TensorBoard)."""
+    from cxrdist.data.index import load_index
+    from cxrdist.train.folds import finished_result, write_cv_summary
+
+    root = run_root(cfg, output_dir)
+    results = []
+    for fold in range(load_index(cfg.data.shards).folds):
+        done = finished_result(fold_dir(root, fold)) if resume else None
+        results.append(done or train_fold(cfg, fold, run_dir=fold_dir(root, fold), resume=resume))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return {}
+    return write_cv_summary(cfg, root, results)

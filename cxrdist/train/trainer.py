@@ -1,0 +1,354 @@
+"""The LoRA trainer: one fold, from a fresh adapter, to the best checkpoint and its test metrics.
+
+Reproducibility contract: the data order is a pure function of (seed, epoch) and the noise, timesteps and
+caption dropout of micro-batch m on rank r are drawn from a generator seeded with (seed, r, m). The saved
+state is therefore just the optimizer step (plus optimizer, scheduler, adapter and early-stopping state),
+and a run killed at any point and resumed from its last checkpoint ends with the same adapter as a run
+that was never interrupted.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from cxrdist.config import Config
+from cxrdist.errors import DataError
+from cxrdist.models.lora import attach_lora, count_parameters, lora_parameters
+from cxrdist.models.loading import load_base
+from cxrdist.train.accel import build_accelerator, weight_dtype
+from cxrdist.train.checkpoint import Checkpointer
+from cxrdist.train.early_stop import EarlyStopper
+from cxrdist.train.evaluate import Evaluator
+from cxrdist.train.export import export_best, weights_digest
+from cxrdist.train.model import BatchEncoder, DiffusionObjective, LoraDiffusionModel
+from cxrdist.train.optim import GROUP_NAMES, build_lr_scheduler, build_optimizer
+from cxrdist.train.tracking import MetricsLogger, image_grid, peak_memory_mb
+
+log = logging.getLogger(__name__)
+
+# Fault injection for the resume tests: the process SIGKILLs itself right after this optimizer step.
+KILL_ENV = "CXRDIST_FAULT_KILL_AT_STEP"
+TEST_METRICS = "test_metrics.json"
+
+
+def micro_seed(seed: int, rank: int, micro_step: int) -> int:
+    return (seed * 1_000_003 + rank * 65_537 + micro_step * 7_919) % (2**62)
+
+
+@dataclass
+class TrainState:
+    """Everything beyond accelerate's own state that a resumed run needs (same on every rank)."""
+
+    step: int = 0
+    stopper: dict = field(default_factory=dict)
+    best_path: str = ""
+    stopped_early: bool = False
+    last_eval_step: int = -1
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
+@dataclass
+class FoldResult:
+    fold: int
+    run_dir: Path
+    steps: int
+    best_path: Optional[Path]
+    best_value: Optional[float]
+    best_epoch: int
+    stopped_early: bool
+    test_metrics: dict[str, float]
+    images_per_s: float
+
+
+class Trainer:
+    def __init__(self, cfg: Config, *, fold: int, run_dir: Path, data_factory, resume: str | None = None):
+        from accelerate.utils import set_seed
+
+        self.cfg, self.fold, self.run_dir = cfg, fold, Path(run_dir)
+        self.accelerator = acc = build_accelerator(cfg, self.run_dir)
+        set_seed(cfg.train.seed)  # the same on every rank: identical fresh adapters everywhere
+        self.base = load_base(cfg.model.pretrained, cfg.model.revision, cfg.model.vae_dtype)
+        self.data = data_factory(channels=self.base.channels, rank=acc.process_index, world_size=acc.num_processes)
+        self.spec = attach_lora(self.base, cfg.lora)
+        model = LoraDiffusionModel(self.base.unet, self.base.text_encoder, cfg.lora.train_text_encoder)
+        self.dtype = weight_dtype(acc)
+        configure_model(model, cfg, self.dtype)
+        self.base.vae.to(acc.device)
+        self.steps_per_epoch = self.data.batches_per_epoch() // cfg.train.grad_accum
+        if self.steps_per_epoch < 1:
+            raise DataError(f"fold {fold} training data gives {self.data.batches_per_epoch()} batches per rank, fewer "
+                            f"than train.grad_accum={cfg.train.grad_accum}: lower train.batch_size or grad_accum")
+        self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
+        optimizer = build_optimizer(model, cfg.optim)
+        scheduler = build_lr_scheduler(optimizer, cfg.optim, self.total_steps)
+        self.model, self.optimizer, self.lr_scheduler = acc.prepare(model, optimizer, scheduler)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.group_names = [g.get("name", GROUP_NAMES[i]) for i, g in enumerate(self.optimizer.param_groups)]
+        self.objective = DiffusionObjective(self.base.scheduler_config, cfg.train.noise_offset, cfg.train.snr_gamma)
+        self.encoder = BatchEncoder(self.base.vae, self.base.tokenizer, cfg.data.prompt_template, cfg.train.caption_dropout)
+        self.stopper = EarlyStopper(cfg.eval.metric, cfg.eval.mode, cfg.eval.patience, cfg.eval.min_delta)
+        self.state = TrainState()
+        acc.register_for_checkpointing(self.state)
+        self.checkpointer = Checkpointer(acc, self.run_dir, cfg, cfg.train.keep_last)
+        if resume:
+            self._resume(resume)
+        self.logger = MetricsLogger(acc, "tensorboard", cfg.to_dict())
+        self.validator = self._evaluator(self.data.val_split)
+        self._log_setup()
+
+    # -- set-up ------------------------------------------------------------------------------------------
+    def _evaluator(self, split: str) -> Evaluator:
+        return Evaluator(self.cfg, self.accelerator, self.data, split, self.encoder, self.objective, self.base, self.dtype)
+
+    def _resume(self, resume: str) -> None:
+        path = self.checkpointer.resolve(resume)
+        info = self.checkpointer.load(path)
+        if info.get("fold") != self.fold:
+            raise DataError(f"cannot resume from {path}: it is fold {info.get('fold')}, this run is fold {self.fold}")
+        self.stopper.load_state_dict(self.state.stopper)
+        log.info("resumed from %s at step %d", path, self.state.step)
+
+    def _log_setup(self) -> None:
+        acc, t = self.accelerator, self.cfg.train
+        trainable, total = count_parameters(self.accelerator.unwrap_model(self.model))
+        log.info("config %s | fold %d | %d rank(s) on %s | effective batch %d (%d x %d ranks x %d accumulation)",
+                 self.cfg.hash(), self.fold, acc.num_processes, acc.device,
+                 t.batch_size * acc.num_processes * t.grad_accum, t.batch_size, acc.num_processes, t.grad_accum)
+        log.info("%d optimizer steps (%d per epoch) | trainable %s of %s parameters | prediction %s",
+                 self.total_steps, self.steps_per_epoch, f"{trainable:,}", f"{total:,}", self.objective.prediction_type)
+
+    # -- one micro-step ----------------------------------------------------------------------------------
+    def train_step(self, batch: dict, micro_step: int) -> Optional[dict[str, float]]:
+        """Forward/backward one micro-batch; on optimizer steps clip, step, schedule and return the logs."""
+        acc, device = self.accelerator, self.accelerator.device
+        gen = torch.Generator(device=device).manual_seed(micro_seed(self.cfg.train.seed, acc.process_index, micro_step))
+        latents = self.encoder.latents(batch, device)
+        ids, mask = self.encoder.token_ids(self.encoder.prompts(batch["prompts"], gen))
+        noise = self.objective.sample_noise(latents, gen)
+        timesteps = self.objective.sample_timesteps(latents.shape[0], gen, device)
+        noisy, target = self.objective.noisy_inputs(latents, noise, timesteps)
+        with acc.accumulate(self.model):
+            pred = self.model(noisy, timesteps, ids.to(device), mask.to(device))
+            loss = self.objective.per_sample_loss(pred, target, timesteps).mean()
+            acc.backward(loss)
+            grad_norm = None
+            if acc.sync_gradients:
+                max_norm = self.cfg.optim.max_grad_norm or float("inf")  # inf: measure without clipping
+                grad_norm = acc.clip_grad_norm_(self.params, max_norm)
+            self.optimizer.step()
+            if acc.sync_gradients and not acc.optimizer_step_was_skipped:
+                self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if not acc.sync_gradients:
+            return None
+        return {"loss": float(loss.detach()), "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    def fit(self) -> FoldResult:
+        acc, cfg = self.accelerator, self.cfg
+        ga, spe = cfg.train.grad_accum, self.steps_per_epoch
+        window = Window()
+        progress = _progress(acc, self.total_steps, self.state.step)
+        self.model.train()
+        while self.state.step < self.total_steps and not self.state.stopped_early:
+            epoch, done_in_epoch = divmod(self.state.step, spe)
+            self.encoder.cut_prompts = 0
+            micro = self.state.step * ga
+            batches = iter(self.data.train_batches(epoch, start_batch=done_in_epoch * ga))
+            for _ in range((spe - done_in_epoch) * ga):
+                batch = next(batches, None)
+                if batch is None:
+                    raise DataError(f"fold {self.fold} loader ended early in epoch {epoch}: rebuild the shard set")
+                logs = self.train_step(batch, micro)
+                micro += 1
+                window.add(len(batch["prompts"]))
+                if logs is None:
+                    continue
+                self.state.step += 1
+                progress.update(1)
+                window.record(logs)
+                self._after_step(window)
+                if self.state.stopped_early or self.state.step >= self.total_steps:
+                    break
+            if self.encoder.cut_prompts:
+                log.warning("epoch %d: %d prompts were longer than the text encoder's 77 tokens and were cut",
+                            epoch + 1, self.encoder.cut_prompts)
+        progress.close()
+        return self._finish(window)
+
+    def _after_step(self, window: "Window") -> None:
+        cfg, step, spe = self.cfg, self.state.step, self.steps_per_epoch
+        epoch_end = step % spe == 0
+        last = step >= self.total_steps
+        if step % cfg.train.log_every == 0 or last:
+            self._log_train(window)
+        if self._eval_due(step, epoch_end) or (last and self.state.last_eval_step != step):
+            self.evaluate()
+        ckpt_every = cfg.train.checkpoint_every
+        if (ckpt_every and step % ckpt_every == 0) or (not ckpt_every and epoch_end) or last or self.state.stopped_early:
+            self.checkpointer.save(step, {"fold": self.fold, "epoch": self.epoch, "config_hash": cfg.hash()})
+        if os.environ.get(KILL_ENV) == str(step):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _eval_due(self, step: int, epoch_end: bool) -> bool:
+        e = self.cfg.eval
+        if e.eval_every_steps:
+            return step % e.eval_every_steps == 0
+        return epoch_end and (step // self.steps_per_epoch) % e.eval_every_epochs == 0
+
+    @property
+    def epoch(self) -> int:
+        """1-based epoch of the latest optimizer step."""
+        return (max(self.state.step, 1) - 1) // self.steps_per_epoch + 1
+
+    def _log_train(self, window: "Window") -> None:
+        acc = self.accelerator
+        loss = acc.reduce(torch.tensor([window.mean_loss()], device=acc.device), reduction="mean").item()
+        values = {"train/loss": loss, "train/grad_norm": window.last_grad_norm,
+                  "train/images_per_s": window.rate() * acc.num_processes,
+                  "train/peak_memory_mb": peak_memory_mb(acc.device), "train/epoch": self.epoch}
+        for name, lr in zip(self.group_names, self.lr_scheduler.get_last_lr()):
+            values[f"lr/{name}"] = lr
+        self.logger.scalars(values, self.state.step)
+        window.reset()
+
+    # -- evaluation --------------------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        acc, step = self.accelerator, self.state.step
+        metrics, images = self.validator.run(self.model)
+        self.state.last_eval_step = step
+        self.logger.scalars({f"val/{k}": v for k, v in metrics.items()}, step)
+        if images is not None:
+            self.logger.image("val/samples", image_grid(images), step)
+        improved = self.stopper.update(metrics[self.cfg.eval.metric], step=step, epoch=self.epoch)
+        if improved and acc.is_main_process:
+            previous = Path(self.state.best_path) if self.state.best_path else None
+            path = export_best(acc.unwrap_model(self.model), self.base, self.spec, self.cfg, self.run_dir,
+                               fold=self.fold, epoch=self.epoch, step=step, metrics=metrics, previous=previous)
+            log.info("step %d: %s %.5g is the best so far -> %s", step, self.cfg.eval.metric,
+                     metrics[self.cfg.eval.metric], path)
+        if improved:
+            self.state.best_path = str(self.run_dir / f"best_model_fold{self.fold}_epoch{self.epoch}")
+        acc.wait_for_everyone()
+        self.state.stopper = self.stopper.state_dict()
+        if self.stopper.should_stop:
+            log.info("early stopping at step %d (epoch %d): no %s improvement in %d evaluations; best %.5g at epoch %d",
+                     step, self.epoch, self.cfg.eval.metric, self.stopper.patience, self.stopper.best, self.stopper.best_epoch)
+            self.state.stopped_early = True
+        return metrics
+
+    def test(self) -> dict[str, float]:
+        """Load the BEST adapter into the live model (every rank) and evaluate it on the test split."""
+        from cxrdist.train.export import load_exported
+
+        best = Path(self.state.best_path)
+        load_exported(self.accelerator.unwrap_model(self.model), best)
+        metrics, images = self._evaluator("test").run(self.model)
+        self.logger.scalars({f"test/{k}": v for k, v in metrics.items()}, self.state.step)
+        if images is not None:
+            self.logger.image("test/samples", image_grid(images), self.state.step)
+        if self.accelerator.is_main_process:
+            report = {"fold": self.fold, "checkpoint": str(best), "weights_sha256": weights_digest(best),
+                      "best_epoch": self.stopper.best_epoch, "best_step": self.stopper.best_step,
+                      "early_stopping_metric": self.cfg.eval.metric, "best_value": self.stopper.best, "test": metrics}
+            _write_json(self.run_dir / TEST_METRICS, report)
+        return metrics
+
+    def _finish(self, window: "Window") -> FoldResult:
+        test = self.test() if self.cfg.eval.run_test and self.state.best_path else {}
+        if self.cfg.train.export_zip and self.state.best_path and self.accelerator.is_main_process:
+            from cxrdist.archive import write_zip
+
+            log.info("wrote %s", write_zip(Path(self.state.best_path)))
+        self.logger.hparams({**{f"test_{k}": v for k, v in test.items()}, "best_value": self.stopper.best or float("nan")})
+        return FoldResult(self.fold, self.run_dir, self.state.step, Path(self.state.best_path) if self.state.best_path else None,
+                          self.stopper.best, self.stopper.best_epoch, self.state.stopped_early, test, window.overall_rate())
+
+    def close(self) -> None:
+        self.logger.close()
+        self.accelerator.free_memory()
+
+
+class Window:
+    """Running loss / throughput between two log lines."""
+
+    def __init__(self):
+        self.start = self.t0 = time.perf_counter()
+        self.total_images = 0
+        self.reset()
+
+    def reset(self) -> None:
+        self.losses, self.images, self.t0 = [], 0, time.perf_counter()
+        self.last_grad_norm = float("nan")
+
+    def add(self, n: int) -> None:
+        self.images += n
+        self.total_images += n
+
+    def record(self, logs: dict[str, float]) -> None:
+        self.losses.append(logs["loss"])
+        self.last_grad_norm = logs["grad_norm"]
+
+    def mean_loss(self) -> float:
+        return sum(self.losses) / max(1, len(self.losses))
+
+    def rate(self) -> float:
+        return self.images / max(1e-9, time.perf_counter() - self.t0)
+
+    def overall_rate(self) -> float:
+        return self.total_images / max(1e-9, time.perf_counter() - self.start)
+
+
+def configure_model(model: LoraDiffusionModel, cfg: Config, dtype: torch.dtype) -> None:
+    """Frozen base in the compute dtype, adapters in fp32, attention kernel, gradient checkpointing."""
+    for module in (model.unet, model.text_encoder):
+        if dtype != torch.float32:
+            module.to(dtype)
+        for p in lora_parameters(module):
+            p.data = p.data.float()
+    ATTENTION[cfg.model.attention](model.unet)
+    if cfg.model.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+        if model.train_text_encoder:
+            model.text_encoder.gradient_checkpointing_enable()
+
+
+def _sdpa(unet) -> None:
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet.set_attn_processor(AttnProcessor2_0())
+
+
+def _plain_attention(unet) -> None:
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet.set_attn_processor(AttnProcessor())
+
+
+ATTENTION = {"sdpa": _sdpa, "default": _plain_attention}
+
+
+def _progress(accelerator, total: int, done: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, disable=not accelerator.is_main_process, desc="train", unit="step",
+                dynamic_ncols=True)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)

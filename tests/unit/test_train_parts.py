@@ -1,0 +1,125 @@
+"""Trainer parts without a training loop: early stopping, optimizers, objective, resume checks, CV summary."""
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+import torch
+
+from cxrdist.config import load_config
+from cxrdist.errors import ConfigError
+from cxrdist.train.early_stop import EarlyStopper
+
+
+def test_early_stopping_min_counts_patience_in_evaluations():
+    s = EarlyStopper("val_loss", "min", patience=2)
+    stops = []
+    for epoch, value in enumerate([1.0, 0.8, 0.85, 0.79, 0.9, 0.95, 0.5], start=1):
+        s.update(value, step=epoch * 10, epoch=epoch)
+        stops.append(s.should_stop)
+    # improvement at 1, 2, 4; two bad evaluations (5, 6) -> stop after epoch 6, not before
+    assert stops == [False, False, False, False, False, True, False]
+    assert (s.best, s.best_epoch, s.best_step) == (0.5, 7, 70)
+
+
+def test_early_stopping_max_mode_like_the_original_ssim_and_state_round_trip():
+    s = EarlyStopper("ssim", "max", patience=1)
+    assert s.update(0.3, step=1, epoch=1) and not s.update(0.3, step=2, epoch=2)  # equal is not better
+    assert s.should_stop and s.best == 0.3 and s.best_epoch == 1
+    t = EarlyStopper("ssim", "max", patience=1)
+    t.load_state_dict(s.state_dict())
+    assert t == s
+    assert not EarlyStopper("x", "min", patience=0).should_stop
+    nan = EarlyStopper("x", "min", patience=5)
+    assert not nan.update(float("nan"), step=1, epoch=1)  # a NaN never becomes the best
+
+
+def _tiny_model(tiny_base_path, train_text=True):
+    from cxrdist.config import LoraConfig
+    from cxrdist.models.loading import load_base
+    from cxrdist.models.lora import attach_lora
+    from cxrdist.train.model import LoraDiffusionModel
+
+    base = load_base(tiny_base_path)
+    attach_lora(base, LoraConfig(train_text_encoder=train_text))
+    return base, LoraDiffusionModel(base.unet, base.text_encoder, train_text)
+
+
+def test_optimizer_groups_have_their_own_lr_and_decay(tiny_base_path):
+    from cxrdist.train.optim import build_optimizer
+
+    cfg = load_config(None, ["optim.lr_unet=1e-3", "optim.lr_text=2e-4", "optim.weight_decay_text=0.5"])
+    _, model = _tiny_model(tiny_base_path)
+    opt = build_optimizer(model, cfg.optim)
+    (unet, text) = opt.param_groups
+    assert (unet["name"], unet["lr"], unet["weight_decay"]) == ("unet", 1e-3, cfg.optim.weight_decay_unet)
+    assert (text["name"], text["lr"], text["weight_decay"]) == ("text", 2e-4, 0.5)
+    _, frozen_text = _tiny_model(tiny_base_path, train_text=False)
+    assert [g["name"] for g in build_optimizer(frozen_text, cfg.optim).param_groups] == ["unet"]
+
+
+def test_adamw8bit_builds_or_says_clearly_why_not(tiny_base_path, monkeypatch):
+    from cxrdist.train.optim import build_optimizer
+
+    cfg = load_config(None, ["optim.name=adamw8bit"])
+    _, model = _tiny_model(tiny_base_path)
+    opt = build_optimizer(model, cfg.optim)
+    assert type(opt).__name__ == "AdamW8bit"  # bitsandbytes runs on CPU in this stack
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
+    with pytest.raises(ConfigError, match="adamw8bit needs bitsandbytes.*optim.name=adamw"):
+        build_optimizer(model, cfg.optim)
+
+
+def test_objective_uses_the_bases_ddpm_schedule_and_prediction_type():
+    from cxrdist.train.model import DiffusionObjective
+
+    conf = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+            "prediction_type": "v_prediction", "_class_name": "PNDMScheduler"}
+    obj = DiffusionObjective(conf, snr_gamma=5.0)
+    assert type(obj.scheduler).__name__ == "DDPMScheduler" and obj.prediction_type == "v_prediction"
+    x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([10, 500, 990])
+    noisy, target = obj.noisy_inputs(x0, noise, t)
+    assert torch.allclose(target, obj.scheduler.get_velocity(x0, noise, t))
+    ac = obj.scheduler.alphas_cumprod[t]
+    snr = ac / (1 - ac)
+    assert torch.allclose(obj.snr_weights(t), torch.clamp(snr, max=5.0) / (snr + 1))
+    eps = DiffusionObjective({**conf, "prediction_type": "epsilon"})
+    assert torch.equal(eps.noisy_inputs(x0, noise, t)[1], noise)
+    assert torch.allclose(eps.per_sample_loss(noise + 1, noise, t), torch.ones(3))  # no weighting when gamma=0
+
+
+def test_noise_offset_changes_per_channel_means_only_when_set():
+    from cxrdist.train.model import DiffusionObjective
+
+    conf = {"num_train_timesteps": 1000, "prediction_type": "epsilon"}
+    x = torch.zeros(64, 4, 16, 16)
+    plain = DiffusionObjective(conf).sample_noise(x, torch.Generator().manual_seed(0))
+    offset = DiffusionObjective(conf, noise_offset=0.5).sample_noise(x, torch.Generator().manual_seed(0))
+    assert plain.mean(dim=(2, 3)).std() < 0.1 < offset.mean(dim=(2, 3)).std()
+
+
+def test_resume_refuses_a_checkpoint_of_another_config_naming_the_keys(tmp_path):
+    import json
+
+    from cxrdist.train.checkpoint import CONFIG_FILE, MARKER, check_resumable
+
+    old = load_config(None, ["train.batch_size=4", "lora.unet_rank=4"])
+    old.save(tmp_path / CONFIG_FILE)
+    (tmp_path / MARKER).write_text(json.dumps({"step": 3, "fold": 1}))
+    check_resumable(tmp_path, load_config(None, ["train.batch_size=4", "lora.unet_rank=4", "train.log_every=1"]), 1)
+    new = load_config(None, ["train.batch_size=8", "lora.unet_rank=4"])
+    with pytest.raises(ConfigError, match=r"train.batch_size: 4 -> 8"):
+        check_resumable(tmp_path, new, 1)
+    with pytest.raises(ConfigError, match="fold 1, not fold 2"):
+        check_resumable(tmp_path, old, 2)
+
+
+def test_cv_summary_mean_and_sample_std():
+    from cxrdist.train.folds import mean_std
+
+    out = mean_std([{"a": 1.0, "b": 2.0}, {"a": 3.0}, {"a": 5.0, "b": float("nan")}])
+    assert out["a"] == {"mean": 3.0, "std": 2.0, "n": 3}
+    assert out["b"] == {"mean": 2.0, "std": 0.0, "n": 1}
+    assert math.isclose(mean_std([{"x": 0.1}, {"x": 0.3}])["x"]["std"], math.sqrt(0.02))
