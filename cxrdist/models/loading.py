@@ -168,9 +168,11 @@ def load_base(pretrained: str, revision: str | None = None, vae_dtype: str = "fp
                      fingerprint=fingerprint(path))
 
 
-def save_base(parts: dict, out: str | Path, text_encoder_package: str | None = None) -> Path:
-    """Write unet/vae/text_encoder/tokenizer/scheduler as a diffusers folder, atomically. With
-    `text_encoder_package`, the text encoder and tokenizer folders only reference that installed package."""
+def save_base(parts: dict, out: str | Path, text_encoder_package: str | None = None,
+              extra_files: dict[str, str] | None = None) -> Path:
+    """Write unet/vae/text_encoder/tokenizer/scheduler as a diffusers folder, atomically (with `extra_files`,
+    name -> text, inside). With `text_encoder_package`, the text encoder and tokenizer folders only
+    reference that installed package."""
     import shutil
 
     from diffusers import StableDiffusionPipeline
@@ -188,6 +190,8 @@ def save_base(parts: dict, out: str | Path, text_encoder_package: str | None = N
             shutil.rmtree(tmp / sub)
             (tmp / sub).mkdir()
             (tmp / sub / REFERENCE_FILE).write_text(json.dumps({"package": text_encoder_package}) + "\n")
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
