@@ -3,7 +3,7 @@
 Inputs are synthetic chest-film-sized PNGs (2000 x 2500, 12-bit values in 16-bit PNGs, smooth anatomy-like
 shading plus noise) written to a temp folder. All figures come from one run, so ratios are comparable.
 
-    python benchmarks/shard_throughput.py [--n 40] [--size 256]
+    python benchmarks/shard_throughput.py [--n 32] [--size 256] [--repeats 2]
 """
 from __future__ import annotations
 
@@ -67,8 +67,9 @@ def build_rate(manifest: Path, out: Path, size: int, workers: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=40)
+    parser.add_argument("--n", type=int, default=32)
     parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,9 +79,11 @@ def main() -> None:
         print(f"inputs: {args.n} PNGs 2000x2500 16-bit in {time.perf_counter() - t0:.1f} s; load avg "
               f"{os.getloadavg()[0]:.1f} on {cores} cores")
         files = sorted((tmp / "in").glob("*.png"))
-        bare = bare_loop(files, args.size)
-        one = build_rate(manifest, tmp / "out1", args.size, 1)
-        many = build_rate(manifest, tmp / "outN", args.size, cores)
+        bare = one = many = 0.0
+        for _ in range(args.repeats):  # interleaved, best of each: a shared machine's load comes and goes
+            bare = max(bare, bare_loop(files, args.size))
+            one = max(one, build_rate(manifest, tmp / "out1", args.size, 1))
+            many = max(many, build_rate(manifest, tmp / "outN", args.size, cores))
     print(f"bare decode+resize+encode loop : {bare:6.2f} img/s")
     print(f"build_shards, 1 worker         : {one:6.2f} img/s  ({one / bare:.1%} of the bare loop)")
     print(f"build_shards, {cores} workers        : {many:6.2f} img/s  (speed-up {many / one:.2f}x, "

@@ -123,9 +123,11 @@ def check_pixels(pixels: np.ndarray, where: str) -> np.ndarray:
     """Refuse arrays that would silently become garbage (wrong rank, NaN, out of range)."""
     if not isinstance(pixels, np.ndarray) or pixels.ndim != 2 or min(pixels.shape) < 1:
         raise RecordRejected("bad_pixels", f"{where}: expected a 2-D array, got {getattr(pixels, 'shape', type(pixels))}")
-    if not np.isfinite(pixels).all():
+    pixels = pixels.astype(np.float32, copy=False)
+    low, high = float(pixels.min()), float(pixels.max())  # NaN propagates through min/max: one pass each
+    if not (np.isfinite(low) and np.isfinite(high)):
         raise RecordRejected("bad_pixels", f"{where}: NaN or infinite values")
-    return np.clip(pixels.astype(np.float32, copy=False), 0.0, 1.0)
+    return pixels if 0.0 <= low and high <= 1.0 else np.clip(pixels, 0.0, 1.0)
 
 
 def fit_size(height: int, width: int, size: int, mode: str) -> tuple[int, int]:
