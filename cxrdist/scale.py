@@ -1,0 +1,175 @@
+"""Scale-out helpers that do not depend on the trainer: DDP, DeepSpeed ZeRO-2 and ZeRO-3 through accelerate.
+
+Each function takes an `Accelerator` (or its DeepSpeed plugin) and hides one DeepSpeed nuance:
+- `wants_cpu_flag`: `Accelerator(cpu=True)` turns a DeepSpeed launch into plain MULTI_CPU (the DeepSpeed
+  plugin is dropped), so on a CPU-only machine only non-DeepSpeed launches may pass `cpu=True`.
+- `configure_deepspeed`: accelerate fills `"gradient_clipping": "auto"` with a hard-coded 1.0 and needs a
+  DataLoader with an integer `batch_size` to fill `train_micro_batch_size_per_gpu`; a WebDataset pipeline
+  batches inside the dataset, so both values are written from our config before `prepare`.
+- `check_optimizer_offload`: with `offload_optimizer`, accelerate silently replaces a client optimizer by
+  DeepSpeedCPUAdam (and an 8-bit AdamW becomes plain Adam with L2 decay); we refuse that instead.
+- `lora_state_dicts`: under ZeRO-3 module parameters are empty partitions, and under bf16 they are bf16
+  copies; the fp32 master values are gathered from the optimizer on every rank.
+- `checkpoint_kwargs`: `save_state` must leave the frozen base out of DeepSpeed checkpoints, and `load_state`
+  must then accept a module state without the base.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+import torch
+
+from cxrdist.errors import ConfigError
+
+# Optimizers that DeepSpeed's CPU offload cannot run as a client optimizer, and what to use instead.
+OFFLOAD_INCOMPATIBLE = {
+    "adamw8bit": "bitsandbytes' 8-bit AdamW runs on the GPU and cannot step CPU-offloaded fp32 states "
+                 "(accelerate would silently swap it for DeepSpeedCPUAdam)",
+}
+
+
+def launched_with_deepspeed() -> bool:
+    """True inside a process started by `accelerate launch` with a DeepSpeed config."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def wants_cpu_flag() -> bool:
+    """The value for `Accelerator(cpu=...)`: CPU-only machine and not a DeepSpeed launch.
+
+    On CPU, DeepSpeed runs with DS_ACCELERATOR=cpu and a gloo process group (InitProcessGroupKwargs
+    backend="gloo"); passing cpu=True there would silently train with DDP instead.
+    """
+    return not torch.cuda.is_available() and not launched_with_deepspeed()
+
+
+def launched_distributed() -> bool:
+    """True inside a process started by a launcher (accelerate launch, torchrun): LOCAL_RANK is set."""
+    return int(os.environ.get("LOCAL_RANK", "-1")) != -1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def process_group_backend() -> str | None:
+    """gloo for launched processes without CUDA (DDP and DeepSpeed alike), else None.
+
+    None lets accelerate pick NCCL on GPUs, and must be used for a plain `python train.py`: accelerate
+    treats any explicit backend as "distributed" and fails on the missing process group.
+    """
+    return "gloo" if launched_distributed() and not torch.cuda.is_available() else None
+
+
+def deepspeed_plugin(accelerator_or_plugin: Any):
+    """The active DeepSpeed plugin of an Accelerator, the plugin itself, or None."""
+    if hasattr(accelerator_or_plugin, "state"):  # an Accelerator
+        return getattr(accelerator_or_plugin.state, "deepspeed_plugin", None)
+    return accelerator_or_plugin if hasattr(accelerator_or_plugin, "deepspeed_config") else None
+
+
+def zero_stage(accelerator: Any) -> int:
+    """0 when DeepSpeed is not active, else the ZeRO stage."""
+    plugin = deepspeed_plugin(accelerator)
+    if plugin is None:
+        return 0
+    return int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def _offload_device(config: dict) -> str:
+    return str(config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") or "none")
+
+
+def check_optimizer_offload(accelerator_or_plugin: Any, optim_name: str) -> None:
+    """Refuse a client optimizer that DeepSpeed's optimizer offload would replace behind our back."""
+    plugin = deepspeed_plugin(accelerator_or_plugin)
+    if plugin is None:
+        return
+    device = _offload_device(plugin.deepspeed_config)
+    why = OFFLOAD_INCOMPATIBLE.get(optim_name)
+    if device != "none" and why:
+        raise ConfigError(
+            f"optim.name={optim_name} cannot run with DeepSpeed offload_optimizer.device={device}: {why}; "
+            "use optim.name=adamw with offload, or remove offload_optimizer from the DeepSpeed config "
+            "(configs/deepspeed/zero2.json keeps optimizer state on the GPU)")
+
+
+def configure_deepspeed(accelerator: Any, micro_batch: int, grad_accum: int, max_grad_norm: float,
+                        optim_name: str) -> None:
+    """Write our config's batch, accumulation and clipping into the DeepSpeed config; call before prepare().
+
+    No-op without DeepSpeed. `max_grad_norm=0` disables clipping (DeepSpeed treats 0 as off).
+    """
+    plugin = deepspeed_plugin(accelerator)
+    if plugin is None:
+        return
+    check_optimizer_offload(plugin, optim_name)
+    config = plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = int(micro_batch)
+    config["gradient_accumulation_steps"] = int(grad_accum)
+    config["train_batch_size"] = int(micro_batch) * int(grad_accum) * int(accelerator.num_processes)
+    config["gradient_clipping"] = float(max_grad_norm)
+    plugin.gradient_clipping = float(max_grad_norm)
+    plugin.gradient_accumulation_steps = int(grad_accum)
+
+
+def checkpoint_kwargs(accelerator: Any) -> tuple[dict, dict]:
+    """Extra keyword arguments for (save_state, load_state).
+
+    Under DeepSpeed they reach `engine.save_checkpoint` / `engine.load_checkpoint`: the frozen base stays out
+    of the checkpoint, so loading must not insist on finding it. Without DeepSpeed accelerate ignores them,
+    and the save hooks decide what goes into the checkpoint.
+    """
+    if deepspeed_plugin(accelerator) is None:
+        return {}, {}
+    return {"exclude_frozen_parameters": True}, {"load_module_strict": False}
+
+
+def _lora_named_parameters(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(name, param) for name, param in module.named_parameters() if "lora_" in name]
+
+
+def _full_fp32(param: torch.nn.Parameter) -> torch.Tensor:
+    """The full fp32 value of a parameter: DeepSpeed's master copy when there is one, else the parameter."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    full = safe_get_full_fp32_param(param)
+    return param.detach() if full is None else full
+
+
+def _gathered(params: list[torch.nn.Parameter], stage: int):
+    if stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def _module_lora_state(module: torch.nn.Module, stage: int | None) -> dict[str, torch.Tensor] | None:
+    """peft-format LoRA tensors of one module (fp32, CPU); `stage` None means no DeepSpeed."""
+    from peft.utils import get_peft_model_state_dict
+
+    if not getattr(module, "peft_config", None):
+        return None
+    named = _lora_named_parameters(module)
+    if stage is None:
+        raw = {name: param.detach() for name, param in named}
+    else:
+        try:
+            raw = {name: _full_fp32(param) for name, param in named}
+        except (AttributeError, AssertionError, RuntimeError):  # engine without a ZeRO optimizer (inference)
+            with _gathered([p for _, p in named], stage):
+                raw = {name: param.detach().clone() for name, param in named}
+    raw = {name: tensor.to("cpu", torch.float32).contiguous().clone() for name, tensor in raw.items()}
+    return get_peft_model_state_dict(module, state_dict=raw)
+
+
+def lora_state_dicts(accelerator: Any, joint: torch.nn.Module) -> tuple[dict, dict | None]:
+    """(unet_sd, text_sd) in peft format, fp32 on CPU, for DDP, ZeRO-2 and ZeRO-3 alike.
+
+    `joint` is the prepared module (a DDP wrapper or a DeepSpeed engine) around one nn.Module with
+    attributes `unet` and `text_encoder`. Under DeepSpeed this is a collective: call it on EVERY rank
+    (then write the result on rank 0 only), or ranks hang.
+    """
+    module = accelerator.unwrap_model(joint)
+    stage = zero_stage(accelerator) if deepspeed_plugin(accelerator) is not None else None
+    unet_sd = _module_lora_state(module.unet, stage)
+    text_sd = _module_lora_state(module.text_encoder, stage)
+    return unet_sd or {}, text_sd
