@@ -122,7 +122,8 @@ def _stretch(values: np.ndarray) -> np.ndarray:
 def check_pixels(pixels: np.ndarray, where: str) -> np.ndarray:
     """Refuse arrays that would silently become garbage (wrong rank, NaN, out of range)."""
     if not isinstance(pixels, np.ndarray) or pixels.ndim != 2 or min(pixels.shape) < 1:
-        raise RecordRejected("bad_pixels", f"{where}: expected a 2-D array, got {getattr(pixels, 'shape', type(pixels))}")
+        got = getattr(pixels, "shape", type(pixels))
+        raise RecordRejected("bad_pixels", f"{where}: expected a 2-D array, got {got}")
     pixels = pixels.astype(np.float32, copy=False)
     low, high = float(pixels.min()), float(pixels.max())  # NaN propagates through min/max: one pass each
     if not (np.isfinite(low) and np.isfinite(high)):

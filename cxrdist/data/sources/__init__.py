@@ -22,6 +22,7 @@ def source_class(name: str) -> type:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name == module_name:
-            raise DataError(f"data source {name!r} is not available in this version ({module_name} is missing)") from None
+            raise DataError(f"data source {name!r} is not available in this version "
+                            f"({module_name} is missing)") from None
         raise
     return getattr(module, attr)
