@@ -32,7 +32,7 @@ class ReaderThresholds:
     effusion_base: float = 0.715  # lowest aerated lateral row above this (image fraction): effusion
     effusion_large: float = 0.60  # ... and above this: a large one
     pneumothorax: float = -0.17  # lateral-apical band darker than lung by this share of heart-lung contrast
-    nodule: float = 0.25  # centre-surround response, as a share of heart-lung contrast
+    nodule: float = 0.20  # centre-surround response, share of heart-lung contrast (non-nodule max ~0.14)
     min_contrast: float = 0.15  # below this heart-lung contrast the image is unreadable
 
 
