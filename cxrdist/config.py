@@ -176,10 +176,12 @@ class SampleConfig:
         _require(self.steps >= 1, "sample.steps", ">= 1 (--steps)")
         _require(self.batch_size >= 1, "sample.batch_size", ">= 1 (--batch-size)")
         _require(self.num_images >= 1, "sample.num_images", ">= 1 (--num-images)")
-        _require(self.scheduler in SAMPLE_SCHEDULERS, "sample.scheduler", f"one of {', '.join(SAMPLE_SCHEDULERS)} (--scheduler)")
+        _require(self.scheduler in SAMPLE_SCHEDULERS, "sample.scheduler",
+                 f"one of {', '.join(SAMPLE_SCHEDULERS)} (--scheduler)")
         _require(self.guidance >= 0, "sample.guidance", ">= 0 (--guidance)")
         for key, value in (("height", self.height), ("width", self.width)):
-            _require(value == 0 or (value >= 8 and value % 8 == 0), f"sample.{key}", f"0 or a multiple of 8 (--{key})")
+            _require(value == 0 or (value >= 8 and value % 8 == 0), f"sample.{key}",
+                     f"0 or a multiple of 8 (--{key})")
         _require(self.dtype in ("fp32", "bf16", "fp16"), "sample.dtype", "fp32, bf16 or fp16 (--dtype)")
 
 

@@ -189,7 +189,8 @@ def generate_images(base: BaseModel, reports: list[str], settings: SampleSetting
     device = torch.device(device) if device is not None else next(base.unet.parameters()).device
     prompts = [apply_template(template, r) for r in reports]
     latent_shape = (int(base.unet.config.in_channels), height // base.vae_scale_factor, width // base.vae_scale_factor)
-    batches = [range(i, min(i + settings.batch_size, len(prompts))) for i in range(0, len(prompts), settings.batch_size)]
+    size = settings.batch_size
+    batches = [range(i, min(i + size, len(prompts))) for i in range(0, len(prompts), size)]
     out = np.empty((len(prompts), height, width), dtype=np.float32)
     bar = tqdm(total=len(batches) * settings.steps, desc="sampling", unit="step", disable=not progress)
 

@@ -69,7 +69,9 @@ def _read_prompts_file(path: Path) -> list[str]:
             item = json.loads(line)
         except json.JSONDecodeError:
             raise InputError(f"{path}:{number} is not valid JSON: one object or string per line") from None
-        text = item if isinstance(item, str) else next((item[k] for k in PROMPT_KEYS if isinstance(item, dict) and k in item), None)
+        if isinstance(item, dict):
+            item = next((item[k] for k in PROMPT_KEYS if k in item), None)
+        text = item
         if not isinstance(text, str) or not text.strip():
             raise InputError(f"{path}:{number} has no report text: use a non-empty \"report\" key")
         prompts.append(text.strip())
@@ -135,7 +137,8 @@ def write_samples(out_dir: str | Path, images: np.ndarray, records: list[dict], 
         if config is not None:
             config.save(tmp / "config.yaml")
         (tmp / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        names = [r["file"] for r in rows] + ["grid.png"] + (["config.yaml"] if config is not None else []) + ["index.jsonl"]
+        extras = ["grid.png", "config.yaml"] if config is not None else ["grid.png"]
+        names = [r["file"] for r in rows] + extras + ["index.jsonl"]
         for name in names:
             os.replace(tmp / name, out / name)
     finally:

@@ -7,7 +7,8 @@ from cxrdist.commands._common import friendly_errors
 
 
 @click.command()
-@click.option("--model-path", required=True, metavar="PATH", help="LoRA checkpoint folder (or a .zip of one for --merge).")
+@click.option("--model-path", required=True, metavar="PATH",
+              help="LoRA checkpoint folder (or a .zip of one for --merge).")
 @click.option("--merge", "mode", flag_value="merge",
               help="Fuse the adapter into its base and write a standalone diffusers pipeline folder.")
 @click.option("--zip", "mode", flag_value="zip", help="Pack the checkpoint folder into a .zip archive.")
