@@ -28,7 +28,7 @@ from cxrdist.train.checkpoint import Checkpointer
 from cxrdist.train.early_stop import EarlyStopper
 from cxrdist.train.evaluate import Evaluator
 from cxrdist.train.export import export_best, weights_digest
-from cxrdist.train.model import BatchEncoder, DiffusionObjective, LoraDiffusionModel
+from cxrdist.train.model import BatchEncoder, DiffusionObjective, LoraDiffusionModel, lora_state
 from cxrdist.train.optim import GROUP_NAMES, build_lr_scheduler, build_optimizer
 from cxrdist.train.tracking import MetricsLogger, image_grid, peak_memory_mb
 
@@ -261,13 +261,15 @@ class Trainer:
         if images is not None:
             self.logger.image("test/samples", image_grid(images), self.state.step)
         if self.accelerator.is_main_process:
-            report = {"fold": self.fold, "checkpoint": str(best), "weights_sha256": weights_digest(best),
+            report = {"fold": self.fold, "validation_split": self.data.val_split, "checkpoint": str(best),
+                      "weights_sha256": weights_digest(best),
                       "best_epoch": self.stopper.best_epoch, "best_step": self.stopper.best_step,
                       "early_stopping_metric": self.cfg.eval.metric, "best_value": self.stopper.best, "test": metrics}
             _write_json(self.run_dir / TEST_METRICS, report)
         return metrics
 
     def _finish(self, window: "Window") -> FoldResult:
+        self._check_ranks_agree()
         test = self.test() if self.cfg.eval.run_test and self.state.best_path else {}
         if self.cfg.train.export_zip and self.state.best_path and self.accelerator.is_main_process:
             from cxrdist.archive import write_zip
@@ -276,6 +278,16 @@ class Trainer:
         self.logger.hparams({**{f"test_{k}": v for k, v in test.items()}, "best_value": self.stopper.best or float("nan")})
         return FoldResult(self.fold, self.run_dir, self.state.step, Path(self.state.best_path) if self.state.best_path else None,
                           self.stopper.best, self.stopper.best_epoch, self.state.stopped_early, test, window.overall_rate())
+
+    def _check_ranks_agree(self) -> None:
+        """Every rank must end with the same adapter; a silent divergence would make checkpoints lie."""
+        from accelerate.utils import gather_object
+
+        digests = gather_object([adapter_digest(self.accelerator.unwrap_model(self.model))])
+        if self.accelerator.is_main_process:
+            _write_json(self.run_dir / "adapter_digests.json", {"step": self.state.step, "per_rank": digests})
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"ranks hold different adapters after training: {digests}")
 
     def close(self) -> None:
         self.logger.close()
@@ -310,6 +322,16 @@ class Window:
 
     def overall_rate(self) -> float:
         return self.total_images / max(1e-9, time.perf_counter() - self.start)
+
+
+def adapter_digest(model) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(lora_state(model).items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def configure_model(model: LoraDiffusionModel, cfg: Config, dtype: torch.dtype) -> None:

@@ -1,0 +1,28 @@
+"""Shared integration fixtures: a small phantom shard set built with the real shard builder."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def phantom_shards(tmp_path_factory) -> Path:
+    """120 grayscale 64 px phantoms with reports: 2 folds + a test split (built once per session)."""
+    from cxrdist.data.shard import build_shards
+    from cxrdist.data.sources import source_class
+
+    out = tmp_path_factory.mktemp("shards") / "phantom"
+    source = source_class("phantom")(n=120, size=64, seed=0)
+    build_shards(source, out, size=64, folds=2, test_fraction=0.2, seed=0, shard_size=32, workers=1, progress=False)
+    return out
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, two spinning threads per process are 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
