@@ -68,7 +68,14 @@ say nothing about clinical correctness.
 
 
 def weights_digest(folder: Path) -> str:
-    return hashlib.sha256((Path(folder) / WEIGHTS_NAME).read_bytes()).hexdigest()
+    """sha256 of the adapter tensors (names and values; the file header's metadata order is not stable)."""
+    from safetensors.torch import load_file
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(load_file(str(Path(folder) / WEIGHTS_NAME)).items()):
+        digest.update(name.encode())
+        digest.update(tensor.float().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def load_exported(model, folder: Path) -> None:
