@@ -1,0 +1,61 @@
+"""`cxrdist pretrain` for a few steps, then `cxrdist evaluate` on the result: the offline path stays alive."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from cxrdist.cli import main
+from cxrdist.models.loading import load_base
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def pretrained_base(phantom_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pretrain") / "base"
+    result = CliRunner().invoke(main, [
+        "pretrain", "--shards", str(phantom_shards), "--out", str(out),
+        "--set", "pretrain.vae_steps=2", "--set", "pretrain.vae_batch_size=4",
+        "--set", "pretrain.unet_steps=3", "--set", "pretrain.unet_batch_size=4"])
+    assert result.exit_code == 0, result.output
+    assert "VAE PSNR" in result.output
+    return out
+
+
+def test_pretrain_writes_a_small_loadable_base_with_provenance(pretrained_base):
+    size = sum(f.stat().st_size for f in pretrained_base.rglob("*") if f.is_file())
+    assert size < 10 * 2**20
+    base = load_base(str(pretrained_base))
+    assert (base.image_size, base.channels, base.text_encoder_kind) == (64, 1, "bert")
+    assert base.vae.config.scaling_factor != 0.18215  # measured on this VAE's own latents
+    saved = yaml.safe_load((pretrained_base / "cxrdist_pretrain.yaml").read_text())
+    assert saved["pretrain"]["unet_steps"] == 3
+    assert "chest radiograph" in (pretrained_base / "README.md").read_text()
+
+
+def test_pretrain_refuses_a_non_empty_output(pretrained_base, phantom_shards):
+    result = CliRunner().invoke(main, ["pretrain", "--shards", str(phantom_shards), "--out", str(pretrained_base)])
+    assert result.exit_code == 1 and "not empty" in result.output
+
+
+def test_evaluate_scores_faithfulness_against_chance(pretrained_base, phantom_shards, tmp_path):
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(main, [
+        "evaluate", "--model-path", str(pretrained_base), "--shards", str(phantom_shards), "--split", "test",
+        "--max-samples", "6", "--steps", "2", "--out", str(out), "--set", "sample.batch_size=6"])
+    assert result.exit_code == 0, result.output
+    assert "macro" in result.output and "chance" in result.output
+    data = json.loads(out.read_text())[str(pretrained_base)]
+    assert data["samples"] == 6
+    assert 0.0 <= data["faithfulness"]["macro"] <= 1.0
+    assert set(data["chance"]) >= {"heart", "effusion_left", "nodule"}
+    assert 0.0 <= data["image_metrics"]["ssim"] <= 1.0 and data["diversity"] is not None
+
+
+def test_evaluate_rejects_an_unknown_split(pretrained_base, phantom_shards):
+    result = CliRunner().invoke(main, ["evaluate", "--model-path", str(pretrained_base), "--shards",
+                                       str(phantom_shards), "--split", "fold9", "--max-samples", "2"])
+    assert result.exit_code == 1 and "fold 9 is out of range" in result.output
