@@ -14,7 +14,7 @@ from typing import Optional
 
 from cxrdist.config import Config
 from cxrdist.errors import InputError
-from cxrdist.train.checkpoint import CHECKPOINTS, check_resumable
+from cxrdist.train.checkpoint import CHECKPOINTS, MARKER, check_resumable
 from cxrdist.train.trainer import TEST_METRICS, FoldResult, Trainer
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,6 @@ def train_fold(cfg: Config, fold: int, *, run_dir: Path, resume: Optional[str] =
     from cxrdist.train.data import ShardData
 
     preflight(cfg, fold, run_dir, resume)
-    if resume == "latest" and not (run_dir / CHECKPOINTS).is_dir():
-        resume = None  # --all-folds --resume latest: folds not started yet start fresh
     factory = functools.partial(ShardData, cfg, fold)
     trainer = Trainer(cfg, fold=fold, run_dir=run_dir, data_factory=factory, resume=resume)
     try:
@@ -100,8 +98,12 @@ def run_all_folds(cfg: Config, *, output_dir: Optional[str] = None, resume: Opti
     root = run_root(cfg, output_dir)
     results = []
     for fold in range(load_index(cfg.data.shards).folds):
-        done = finished_result(fold_dir(root, fold)) if resume else None
-        results.append(done or train_fold(cfg, fold, run_dir=fold_dir(root, fold), resume=resume))
+        run_dir = fold_dir(root, fold)
+        done = finished_result(run_dir) if resume else None
+        # --resume latest continues the interrupted fold; folds not started yet start fresh
+        started = resume == "latest" and any((run_dir / CHECKPOINTS).glob(f"*/{MARKER}"))
+        fold_resume = resume if resume != "latest" or started else None
+        results.append(done or train_fold(cfg, fold, run_dir=run_dir, resume=fold_resume))
     if int(os.environ.get("RANK", "0")) != 0:
         return {}
     return write_cv_summary(cfg, root, results)
