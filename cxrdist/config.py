@@ -115,6 +115,7 @@ class TrainConfig:
     export_zip: bool = False
     collective_timeout_s: int = 600  # ranks waiting longer than this on a dead peer fail loudly
     allow_tf32: bool = True
+    use_cached_latents: bool = True  # train on shard latents (from `cxrdist shard cache-latents`) when present
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", ">= 1")

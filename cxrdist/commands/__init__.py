@@ -10,6 +10,7 @@ _ENTRIES = [
     ("sample", "sample"),
     ("export", "export"),
     ("shard", "shard"),
+    ("cache_latents", "shard"),  # adds `shard cache-latents` to the shard group (same group object)
     ("evaluate", "evaluate"),
     ("pretrain", "pretrain"),
 ]

@@ -107,8 +107,9 @@ class BatchEncoder:
     """Turns loader batches into model inputs: latents (cached or VAE-encoded), template, caption dropout,
     token ids. The VAE is frozen and never part of the trained module."""
 
-    def __init__(self, vae, tokenizer, template: str, caption_dropout: float):
+    def __init__(self, vae, tokenizer, template: str, caption_dropout: float, use_cached: bool = True):
         self.vae = vae
+        self.use_cached = use_cached
         self.tokenizer = tokenizer
         self.template = template
         self.caption_dropout = caption_dropout
@@ -119,7 +120,7 @@ class BatchEncoder:
     def latents(self, batch: dict, device) -> torch.Tensor:
         """Scaled latents. The posterior mean is used both when encoding here and when caching latents, so a
         run on cached latents sees exactly the inputs of a run that encodes on the fly."""
-        if batch.get("latents") is not None:
+        if self.use_cached and batch.get("latents") is not None:
             raw = torch.as_tensor(batch["latents"]).to(device=device, dtype=torch.float32)
         else:
             pixels = torch.as_tensor(batch["pixel_values"]).to(device=device, dtype=self.vae.dtype)

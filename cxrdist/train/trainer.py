@@ -98,7 +98,8 @@ class Trainer:
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.group_names = [g.get("name", GROUP_NAMES[i]) for i, g in enumerate(self.optimizer.param_groups)]
         self.objective = DiffusionObjective(self.base.scheduler_config, cfg.train.noise_offset, cfg.train.snr_gamma)
-        self.encoder = BatchEncoder(self.base.vae, self.base.tokenizer, cfg.data.prompt_template, cfg.train.caption_dropout)
+        self.encoder = BatchEncoder(self.base.vae, self.base.tokenizer, cfg.data.prompt_template,
+                                    cfg.train.caption_dropout, use_cached=self._use_cached_latents())
         self.stopper = EarlyStopper(cfg.eval.metric, cfg.eval.mode, cfg.eval.patience, cfg.eval.min_delta)
         self.state = TrainState()
         acc.register_for_checkpointing(self.state)
@@ -110,6 +111,18 @@ class Trainer:
         self._log_setup()
 
     # -- set-up ------------------------------------------------------------------------------------------
+    def _use_cached_latents(self) -> bool:
+        from cxrdist.train.latents import check_cached_latents, latents_info
+
+        if not (self.cfg.train.use_cached_latents and latents_info(self.cfg.data.shards)):
+            return False
+        if self.cfg.data.augment:
+            log.warning("data.augment is on: cached latents are of the unaugmented images, encoding on the fly")
+            return False
+        check_cached_latents(self.cfg.data.shards, self.base.vae)  # DataError when made by another VAE
+        log.info("training on cached latents from %s", self.cfg.data.shards)
+        return True
+
     def _evaluator(self, split: str) -> Evaluator:
         return Evaluator(self.cfg, self.accelerator, self.data, split, self.encoder, self.objective, self.base, self.dtype)
 

@@ -1,0 +1,30 @@
+"""`cxrdist shard cache-latents DIR --pretrained X`: add VAE latents to a shard set (training skips the VAE).
+
+Registered on the `shard` group from here, so the data commands stay in their own module; the command
+registry lists this module with the `shard` group as its attribute.
+"""
+from __future__ import annotations
+
+import click
+
+from cxrdist.commands._common import friendly_errors
+from cxrdist.commands.shard import shard
+
+
+@shard.command("cache-latents")
+@click.argument("shards_dir", type=click.Path(file_okay=False))
+@click.option("--pretrained", required=True, help="Base model whose VAE encodes the images (folder, hub id, preset:NAME).")
+@click.option("--vae-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+              help="VAE precision; training must use the same (model.vae_dtype).")
+@click.option("--batch-size", default=32, show_default=True)
+@friendly_errors
+def cache_latents_cmd(shards_dir, pretrained, vae_dtype, batch_size) -> None:
+    """Store each sample's VAE latents (latents.npy) in its shard and the VAE fingerprint in index.json."""
+    from cxrdist.train.latents import cache_latents
+
+    info = cache_latents(shards_dir, pretrained, vae_dtype=vae_dtype, batch_size=batch_size)
+    click.echo(f"cached latents {info['shape']} for {info['samples']} samples in {info['shards']} shards of "
+               f"{shards_dir} (VAE {info['vae_fingerprint']} from {pretrained})")
+
+
+__all__ = ["shard", "cache_latents_cmd"]
