@@ -73,12 +73,11 @@ def diffusion_loss(model, objective: DiffusionObjective, data: LossSet | None, t
     n_batches = torch.tensor([-(-n_local // batch_size)], device=device)
     most = int(accelerator.gather(n_batches).max().item())
     total = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, sample count
-    for b in range(most):
+    # A rank without any sample (more ranks than samples) has nothing to pad with and runs no batch.
+    for b in range(most if data is not None else 0):
         lo = b * batch_size
         real = lo < n_local
-        sl = slice(lo, lo + batch_size) if real else slice(0, min(batch_size, max(n_local, 1)))
-        if data is None:
-            break  # a rank without samples (more ranks than samples): nothing to pad with
+        sl = slice(lo, lo + batch_size) if real else slice(0, batch_size)  # zero-weight repeat of the first batch
         x0, noise = data.latents[sl], data.noise[sl]
         for t in timesteps:
             steps = torch.full((x0.shape[0],), int(t), device=device, dtype=torch.long)

@@ -144,8 +144,8 @@ class Trainer:
                  self.total_steps, self.steps_per_epoch, f"{trainable:,}", f"{total:,}", self.objective.prediction_type)
 
     # -- one micro-step ----------------------------------------------------------------------------------
-    def train_step(self, batch: dict, micro_step: int) -> Optional[dict[str, float]]:
-        """Forward/backward one micro-batch; on optimizer steps clip, step, schedule and return the logs."""
+    def train_step(self, batch: dict, micro_step: int) -> dict[str, Any]:
+        """Forward/backward one micro-batch; on optimizer steps (`stepped`) also clip, step and schedule."""
         acc, device = self.accelerator, self.accelerator.device
         gen = torch.Generator(device=device).manual_seed(micro_seed(self.cfg.train.seed, acc.process_index, micro_step))
         latents = self.encoder.latents(batch, device)
@@ -165,9 +165,8 @@ class Trainer:
             if acc.sync_gradients and not acc.optimizer_step_was_skipped:
                 self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-        if not acc.sync_gradients:
-            return None
-        return {"loss": float(loss.detach()), "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+        return {"loss": float(loss.detach()), "stepped": acc.sync_gradients,
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
 
     # -- the loop ----------------------------------------------------------------------------------------
     def fit(self) -> FoldResult:
@@ -188,11 +187,11 @@ class Trainer:
                 logs = self.train_step(batch, micro)
                 micro += 1
                 window.add(len(batch["prompts"]))
-                if logs is None:
+                window.record(logs)  # every micro-batch's loss counts in the logged mean
+                if not logs["stepped"]:
                     continue
                 self.state.step += 1
                 progress.update(1)
-                window.record(logs)
                 self._after_step(window)
                 if self.state.stopped_early or self.state.step >= self.total_steps:
                     break
@@ -323,9 +322,10 @@ class Window:
         self.images += n
         self.total_images += n
 
-    def record(self, logs: dict[str, float]) -> None:
+    def record(self, logs: dict[str, Any]) -> None:
         self.losses.append(logs["loss"])
-        self.last_grad_norm = logs["grad_norm"]
+        if logs["stepped"]:
+            self.last_grad_norm = logs["grad_norm"]
 
     def mean_loss(self) -> float:
         return sum(self.losses) / max(1, len(self.losses))

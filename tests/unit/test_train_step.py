@@ -37,7 +37,7 @@ def run_steps(trainer, n):
         for batch in trainer.data.train_batches(epoch):
             out = trainer.train_step(batch, micro)
             micro += 1
-            if out is not None:
+            if out["stepped"]:
                 logs.append(out)
                 if len(logs) == n:
                     break
