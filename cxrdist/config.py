@@ -115,6 +115,7 @@ class TrainConfig:
     export_zip: bool = False
     collective_timeout_s: int = 600  # ranks waiting longer than this on a dead peer fail loudly
     allow_tf32: bool = True
+    text_cache_size: int = 0  # with a frozen text encoder: remember this many reports' contexts (0 = off)
     use_cached_latents: bool = True  # train on shard latents (from `cxrdist shard cache-latents`) when present
 
     def __post_init__(self) -> None:

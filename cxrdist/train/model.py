@@ -18,18 +18,53 @@ from cxrdist.models.text import apply_template, encode_ids, max_length
 log = logging.getLogger(__name__)
 
 
+class FrozenTextCache:
+    """Context of a frozen text encoder, remembered per token sequence.
+
+    Reports repeat every epoch and a frozen encoder maps them to the same context, so each distinct
+    sequence is encoded once. Rows are encoded one at a time, which makes a cached context bit-identical
+    to a fresh one whatever batch it first came in (resume stays exact). Bounded: the oldest entries go.
+    """
+
+    def __init__(self, max_items: int):
+        self.max_items = max_items
+        self.store: dict[bytes, torch.Tensor] = {}
+        self.hits = 0
+        self.misses = 0
+
+    @torch.no_grad()
+    def __call__(self, text_encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+        rows = []
+        for i in range(input_ids.shape[0]):
+            key = input_ids[i].cpu().numpy().tobytes()
+            if key not in self.store:
+                self.misses += 1
+                mask = attention_mask[i : i + 1] if attention_mask is not None else None
+                self.store[key] = encode_ids(text_encoder, input_ids[i : i + 1], mask)[0]
+                if len(self.store) > self.max_items:
+                    self.store.pop(next(iter(self.store)))
+            else:
+                self.hits += 1
+            rows.append(self.store[key])
+        return torch.stack(rows)
+
+
 class LoraDiffusionModel(nn.Module):
     """forward(noisy latents, timesteps, token ids) -> the UNet's prediction."""
 
-    def __init__(self, unet: nn.Module, text_encoder: nn.Module, train_text_encoder: bool):
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module, train_text_encoder: bool, text_cache_size: int = 0):
         super().__init__()
         self.unet = unet
         self.text_encoder = text_encoder
         self.train_text_encoder = train_text_encoder
+        # A plain attribute, not a buffer: nothing to synchronise or checkpoint, rebuilt after a resume.
+        self.text_cache = FrozenTextCache(text_cache_size) if text_cache_size and not train_text_encoder else None
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if self.train_text_encoder:
             return encode_ids(self.text_encoder, input_ids, attention_mask)
+        if self.text_cache is not None:
+            return self.text_cache(self.text_encoder, input_ids, attention_mask)
         with torch.no_grad():
             return encode_ids(self.text_encoder, input_ids, attention_mask)
 

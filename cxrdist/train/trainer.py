@@ -83,7 +83,8 @@ class Trainer:
         self.base = load_base(cfg.model.pretrained, cfg.model.revision, cfg.model.vae_dtype)
         self.data = data_factory(channels=self.base.channels, rank=acc.process_index, world_size=acc.num_processes)
         self.spec = attach_lora(self.base, cfg.lora)
-        model = LoraDiffusionModel(self.base.unet, self.base.text_encoder, cfg.lora.train_text_encoder)
+        model = LoraDiffusionModel(self.base.unet, self.base.text_encoder, cfg.lora.train_text_encoder,
+                                   text_cache_size=cfg.train.text_cache_size)
         self.dtype = weight_dtype(acc)
         configure_model(model, cfg, self.dtype)
         self.base.vae.to(acc.device)

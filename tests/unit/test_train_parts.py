@@ -123,3 +123,24 @@ def test_cv_summary_mean_and_sample_std():
     assert out["a"] == {"mean": 3.0, "std": 2.0, "n": 3}
     assert out["b"] == {"mean": 2.0, "std": 0.0, "n": 1}
     assert math.isclose(mean_std([{"x": 0.1}, {"x": 0.3}])["x"]["std"], math.sqrt(0.02))
+
+
+def test_frozen_text_cache_is_exact_bounded_and_hits(tiny_base_path):
+    import torch
+
+    from cxrdist.models.text import encode_ids, tokenize
+    from cxrdist.train.model import LoraDiffusionModel
+
+    base, _ = _tiny_model(tiny_base_path, train_text=False)
+    model = LoraDiffusionModel(base.unet, base.text_encoder, False, text_cache_size=3)
+    ids, mask = tokenize(base.tokenizer, ["Normal heart.", "Small left effusion.", "Normal heart.", "Right nodule."])
+    with torch.no_grad():
+        fresh = torch.cat([encode_ids(base.text_encoder, ids[i : i + 1], mask[i : i + 1]) for i in range(4)])
+    first = model.encode_text(ids, mask)
+    assert torch.equal(first, fresh)
+    assert (model.text_cache.misses, model.text_cache.hits) == (3, 1)  # the repeated report came from the cache
+    again = model.encode_text(ids[[1, 0]], mask[[1, 0]])
+    assert torch.equal(again, fresh[[1, 0]]) and model.text_cache.hits == 3
+    model.encode_text(*tokenize(base.tokenizer, ["Bilateral effusions.", "Severe cardiomegaly."]))
+    assert len(model.text_cache.store) == 3  # bounded: the oldest entries were dropped
+    assert LoraDiffusionModel(base.unet, base.text_encoder, True, text_cache_size=3).text_cache is None
