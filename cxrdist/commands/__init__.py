@@ -1,32 +1,13 @@
 """Registry of CLI commands; each module exposes one click command (or group) and only parses and calls."""
 from __future__ import annotations
 
-import importlib
+from cxrdist.commands import cache_latents as _cache_latents  # noqa: F401  adds `shard cache-latents`
+from cxrdist.commands.evaluate import evaluate
+from cxrdist.commands.export import export
+from cxrdist.commands.info import info
+from cxrdist.commands.init_model import init_model
+from cxrdist.commands.pretrain import pretrain
+from cxrdist.commands.sample import sample
+from cxrdist.commands.shard import shard
 
-# (module, attribute) pairs; a module missing here means the command is not built yet.
-_ENTRIES = [
-    ("info", "info"),
-    ("init_model", "init_model"),
-    ("sample", "sample"),
-    ("export", "export"),
-    ("shard", "shard"),
-    ("cache_latents", "shard"),  # adds `shard cache-latents` to the shard group (same group object)
-    ("evaluate", "evaluate"),
-    ("pretrain", "pretrain"),
-]
-
-
-def _load():
-    commands = []
-    for module, attr in _ENTRIES:
-        try:
-            mod = importlib.import_module(f"cxrdist.commands.{module}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"cxrdist.commands.{module}":
-                continue
-            raise
-        commands.append(getattr(mod, attr))
-    return commands
-
-
-COMMANDS = _load()
+COMMANDS = [info, init_model, shard, pretrain, sample, export, evaluate]
