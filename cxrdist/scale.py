@@ -142,12 +142,8 @@ def _gathered(params: list[torch.nn.Parameter], stage: int):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
-def _module_lora_state(module: torch.nn.Module, stage: int | None) -> dict[str, torch.Tensor] | None:
-    """peft-format LoRA tensors of one module (fp32, CPU); `stage` None means no DeepSpeed."""
-    from peft.utils import get_peft_model_state_dict
-
-    if not getattr(module, "peft_config", None):
-        return None
+def _raw_lora_state(module: torch.nn.Module, stage: int | None) -> dict[str, torch.Tensor]:
+    """LoRA tensors of `module` by parameter name (fp32, CPU); `stage` None means no DeepSpeed."""
     named = _lora_named_parameters(module)
     if stage is None:
         raw = {name: param.detach() for name, param in named}
@@ -157,8 +153,49 @@ def _module_lora_state(module: torch.nn.Module, stage: int | None) -> dict[str, 
         except (AttributeError, AssertionError, RuntimeError):  # engine without a ZeRO optimizer (inference)
             with _gathered([p for _, p in named], stage):
                 raw = {name: param.detach().clone() for name, param in named}
-    raw = {name: tensor.to("cpu", torch.float32).contiguous().clone() for name, tensor in raw.items()}
-    return get_peft_model_state_dict(module, state_dict=raw)
+    return {name: tensor.to("cpu", torch.float32).contiguous().clone() for name, tensor in raw.items()}
+
+
+def _module_lora_state(module: torch.nn.Module, stage: int | None) -> dict[str, torch.Tensor] | None:
+    """peft-format LoRA tensors of one module (fp32, CPU); `stage` None means no DeepSpeed."""
+    from peft.utils import get_peft_model_state_dict
+
+    if not getattr(module, "peft_config", None):
+        return None
+    return get_peft_model_state_dict(module, state_dict=_raw_lora_state(module, stage))
+
+
+def _stage_or_none(accelerator: Any) -> int | None:
+    return zero_stage(accelerator) if deepspeed_plugin(accelerator) is not None else None
+
+
+def lora_named_state(accelerator: Any, joint: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every LoRA tensor of the prepared module by its full parameter name (the training-checkpoint format),
+    fp32 on CPU, from DeepSpeed's master copy where there is one. Collective under DeepSpeed: every rank."""
+    return _raw_lora_state(accelerator.unwrap_model(joint), _stage_or_none(accelerator))
+
+
+def live_lora_state(accelerator: Any, joint: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA values the module computes with, by full name (fp32, CPU): each rank's own copy under DDP and
+    ZeRO-2 (so comparing ranks means something), gathered partitions under ZeRO-3 (collective: every rank)."""
+    named = _lora_named_parameters(accelerator.unwrap_model(joint))
+    with _gathered([p for _, p in named], zero_stage(accelerator)):
+        return {name: p.detach().to("cpu", torch.float32).clone() for name, p in named}
+
+
+def gathered_for_update(accelerator: Any, params: list[torch.nn.Parameter]):
+    """Context in which rank 0's in-place changes to `params` reach every rank's partition under ZeRO-3
+    (enter on every rank and make the same change everywhere); a no-op otherwise."""
+    if zero_stage(accelerator) != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
+def zero3_gathered(accelerator: Any, module: torch.nn.Module):
+    """Context in which all of `module`'s parameters are whole on this rank under ZeRO-3 (collective)."""
+    return _gathered(list(module.parameters()), zero_stage(accelerator))
 
 
 def lora_state_dicts(accelerator: Any, joint: torch.nn.Module) -> tuple[dict, dict | None]:
@@ -169,7 +206,7 @@ def lora_state_dicts(accelerator: Any, joint: torch.nn.Module) -> tuple[dict, di
     (then write the result on rank 0 only), or ranks hang.
     """
     module = accelerator.unwrap_model(joint)
-    stage = zero_stage(accelerator) if deepspeed_plugin(accelerator) is not None else None
+    stage = _stage_or_none(accelerator)
     unet_sd = _module_lora_state(module.unet, stage)
     text_sd = _module_lora_state(module.text_encoder, stage)
     return unet_sd or {}, text_sd

@@ -1,18 +1,20 @@
-"""The one place an `Accelerator` is built for training (the scale-out work extends this module).
+"""The one place an `Accelerator` is built for training: DDP, DeepSpeed ZeRO-2/3, one process, GPU or CPU.
 
-CPU facts this encodes (see DESIGN.md): `accelerate launch --cpu --num_processes 2` starts one process;
-`--multi_gpu --num_processes 2` with `Accelerator(cpu=True)` gives two gloo ranks. So the accelerator is
-always built with `cpu=not torch.cuda.is_available()` and a gloo process group on CPU.
+CPU facts this encodes (see DESIGN.md and cxrdist.scale): `accelerate launch --cpu --num_processes 2` starts
+one process; `--multi_gpu --num_processes 2` with `Accelerator(cpu=True)` gives two gloo ranks; but under a
+DeepSpeed launch `cpu=True` silently drops the DeepSpeed plugin (the run becomes plain DDP), so the flag comes
+from `scale.wants_cpu_flag()`, and the gloo backend from `scale.process_group_backend()` (a backend named in
+a process that was not launched makes accelerate wait for a process group that never starts).
 """
 from __future__ import annotations
 
 import logging
-import os
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 
+from cxrdist import scale
 from cxrdist.config import Config
 
 log = logging.getLogger(__name__)
@@ -22,20 +24,20 @@ def build_accelerator(cfg: Config, project_dir: str | Path):
     """Accelerator for one training run: mixed precision, accumulation, TensorBoard under `project_dir`.
 
     Checkpoint folders are named and rotated by `cxrdist.train.checkpoint` (by optimizer step, complete
-    ones only), not by accelerate's automatic naming, so no `total_limit` is set here.
+    ones only), not by accelerate's automatic naming, so no `total_limit` is set here. Under DeepSpeed the
+    batch, accumulation and clipping of our config are written into the DeepSpeed config (and an optimizer
+    that offload would silently replace is refused) before anything is prepared.
     """
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
-    on_cpu = not torch.cuda.is_available()
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    # gloo on CPU (DeepSpeed on CPU needs it named); a backend given to a single process would make
-    # accelerate expect a process group that was never started.
-    pg_kwargs = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s),
-                                       **({"backend": "gloo"} if on_cpu and distributed else {}))
+    # The timeout reaches torch.distributed and deepspeed.comm alike: a rank waiting on a dead peer fails
+    # after this long instead of hanging forever.
+    pg_kwargs = InitProcessGroupKwargs(backend=scale.process_group_backend(),
+                                       timeout=timedelta(seconds=cfg.train.collective_timeout_s))
     project = ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir))
     accelerator = Accelerator(
-        cpu=on_cpu,
+        cpu=scale.wants_cpu_flag(),
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum,
         log_with="tensorboard",
@@ -45,15 +47,46 @@ def build_accelerator(cfg: Config, project_dir: str | Path):
         # it num_processes times per call.
         step_scheduler_with_optimizer=False,
     )
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None:
-        # WebDataset loaders are not prepared by accelerate, so DeepSpeed cannot infer the micro batch.
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+    _end_process_group_at_exit()
+    scale.configure_deepspeed(accelerator, cfg.train.batch_size, cfg.train.grad_accum, cfg.optim.max_grad_norm,
+                              cfg.optim.name)
     if torch.cuda.is_available():
         # TF32 matmuls on Ampere+ (no effect elsewhere); fp32 accuracy is not needed for LoRA updates.
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
         torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
     return accelerator
+
+
+_EXIT_HOOK: list = []
+
+
+def _end_process_group_at_exit() -> None:
+    """Destroy the process group when the process ends, on every rank, whatever ended it.
+
+    DeepSpeed-on-CPU processes that exit with the group alive abort at interpreter shutdown about one time
+    in five (SIGABRT after all work was done, and the launcher reports the run as failed). A finished
+    trainer's close() ends training (`end_training()` destroys the group); this covers every other way out:
+    an error while the trainer is built (a refused DeepSpeed config, bad data) or during training.
+    """
+    if _EXIT_HOOK:
+        return
+    import atexit
+
+    def _destroy() -> None:
+        from accelerate.state import PartialState
+
+        PartialState().destroy_process_group()
+
+    atexit.register(_destroy)
+    _EXIT_HOOK.append(_destroy)
+
+
+def describe(accelerator) -> str:
+    """'DDP', 'DeepSpeed ZeRO-2', ... for the start-up log line."""
+    stage = scale.zero_stage(accelerator)
+    if scale.deepspeed_plugin(accelerator) is not None:
+        return f"DeepSpeed ZeRO-{stage}"
+    return "DDP" if accelerator.num_processes > 1 else "one process"
 
 
 def weight_dtype(accelerator) -> torch.dtype:

@@ -7,7 +7,8 @@ Layout inside a run folder:
     best_model_fold3_epoch7/     the best adapter so far: diffusers-format LoRA + cxrdist.json + metrics.json
                                  + README.md (model card); loadable by `cxrdist sample --model-path`
 
-`save_state` runs on EVERY rank (DeepSpeed has a barrier inside); the hooks keep only LoRA tensors.
+`save_state` runs on EVERY rank (DeepSpeed has a barrier inside); the hooks keep only LoRA tensors under DDP,
+and DeepSpeed checkpoints leave the frozen base out (`exclude_frozen_parameters`).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 
+from cxrdist import scale
 from cxrdist.config import Config, config_from_dict, diff_configs, load_yaml
 from cxrdist.errors import ConfigError, InputError, ModelError
 from cxrdist.train.model import LoraDiffusionModel, lora_state
@@ -56,17 +58,21 @@ class Checkpointer:
         accelerator.register_load_state_pre_hook(self._load_hook)
 
     # -- accelerate hooks ------------------------------------------------------------------------------
+    # Under DDP / one process `models` holds the wrapped joint module and `weights` its full state dict,
+    # which accelerate would write (the whole frozen base): the hook writes the adapter tensors instead and
+    # drops that entry. Under DeepSpeed `models` holds the ENGINE, `weights` is empty (the engine already
+    # saved itself, without frozen parameters: see scale.checkpoint_kwargs) and the load hook gets no models
+    # (the engine loads itself); adapter.safetensors is still written so every checkpoint is readable alone.
     def _save_hook(self, models, weights, output_dir) -> None:
         from safetensors.torch import save_file
 
         for i in reversed(range(len(models))):
-            inner = _unwrap(models[i])
-            if inner is None:
+            if _unwrap(models[i]) is None:
                 continue
+            tensors = scale.lora_named_state(self.accelerator, models[i])  # collective under DeepSpeed
             if self.accelerator.is_main_process:
-                tensors = {k: v.to("cpu").contiguous() for k, v in lora_state(inner).items()}
                 save_file(tensors, os.path.join(output_dir, ADAPTER_FILE))
-            if i < len(weights):
+            if len(weights) == len(models):
                 weights.pop(i)  # accelerate would otherwise write the whole frozen base
 
     def _load_hook(self, models, input_dir) -> None:
@@ -85,7 +91,8 @@ class Checkpointer:
         if self.accelerator.is_main_process and path.exists():
             shutil.rmtree(path)  # an unfinished save of this step, or a replay after resuming further back
         self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(path))
+        save_kwargs, _ = scale.checkpoint_kwargs(self.accelerator)
+        self.accelerator.save_state(str(path), **save_kwargs)  # every rank: DeepSpeed saves collectively
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             self.cfg.save(path / CONFIG_FILE)
@@ -120,7 +127,8 @@ class Checkpointer:
 
     def load(self, path: Path) -> dict[str, Any]:
         check_resumable(path, self.cfg)
-        self.accelerator.load_state(str(path))
+        _, load_kwargs = scale.checkpoint_kwargs(self.accelerator)
+        self.accelerator.load_state(str(path), **load_kwargs)
         return json.loads((path / MARKER).read_text())
 
 

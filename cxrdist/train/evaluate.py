@@ -7,7 +7,11 @@
     phantom data.
 (c) a grid of images for fixed validation prompts.
 (b) and (c) run on the main process with the live modules; the numbers are broadcast so every rank takes
-the same early-stopping decision.
+the same early-stopping decision. Under ZeRO-3 the modules hold only parameter partitions that are gathered
+collectively at every layer call, so there (b) and (c) run on EVERY rank with the same prompts and seeds (the
+same sequence of collectives everywhere) and rank 0's images and numbers are kept.
+Every rank runs the same number of forward passes in (a) -- a rank with fewer (or no) samples repeats
+zero-weight padding -- because ZeRO-3 forward passes are collectives too.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import numpy as np
 import torch
 
 from cxrdist.config import Config
+from cxrdist.scale import zero_stage
 from cxrdist.train.model import BatchEncoder, DiffusionObjective
 
 log = logging.getLogger(__name__)
@@ -40,9 +45,18 @@ class LossSet:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     noise: torch.Tensor
+    padding_only: bool = False  # a stand-in for a rank without samples: forward passes, no loss counted
 
     def __len__(self) -> int:
-        return int(self.latents.shape[0])
+        return 0 if self.padding_only else int(self.latents.shape[0])
+
+
+def padding_set(base, encoder: BatchEncoder, image_size: int, device) -> LossSet:
+    """One zero sample shaped like the real ones, for a rank that holds no sample of the split."""
+    ids, mask = encoder.token_ids([""])
+    size = image_size // base.vae_scale_factor
+    latents = torch.zeros(1, int(base.unet.config.in_channels), size, size, device=device)
+    return LossSet(latents, ids.to(device), mask.to(device), torch.zeros_like(latents), padding_only=True)
 
 
 @torch.no_grad()
@@ -70,11 +84,13 @@ def diffusion_loss(model, objective: DiffusionObjective, data: LossSet | None, t
     with zero-weight repeats), which sharded engines need, and sums are reduced across ranks."""
     device = accelerator.device
     n_local = len(data) if data is not None else 0
+    pad_rows = int(data.latents.shape[0]) if data is not None else 0
     n_batches = torch.tensor([-(-n_local // batch_size)], device=device)
     most = int(accelerator.gather(n_batches).max().item())
     total = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, sample count
-    # A rank without any sample (more ranks than samples) has nothing to pad with and runs no batch.
-    for b in range(most if data is not None else 0):
+    # A rank given no LossSet at all (more ranks than samples, no padding_set) has nothing to pad with and
+    # runs no batch: fine under DDP, a hang under ZeRO-3 -- Evaluator always passes a padding_set there.
+    for b in range(most if pad_rows else 0):
         lo = b * batch_size
         real = lo < n_local
         sl = slice(lo, lo + batch_size) if real else slice(0, batch_size)  # zero-weight repeat of the first batch
@@ -148,11 +164,18 @@ class Evaluator:
     def _load(self) -> None:
         if self._loaded:
             return
-        self._loss_set = build_loss_set(self.data.eval_batches(self.split), self.encoder, self.accelerator.device,
+        acc = self.accelerator
+        self._loss_set = build_loss_set(self.data.eval_batches(self.split), self.encoder, acc.device,
                                         self.cfg.train.seed)
-        if self.n_images and self.accelerator.is_main_process:
+        if self._loss_set is None and acc.num_processes > 1:
+            self._loss_set = padding_set(self.base, self.encoder, self.cfg.data.image_size, acc.device)
+        if self.n_images and self._generating_rank():
             self._subset = read_subset(self.data.first_samples(self.split, self.n_images))
         self._loaded = True
+
+    def _generating_rank(self) -> bool:
+        """Rank 0 generates; under ZeRO-3 every rank does (layer calls gather partitions collectively)."""
+        return self.accelerator.is_main_process or zero_stage(self.accelerator) == 3
 
     def run(self, model) -> tuple[dict[str, float], np.ndarray | None]:
         """Metrics (identical on every rank) and the generated images (main process only, else None)."""
@@ -167,9 +190,9 @@ class Evaluator:
                                                   self.cfg.eval.val_loss_timesteps, self.cfg.train.batch_size,
                                                   self.accelerator)}
             images, scores = None, {}
-            if self.n_images and self.accelerator.is_main_process and self._subset is not None:
+            if self.n_images and self._generating_rank() and self._subset is not None:
                 images = generate(self.base, self._subset.reports, self.cfg, self.dtype, self.cfg.train.seed)
-                if self.cfg.eval.num_metric_images:
+                if self.cfg.eval.num_metric_images and self.accelerator.is_main_process:
                     n = self.cfg.eval.num_metric_images
                     part = ImageSubset(self._subset.reports[:n], self._subset.references[:n], self._subset.labels[:n])
                     scores = image_scores(self.cfg, images[:n], part)
@@ -177,6 +200,8 @@ class Evaluator:
             if self.accelerator.num_processes > 1:
                 broadcast_object_list(shared, from_process=0)
             metrics.update(shared[0])
+            if not self.accelerator.is_main_process:
+                images = None
         finally:
             unwrapped.train(was_training)
         grid = images[: self.cfg.eval.num_grid_prompts] if images is not None and self.cfg.eval.num_grid_prompts else None

@@ -25,14 +25,21 @@ def best_name(fold: int, epoch: int) -> str:
 
 
 def export_best(model, base, spec: dict, cfg, run_dir: Path, *, fold: int, epoch: int, step: int,
-                metrics: dict[str, float], previous: Path | None) -> Path:
-    """Write `run_dir/best_model_fold{k}_epoch{e}/` (main process only) and remove the previous best."""
+                metrics: dict[str, float], previous: Path | None, state_dicts: tuple | None = None) -> Path:
+    """Write `run_dir/best_model_fold{k}_epoch{e}/` (main process only) and remove the previous best.
+
+    `state_dicts` = (unet_sd, text_sd) from `cxrdist.scale.lora_state_dicts`, which every rank must call
+    under DeepSpeed (ZeRO-3 holds only partitions in the module); without it they are read from `model`.
+    """
     run_dir = Path(run_dir)
     final = run_dir / best_name(fold, epoch)
     staging = run_dir / f".{final.name}.staging"
     if staging.exists():
         shutil.rmtree(staging)
-    unet_sd, text_sd = adapter_state_dicts(model.unet, model.text_encoder if model.train_text_encoder else None)
+    if state_dicts is None:
+        state_dicts = adapter_state_dicts(model.unet, model.text_encoder if model.train_text_encoder else None)
+    unet_sd, text_sd = state_dicts
+    text_sd = text_sd if model.train_text_encoder else None
     info = {"fold": fold, "epoch": epoch, "step": step, "metrics": metrics, "early_stopping_metric": cfg.eval.metric}
     meta = adapter_metadata(base, spec, cfg.data.prompt_template, cfg.to_dict(), training=info)
     save_adapter(staging, unet_sd, text_sd, meta)

@@ -1,10 +1,14 @@
 """The LoRA trainer: one fold, from a fresh adapter, to the best checkpoint and its test metrics.
 
-Reproducibility contract: the data order is a pure function of (seed, epoch) and the noise, timesteps and
-caption dropout of micro-batch m on rank r are drawn from a generator seeded with (seed, r, m). The saved
-state is therefore just the optimizer step (plus optimizer, scheduler, adapter and early-stopping state),
-and a run killed at any point and resumed from its last checkpoint ends with the same adapter as a run
-that was never interrupted.
+Reproducibility contract: the data order is a pure function of (seed, epoch) and the noise, timestep and
+caption dropout of a sample are drawn from a generator seeded with (seed, sample key, micro-step) -- not
+with its rank or its neighbours in the batch. The saved state is therefore just the optimizer step (plus
+optimizer, scheduler, adapter and early-stopping state): a run killed at any point and resumed from its last
+checkpoint ends with the same adapter as a run that was never interrupted, and N ranks x batch b train like
+one process with batch N*b (same samples per step, up to the order of float reductions).
+
+Scale-out (DDP, DeepSpeed ZeRO-2/3; see cxrdist.scale): every collective -- checkpoint saves, adapter
+exports, the rank-agreement check, validation forward passes -- runs on every rank; only rank 0 writes.
 """
 from __future__ import annotations
 
@@ -19,28 +23,39 @@ from typing import Any, Optional
 
 import torch
 
+from cxrdist import scale
 from cxrdist.config import Config
-from cxrdist.errors import DataError
+from cxrdist.errors import CxrdistError, DataError
 from cxrdist.models.lora import attach_lora, count_parameters, lora_parameters
 from cxrdist.models.loading import load_base
-from cxrdist.train.accel import build_accelerator, weight_dtype
+from cxrdist.train.accel import build_accelerator, describe, weight_dtype
 from cxrdist.train.checkpoint import Checkpointer
 from cxrdist.train.early_stop import EarlyStopper
 from cxrdist.train.evaluate import Evaluator
 from cxrdist.train.export import export_best, weights_digest
-from cxrdist.train.model import BatchEncoder, DiffusionObjective, LoraDiffusionModel, lora_state
+from cxrdist.train.model import BatchEncoder, DiffusionObjective, LoraDiffusionModel
 from cxrdist.train.optim import GROUP_NAMES, build_lr_scheduler, build_optimizer
 from cxrdist.train.tracking import MetricsLogger, image_grid, peak_memory_mb
 
 log = logging.getLogger(__name__)
 
-# Fault injection for the resume tests: the process SIGKILLs itself right after this optimizer step.
+# Fault injection for the resume tests: the process SIGKILLs itself right after this optimizer step (only
+# the rank named in KILL_RANK_ENV when that is set: the other ranks must then fail loudly, not hang).
 KILL_ENV = "CXRDIST_FAULT_KILL_AT_STEP"
+KILL_RANK_ENV = "CXRDIST_FAULT_KILL_RANK"
 TEST_METRICS = "test_metrics.json"
 
 
-def micro_seed(seed: int, rank: int, micro_step: int) -> int:
-    return (seed * 1_000_003 + rank * 65_537 + micro_step * 7_919) % (2**62)
+class PeerLostError(CxrdistError):
+    """A collective failed: another rank died or stopped answering within train.collective_timeout_s."""
+
+
+def sample_seed(seed: int, key: str, micro_step: int) -> int:
+    """Seed of one sample's draws (noise, timestep, caption dropout): independent of rank and batching."""
+    import hashlib
+
+    digest = int(hashlib.sha256(str(key).encode()).hexdigest()[:12], 16)
+    return (seed * 1_000_003 + digest + micro_step * 7_919) % (2**62)
 
 
 @dataclass
@@ -78,13 +93,18 @@ class Trainer:
         from accelerate.utils import set_seed
 
         self.cfg, self.fold, self.run_dir = cfg, fold, Path(run_dir)
-        self.accelerator = acc = build_accelerator(cfg, self.run_dir)
+        self.accelerator = acc = build_accelerator(cfg, self.run_dir)  # DeepSpeed settings checked here
         set_seed(cfg.train.seed)  # the same on every rank: identical fresh adapters everywhere
         self.base = load_base(cfg.model.pretrained, cfg.model.revision, cfg.model.vae_dtype)
         self.data = data_factory(channels=self.base.channels, rank=acc.process_index, world_size=acc.num_processes)
         self.spec = attach_lora(self.base, cfg.lora)
         model = LoraDiffusionModel(self.base.unet, self.base.text_encoder, cfg.lora.train_text_encoder,
                                    text_cache_size=cfg.train.text_cache_size)
+        if model.text_cache is not None and scale.zero_stage(acc) == 3:
+            # ZeRO-3 gathers the text encoder's partitions collectively at every call; a cache hit on one rank
+            # and a miss on another would leave the ranks waiting on different collectives.
+            log.warning("train.text_cache_size is ignored under ZeRO-3 (ranks must run the same text-encoder calls)")
+            model.text_cache = None
         self.dtype = weight_dtype(acc)
         configure_model(model, cfg, self.dtype)
         self.base.vae.to(acc.device)
@@ -138,21 +158,24 @@ class Trainer:
     def _log_setup(self) -> None:
         acc, t = self.accelerator, self.cfg.train
         trainable, total = count_parameters(self.accelerator.unwrap_model(self.model))
-        log.info("config %s | fold %d | %d rank(s) on %s | effective batch %d (%d x %d ranks x %d accumulation)",
-                 self.cfg.hash(), self.fold, acc.num_processes, acc.device,
+        log.info("config %s | fold %d | %s | %d rank(s) on %s | effective batch %d (%d x %d ranks x %d accumulation)",
+                 self.cfg.hash(), self.fold, describe(acc), acc.num_processes, acc.device,
                  t.batch_size * acc.num_processes * t.grad_accum, t.batch_size, acc.num_processes, t.grad_accum)
-        log.info("%d optimizer steps (%d per epoch) | trainable %s of %s parameters | prediction %s",
-                 self.total_steps, self.steps_per_epoch, f"{trainable:,}", f"{total:,}", self.objective.prediction_type)
+        log.info("%d optimizer steps (%d per epoch) | trainable %s of %s parameters | prediction %s | optimizer %s",
+                 self.total_steps, self.steps_per_epoch, f"{trainable:,}", f"{total:,}", self.objective.prediction_type,
+                 optimizer_chain(self.optimizer))
 
     # -- one micro-step ----------------------------------------------------------------------------------
     def train_step(self, batch: dict, micro_step: int) -> dict[str, Any]:
         """Forward/backward one micro-batch; on optimizer steps (`stepped`) also clip, step and schedule."""
         acc, device = self.accelerator, self.accelerator.device
-        gen = torch.Generator(device=device).manual_seed(micro_seed(self.cfg.train.seed, acc.process_index, micro_step))
+        gens = [torch.Generator(device=device).manual_seed(sample_seed(self.cfg.train.seed, key, micro_step))
+                for key in batch["keys"]]
         latents = self.encoder.latents(batch, device)
-        ids, mask = self.encoder.token_ids(self.encoder.prompts(batch["prompts"], gen))
-        noise = self.objective.sample_noise(latents, gen)
-        timesteps = self.objective.sample_timesteps(latents.shape[0], gen, device)
+        prompts = [self.encoder.prompts([report], g)[0] for report, g in zip(batch["prompts"], gens)]
+        ids, mask = self.encoder.token_ids(prompts)
+        noise = torch.cat([self.objective.sample_noise(latents[i : i + 1], g) for i, g in enumerate(gens)])
+        timesteps = torch.cat([self.objective.sample_timesteps(1, g, device) for g in gens])
         noisy, target = self.objective.noisy_inputs(latents, noise, timesteps)
         with acc.accumulate(self.model):
             pred = self.model(noisy, timesteps, ids.to(device), mask.to(device))
@@ -160,8 +183,12 @@ class Trainer:
             acc.backward(loss)
             grad_norm = None
             if acc.sync_gradients:
+                # Under DeepSpeed the engine already clipped inside backward() (at optim.max_grad_norm, written
+                # into its config); this call then only reports the engine's pre-clip global norm.
                 max_norm = self.cfg.optim.max_grad_norm or float("inf")  # inf: measure without clipping
                 grad_norm = acc.clip_grad_norm_(self.params, max_norm)
+                if grad_norm is None:
+                    grad_norm = self._engine_grad_norm()
             self.optimizer.step()
             if acc.sync_gradients and not acc.optimizer_step_was_skipped:
                 self.lr_scheduler.step()
@@ -169,8 +196,48 @@ class Trainer:
         return {"loss": float(loss.detach()), "stepped": acc.sync_gradients,
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
 
+    def _engine_grad_norm(self):
+        """DeepSpeed's global gradient norm of the step just taken; None (logged once) when it has none."""
+        getter = getattr(self.model, "get_global_grad_norm", None)
+        norm = getter() if getter is not None else None
+        if norm is None and not getattr(self, "_warned_grad_norm", False):
+            log.warning("the gradient norm is not available from %s: train/grad_norm is logged as NaN",
+                        describe(self.accelerator))
+            self._warned_grad_norm = True
+        return norm
+
     # -- the loop ----------------------------------------------------------------------------------------
     def fit(self) -> FoldResult:
+        """Train; with several ranks, a dead or silent peer ends this rank too, with one line that says how to
+        continue -- never a hang (collectives time out after train.collective_timeout_s)."""
+        if self.accelerator.num_processes < 2:
+            return self._fit()
+        # torchrun / accelerate launch SIGTERM the surviving ranks as soon as one rank dies.
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            return self._fit()
+        except (RuntimeError, torch.distributed.DistError) as exc:
+            if isinstance(exc, CxrdistError) or not _is_comm_failure(exc):
+                raise
+            reason = (f"lost the other ranks ({str(exc).splitlines()[0][:160]}): a rank died or did not answer "
+                      f"within train.collective_timeout_s={self.cfg.train.collective_timeout_s} s")
+            raise PeerLostError(self._stopped_message(reason)) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        raise PeerLostError(self._stopped_message(
+            "stopped by SIGTERM (the launcher stops every rank when one fails; its report names that rank)"))
+
+    def _stopped_message(self, reason: str) -> str:
+        done = self.checkpointer.complete()
+        last = f"the last complete checkpoint is {done[-1].name}" if done else "no checkpoint is complete yet"
+        message = (f"rank {self.accelerator.process_index} {reason} at step {self.state.step}; {last}: "
+                   "fix the cause and rerun the same command with --resume latest")
+        log.error(message)
+        return message
+
+    def _fit(self) -> FoldResult:
         acc, cfg = self.accelerator, self.cfg
         ga, spe = cfg.train.grad_accum, self.steps_per_epoch
         window = Window()
@@ -213,7 +280,8 @@ class Trainer:
         ckpt_every = cfg.train.checkpoint_every
         if (ckpt_every and step % ckpt_every == 0) or (not ckpt_every and epoch_end) or last or self.state.stopped_early:
             self.checkpointer.save(step, {"fold": self.fold, "epoch": self.epoch, "config_hash": cfg.hash()})
-        if os.environ.get(KILL_ENV) == str(step):
+        if os.environ.get(KILL_ENV) == str(step) and os.environ.get(KILL_RANK_ENV, str(self.accelerator.process_index)) \
+                == str(self.accelerator.process_index):
             os.kill(os.getpid(), signal.SIGKILL)
 
     def _eval_due(self, step: int, epoch_end: bool) -> bool:
@@ -247,10 +315,13 @@ class Trainer:
         if images is not None:
             self.logger.image("val/samples", image_grid(images), step)
         improved = self.stopper.update(metrics[self.cfg.eval.metric], step=step, epoch=self.epoch)
+        # Every rank takes the same decision (metrics are reduced); the gather under DeepSpeed is collective.
+        state_dicts = scale.lora_state_dicts(acc, self.model) if improved else None
         if improved and acc.is_main_process:
             previous = Path(self.state.best_path) if self.state.best_path else None
             path = export_best(acc.unwrap_model(self.model), self.base, self.spec, self.cfg, self.run_dir,
-                               fold=self.fold, epoch=self.epoch, step=step, metrics=metrics, previous=previous)
+                               fold=self.fold, epoch=self.epoch, step=step, metrics=metrics, previous=previous,
+                               state_dicts=state_dicts)
             log.info("step %d: %s %.5g is the best so far -> %s", step, self.cfg.eval.metric,
                      metrics[self.cfg.eval.metric], path)
         if improved:
@@ -268,7 +339,10 @@ class Trainer:
         from cxrdist.train.export import load_exported
 
         best = Path(self.state.best_path)
-        load_exported(self.accelerator.unwrap_model(self.model), best)
+        live = self.accelerator.unwrap_model(self.model)
+        # Under ZeRO-3 the module holds partitions: load into gathered tensors, which are re-partitioned on exit.
+        with scale.gathered_for_update(self.accelerator, [p for n, p in live.named_parameters() if "lora_" in n]):
+            load_exported(live, best)
         metrics, images = self._evaluator("test").run(self.model)
         self.logger.scalars({f"test/{k}": v for k, v in metrics.items()}, self.state.step)
         if images is not None:
@@ -296,15 +370,17 @@ class Trainer:
         """Every rank must end with the same adapter; a silent divergence would make checkpoints lie."""
         from accelerate.utils import gather_object
 
-        digests = gather_object([adapter_digest(self.accelerator.unwrap_model(self.model))])
+        digests = gather_object([adapter_digest(scale.live_lora_state(self.accelerator, self.model))])
         if self.accelerator.is_main_process:
             _write_json(self.run_dir / "adapter_digests.json", {"step": self.state.step, "per_rank": digests})
         if len(set(digests)) > 1:
             raise RuntimeError(f"ranks hold different adapters after training: {digests}")
 
     def close(self) -> None:
-        self.logger.close()
+        # The DeepSpeed engine's teardown talks to the process group, which logger.close() (end_training)
+        # destroys: free the engine first.
         self.accelerator.free_memory()
+        self.logger.close()
 
 
 class Window:
@@ -338,14 +414,31 @@ class Window:
         return self.total_images / max(1e-9, time.perf_counter() - self.start)
 
 
-def adapter_digest(model) -> str:
+def adapter_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """Short digest of adapter tensors by name (from `scale.live_lora_state`: each rank's own values)."""
     import hashlib
 
     digest = hashlib.sha256()
-    for name, tensor in sorted(lora_state(model).items()):
+    for name, tensor in sorted(tensors.items()):
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def optimizer_chain(optimizer) -> str:
+    """'AcceleratedOptimizer > DeepSpeedZeroOptimizer > AdamW8bit': shows which optimizer really steps."""
+    names = []
+    while optimizer is not None and len(names) < 5:
+        names.append(type(optimizer).__name__)
+        optimizer = getattr(optimizer, "optimizer", None)
+    return " > ".join(names)
+
+
+def _is_comm_failure(exc: BaseException) -> bool:
+    """gloo / NCCL / DeepSpeed errors of a collective whose peer is gone or silent."""
+    text = str(exc).lower()
+    return isinstance(exc, torch.distributed.DistError) or any(
+        word in text for word in ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "broken pipe"))
 
 
 def configure_model(model: LoraDiffusionModel, cfg: Config, dtype: torch.dtype) -> None:

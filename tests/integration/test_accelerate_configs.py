@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -55,8 +56,10 @@ def _launch(config: str, tmp_path: Path) -> list[dict]:
            "--main_process_port", str(_free_port()), str(script)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [line[len("PROBE "):] for line in proc.stdout.splitlines() if line.startswith("PROBE ")]
-    return sorted((json.loads(line) for line in lines), key=lambda r: r["rank"])
+    # Two ranks share the launcher's stdout: one rank's newline can land after the other's line, so records
+    # are found by pattern, not by line.
+    records = re.findall(r"PROBE (\{[^{}]*\})", proc.stdout)
+    return sorted((json.loads(record) for record in records), key=lambda r: r["rank"])
 
 
 def _ds(name: str) -> dict:

@@ -1,0 +1,65 @@
+"""Trainer pieces that scale-out relies on, without launching processes: equal forward passes on a rank
+without validation samples, per-sample randomness independent of rank and batch, the optimizer chain."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from cxrdist.train.evaluate import LossSet, diffusion_loss
+from cxrdist.train.trainer import optimizer_chain, sample_seed
+
+
+class _CountingModel:
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, noisy, steps, ids, mask):
+        self.calls += 1
+        return torch.zeros_like(noisy)
+
+
+class _Objective:
+    def noisy_inputs(self, x0, noise, steps):
+        return x0 + noise, x0  # target 1 everywhere: a counted sample adds loss 1
+
+    def per_sample_loss(self, pred, target, steps):
+        return (pred - target).pow(2).flatten(1).mean(1)
+
+
+def _accelerator(most_batches_elsewhere: int):
+    """One rank of two: the other rank reports `most_batches_elsewhere` batches; sums are not reduced."""
+    def gather(t):
+        return torch.cat([t, torch.tensor([most_batches_elsewhere])])
+
+    return SimpleNamespace(device=torch.device("cpu"), gather=gather, reduce=lambda t, reduction: t)
+
+
+def _loss_set(n: int, padding_only: bool = False) -> LossSet:
+    lat = torch.ones(max(n, 1), 4, 2, 2)
+    ids = torch.zeros(max(n, 1), 3, dtype=torch.long)
+    return LossSet(lat, ids, torch.ones_like(ids), torch.zeros_like(lat), padding_only=padding_only)
+
+
+def test_a_rank_without_samples_runs_as_many_forward_passes_and_counts_nothing():
+    model = _CountingModel()
+    loss = diffusion_loss(model, _Objective(), _loss_set(1, padding_only=True), [10, 20], 2, _accelerator(3))
+    assert model.calls == 3 * 2  # the other rank's 3 batches x 2 timesteps: no rank waits alone under ZeRO-3
+    assert loss != loss  # nothing counted here (NaN before the cross-rank reduction adds the others' sums)
+
+
+def test_a_rank_with_fewer_samples_pads_with_zero_weight_batches():
+    model = _CountingModel()
+    loss = diffusion_loss(model, _Objective(), _loss_set(2), [10], 2, _accelerator(2))
+    assert model.calls == 2 and loss == 1.0  # 1 real batch + 1 padding batch; only the real one is counted
+
+
+def test_sample_draws_depend_on_key_and_step_not_on_rank_or_batch():
+    assert sample_seed(0, "a", 3) == sample_seed(0, "a", 3)
+    assert len({sample_seed(0, "a", 3), sample_seed(0, "b", 3), sample_seed(0, "a", 4), sample_seed(1, "a", 3)}) == 4
+
+
+def test_optimizer_chain_names_the_optimizer_that_steps():
+    inner = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    wrapped = SimpleNamespace(optimizer=SimpleNamespace(optimizer=inner))
+    assert optimizer_chain(wrapped).endswith("> AdamW") and optimizer_chain(inner) == "AdamW"
