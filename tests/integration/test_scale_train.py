@@ -1,0 +1,233 @@
+"""The real trainer on 2 CPU ranks (gloo, DS_ACCELERATOR=cpu): DDP, DeepSpeed ZeRO-2 and ZeRO-3.
+
+Each launch is one `accelerate launch` of launch/train.py with one of our configs, and checks as much as it
+can: 4 optimizer steps of the tiny preset, checkpoints at steps 2 and 4, validation at 2 and 4.
+The shard set makes the data uneven per rank on purpose: the 32 training samples sit in ONE shard and the
+validation cap (eval.max_eval_samples=1) leaves rank 1 without any validation sample, which would hang a
+shard-per-rank split and a ZeRO-3 evaluation that skipped the empty rank.
+The ZeRO-3 launch uses stage3_param_persistence_threshold=0, so the LoRA tensors really are partitioned
+(with the shipped threshold they are small enough to stay whole, and a naive export would pass by luck).
+"""
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _train_helpers import REPO, child_env  # noqa: E402
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ACCEL = REPO / "configs" / "accelerate"
+DEEPSPEED = REPO / "configs" / "deepspeed"
+LAUNCH_TIMEOUT_S = 300
+SCALE = ["model.pretrained=preset:tiny", "data.image_size=64", "data.max_train_samples=32", "data.shuffle_buffer=1",
+         "train.batch_size=4", "train.log_every=1", "train.max_steps=4", "train.checkpoint_every=2",
+         "eval.eval_every_steps=2", "eval.num_metric_images=1", "eval.num_grid_prompts=1", "eval.inference_steps=2",
+         "eval.val_loss_timesteps=[200,600]", "eval.max_eval_samples=1", "sample.batch_size=2",
+         "optim.lr_unet=1e-2", "optim.lr_text=1e-2"]
+STEP4 = Path("fold1") / "checkpoints" / "step_00000004"
+# LoRA values after 4 steps at lr 1e-2 (|w| up to ~0.5): ZeRO-3 vs ZeRO-2 measured 1.3e-5, DDP vs one process
+# ~1e-5 (float reduction order); a wrong gather, a missing rank or a different batch is >= 1e-3.
+ADAPTER_ATOL = 1e-4
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _args(shards: Path, out: Path, sets: list[str], extra: tuple[str, ...] = ()) -> list[str]:
+    return ["--fold", "1", "--shards", str(shards), "--output-dir", str(out),
+            *[a for s in SCALE + sets for a in ("--set", s)], *extra]
+
+
+def launch(config: Path | None, shards: Path, out: Path, *sets: str, extra: tuple[str, ...] = (), env=None,
+           timeout: int = LAUNCH_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """launch/train.py under `accelerate launch --config_file config` (2 ranks), or one plain process."""
+    prefix = [sys.executable]
+    if config is not None:
+        prefix += ["-m", "accelerate.commands.launch", "--config_file", str(config),
+                   "--main_process_port", str(_free_port())]
+    cmd = prefix + [str(REPO / "launch" / "train.py"), *_args(shards, out, list(sets), extra)]
+    env = env or child_env(DS_ACCELERATOR="cpu")
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def deepspeed_config(tmp: Path, stage: int, **zero: object) -> Path:
+    """A copy of configs/accelerate/zero{stage}.yaml pointing at a DeepSpeed JSON with `zero` changed."""
+    ds = json.loads((DEEPSPEED / f"zero{stage}.json").read_text())
+    ds["zero_optimization"].update(zero)
+    (tmp / f"zero{stage}_test.json").write_text(json.dumps(ds))
+    accel = yaml.safe_load((ACCEL / f"zero{stage}.yaml").read_text())
+    accel["deepspeed_config"]["deepspeed_config_file"] = str(tmp / f"zero{stage}_test.json")
+    path = tmp / f"zero{stage}_test.yaml"
+    path.write_text(yaml.safe_dump(accel))
+    return path
+
+
+def scalars(run: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "fold1" / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def last_by_step(values: list[tuple[int, float]]) -> dict[int, float]:
+    return {step: value for step, value in values}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a and a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def best_export(run: Path) -> Path:
+    found = sorted((run / "fold1").glob("best_model_fold1_epoch*"))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def check_common(run: Path, res: subprocess.CompletedProcess, what: str) -> None:
+    """Finished, ranks agree, loss fell, only rank 0 wrote TensorBoard files."""
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert f"{what} | 2 rank(s)" in res.stderr
+    digests = json.loads((run / "fold1" / "adapter_digests.json").read_text())["per_rank"]
+    assert len(digests) == 2 and len(set(digests)) == 1
+    train = last_by_step(scalars(run, "train/loss"))
+    val = last_by_step(scalars(run, "val/val_loss"))
+    assert train[4] < train[1] and val[4] < val[2], (train, val)
+    events = list((run / "fold1" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and len({e.name.split(".")[-2] for e in events}) == 1  # one writer process
+    assert not any(v != v for _, v in scalars(run, "train/grad_norm")), "grad norm logged as NaN"
+
+
+def checkpoint_bytes(run: Path) -> int:
+    return sum(f.stat().st_size for f in (run / STEP4).rglob("*") if f.is_file())
+
+
+def base_bytes(tiny_base_path: str) -> int:
+    return sum(f.stat().st_size for f in Path(tiny_base_path).rglob("*.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def zero2_run(phantom_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("zero2") / "run"
+    return out, launch(ACCEL / "zero2.yaml", phantom_shards, out)
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT_S + 60)
+def test_zero2_trains_with_ranks_in_step_and_saves_adapter_sized_checkpoints(zero2_run, tiny_base_path):
+    run, res = zero2_run
+    check_common(run, res, "DeepSpeed ZeRO-2")
+    assert "DeepSpeedZeroOptimizer > AdamW" in res.stderr  # our client optimizer, inside ZeRO
+    size, base = checkpoint_bytes(run), base_bytes(tiny_base_path)
+    adapter = (run / STEP4 / "adapter.safetensors").stat().st_size
+    # frozen base left out: measured 0.05 x base (adapter, optimizer partitions, RNG, DeepSpeed's scripts)
+    assert adapter < size < 0.1 * base, (size, base, adapter)
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT_S + 60)
+def test_zero3_gathers_partitioned_lora_for_export_and_matches_zero2(zero2_run, phantom_shards, tmp_path, tiny_base_path):
+    run2, res2 = zero2_run
+    assert res2.returncode == 0, res2.stderr[-3000:]
+    config = deepspeed_config(tmp_path, 3, stage3_param_persistence_threshold=0)
+    run3 = tmp_path / "zero3"
+    res3 = launch(config, phantom_shards, run3)
+    check_common(run3, res3, "DeepSpeed ZeRO-3")
+    assert checkpoint_bytes(run3) < 0.1 * base_bytes(tiny_base_path)
+    # the validation images were generated (every rank runs the sampler in step under ZeRO-3)
+    assert len(scalars(run3, "val/ssim")) == 2
+    exp2, exp3 = best_export(run2), best_export(run3)
+    assert exp2.name == exp3.name
+    a = load_file(str(exp2 / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(exp3 / "pytorch_lora_weights.safetensors"))
+    assert any(k.startswith("unet.") for k in b) and any(k.startswith("text_encoder.") for k in b)
+    assert all(t.numel() > 0 for t in b.values()), "empty (still partitioned) tensors in the ZeRO-3 export"
+    assert max(float(t.abs().max()) for k, t in b.items() if "lora_B" in k) > 0  # trained, not the initial zeros
+    assert max_diff(a, b) < ADAPTER_ATOL
+
+
+@pytest.mark.timeout(2 * LAUNCH_TIMEOUT_S + 60)
+def test_a_dead_rank_stops_the_other_loudly_and_resume_latest_continues_exactly(zero2_run, phantom_shards, tmp_path):
+    """Rank 1 SIGKILLs itself after step 3 (checkpoint at 2): rank 0 exits non-zero quickly with a line saying
+    how to continue; `--resume latest` under ZeRO-2 then ends with the uninterrupted run's adapter and lr."""
+    run2, res2 = zero2_run
+    assert res2.returncode == 0, res2.stderr[-3000:]
+    out = tmp_path / "dies"
+    start = time.monotonic()
+    dead = launch(ACCEL / "zero2.yaml", phantom_shards, out, "train.collective_timeout_s=20",
+                  env=child_env(DS_ACCELERATOR="cpu", CXRDIST_FAULT_KILL_AT_STEP="3", CXRDIST_FAULT_KILL_RANK="1"))
+    took = time.monotonic() - start
+    assert dead.returncode != 0
+    assert "exitcode  : -9" in dead.stderr or f"exitcode: -{int(signal.SIGKILL)}" in dead.stderr
+    message = [line for line in dead.stderr.splitlines() if line.startswith("Error: rank 0")]
+    assert message and "--resume latest" in message[0] and "step_00000002" in message[0], dead.stderr[-3000:]
+    assert took < 150, f"the surviving rank needed {took:.0f} s to stop"
+    assert sorted(p.name for p in (out / "fold1" / "checkpoints").iterdir()) == ["step_00000002"]
+
+    resumed = launch(ACCEL / "zero2.yaml", phantom_shards, out, "train.collective_timeout_s=20",
+                     extra=("--resume", "latest"))
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resumed from" in resumed.stderr and "step_00000002" in resumed.stderr
+    a = load_file(str(run2 / STEP4 / "adapter.safetensors"))
+    b = load_file(str(out / STEP4 / "adapter.safetensors"))
+    assert max_diff(a, b) <= 1e-6  # measured 0.0
+    for tag in ("lr/unet", "lr/text", "train/loss"):
+        assert last_by_step(scalars(out, tag))[4] == pytest.approx(last_by_step(scalars(run2, tag))[4], rel=1e-6), tag
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT_S + 60)
+def test_adamw8bit_runs_as_the_client_optimizer_under_zero2(phantom_shards, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    run = tmp_path / "z2_8bit"
+    res = launch(ACCEL / "zero2.yaml", phantom_shards, run, "optim.name=adamw8bit")
+    check_common(run, res, "DeepSpeed ZeRO-2")
+    assert "DeepSpeedZeroOptimizer > AdamW8bit" in res.stderr
+
+
+@pytest.mark.timeout(180)
+def test_adamw8bit_with_optimizer_offload_is_refused_on_every_rank(phantom_shards, tmp_path):
+    config = deepspeed_config(tmp_path, 2, offload_optimizer={"device": "cpu"})
+    run = tmp_path / "offload"
+    res = launch(config, phantom_shards, run, "optim.name=adamw8bit", timeout=150)
+    assert res.returncode != 0
+    refusals = [line for line in res.stderr.splitlines() if line.startswith("Error: optim.name=adamw8bit cannot run")]
+    assert len(refusals) == 2, res.stderr[-3000:]  # both ranks, before anything was built or written
+    assert "offload_optimizer.device=cpu" in refusals[0] and "use optim.name=adamw" in refusals[0]
+    assert not (run / "fold1" / "checkpoints").exists()
+
+
+@pytest.mark.timeout(2 * LAUNCH_TIMEOUT_S)
+def test_ddp_ranks_match_a_single_process_with_the_same_global_batch(phantom_shards, tmp_path):
+    """2 ranks x batch 4 vs 1 process x batch 8: same samples per step and per-sample noise, so the adapters
+    agree up to float reduction order, and the rank-reduced validation loss (all 48 validation samples,
+    each on exactly one rank) equals the one-process value."""
+    full_eval = ("eval.max_eval_samples=0",)
+    ddp = launch(ACCEL / "cpu_2ranks.yaml", phantom_shards, tmp_path / "ddp", *full_eval)
+    check_common(tmp_path / "ddp", ddp, "DDP")
+    one = launch(None, phantom_shards, tmp_path / "one", *full_eval, "train.batch_size=8",
+                 env=child_env())
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "1 rank(s)" in one.stderr and "effective batch 8" in one.stderr and "effective batch 8" in ddp.stderr
+    a = load_file(str(tmp_path / "ddp" / STEP4 / "adapter.safetensors"))
+    b = load_file(str(tmp_path / "one" / STEP4 / "adapter.safetensors"))
+    assert max_diff(a, b) < ADAPTER_ATOL
+    val_ddp, val_one = last_by_step(scalars(tmp_path / "ddp", "val/val_loss")), last_by_step(scalars(tmp_path / "one", "val/val_loss"))
+    assert val_ddp.keys() == val_one.keys() == {2, 4}
+    for step in (2, 4):
+        assert val_ddp[step] == pytest.approx(val_one[step], rel=1e-4), (step, val_ddp, val_one)
+    assert torch.tensor(scalars(tmp_path / "ddp", "train/loss")[-1][1]) == pytest.approx(
+        scalars(tmp_path / "one", "train/loss")[-1][1], rel=1e-4)
