@@ -161,9 +161,9 @@ class Trainer:
         log.info("config %s | fold %d | %s | %d rank(s) on %s | effective batch %d (%d x %d ranks x %d accumulation)",
                  self.cfg.hash(), self.fold, describe(acc), acc.num_processes, acc.device,
                  t.batch_size * acc.num_processes * t.grad_accum, t.batch_size, acc.num_processes, t.grad_accum)
-        log.info("%d optimizer steps (%d per epoch) | trainable %s of %s parameters | prediction %s | optimizer %s",
-                 self.total_steps, self.steps_per_epoch, f"{trainable:,}", f"{total:,}", self.objective.prediction_type,
-                 optimizer_chain(self.optimizer))
+        log.info("%d optimizer steps (%d per epoch) | trainable %s of %s parameters | prediction %s",
+                 self.total_steps, self.steps_per_epoch, f"{trainable:,}", f"{total:,}", self.objective.prediction_type)
+        log.info("optimizer %s", optimizer_chain(self.optimizer))
 
     # -- one micro-step ----------------------------------------------------------------------------------
     def train_step(self, batch: dict, micro_step: int) -> dict[str, Any]:
@@ -280,8 +280,8 @@ class Trainer:
         ckpt_every = cfg.train.checkpoint_every
         if (ckpt_every and step % ckpt_every == 0) or (not ckpt_every and epoch_end) or last or self.state.stopped_early:
             self.checkpointer.save(step, {"fold": self.fold, "epoch": self.epoch, "config_hash": cfg.hash()})
-        if os.environ.get(KILL_ENV) == str(step) and os.environ.get(KILL_RANK_ENV, str(self.accelerator.process_index)) \
-                == str(self.accelerator.process_index):
+        rank = str(self.accelerator.process_index)
+        if os.environ.get(KILL_ENV) == str(step) and os.environ.get(KILL_RANK_ENV, rank) == rank:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def _eval_due(self, step: int, epoch_end: bool) -> bool:
@@ -341,7 +341,8 @@ class Trainer:
         best = Path(self.state.best_path)
         live = self.accelerator.unwrap_model(self.model)
         # Under ZeRO-3 the module holds partitions: load into gathered tensors, which are re-partitioned on exit.
-        with scale.gathered_for_update(self.accelerator, [p for n, p in live.named_parameters() if "lora_" in n]):
+        adapters = [p for n, p in live.named_parameters() if "lora_" in n]
+        with scale.gathered_for_update(self.accelerator, adapters):
             load_exported(live, best)
         metrics, images = self._evaluator("test").run(self.model)
         self.logger.scalars({f"test/{k}": v for k, v in metrics.items()}, self.state.step)
