@@ -58,6 +58,24 @@ def process_group_backend() -> str | None:
     return "gloo" if launched_distributed() and not torch.cuda.is_available() else None
 
 
+def default_collective_timeout(seconds: float) -> None:
+    """Make process groups created later (DeepSpeed's data-parallel groups) time out after `seconds` too.
+
+    `InitProcessGroupKwargs(timeout=...)` sets the timeout of the world group only; `new_group()` without a
+    timeout takes torch's module default (30 min for gloo, 10 min for NCCL), so a ZeRO-2 rank waiting on a
+    silent peer in DeepSpeed's own group hung for that long (measured on CPU: still waiting after 50 s with a
+    10 s configured timeout). Call before the model is prepared.
+    """
+    from datetime import timedelta
+
+    import torch.distributed.distributed_c10d as c10d
+
+    timeout = timedelta(seconds=seconds)
+    c10d.default_pg_timeout = timeout
+    if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), timedelta):
+        c10d.default_pg_nccl_timeout = timeout
+
+
 def deepspeed_plugin(accelerator_or_plugin: Any):
     """The active DeepSpeed plugin of an Accelerator, the plugin itself, or None."""
     if hasattr(accelerator_or_plugin, "state"):  # an Accelerator

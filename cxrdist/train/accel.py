@@ -31,8 +31,9 @@ def build_accelerator(cfg: Config, project_dir: str | Path):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
-    # The timeout reaches torch.distributed and deepspeed.comm alike: a rank waiting on a dead peer fails
-    # after this long instead of hanging forever.
+    # The timeout reaches torch.distributed and deepspeed.comm alike, and the groups DeepSpeed creates later:
+    # a rank waiting on a dead or silent peer fails after this long instead of hanging.
+    scale.default_collective_timeout(cfg.train.collective_timeout_s)
     pg_kwargs = InitProcessGroupKwargs(backend=scale.process_group_backend(),
                                        timeout=timedelta(seconds=cfg.train.collective_timeout_s))
     project = ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir))

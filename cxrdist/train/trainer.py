@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 # the rank named in KILL_RANK_ENV when that is set: the other ranks must then fail loudly, not hang).
 KILL_ENV = "CXRDIST_FAULT_KILL_AT_STEP"
 KILL_RANK_ENV = "CXRDIST_FAULT_KILL_RANK"
+KILL_SIGNAL_ENV = "CXRDIST_FAULT_SIGNAL"  # SIGKILL by default; SIGSTOP makes a silent rank (the timeout path)
 TEST_METRICS = "test_metrics.json"
 
 
@@ -282,7 +283,7 @@ class Trainer:
             self.checkpointer.save(step, {"fold": self.fold, "epoch": self.epoch, "config_hash": cfg.hash()})
         rank = str(self.accelerator.process_index)
         if os.environ.get(KILL_ENV) == str(step) and os.environ.get(KILL_RANK_ENV, rank) == rank:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), getattr(signal, os.environ.get(KILL_SIGNAL_ENV, "SIGKILL")))
 
     def _eval_due(self, step: int, epoch_end: bool) -> bool:
         e = self.cfg.eval

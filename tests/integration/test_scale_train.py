@@ -121,6 +121,12 @@ def base_bytes(tiny_base_path: str) -> int:
     return sum(f.stat().st_size for f in Path(tiny_base_path).rglob("*.safetensors"))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _preset_built_once(tiny_base_path):
+    """Build the tiny preset here, before any launch: two ranks materialising it at once collide."""
+    return tiny_base_path
+
+
 @pytest.fixture(scope="module")
 def zero2_run(phantom_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("zero2") / "run"
@@ -187,6 +193,22 @@ def test_a_dead_rank_stops_the_other_loudly_and_resume_latest_continues_exactly(
     assert max_diff(a, b) <= 1e-6  # measured 0.0
     for tag in ("lr/unet", "lr/text", "train/loss"):
         assert last_by_step(scalars(out, tag))[4] == pytest.approx(last_by_step(scalars(run2, tag))[4], rel=1e-6), tag
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT_S + 60)
+def test_a_silent_rank_makes_the_other_fail_after_the_collective_timeout(phantom_shards, tmp_path):
+    """Rank 1 stops (SIGSTOP: alive, never answering) after step 1. No launcher notices a stopped process, so
+    rank 0 must fail by itself after train.collective_timeout_s -- also inside DeepSpeed's own process groups,
+    which do not inherit the world group's timeout unless we set torch's default."""
+    start = time.monotonic()
+    res = launch(ACCEL / "zero2.yaml", phantom_shards, tmp_path / "silent", "train.collective_timeout_s=8",
+                 "train.max_steps=2", env=child_env(DS_ACCELERATOR="cpu", CXRDIST_FAULT_KILL_AT_STEP="1",
+                                                    CXRDIST_FAULT_KILL_RANK="1", CXRDIST_FAULT_SIGNAL="SIGSTOP"))
+    took = time.monotonic() - start
+    assert res.returncode != 0
+    message = [line for line in res.stderr.splitlines() if line.startswith("Error: rank 0 lost the other ranks")]
+    assert message and "collective_timeout_s=8" in message[0] and "--resume latest" in message[0], res.stderr[-3000:]
+    assert took < 150, f"{took:.0f} s"  # measured ~60 s: start-up, 8 s timeout, the launcher's grace for rank 1
 
 
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 60)

@@ -63,3 +63,17 @@ def test_optimizer_chain_names_the_optimizer_that_steps():
     inner = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
     wrapped = SimpleNamespace(optimizer=SimpleNamespace(optimizer=inner))
     assert optimizer_chain(wrapped).endswith("> AdamW") and optimizer_chain(inner) == "AdamW"
+
+
+def test_collective_timeout_reaches_groups_created_later(monkeypatch):
+    """DeepSpeed builds its own groups with new_group(), which takes torch's module default, not the world's."""
+    from datetime import timedelta
+
+    import torch.distributed.distributed_c10d as c10d
+
+    from cxrdist import scale
+
+    monkeypatch.setattr(c10d, "default_pg_timeout", c10d.default_pg_timeout)
+    monkeypatch.setattr(c10d, "default_pg_nccl_timeout", c10d.default_pg_nccl_timeout)
+    scale.default_collective_timeout(12)
+    assert c10d._get_default_timeout(c10d.Backend.GLOO) == timedelta(seconds=12)
