@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 class TrainData(Protocol):
     val_split: str
+    shards_dir: str | None  # where cached latents would be; None for data that does not come from shards
 
     def batches_per_epoch(self) -> int: ...
 
@@ -37,6 +38,7 @@ class ShardData:
         self.cfg, self.fold, self.channels = cfg, fold, channels
         self.rank, self.world_size = rank, world_size
         self.eval_batch_size = eval_batch_size or cfg.train.batch_size
+        self.shards_dir = cfg.data.shards
         self.index = load_index(cfg.data.shards)
         self.val_split = check_shards(self.index, cfg, fold, channels)
 
@@ -61,7 +63,7 @@ class ShardData:
         return eval_loader(self.cfg.data.shards, split, batch_size=self.eval_batch_size,
                            image_size=self.cfg.data.image_size, channels=self.channels, rank=self.rank,
                            world_size=self.world_size, num_workers=self.cfg.data.num_workers,
-                           max_samples=self._eval_max(split))
+                           max_samples=self.cfg.eval.max_eval_samples)  # first N of the split, then per rank
 
     def first_samples(self, split: str, n: int) -> Iterable[dict]:
         """The same first `n` samples of a split every time, read by one process (image metrics, grids)."""
@@ -69,11 +71,6 @@ class ShardData:
 
         return eval_loader(self.cfg.data.shards, split, batch_size=max(1, n), image_size=self.cfg.data.image_size,
                            channels=self.channels, rank=0, world_size=1, num_workers=0, max_samples=n)
-
-    def _eval_max(self, split: str) -> int:
-        # max_samples in the loader counts per rank; the config counts the whole split.
-        total = self.cfg.eval.max_eval_samples
-        return 0 if not total else max(1, -(-total // self.world_size))
 
 
 def check_shards(index, cfg: Config, fold: int, channels: int) -> str:

@@ -136,13 +136,14 @@ class Trainer:
     def _use_cached_latents(self) -> bool:
         from cxrdist.train.latents import check_cached_latents, latents_info
 
-        if not (self.cfg.train.use_cached_latents and latents_info(self.cfg.data.shards)):
+        shards = self.data.shards_dir
+        if not (shards and self.cfg.train.use_cached_latents and latents_info(shards)):
             return False
         if self.cfg.data.augment:
             log.warning("data.augment is on: cached latents are of the unaugmented images, encoding on the fly")
             return False
-        check_cached_latents(self.cfg.data.shards, self.base.vae)  # DataError when made by another VAE
-        log.info("training on cached latents from %s", self.cfg.data.shards)
+        check_cached_latents(shards, self.base.vae)  # DataError when made by another VAE
+        log.info("training on cached latents from %s", shards)
         return True
 
     def _evaluator(self, split: str) -> Evaluator:
@@ -379,8 +380,7 @@ class Trainer:
             raise RuntimeError(f"ranks hold different adapters after training: {digests}")
 
     def close(self) -> None:
-        # The DeepSpeed engine's teardown talks to the process group, which logger.close() (end_training)
-        # destroys: free the engine first.
+        # The DeepSpeed engine's teardown talks to the process group: free it while the group is up.
         self.accelerator.free_memory()
         self.logger.close()
 

@@ -28,6 +28,7 @@ class FakeData:
     """The TrainData interface over fixed in-memory samples; order depends on (seed, epoch) only."""
 
     val_split = "fold0"
+    shards_dir = None  # in-memory: never cached latents, whatever the config's data.shards holds
 
     def __init__(self, train: list[dict], val: list[dict], batch_size: int, *, channels: int = 1, rank: int = 0,
                  world_size: int = 1, test: list[dict] | None = None, seed: int = 0):
