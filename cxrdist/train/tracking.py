@@ -76,4 +76,7 @@ class MetricsLogger:
             self._writer.flush()
 
     def close(self) -> None:
-        self.accelerator.end_training()
+        """Finish this run's trackers. The process group stays up, because the next fold of --all-folds
+        trains in the same processes; it is destroyed once, at exit (accel._end_process_group_at_exit)."""
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
