@@ -158,7 +158,14 @@ def build_preset(name: str) -> dict:
 
 
 def save_preset(name: str, out: str | Path) -> Path:
-    """Write a preset as a normal diffusers StableDiffusionPipeline folder (no safety checker), atomically."""
+    """Write a preset as a normal diffusers StableDiffusionPipeline folder (no safety checker), atomically.
+
+    Several processes may build the same preset at once (every rank of a first run): each writes its own
+    temporary folder, the first rename wins, and the others find the finished folder and drop theirs.
+    """
+    import os
+    import shutil
+
     from diffusers import StableDiffusionPipeline
 
     out = Path(out)
@@ -166,14 +173,16 @@ def save_preset(name: str, out: str | Path) -> Path:
         raise ModelError(f"{out} exists and is not empty: choose another --out or delete it")
     parts = build_preset(name)
     pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    tmp = out.with_name(out.name + ".partial")
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.partial")
     if tmp.exists():
-        import shutil
         shutil.rmtree(tmp)
     pipe.save_pretrained(tmp, safe_serialization=True)
     (tmp / "cxrdist_preset.txt").write_text(f"{name}: {PRESETS[name].description}\n")
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
+    try:
+        tmp.rename(out)  # replaces an empty folder; fails if another process already put a finished one there
+    except OSError:
+        shutil.rmtree(tmp)
+        if not (out / "model_index.json").exists():
+            raise
     return out

@@ -119,3 +119,18 @@ def test_base_folder_can_reference_the_packaged_text_encoder(tmp_path):
     ref = parts["text_encoder"](**parts["tokenizer"](["Small left effusion."], return_tensors="pt"))[0]
     assert torch.allclose(encode_prompts(base.tokenizer, base.text_encoder, ["Small left effusion."])[:, : ref.shape[1]],
                           ref, atol=1e-5)
+
+
+def test_concurrent_preset_builds_all_succeed(tmp_path):
+    """Every rank of a first run may build the same preset at once; none may crash."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=save_preset, args=("tiny", tmp_path / "tiny")) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert (tmp_path / "tiny" / "model_index.json").exists()
+    assert not list(tmp_path.glob("*.partial"))
