@@ -1,0 +1,31 @@
+"""`make demo`'s script, end to end in a shortened form: shards, 2-rank training, samples, evaluation."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+@pytest.mark.timeout(900)
+def test_demo_script_runs_every_step_in_short_form(tmp_path):
+    base = REPO / "models" / "phantom-base"
+    assert (base / "model_index.json").exists(), "the shipped phantom base is missing from models/"
+    env = dict(os.environ, DEMO_N="150", DEMO_STEPS="4", DEMO_EVAL_SAMPLES="4", DEMO_SAMPLE_STEPS="2",
+               DEMO_ROOT=str(tmp_path), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh")], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=840)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "outputs" / "demo"
+    assert len(list((out / "samples").glob("*_s*.png"))) == 10  # 5 reports x 2 images
+    results = json.loads((out / "evaluate.json").read_text())
+    assert len(results) == 2  # base and adapter, side by side
+    assert all("macro" in r["faithfulness"] for r in results.values())
+    assert "tensorboard --logdir" in proc.stdout and "macro" in proc.stdout
+    assert list((tmp_path / "runs" / "demo" / "fold0").glob("best_model_fold0_epoch*"))
