@@ -153,7 +153,9 @@ def load_base(pretrained: str, revision: str | None = None, vae_dtype: str = "fp
     """Load UNet, VAE, text encoder, tokenizer and the noise-schedule config of a base model, all frozen."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # per-tensor "Loading weights" bars; hub download bars stay
     path = resolve_base_path(pretrained)
     unet = _load_component(UNet2DConditionModel, path, "unet", revision)
     vae = _load_component(AutoencoderKL, path, "vae", revision, torch_dtype=DTYPES[vae_dtype])

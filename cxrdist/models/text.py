@@ -37,8 +37,8 @@ def tokenize(tokenizer, prompts: list[str], warn: bool = True) -> tuple[torch.Te
         for prompt in prompts:
             ids = tokenizer(prompt, truncation=False, add_special_tokens=True)["input_ids"]
             if len(ids) > length:
-                kept = tokenizer.decode(ids[1 : length - 1], skip_special_tokens=True)
-                cut = prompt[len(kept):].strip() if prompt.lower().startswith(kept.lower()[:20]) else "(tail)"
+                # ids = [start] content... [end]; the encoder keeps [start] + length-2 tokens + [end].
+                cut = tokenizer.decode(ids[length - 1 : -1], skip_special_tokens=True).strip()
                 log.warning("prompt is %d tokens, the text encoder reads %d: cut '%s'", len(ids), length,
                             _shorten(cut))
     batch = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
@@ -46,7 +46,9 @@ def tokenize(tokenizer, prompts: list[str], warn: bool = True) -> tuple[torch.Te
 
 
 def _shorten(text: str, limit: int = 120) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    """Keep both ends of a long cut: where it starts and how the report ended."""
+    half = (limit - 5) // 2
+    return text if len(text) <= limit else f"{text[:half]} ... {text[-half:]}"
 
 
 def encode_ids(text_encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

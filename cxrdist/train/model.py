@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from cxrdist.errors import ModelError
-from cxrdist.models.text import apply_template, encode_ids, max_length
+from cxrdist.models.text import apply_template, encode_ids, max_length, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +173,4 @@ class BatchEncoder:
         length = max_length(self.tokenizer)
         full = self.tokenizer(prompts, truncation=False)["input_ids"]
         self.cut_prompts += sum(len(ids) > length for ids in full)  # reported once per epoch, not per batch
-        batch = self.tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
-                               return_tensors="pt")
-        return batch["input_ids"], batch["attention_mask"]
+        return tokenize(self.tokenizer, prompts, warn=False)  # exactly what the sampler feeds the encoder

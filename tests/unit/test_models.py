@@ -102,8 +102,9 @@ def test_template_applied_once_and_long_prompts_warn(caplog, tiny_base_path):
     assert apply_template("chest x-ray: {report}", "") == ""
     tok = load_base(tiny_base_path).tokenizer
     with caplog.at_level("WARNING"):
-        ids, mask = tokenize(tok, ["normal " * 100])
+        ids, mask = tokenize(tok, ["Heart Normal. " * 40 + "Tiny Zebra Nodule."])
     assert ids.shape == (1, 77) and "cut" in caplog.text
+    assert "zebra nodule" in caplog.text  # the warning names the tail that was dropped, whatever its case
 
 
 def test_base_folder_can_reference_the_packaged_text_encoder(tmp_path):
