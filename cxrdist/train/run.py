@@ -51,7 +51,7 @@ def preflight(cfg: Config, fold: int, run_dir: Path, resume: Optional[str]) -> N
 def _check_writable(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_probe"
+        probe = run_dir / f".write_probe.{os.getpid()}"  # one per process: every rank runs this check
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
