@@ -96,7 +96,7 @@ class Checkpointer:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             self.cfg.save(path / CONFIG_FILE)
-            _write_json(path / MARKER, {"step": step, **info})
+            write_json_atomic(path / MARKER, {"step": step, **info})
             self._rotate()
         self.accelerator.wait_for_everyone()
         return path
@@ -158,7 +158,8 @@ def load_adapter_state(model: LoraDiffusionModel, tensors: dict[str, torch.Tenso
             params[name].copy_(value.to(params[name].device, params[name].dtype))
 
 
-def _write_json(path: Path, data: dict) -> None:
+def write_json_atomic(path: Path, data: dict) -> None:
+    """JSON written to a temporary name and renamed into place: readers never see half a file."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
     tmp.replace(path)

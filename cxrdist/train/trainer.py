@@ -29,7 +29,7 @@ from cxrdist.errors import CxrdistError, DataError
 from cxrdist.models.lora import attach_lora, count_parameters, lora_parameters
 from cxrdist.models.loading import load_base
 from cxrdist.train.accel import build_accelerator, describe, weight_dtype
-from cxrdist.train.checkpoint import Checkpointer
+from cxrdist.train.checkpoint import Checkpointer, write_json_atomic
 from cxrdist.train.early_stop import EarlyStopper
 from cxrdist.train.evaluate import Evaluator
 from cxrdist.train.export import export_best, weights_digest
@@ -355,7 +355,7 @@ class Trainer:
                       "weights_sha256": weights_digest(best),
                       "best_epoch": self.stopper.best_epoch, "best_step": self.stopper.best_step,
                       "early_stopping_metric": self.cfg.eval.metric, "best_value": self.stopper.best, "test": metrics}
-            _write_json(self.run_dir / TEST_METRICS, report)
+            write_json_atomic(self.run_dir / TEST_METRICS, report)
         return metrics
 
     def _finish(self, window: "Window") -> FoldResult:
@@ -375,7 +375,7 @@ class Trainer:
 
         digests = gather_object([adapter_digest(scale.live_lora_state(self.accelerator, self.model))])
         if self.accelerator.is_main_process:
-            _write_json(self.run_dir / "adapter_digests.json", {"step": self.state.step, "per_rank": digests})
+            write_json_atomic(self.run_dir / "adapter_digests.json", {"step": self.state.step, "per_rank": digests})
         if len(set(digests)) > 1:
             raise RuntimeError(f"ranks hold different adapters after training: {digests}")
 
@@ -477,9 +477,3 @@ def _progress(accelerator, total: int, done: int):
 
     return tqdm(total=total, initial=done, disable=not accelerator.is_main_process, desc="train", unit="step",
                 dynamic_ncols=True)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
