@@ -249,11 +249,14 @@ def _readable(path: Path) -> bool:
 
 def _kind(folder: Path) -> str | None:
     from cxrdist.models.lora import METADATA_NAME, WEIGHTS_NAME
+    from cxrdist.train.checkpoint import MARKER
 
     if (folder / "model_index.json").exists():
         return "pipeline"
     if (folder / METADATA_NAME).exists():
         return "adapter"
+    if (folder / MARKER).exists():
+        return "training-checkpoint"
     if (folder / WEIGHTS_NAME).exists():
         return "diffusers-lora"
     return None
@@ -273,10 +276,11 @@ def _model_root(root: Path, archive: Path) -> Path:
 def _load_folder(folder: Path, base_override: str | None, vae_dtype: str) -> tuple[BaseModel, dict | None]:
     kind = _kind(folder)
     loaders = {"adapter": _load_adapter_folder, "pipeline": _load_pipeline_folder,
-               "diffusers-lora": _load_diffusers_lora}
+               "diffusers-lora": _load_diffusers_lora, "training-checkpoint": _load_training_checkpoint}
     if kind is None:
         raise ModelError(f"{folder} is not a model: expected a LoRA checkpoint folder (cxrdist.json), a "
-                         "diffusers pipeline folder (model_index.json) or a .zip of one")
+                         "training checkpoint (checkpoints/step_N), a diffusers pipeline folder "
+                         "(model_index.json) or a .zip of one")
     return loaders[kind](folder, base_override, vae_dtype)
 
 
@@ -296,6 +300,30 @@ def _load_adapter_folder(folder: Path, base_override: str | None, vae_dtype: str
     base = _load_base_for(source, folder, vae_dtype, overridden=bool(base_override))
     meta = load_adapter(folder, base)
     return base, meta
+
+
+def _load_training_checkpoint(folder: Path, base_override: str | None, vae_dtype: str):
+    """A training checkpoint (`checkpoints/step_N`): its saved config names the base, the adapter and the
+    template, so any step of a run can be sampled or evaluated, not only the exported best."""
+    from safetensors.torch import load_file
+
+    from cxrdist.config import config_from_dict, load_yaml
+    from cxrdist.models.lora import adapter_metadata, attach_lora
+    from cxrdist.train.checkpoint import ADAPTER_FILE, CONFIG_FILE, load_adapter_state
+    from cxrdist.train.model import LoraDiffusionModel
+
+    for name in (ADAPTER_FILE, CONFIG_FILE):
+        if not (folder / name).is_file():
+            raise ModelError(f"training checkpoint {folder} has no {name}: it is incomplete; use another step")
+    cfg = config_from_dict(load_yaml(folder / CONFIG_FILE))
+    source = base_override or cfg.model.pretrained
+    base = _load_base_for(source, folder, vae_dtype, overridden=bool(base_override))
+    spec = attach_lora(base, cfg.lora)
+    joint = LoraDiffusionModel(base.unet, base.text_encoder, cfg.lora.train_text_encoder)
+    load_adapter_state(joint, load_file(str(folder / ADAPTER_FILE)), folder)
+    for module in (base.unet, base.text_encoder):
+        module.requires_grad_(False)
+    return base, adapter_metadata(base, spec, cfg.data.prompt_template, cfg.to_dict())
 
 
 def _load_pipeline_folder(folder: Path, base_override: str | None, vae_dtype: str):

@@ -11,7 +11,8 @@ from cxrdist.commands._common import config_options, friendly_errors
 
 @click.command()
 @click.option("--model-path", "model_paths", multiple=True, required=True,
-              help="Adapter folder/.zip or full pipeline folder (repeat to compare models side by side).")
+              help="Adapter folder/.zip, training checkpoint (checkpoints/step_N) or full pipeline folder "
+                   "(repeat to compare models side by side).")
 @click.option("--base", default=None, help="Override the base recorded in an adapter.")
 @click.option("--shards", required=True, type=click.Path(file_okay=False), help="Shard set with index.json.")
 @click.option("--split", default="test", show_default=True, help="test, or foldK.")

@@ -12,7 +12,8 @@ SAMPLE_FLAGS = ("num_images", "steps", "scheduler", "guidance", "negative_prompt
 
 @click.command()
 @click.option("--model-path", required=True, metavar="PATH",
-              help="LoRA checkpoint folder, a .zip of one, or a full diffusers pipeline folder.")
+              help="LoRA checkpoint folder, a .zip of one, a training checkpoint (runs/NAME/foldK/checkpoints/step_N) "
+                   "or a full diffusers pipeline folder.")
 @click.option("--base", default=None, metavar="PATH|HUB_ID|preset:NAME",
               help="Load a LoRA on this base instead of the one recorded in its cxrdist.json.")
 @click.option("--description", "descriptions", multiple=True, metavar="TEXT",

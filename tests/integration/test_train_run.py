@@ -61,6 +61,20 @@ def test_one_fold_end_to_end(phantom_shards, tmp_path, one_thread):
     assert res.exit_code == 0, res.output
     assert list(out.rglob("*.png"))
 
+    # Any training checkpoint loads for sampling/evaluation, holding that step's trained tensors.
+    from safetensors.torch import load_file
+
+    from cxrdist.sample import load_for_sampling
+
+    step = run_dir / "checkpoints" / "step_00000016"
+    model, meta = load_for_sampling(step)
+    saved = load_file(str(step / "adapter.safetensors"))
+    live = {f"unet.{n}": p for n, p in model.unet.named_parameters() if "lora_" in n}
+    assert live.keys() == {k for k in saved if k.startswith("unet.")}
+    assert all(torch.equal(live[k], saved[k]) for k in live)
+    assert any(saved[k].abs().sum() > 0 for k in saved if "lora_B" in k)  # trained, not a fresh adapter
+    assert meta["prompt_template"] == cfg.data.prompt_template
+
 
 def test_early_stopping_and_final_test_use_the_best_checkpoint(phantom_shards, tmp_path, one_thread, monkeypatch):
     """Scripted validation values: best at epoch 2, then two worse evaluations -> stop after epoch 4 (patience 2),

@@ -113,3 +113,14 @@ def test_contact_sheet_tiles_images():
 def test_bf16_autocast_runs_without_casting_weights(tiny):
     images = generate_images(tiny, REPORTS[:1], SampleSettings(steps=2), seeds=[0], dtype=torch.bfloat16)
     assert np.isfinite(images).all() and next(tiny.unet.parameters()).dtype == torch.float32
+
+
+def test_incomplete_training_checkpoint_is_a_one_line_error(tmp_path):
+    from cxrdist.errors import ModelError
+    from cxrdist.sample import load_for_sampling
+
+    step = tmp_path / "checkpoints" / "step_00000040"
+    step.mkdir(parents=True)
+    (step / "cxrdist_checkpoint.json").write_text('{"step": 40}')
+    with pytest.raises(ModelError, match="step_00000040 has no adapter.safetensors: it is incomplete"):
+        load_for_sampling(step)
