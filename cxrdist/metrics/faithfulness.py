@@ -36,20 +36,41 @@ def _score(readings: list[dict[str, str]], targets: list[dict[str, str]], name: 
     return {"accuracy": float(np.mean(hits)), "balanced_accuracy": float(np.mean(recalls)), "n": len(pairs)}
 
 
+# Side-blind presence: a model can learn to draw a finding before it learns on which side the report puts it;
+# these separate the two (diagnostics beside the macro score, never part of it).
+PRESENCE_OF = {"effusion_present": ("effusion_left", "effusion_right"),
+               "pneumothorax_present": ("pneumothorax_left", "pneumothorax_right")}
+
+
+def presence(attrs: dict[str, str]) -> dict[str, str]:
+    """{"effusion_present", "pneumothorax_present", "nodule_present"}: yes / no / unknown, sides ignored."""
+    out = {}
+    for name, sides in PRESENCE_OF.items():
+        values = [attrs.get(side, UNKNOWN) for side in sides]
+        out[name] = "yes" if "yes" in values else "no" if all(v == "no" for v in values) else UNKNOWN
+    nodule = attrs.get("nodule", UNKNOWN)
+    out["nodule_present"] = UNKNOWN if nodule == UNKNOWN else "no" if nodule == "none" else "yes"
+    return out
+
+
 def faithfulness_from_attributes(readings: list[dict[str, str]], targets: list[dict[str, str]]) -> dict:
     """Scores from attribute dicts already read (`readings`) and expected (`targets`), aligned by index.
 
     Returns {"attributes": {name: {"accuracy", "balanced_accuracy", "n"}}, "secondary": {same, for severity
-    grades}, "macro": mean primary accuracy, "macro_balanced": mean primary balanced accuracy, "n_images"}.
+    grades}, "presence": {same, side-blind}, "macro": mean primary accuracy, "macro_balanced": mean primary
+    balanced accuracy, "n_images"}.
     """
     if len(readings) != len(targets):
         raise ValueError(f"{len(readings)} readings but {len(targets)} targets")
     primary = {name: _score(readings, targets, name) for name in ATTRIBUTES}
     secondary = {name: _score(readings, targets, name) for name in SECONDARY_CLASSES}
+    read_presence, target_presence = [presence(r) for r in readings], [presence(t) for t in targets]
+    side_blind = {name: _score(read_presence, target_presence, name) for name in target_presence[0]} if targets else {}
     scored = [v for v in primary.values() if v["n"]]
     return {
         "attributes": primary,
         "secondary": secondary,
+        "presence": side_blind,
         "macro": float(np.mean([v["accuracy"] for v in scored])) if scored else float("nan"),
         "macro_balanced": float(np.mean([v["balanced_accuracy"] for v in scored])) if scored else float("nan"),
         "n_images": len(readings),
@@ -68,27 +89,32 @@ def faithfulness_details(images: Iterable[np.ndarray], labels: list[list[str]],
     return faithfulness_from_attributes(readings, targets)
 
 
+GROUPS = ("attributes", "secondary", "presence")  # the order of the flat dict and of tables
+
+
 def faithfulness(images: Iterable[np.ndarray], labels: list[list[str]],
                  readings: Optional[list[dict[str, str]]] = None) -> dict[str, float]:
     """Share of images whose reading matches their report, flat: {attribute: accuracy, ..., "macro": mean
     over the primary attributes, "macro_balanced": mean primary balanced accuracy}. Primary attributes
-    come first, then the secondary grades (heart_severity, effusion_*_size).
+    come first, then the secondary grades (heart_severity, effusion_*_size), then side-blind presence
+    (effusion_present, pneumothorax_present, nodule_present).
 
     `images[i]` (2-D, [0, 1] or uint8) was generated from the report whose labels are `labels[i]`."""
     details = faithfulness_details(images, labels, readings)
-    flat = {name: v["accuracy"] for group in ("attributes", "secondary") for name, v in details[group].items()}
+    flat = {name: v["accuracy"] for group in GROUPS for name, v in details[group].items()}
     flat["macro"], flat["macro_balanced"] = details["macro"], details["macro_balanced"]
     return flat
 
 
 def chance_level(labels: list[list[str]], kind: str = "prior") -> dict[str, float]:
-    """Expected accuracy per attribute (primary, then secondary) and "macro" (primary only) of a generator
+    """Expected accuracy per attribute (primary, secondary, presence) and "macro" (primary only) of a generator
     that ignores the text. `kind`: "prior" (sum of squared class shares) or "majority" (largest share)."""
     if kind not in ("prior", "majority"):
         raise ValueError(f"chance_level kind must be 'prior' or 'majority', not {kind!r}")
     targets = [attributes_from_labels(lab) for lab in labels]
+    targets = [{**t, **presence(t)} for t in targets]
     out = {}
-    for name in (*ATTRIBUTES, *SECONDARY_CLASSES):
+    for name in (*ATTRIBUTES, *SECONDARY_CLASSES, *presence({})):
         counts = Counter(t[name] for t in targets if t[name] != UNKNOWN)
         total = sum(counts.values())
         if not total:
@@ -103,7 +129,7 @@ def chance_level(labels: list[list[str]], kind: str = "prior") -> dict[str, floa
 def format_report(scores: dict, chance: Optional[dict[str, float]] = None) -> str:
     """A small table from `faithfulness_details`: attribute, accuracy, balanced accuracy, n, chance."""
     lines = [f"{'attribute':<22}{'accuracy':>9}{'balanced':>9}{'n':>6}" + (f"{'chance':>8}" if chance else "")]
-    for group in ("attributes", "secondary"):
+    for group in GROUPS:
         for name, v in scores[group].items():
             row = f"{name:<22}{v['accuracy']:>9.3f}{v['balanced_accuracy']:>9.3f}{v['n']:>6d}"
             lines.append(row + (f"{chance[name]:>8.3f}" if chance and name in chance else ""))

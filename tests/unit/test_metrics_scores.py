@@ -68,3 +68,19 @@ def test_diversity_is_mean_pairwise_similarity(phantoms):
     assert 0 < diversity(big) < 1 and diversity(big, measure="ssim") < 1
     with pytest.raises(ValueError):
         diversity(images[:1])
+
+
+def test_presence_ignores_the_side_and_stays_out_of_macro():
+    normal = {name: ("none" if name == "nodule" else "no") for name in ATTRIBUTES} | {"heart": "normal"}
+    target = dict(normal, effusion_left="yes", nodule="left upper")
+    wrong_side = dict(normal, effusion_right="yes", nodule="right lower")
+    scores = faithfulness_from_attributes([wrong_side], [target])
+    assert scores["attributes"]["effusion_left"]["accuracy"] == 0 and scores["attributes"]["nodule"]["accuracy"] == 0
+    assert scores["presence"]["effusion_present"]["accuracy"] == 1 and scores["presence"]["nodule_present"]["accuracy"] == 1
+    assert scores["presence"]["pneumothorax_present"]["accuracy"] == 1
+    assert scores["macro"] == pytest.approx(3 / 6)  # primary only: both effusion sides and the zone miss
+    missed = faithfulness_from_attributes([normal], [target])
+    assert missed["presence"]["effusion_present"]["accuracy"] == 0
+    half = dict(normal, effusion_left=UNKNOWN)  # a side the labels do not state: presence unknown unless the other says yes
+    assert faithfulness_from_attributes([normal], [half])["presence"]["effusion_present"]["n"] == 0
+    assert chance_level([["normal"], ["Pleural Effusion/left"]])["effusion_present"] == pytest.approx(0.5)

@@ -1,0 +1,102 @@
+"""Text faithfulness against training time: every saved checkpoint of one or more runs, scored alike.
+
+    python benchmarks/faithfulness_curve.py --run runs/demo/fold0 --shards shards/phantom --samples 128 \
+        --base models/phantom-base
+
+Each `checkpoints/step_N` of each run (keep them with `--set train.keep_last=...`) is loaded as
+`cxrdist sample` loads it and evaluated on the same held-out test reports with the same seeds through
+`cxrdist.evaluate`, so rows differ only in the adapter. Training time per checkpoint is the wall clock between
+the run's first and that step's TensorBoard `train/loss` events (validation pauses included), extrapolated
+back to step 0 at the run's mean rate.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from cxrdist.evaluate import EvaluateOptions, evaluate_model
+from cxrdist.logging_utils import setup_logging
+from cxrdist.metrics.attributes import ATTRIBUTES
+from cxrdist.metrics.faithfulness import presence
+from cxrdist.sample import load_for_sampling
+from cxrdist.train.checkpoint import CHECKPOINTS, MARKER
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    folder = run_dir / CHECKPOINTS
+    found = sorted(p for p in folder.iterdir() if (p / MARKER).is_file()) if folder.is_dir() else []
+    if not found:
+        raise SystemExit(f"{run_dir} has no complete checkpoint under {CHECKPOINTS}/: train with "
+                         "train.checkpoint_every and a large train.keep_last")
+    return found
+
+
+def seconds_at_steps(run_dir: Path) -> dict[int, float]:
+    """Training seconds at each logged step, from the wall times of TensorBoard's train/loss events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    if "train/loss" not in acc.Tags().get("scalars", []):
+        return {}
+    events = acc.Scalars("train/loss")
+    first, last = events[0], events[-1]
+    per_step = (last.wall_time - first.wall_time) / max(1, last.step - first.step)
+    return {e.step: e.wall_time - first.wall_time + first.step * per_step for e in events}
+
+
+def score(model_path: str, base: str | None, shards: str, opts: EvaluateOptions) -> dict:
+    model, meta = load_for_sampling(model_path, base_override=base)
+    template = (meta or {}).get("prompt_template", "{report}")
+    return evaluate_model(model, template, shards, opts, progress=False)
+
+
+COLUMNS = (*ATTRIBUTES, *presence({}))  # per attribute, then side-blind presence
+
+
+def short(attribute: str) -> str:
+    return (attribute.replace("effusion_", "eff_").replace("pneumothorax_", "ptx_").replace("nodule_", "nod_")
+            .replace("present", "any").replace("left", "L").replace("right", "R"))
+
+
+def row(label: str, step: str, minutes: str, result: dict) -> str:
+    f = result["faithfulness"]
+    return (f"{label:<14}{step:>6}{minutes:>8}{f['macro']:>8.3f}{f['macro_balanced']:>9.3f}"
+            + "".join(f"{f[a]:>9.3f}" for a in COLUMNS))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", action="append", required=True, help="a fold folder (runs/NAME/foldK); repeat")
+    parser.add_argument("--shards", required=True)
+    parser.add_argument("--base", default=None, help="also score this base model (the step-0 row)")
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+    setup_logging()
+    opts = EvaluateOptions(split="test", max_samples=args.samples, steps=args.steps, scheduler="dpm++",
+                           guidance=args.guidance, batch_size=args.batch_size, diversity_prompts=0)
+    print(f"{'run':<14}{'step':>6}{'min':>8}{'macro':>8}{'balanced':>9}" + "".join(f"{short(a):>9}" for a in COLUMNS))
+    results: dict[str, dict] = {}
+    if args.base:
+        results["base"] = {"step": 0, "minutes": 0.0, **score(args.base, None, args.shards, opts)}
+        print(row("base", "0", "0.0", results["base"]), flush=True)
+    for run in map(Path, args.run):
+        label = run.parent.name
+        times = seconds_at_steps(run)
+        for ckpt in checkpoints(run):
+            step = json.loads((ckpt / MARKER).read_text())["step"]
+            minutes = times[step] / 60 if step in times else float("nan")
+            result = score(str(ckpt), None, args.shards, opts)
+            results[f"{label}/{ckpt.name}"] = {"step": step, "minutes": round(minutes, 2), **result}
+            print(row(label, str(step), f"{minutes:.1f}", result), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
