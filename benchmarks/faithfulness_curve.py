@@ -15,17 +15,15 @@ import argparse
 import json
 from pathlib import Path
 
-from cxrdist.evaluate import EvaluateOptions, evaluate_model
+from cxrdist.evaluate import EvaluateOptions, evaluate_model_path
 from cxrdist.logging_utils import setup_logging
 from cxrdist.metrics.attributes import ATTRIBUTES
-from cxrdist.metrics.faithfulness import presence
-from cxrdist.sample import load_for_sampling
-from cxrdist.train.checkpoint import CHECKPOINTS, MARKER
+from cxrdist.metrics.faithfulness import PRESENCE
+from cxrdist.train.checkpoint import CHECKPOINTS, MARKER, complete_checkpoints
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
-    folder = run_dir / CHECKPOINTS
-    found = sorted(p for p in folder.iterdir() if (p / MARKER).is_file()) if folder.is_dir() else []
+    found = complete_checkpoints(run_dir)
     if not found:
         raise SystemExit(f"{run_dir} has no complete checkpoint under {CHECKPOINTS}/: train with "
                          "train.checkpoint_every and a large train.keep_last")
@@ -46,13 +44,7 @@ def seconds_at_steps(run_dir: Path) -> dict[int, float]:
     return {e.step: e.wall_time - first.wall_time + first.step * per_step for e in events}
 
 
-def score(model_path: str, base: str | None, shards: str, opts: EvaluateOptions) -> dict:
-    model, meta = load_for_sampling(model_path, base_override=base)
-    template = (meta or {}).get("prompt_template", "{report}")
-    return evaluate_model(model, template, shards, opts, progress=False)
-
-
-COLUMNS = (*ATTRIBUTES, *presence({}))  # per attribute, then side-blind presence
+COLUMNS = (*ATTRIBUTES, *PRESENCE)  # per attribute, then side-blind presence
 
 
 def short(attribute: str) -> str:
@@ -83,7 +75,7 @@ def main() -> None:
     print(f"{'run':<14}{'step':>6}{'min':>8}{'macro':>8}{'balanced':>9}" + "".join(f"{short(a):>9}" for a in COLUMNS))
     results: dict[str, dict] = {}
     if args.base:
-        results["base"] = {"step": 0, "minutes": 0.0, **score(args.base, None, args.shards, opts)}
+        results["base"] = {"step": 0, "minutes": 0.0, **evaluate_model_path(args.base, args.shards, opts, progress=False)}
         print(row("base", "0", "0.0", results["base"]), flush=True)
     for run in map(Path, args.run):
         label = run.parent.name
@@ -91,7 +83,7 @@ def main() -> None:
         for ckpt in checkpoints(run):
             step = json.loads((ckpt / MARKER).read_text())["step"]
             minutes = times[step] / 60 if step in times else float("nan")
-            result = score(str(ckpt), None, args.shards, opts)
+            result = evaluate_model_path(str(ckpt), args.shards, opts, progress=False)
             results[f"{label}/{ckpt.name}"] = {"step": step, "minutes": round(minutes, 2), **result}
             print(row(label, str(step), f"{minutes:.1f}", result), flush=True)
     if args.out:

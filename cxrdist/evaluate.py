@@ -84,6 +84,15 @@ def evaluate_model(base, template: str, shards: str, opts: EvaluateOptions, prog
     return result
 
 
+def evaluate_model_path(model_path: str, shards: str, opts: EvaluateOptions, base_override: str | None = None,
+                        progress: bool = True) -> dict[str, Any]:
+    """Load whatever `cxrdist sample --model-path` takes and evaluate it with its own prompt template."""
+    from cxrdist.sample import load_for_sampling
+
+    model, meta = load_for_sampling(model_path, base_override=base_override)
+    return evaluate_model(model, (meta or {}).get("prompt_template", "{report}"), shards, opts, progress)
+
+
 def within_prompt_diversity(base, reports: list[str], template: str, settings, opts: EvaluateOptions, measure) -> float | None:
     """Mean over a few reports of the similarity between images of different seeds (lower = more diverse)."""
     from cxrdist.sample import generate_images

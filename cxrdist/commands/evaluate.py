@@ -29,9 +29,8 @@ def evaluate(model_paths, base, shards, split, max_samples, steps, scheduler, gu
     """Generate one image per report of a split and score how well the images follow the text."""
     from cxrdist.config import load_config
     from cxrdist.errors import InputError
-    from cxrdist.evaluate import EvaluateOptions, evaluate_model, format_table
+    from cxrdist.evaluate import EvaluateOptions, evaluate_model_path, format_table
     from cxrdist.logging_utils import setup_logging
-    from cxrdist.sample import load_for_sampling
 
     setup_logging()
     if max_samples < 0:
@@ -45,9 +44,7 @@ def evaluate(model_paths, base, shards, split, max_samples, steps, scheduler, gu
                            batch_size=cfg.sample.batch_size)
     results = {}
     for path in model_paths:
-        model, meta = load_for_sampling(path, base_override=base)
-        template = (meta or {}).get("prompt_template", "{report}")
-        results[path] = evaluate_model(model, template, shards, opts)
+        results[path] = evaluate_model_path(path, shards, opts, base_override=base)
     click.echo(format_table(results))
     if out_json:
         out = Path(out_json)

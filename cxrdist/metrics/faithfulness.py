@@ -40,6 +40,7 @@ def _score(readings: list[dict[str, str]], targets: list[dict[str, str]], name: 
 # these separate the two (diagnostics beside the macro score, never part of it).
 PRESENCE_OF = {"effusion_present": ("effusion_left", "effusion_right"),
                "pneumothorax_present": ("pneumothorax_left", "pneumothorax_right")}
+PRESENCE = (*PRESENCE_OF, "nodule_present")
 
 
 def presence(attrs: dict[str, str]) -> dict[str, str]:
@@ -65,7 +66,7 @@ def faithfulness_from_attributes(readings: list[dict[str, str]], targets: list[d
     primary = {name: _score(readings, targets, name) for name in ATTRIBUTES}
     secondary = {name: _score(readings, targets, name) for name in SECONDARY_CLASSES}
     read_presence, target_presence = [presence(r) for r in readings], [presence(t) for t in targets]
-    side_blind = {name: _score(read_presence, target_presence, name) for name in target_presence[0]} if targets else {}
+    side_blind = {name: _score(read_presence, target_presence, name) for name in PRESENCE}
     scored = [v for v in primary.values() if v["n"]]
     return {
         "attributes": primary,
@@ -114,7 +115,7 @@ def chance_level(labels: list[list[str]], kind: str = "prior") -> dict[str, floa
     targets = [attributes_from_labels(lab) for lab in labels]
     targets = [{**t, **presence(t)} for t in targets]
     out = {}
-    for name in (*ATTRIBUTES, *SECONDARY_CLASSES, *presence({})):
+    for name in (*ATTRIBUTES, *SECONDARY_CLASSES, *PRESENCE):
         counts = Counter(t[name] for t in targets if t[name] != UNKNOWN)
         total = sum(counts.values())
         if not total:

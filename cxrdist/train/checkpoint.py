@@ -107,9 +107,7 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
 
     def complete(self) -> list[Path]:
-        if not self.dir.is_dir():
-            return []
-        return sorted(p for p in self.dir.iterdir() if p.is_dir() and (p / MARKER).is_file())
+        return complete_checkpoints(self.dir.parent)
 
     # -- resume ----------------------------------------------------------------------------------------
     def resolve(self, resume: str) -> Path:
@@ -130,6 +128,14 @@ class Checkpointer:
         _, load_kwargs = scale.checkpoint_kwargs(self.accelerator)
         self.accelerator.load_state(str(path), **load_kwargs)
         return json.loads((path / MARKER).read_text())
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's finished checkpoints (those with a marker), oldest first."""
+    folder = Path(run_dir) / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and (p / MARKER).is_file())
 
 
 def check_resumable(path: Path, cfg: Config, fold: int | None = None) -> None:
