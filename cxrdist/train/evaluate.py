@@ -80,8 +80,9 @@ def build_loss_set(batches, encoder: BatchEncoder, device, seed: int) -> LossSet
 @torch.no_grad()
 def diffusion_loss(model, objective: DiffusionObjective, data: LossSet | None, timesteps: list[int],
                    batch_size: int, accelerator) -> float:
-    """Mean loss over samples x fixed timesteps. Ranks run the same number of forward passes (padding
-    with zero-weight repeats), which sharded engines need, and sums are reduced across ranks."""
+    """Mean unweighted MSE over samples x fixed timesteps, comparable across runs whatever their snr_gamma.
+    Ranks run the same number of forward passes (padding with zero-weight repeats), which sharded engines
+    need, and sums are reduced across ranks."""
     device = accelerator.device
     n_local = len(data) if data is not None else 0
     pad_rows = int(data.latents.shape[0]) if data is not None else 0
@@ -100,7 +101,7 @@ def diffusion_loss(model, objective: DiffusionObjective, data: LossSet | None, t
             noisy, target = objective.noisy_inputs(x0, noise, steps)
             pred = model(noisy, steps, data.input_ids[sl], data.attention_mask[sl])
             if real:
-                total[0] += objective.per_sample_loss(pred, target, steps).double().sum()
+                total[0] += objective.per_sample_loss(pred, target, steps, weighted=False).double().sum()
         if real:
             total[1] += x0.shape[0] * len(timesteps)
     total = accelerator.reduce(total, reduction="sum")

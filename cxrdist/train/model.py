@@ -126,9 +126,12 @@ class DiffusionObjective:
         target = TARGETS[self.prediction_type](self.scheduler, latents, noise, timesteps)
         return noisy, target
 
-    def per_sample_loss(self, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    def per_sample_loss(self, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
+                        weighted: bool = True) -> torch.Tensor:
+        """Per-sample MSE; min-SNR weighted when snr_gamma is set, unless `weighted` is False (validation, so
+        runs trained with different weightings report comparable losses)."""
         loss = (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
-        if self.snr_gamma:
+        if self.snr_gamma and weighted:
             loss = loss * self.snr_weights(timesteps)
         return loss
 

@@ -85,6 +85,8 @@ def test_objective_uses_the_bases_ddpm_schedule_and_prediction_type():
     ac = obj.scheduler.alphas_cumprod[t]
     snr = ac / (1 - ac)
     assert torch.allclose(obj.snr_weights(t), torch.clamp(snr, max=5.0) / (snr + 1))
+    assert torch.allclose(obj.per_sample_loss(target + 1, target, t), obj.snr_weights(t))
+    assert torch.allclose(obj.per_sample_loss(target + 1, target, t, weighted=False), torch.ones(3))  # validation
     eps = DiffusionObjective({**conf, "prediction_type": "epsilon"})
     assert torch.equal(eps.noisy_inputs(x0, noise, t)[1], noise)
     assert torch.allclose(eps.per_sample_loss(noise + 1, noise, t), torch.ones(3))  # no weighting when gamma=0
