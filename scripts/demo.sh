@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 N=${DEMO_N:-5000}
-STEPS=${DEMO_STEPS:-500}
+# configs/demo.yaml holds the default step count; DEMO_STEPS overrides it.
+STEPS=${DEMO_STEPS:-$(python -c "from cxrdist.config import load_config; print(load_config('configs/demo.yaml').train.max_steps)")}
 EVAL_SAMPLES=${DEMO_EVAL_SAMPLES:-128}
 SAMPLE_STEPS=${DEMO_SAMPLE_STEPS:-25}
 ROOT=${DEMO_ROOT:-.}
