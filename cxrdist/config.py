@@ -9,17 +9,42 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import yaml
 
 from cxrdist.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """SafeLoader whose booleans are only true/false (YAML 1.2 core style). YAML 1.1 also reads no/off/yes/on as
+    booleans, which turns `mixed_precision: no` or a negative prompt "no" into False; here they stay strings
+    (bool keys still accept them: see _coerce)."""
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:bool",
+                                   re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text -> plain data, with the config's restricted booleans."""
+    return yaml.load(text, Loader=ConfigLoader)
+
+
+# The direction in which each eval.metric improves; eval.mode "auto" (the default) takes it from here.
+METRIC_MODES = {"val_loss": "min", "ssim": "max", "psnr": "max", "mse": "min", "faithfulness": "max"}
 
 
 @dataclass
@@ -67,6 +92,7 @@ class LoraConfig:
     text_targets: list[str] = field(default_factory=lambda: ["auto"])
 
     def __post_init__(self) -> None:
+        _require_finite(self, "lora")
         _require(self.unet_rank >= 1, "lora.unet_rank", ">= 1")
         _require(self.text_rank >= 1, "lora.text_rank", ">= 1")
         _require(0.0 <= self.unet_dropout < 1.0, "lora.unet_dropout", "in [0, 1)")
@@ -89,6 +115,7 @@ class OptimConfig:
     warmup_steps: int = 0
 
     def __post_init__(self) -> None:
+        _require_finite(self, "optim")
         _require(self.name in ("adamw", "adamw8bit"), "optim.name", "adamw or adamw8bit")
         _require(self.scheduler in ("cosine", "constant", "linear"), "optim.scheduler", "cosine, constant or linear")
         _require(self.lr_unet > 0 and self.lr_text > 0, "optim.lr_unet/lr_text", "> 0")
@@ -117,23 +144,29 @@ class TrainConfig:
     allow_tf32: bool = True
     text_cache_size: int = 0  # with a frozen text encoder: remember this many reports' contexts (0 = off)
     use_cached_latents: bool = True  # train on shard latents (from `cxrdist shard cache-latents`) when present
+    nonfinite_loss: str = "stop"  # stop | skip: an inf/NaN training loss stops the run, or its step is skipped
+    # Deterministic kernels (torch.use_deterministic_algorithms, cuDNN deterministic, cuBLAS workspace): what makes
+    # a resumed GPU run end at the uninterrupted adapter bit for bit (CPU runs already do); slower on GPUs.
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
+        _require_finite(self, "train")
         _require(self.epochs >= 1, "train.epochs", ">= 1")
         _require(self.batch_size >= 1, "train.batch_size", ">= 1")
         _require(self.grad_accum >= 1, "train.grad_accum", ">= 1")
         _require(self.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision", "no, fp16 or bf16")
         _require(0.0 <= self.caption_dropout < 1.0, "train.caption_dropout", "in [0, 1)")
         _require(self.keep_last >= 1, "train.keep_last", ">= 1")
+        _require(self.nonfinite_loss in ("stop", "skip"), "train.nonfinite_loss", "stop or skip")
 
 
 @dataclass
 class EvalConfig:
-    k_folds: int = 5  # folds the shard set is split into (checked against index.json)
+    k_folds: int = 0  # folds the shard set must have (checked against index.json); 0 = whatever it has
     eval_every_epochs: int = 1
     eval_every_steps: int = 0  # 0 = use eval_every_epochs
     metric: str = "val_loss"  # val_loss | ssim | psnr | mse | faithfulness
-    mode: str = "min"  # min | max
+    mode: str = "auto"  # auto (the metric's direction, METRIC_MODES) | min | max; always min or max once built
     patience: int = 3  # evaluations without improvement before stopping; 0 = never stop early
     val_loss_timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
     num_metric_images: int = 8  # images generated per evaluation for SSIM/PSNR/MSE
@@ -146,12 +179,18 @@ class EvalConfig:
     min_delta: float = 0.0  # an evaluation must beat the best by more than this to count as an improvement
     run_test: bool = True  # after training, evaluate the best checkpoint on the held-out test split
 
+    # Fields worked out from others in __post_init__. A merge starts them again from these values unless it sets
+    # them itself: the built mode always equals the metric's direction, so keeping it would make
+    # `--set eval.metric=ssim` on top of a min-mode preset look like a contradiction instead of flipping to max.
+    DERIVED: ClassVar[dict[str, Any]] = {"mode": "auto"}
+
     def __post_init__(self) -> None:
-        _require(self.metric in ("val_loss", "ssim", "psnr", "mse", "faithfulness"), "eval.metric",
-                 "val_loss, ssim, psnr, mse or faithfulness")
-        _require(self.mode in ("min", "max"), "eval.mode", "min or max")
+        _require_finite(self, "eval")
+        *others, last = METRIC_MODES
+        _require(self.metric in METRIC_MODES, "eval.metric", f"{', '.join(others)} or {last}")
+        self.mode = _resolve_mode(self.metric, self.mode)
         _require(self.patience >= 0, "eval.patience", ">= 0")
-        _require(self.k_folds >= 2, "eval.k_folds", ">= 2")
+        _require(self.k_folds == 0 or self.k_folds >= 2, "eval.k_folds", "0 (the shard set's folds) or >= 2")
 
 
 # Sampler names; cxrdist.sample.SCHEDULERS maps each to a diffusers class (checked to agree at import).
@@ -175,6 +214,7 @@ class SampleConfig:
     dtype: str = "fp32"  # fp32 | bf16 | fp16: weights and compute while sampling
 
     def __post_init__(self) -> None:
+        _require_finite(self, "sample")
         _require(self.steps >= 1, "sample.steps", ">= 1 (--steps)")
         _require(self.batch_size >= 1, "sample.batch_size", ">= 1 (--batch-size)")
         _require(self.num_images >= 1, "sample.num_images", ">= 1 (--num-images)")
@@ -205,6 +245,7 @@ class PretrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _require_finite(self, "pretrain")
         _require(self.vae_steps >= 1 and self.unet_steps >= 1, "pretrain.vae_steps/unet_steps", ">= 1")
         _require(0.0 <= self.uncond_prob < 1.0, "pretrain.uncond_prob", "in [0, 1)")
         _require(0.0 < self.ema_decay < 1.0, "pretrain.ema_decay", "in (0, 1)")
@@ -244,18 +285,63 @@ def _require(ok: bool, key: str, expected: str) -> None:
         raise ConfigError(f"config key '{key}' must be {expected}")
 
 
+def _require_finite(section: Any, prefix: str) -> None:
+    """Refuse inf/nan in every float field: none has a use for one (0 is the documented "off" of max_grad_norm
+    and snr_gamma), and most floats (eval.guidance, betas, weight decay, ...) have no range check to catch it."""
+    for name, tp in typing.get_type_hints(type(section)).items():
+        value = getattr(section, name, None)
+        if float in (tp, *typing.get_args(tp)) and isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key '{prefix}.{name}' must be a finite number, got {value!r}")
+
+
+def _resolve_mode(metric: str, mode: str) -> str:
+    """eval.mode "auto" -> the metric's direction; an explicit mode must agree with it (the saved, resolved one
+    does), since the other direction makes early stopping and the best export keep the worst checkpoint."""
+    _require(mode in ("auto", "min", "max"), "eval.mode", "auto, min or max")
+    natural = METRIC_MODES[metric]
+    if mode not in ("auto", natural):
+        better = "lower" if natural == "min" else "higher"
+        raise ConfigError(f"config key 'eval.mode' is {mode} but eval.metric={metric} is better when {better}: "
+                          f"set eval.mode={natural} (or auto)")
+    return natural
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Building from plain data, with strict keys and types
 # ---------------------------------------------------------------------------------------------------------
+
+class OverrideText(str):
+    """The value of one `--set section.key=value`, exactly as typed. A string key takes it as is (so
+    `sample.negative_prompt=no` is "no" and `data.prompt_template=Chest X-ray: {report}` is that text); any other
+    key reads it as YAML (lists, numbers, booleans, null), see _coerce."""
+
+
+_YAML_NULLS = ("null", "Null", "NULL", "~")
+
+
+def _parse_override(text: OverrideText, key: str) -> Any:
+    """The YAML value of override text for a non-string key; blank stays "" (an empty list for list keys)."""
+    if not text.strip():
+        return ""
+    try:
+        return parse_yaml(text)
+    except yaml.YAMLError as exc:
+        problem = str(exc).splitlines()[0]
+        raise ConfigError(f"override '{key}={text}' is not a valid value ({problem}): "
+                          "fix the text after '='") from None
+
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotated type `tp`; allow int -> float and str -> number from the CLI."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
+        # Optional keys: `--set model.revision=null` is the only way to unset one from the command line.
+        if value is None or (isinstance(value, OverrideText) and value.strip() in _YAML_NULLS):
             return None
         return _coerce(value, args[0], key)
+    if isinstance(value, OverrideText):
+        value = str(value) if tp is str else _parse_override(value, key)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, str):
@@ -266,8 +352,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
+        # yes/no/on/off: YAML 1.1 spellings that ConfigLoader keeps as strings; old files may still use them.
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
         raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
@@ -295,7 +382,7 @@ def _merge_section(section: Any, updates: dict[str, Any], prefix: str) -> Any:
         raise ConfigError(f"config section '{prefix}' must be a mapping, got {type(updates).__name__}")
     hints = typing.get_type_hints(type(section))
     names = {f.name for f in dataclasses.fields(section)}
-    values = dataclasses.asdict(section)
+    values = {**dataclasses.asdict(section), **getattr(type(section), "DERIVED", {})}
     for key, value in updates.items():
         full = f"{prefix}.{key}"
         if key not in names:
@@ -319,7 +406,8 @@ def merge(cfg: Config, updates: dict[str, Any]) -> Config:
 
 
 def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Turn ["train.lr=2e-4", "lora.unet_rank=4"] into a nested dict; values parsed as YAML scalars."""
+    """Turn ["train.lr=2e-4", "lora.unet_rank=4"] into a nested dict of OverrideText values: the text after '='
+    as typed, which merge keeps for string keys and reads as YAML for the others."""
     nested: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
@@ -328,8 +416,7 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
         parts = dotted.strip().split(".")
         if len(parts) != 2 or not all(parts):
             raise ConfigError(f"override key '{dotted}' must be section.key, e.g. train.batch_size")
-        value = yaml.safe_load(raw) if raw.strip() else ""
-        nested.setdefault(parts[0], {})[parts[1]] = value
+        nested.setdefault(parts[0], {})[parts[1]] = OverrideText(raw)
     return nested
 
 
@@ -347,7 +434,7 @@ def resolve_preset(name_or_path: str) -> Path:
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = parse_yaml(Path(path).read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from None
     return data

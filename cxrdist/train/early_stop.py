@@ -5,6 +5,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
+from cxrdist.errors import ConfigError
+
 
 @dataclass
 class EarlyStopper:
@@ -20,6 +22,12 @@ class EarlyStopper:
     best_epoch: int = -1
     bad_evals: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # Anything but "min" used to count as max; an unresolved "auto" must not silently pick a direction.
+        if self.mode not in ("min", "max"):
+            raise ConfigError(f"config key 'eval.mode' must be min or max when training starts, "
+                              f"got {self.mode!r}: build the config with cxrdist.config (it resolves auto)")
 
     def is_better(self, value: float) -> bool:
         if value is None or math.isnan(value):

@@ -50,4 +50,5 @@ def test_diff_names_changed_keys():
     a = Config()
     b = load_config(None, ["lora.unet_rank=4"])
     assert diff_configs(a, b) == ["lora.unet_rank: 8 -> 4"]
-    assert parse_overrides(["a.b=1"]) == {"a": {"b": 1}}
+    assert parse_overrides(["a.b=1"]) == {"a": {"b": "1"}}  # raw text: merge reads it by the key's type
+    assert load_config(None, ["lora.unet_rank=4"]).lora.unet_rank == 4
