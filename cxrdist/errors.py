@@ -4,6 +4,22 @@
 class CxrdistError(Exception):
     """Base class: the message is a complete sentence that names the thing and what to do."""
 
+    reported = False  # True once the line was printed where it was raised (see `report_now`)
+
+
+def report_now(error: CxrdistError) -> CxrdistError:
+    """Print the error's one line to stderr at once and mark it printed, then return it for `raise`.
+
+    For errors raised while a launcher may be stopping this process (a peer died, a rank saw a NaN loss):
+    `accelerate launch` SIGTERMs the surviving ranks as soon as one fails, and a line left for the CLI to print
+    on the way out can be lost in that race.
+    """
+    import sys
+
+    print(f"Error: {error}", file=sys.stderr, flush=True)
+    error.reported = True
+    return error
+
 
 class ConfigError(CxrdistError):
     """Bad config key, type or value."""

@@ -117,8 +117,8 @@ def train_unet(unet, latents: torch.Tensor, contexts: torch.Tensor, scheduler_co
         x0 = latents[idx]
         uncond = torch.rand(len(idx), generator=generator) < cfg.uncond_prob
         context = contexts[uncond.long()]  # row 0: generic caption, row 1: empty prompt
-        noise = objective.sample_noise(x0, generator)
-        timesteps = objective.sample_timesteps(len(idx), generator, x0.device)
+        noise = objective.sample_noise(tuple(x0.shape), generator).to(x0.device)
+        timesteps = objective.sample_timesteps(len(idx), generator).to(x0.device)
         noisy, target = objective.noisy_inputs(x0, noise, timesteps)
         pred = unet(noisy, timesteps, encoder_hidden_states=context).sample
         loss = objective.per_sample_loss(pred, target, timesteps).mean()

@@ -44,6 +44,20 @@ def wants_cpu_flag() -> bool:
     return not torch.cuda.is_available() and not launched_with_deepspeed()
 
 
+def check_deepspeed_kept(accelerator: Any) -> None:
+    """A DeepSpeed launch must train under DeepSpeed: refuse the run when accelerate dropped the plugin.
+
+    accelerate silently turns a DeepSpeed config into plain DDP when ACCELERATE_USE_CPU=1 is set (or
+    `--cpu` is passed); the run would then differ from what was asked for in memory, checkpoints and numerics.
+    """
+    if launched_with_deepspeed() and deepspeed_plugin(accelerator) is None:
+        forced_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+        cause = "ACCELERATE_USE_CPU=1 is set" if forced_cpu else "accelerate did not keep its DeepSpeed plugin"
+        raise ConfigError(f"a DeepSpeed config was launched but {cause}, so accelerate would run plain DDP instead: "
+                          "unset ACCELERATE_USE_CPU and drop --cpu (DeepSpeed runs on CPU with DS_ACCELERATOR=cpu), "
+                          "or launch a non-DeepSpeed config such as configs/accelerate/cpu_2ranks.yaml")
+
+
 def launched_distributed() -> bool:
     """True inside a process started by a launcher (accelerate launch, torchrun): LOCAL_RANK is set."""
     return int(os.environ.get("LOCAL_RANK", "-1")) != -1 or int(os.environ.get("WORLD_SIZE", "1")) > 1

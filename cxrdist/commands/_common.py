@@ -26,6 +26,8 @@ def friendly_errors(func: Callable) -> Callable:
         try:
             return func(*args, **kwargs)
         except CxrdistError as exc:
+            if exc.reported:  # its line is already out (cxrdist.errors.report_now)
+                raise SystemExit(1) from None
             raise click.ClickException(str(exc)) from None
         except OSError as exc:
             if exc.errno == 28:  # ENOSPC

@@ -9,6 +9,7 @@ a process that was not launched makes accelerate wait for a process group that n
 from __future__ import annotations
 
 import logging
+import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -31,6 +32,9 @@ def build_accelerator(cfg: Config, project_dir: str | Path):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
+    check_precision_supported(cfg.train.mixed_precision)
+    if cfg.train.deterministic:
+        make_deterministic()
     # The timeout reaches torch.distributed and deepspeed.comm alike, and the groups DeepSpeed creates later:
     # a rank waiting on a dead or silent peer fails after this long instead of hanging.
     scale.default_collective_timeout(cfg.train.collective_timeout_s)
@@ -49,6 +53,7 @@ def build_accelerator(cfg: Config, project_dir: str | Path):
         step_scheduler_with_optimizer=False,
     )
     _end_process_group_at_exit()
+    scale.check_deepspeed_kept(accelerator)
     scale.configure_deepspeed(accelerator, cfg.train.batch_size, cfg.train.grad_accum, cfg.optim.max_grad_norm,
                               cfg.optim.name)
     if torch.cuda.is_available():
@@ -56,6 +61,31 @@ def build_accelerator(cfg: Config, project_dir: str | Path):
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
         torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
     return accelerator
+
+
+def make_deterministic() -> None:
+    """Deterministic kernels everywhere (raising for an op that has none), so GPU runs repeat bit for bit.
+
+    cuBLAS needs a fixed workspace for that, read when its first handle is made: this runs before the Accelerator
+    and any model exist. TF32 stays as configured: it is deterministic, only less exact.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def check_precision_supported(mixed_precision: str) -> None:
+    """Refuse fp16 without CUDA, before any model loads.
+
+    On CPU accelerate builds neither fp16 autocast nor a GradScaler (it silently trains with fp16 weights and
+    no loss scaling), and DeepSpeed's CPU backend has no fp16 either; bf16 autocast does run on CPU.
+    """
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        from cxrdist.errors import ConfigError
+
+        raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU (on CPU neither accelerate nor DeepSpeed "
+                          "runs fp16 with loss scaling): use train.mixed_precision=bf16 or no")
 
 
 _EXIT_HOOK: list = []

@@ -130,6 +130,40 @@ class Checkpointer:
         return json.loads((path / MARKER).read_text())
 
 
+# How long a rank waits for rank 0's probe file: NFS-style filesystems may cache a directory's listing for
+# some seconds, so a file just created on another node can take that long to appear.
+SHARED_PROBE_WAIT_S = 30.0
+SHARED_PROBE = ".rank0_probe"
+
+
+def check_shared_folder(accelerator, folder: Path, wait_s: float = SHARED_PROBE_WAIT_S) -> None:
+    """Every rank must see what rank 0 writes into the run folder: only rank 0 writes checkpoints and exports,
+    but every rank reads them back (`--resume`, the best model before the test split). Collective."""
+    import time
+
+    if accelerator.num_processes < 2:
+        return
+    probe = Path(folder) / SHARED_PROBE
+    if accelerator.is_main_process:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text("written by rank 0\n")
+    accelerator.wait_for_everyone()
+    deadline = time.monotonic() + wait_s
+    while not probe.is_file() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    seen = accelerator.gather(torch.tensor([1.0 if probe.is_file() else 0.0], device=accelerator.device))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        probe.unlink(missing_ok=True)
+    blind = [rank for rank, value in enumerate(seen.tolist()) if value == 0]
+    if blind:
+        from cxrdist.errors import report_now
+
+        raise report_now(InputError(
+            f"output folder {folder} is not shared by all ranks: rank(s) {blind} do not see files that rank 0 writes "
+            "there, yet every rank reads checkpoints back: put --output-dir on a filesystem that every node mounts"))
+
+
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     """The run's finished checkpoints (those with a marker), oldest first."""
     folder = Path(run_dir) / CHECKPOINTS

@@ -75,8 +75,10 @@ class ShardData:
 
 def check_shards(index, cfg: Config, fold: int, channels: int) -> str:
     """Fold in range, image size as configured, channels the model can take; returns the validation split."""
-    if index.folds != cfg.eval.k_folds:
-        log.info("shard set has %d folds (eval.k_folds=%d): using the shard set's", index.folds, cfg.eval.k_folds)
+    if cfg.eval.k_folds and index.folds != cfg.eval.k_folds:
+        raise DataError(f"{index.root} is split into {index.folds} folds but eval.k_folds={cfg.eval.k_folds}: "
+                        f"set eval.k_folds={index.folds} (or 0 to take the shard set's), or rebuild the shards "
+                        f"with --folds {cfg.eval.k_folds}")
     split = index.check_fold(fold)
     index.check_image_size(cfg.data.image_size)
     # Grayscale shards feed a 1-channel VAE directly or are replicated for an RGB one.

@@ -35,8 +35,9 @@ class FrozenTextCache:
     @torch.no_grad()
     def __call__(self, text_encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
         rows = []
+        host_ids = input_ids.cpu().numpy()  # one device-to-host copy per batch, not one per row
         for i in range(input_ids.shape[0]):
-            key = input_ids[i].cpu().numpy().tobytes()
+            key = host_ids[i].tobytes()
             if key not in self.store:
                 self.misses += 1
                 mask = attention_mask[i : i + 1] if attention_mask is not None else None
@@ -60,6 +61,20 @@ class LoraDiffusionModel(nn.Module):
         # A plain attribute, not a buffer: nothing to synchronise or checkpoint, rebuilt after a resume.
         self.text_cache = FrozenTextCache(text_cache_size) if text_cache_size and not train_text_encoder else None
 
+    def train(self, mode: bool = True) -> "LoraDiffusionModel":
+        """Train mode for what trains; a frozen text encoder stays in eval mode (MiniLM has dropout 0.1: in train
+        mode its contexts would be noisy, and the per-report cache would keep one noisy draw per report)."""
+        super().train(mode)
+        if not self.train_text_encoder:
+            self.text_encoder.eval()
+        return self
+
+    def input_dtype(self) -> torch.dtype:
+        """The dtype the UNet's first layer computes in. Under DeepSpeed bf16/fp16 the engine casts every
+        parameter (adapters too) and runs no autocast, so inputs must arrive in that dtype; under accelerate's
+        autocast or in fp32 the frozen base's dtype is as good (autocast casts per op anyway)."""
+        return self.unet.conv_in.weight.dtype
+
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if self.train_text_encoder:
             return encode_ids(self.text_encoder, input_ids, attention_mask)
@@ -71,7 +86,8 @@ class LoraDiffusionModel(nn.Module):
     def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         context = self.encode_text(input_ids, attention_mask)
-        return self.unet(noisy_latents, timesteps, encoder_hidden_states=context).sample
+        sample = noisy_latents.to(self.input_dtype())
+        return self.unet(sample, timesteps, encoder_hidden_states=context.to(sample.dtype)).sample
 
 
 def lora_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -86,8 +102,10 @@ TARGETS: dict[str, Callable] = {
     "sample": lambda sched, x0, noise, t: x0,
 }
 # min-SNR-gamma (Hang et al. 2023): the weight that turns each target's loss into min(SNR, gamma) weighting.
+# epsilon's min(SNR, gamma) / SNR is written as min(gamma / SNR, 1): equal for SNR > 0, and 1 (not 0/0 = NaN)
+# at the last timestep of a zero-terminal-SNR schedule, where SNR is exactly 0.
 SNR_WEIGHTS: dict[str, Callable] = {
-    "epsilon": lambda snr, gamma: torch.clamp(snr, max=gamma) / snr,
+    "epsilon": lambda snr, gamma: torch.clamp(gamma / snr, max=1.0),
     "v_prediction": lambda snr, gamma: torch.clamp(snr, max=gamma) / (snr + 1),
     "sample": lambda snr, gamma: torch.clamp(snr, max=gamma),
 }
@@ -108,17 +126,17 @@ class DiffusionObjective:
         self.noise_offset = noise_offset
         self.snr_gamma = snr_gamma
 
-    def sample_noise(self, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    def sample_noise(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+        """fp32 noise of `shape` on the generator's device (the trainer draws on the CPU, then moves it)."""
+        noise = torch.randn(shape, generator=generator, device=generator.device)
         if self.noise_offset:
             # A per-image, per-channel constant: lets the model learn overall brightness shifts.
-            offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator,
-                                 device=latents.device, dtype=latents.dtype)
+            offset = torch.randn((shape[0], shape[1], 1, 1), generator=generator, device=generator.device)
             noise = noise + self.noise_offset * offset
         return noise
 
-    def sample_timesteps(self, n: int, generator: torch.Generator, device) -> torch.Tensor:
-        return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=device).long()
+    def sample_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=generator.device).long()
 
     def noisy_inputs(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
         """(noisy latents, target) for given noise and timesteps."""

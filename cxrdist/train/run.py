@@ -95,6 +95,10 @@ def run_all_folds(cfg: Config, *, output_dir: Optional[str] = None, resume: Opti
     from cxrdist.data.index import load_index
     from cxrdist.train.folds import finished_result, write_cv_summary
 
+    if resume not in (None, "latest"):
+        # One checkpoint belongs to one fold; given to every fold, it would resume fold 0 and refuse the rest.
+        raise InputError(f"--all-folds --resume {resume}: a checkpoint path names one fold; use --resume latest "
+                         "(each fold continues from its own latest checkpoint), or --fold K --resume PATH")
     root = run_root(cfg, output_dir)
     results = []
     for fold in range(load_index(cfg.data.shards).folds):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -25,11 +26,11 @@ import torch
 
 from cxrdist import scale
 from cxrdist.config import Config
-from cxrdist.errors import CxrdistError, DataError
+from cxrdist.errors import ConfigError, CxrdistError, DataError, report_now
 from cxrdist.models.lora import attach_lora, count_parameters, lora_parameters
 from cxrdist.models.loading import load_base
 from cxrdist.train.accel import build_accelerator, describe, weight_dtype
-from cxrdist.train.checkpoint import Checkpointer, write_json_atomic
+from cxrdist.train.checkpoint import Checkpointer, check_shared_folder, write_json_atomic
 from cxrdist.train.early_stop import EarlyStopper
 from cxrdist.train.evaluate import Evaluator
 from cxrdist.train.export import export_best, weights_digest
@@ -44,11 +45,18 @@ log = logging.getLogger(__name__)
 KILL_ENV = "CXRDIST_FAULT_KILL_AT_STEP"
 KILL_RANK_ENV = "CXRDIST_FAULT_KILL_RANK"
 KILL_SIGNAL_ENV = "CXRDIST_FAULT_SIGNAL"  # SIGKILL by default; SIGSTOP makes a silent rank (the timeout path)
+# Fault injection for the non-finite tests: the loss of this micro-step becomes inf (on KILL_RANK_ENV's rank when
+# that is set), which overflows the gradients as an fp16 overflow or a diverged run would.
+INF_LOSS_ENV = "CXRDIST_FAULT_INF_LOSS_AT_MICRO_STEP"
 TEST_METRICS = "test_metrics.json"
 
 
 class PeerLostError(CxrdistError):
     """A collective failed: another rank died or stopped answering within train.collective_timeout_s."""
+
+
+class NonFiniteLossError(CxrdistError):
+    """The training loss was inf or NaN on some rank and train.nonfinite_loss=stop."""
 
 
 def sample_seed(seed: int, key: str, micro_step: int) -> int:
@@ -63,7 +71,10 @@ def sample_seed(seed: int, key: str, micro_step: int) -> int:
 class TrainState:
     """Everything beyond accelerate's own state that a resumed run needs (same on every rank)."""
 
-    step: int = 0
+    step: int = 0  # optimizer steps taken (a step skipped for overflow is not one)
+    micro_step: int = 0  # micro-batches consumed: the data position (the loss of a skipped step was still read)
+    skipped_steps: int = 0  # optimizer steps skipped: gradient overflow (fp16 loss scale, DeepSpeed) or inf/NaN
+    nonfinite_losses: int = 0  # micro-batches whose loss was inf/NaN on some rank (train.nonfinite_loss=skip)
     stopper: dict = field(default_factory=dict)
     best_path: str = ""
     stopped_early: bool = False
@@ -74,6 +85,8 @@ class TrainState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        if "micro_step" not in state:
+            self.micro_step = -1  # a checkpoint from before skipped steps were counted: Trainer._resume derives it
 
 
 @dataclass
@@ -96,6 +109,7 @@ class Trainer:
         self.cfg, self.fold, self.run_dir = cfg, fold, Path(run_dir)
         self.accelerator = acc = build_accelerator(cfg, self.run_dir)  # DeepSpeed settings checked here
         set_seed(cfg.train.seed)  # the same on every rank: identical fresh adapters everywhere
+        check_shared_folder(acc, self.run_dir)
         self.base = load_base(cfg.model.pretrained, cfg.model.revision, cfg.model.vae_dtype)
         self.data = data_factory(channels=self.base.channels, rank=acc.process_index, world_size=acc.num_processes)
         self.spec = attach_lora(self.base, cfg.lora)
@@ -154,36 +168,63 @@ class Trainer:
         info = self.checkpointer.load(path)
         if info.get("fold") != self.fold:
             raise DataError(f"cannot resume from {path}: it is fold {info.get('fold')}, this run is fold {self.fold}")
+        check_same_batching(path, info, self.effective_batch_info())
+        if self.state.micro_step < 0:  # saved before skipped steps were tracked: no step was ever skipped
+            self.state.micro_step = self.state.step * self.cfg.train.grad_accum
         self.stopper.load_state_dict(self.state.stopper)
         log.info("resumed from %s at step %d", path, self.state.step)
+
+    def effective_batch_info(self) -> dict[str, int]:
+        """What a checkpoint's data position and LR schedule depend on besides the config: the world size."""
+        t = self.cfg.train
+        return {"world_size": self.accelerator.num_processes,
+                "effective_batch": t.batch_size * t.grad_accum * self.accelerator.num_processes}
 
     def _log_setup(self) -> None:
         acc, t = self.accelerator, self.cfg.train
         trainable, total = count_parameters(self.accelerator.unwrap_model(self.model))
-        log.info("config %s | fold %d | %s | %d rank(s) on %s | effective batch %d (%d x %d ranks x %d accumulation)",
-                 self.cfg.hash(), self.fold, describe(acc), acc.num_processes, acc.device,
+        log.info("config %s | fold %d | %s | %d rank(s) on %s | mixed precision %s, frozen base in %s, inputs in %s "
+                 "| effective batch %d (%d x %d ranks x %d accumulation)",
+                 self.cfg.hash(), self.fold, describe(acc), acc.num_processes, acc.device, t.mixed_precision,
+                 str(self.dtype).replace("torch.", ""),
+                 str(acc.unwrap_model(self.model).input_dtype()).replace("torch.", ""),
                  t.batch_size * acc.num_processes * t.grad_accum, t.batch_size, acc.num_processes, t.grad_accum)
         log.info("%d optimizer steps (%d per epoch) | trainable %s of %s parameters | prediction %s",
                  self.total_steps, self.steps_per_epoch, f"{trainable:,}", f"{total:,}", self.objective.prediction_type)
         log.info("optimizer %s", optimizer_chain(self.optimizer))
 
     # -- one micro-step ----------------------------------------------------------------------------------
-    def train_step(self, batch: dict, micro_step: int) -> dict[str, Any]:
-        """Forward/backward one micro-batch; on optimizer steps (`stepped`) also clip, step and schedule."""
-        acc, device = self.accelerator, self.accelerator.device
-        gens = [torch.Generator(device=device).manual_seed(sample_seed(self.cfg.train.seed, key, micro_step))
-                for key in batch["keys"]]
-        latents = self.encoder.latents(batch, device)
+    def sample_draws(self, batch: dict, micro_step: int, latent_shape: torch.Size):
+        """(prompts after caption dropout, noise, timesteps) of one micro-batch, drawn on the CPU.
+
+        Each sample's draws come from its own generator seeded with (seed, key, micro-step); drawing them on the
+        CPU and moving the batch in one (pinned, non-blocking) transfer avoids one device generator and one host
+        sync per sample on a GPU. The order of draws per generator is fixed: dropout, noise, timestep.
+        """
+        gens = [torch.Generator().manual_seed(sample_seed(self.cfg.train.seed, key, micro_step)) for key in batch["keys"]]
         prompts = [self.encoder.prompts([report], g)[0] for report, g in zip(batch["prompts"], gens)]
+        noise = torch.cat([self.objective.sample_noise((1, *latent_shape[1:]), g) for g in gens])
+        timesteps = torch.cat([self.objective.sample_timesteps(1, g) for g in gens])
+        return prompts, to_device(noise, self.accelerator.device), to_device(timesteps, self.accelerator.device)
+
+    def train_step(self, batch: dict, micro_step: int) -> dict[str, Any]:
+        """Forward/backward one micro-batch; on the last micro-batch of a window also clip, step and schedule.
+
+        Returns `synced` (a window ended), `stepped` (the optimizer really stepped: not skipped for a gradient
+        overflow or an inf/NaN loss), the loss and, on synced micro-batches, the pre-clip gradient norm.
+        """
+        acc, device = self.accelerator, self.accelerator.device
+        latents = self.encoder.latents(batch, device)
+        prompts, noise, timesteps = self.sample_draws(batch, micro_step, latents.shape)
         ids, mask = self.encoder.token_ids(prompts)
-        noise = torch.cat([self.objective.sample_noise(latents[i : i + 1], g) for i, g in enumerate(gens)])
-        timesteps = torch.cat([self.objective.sample_timesteps(1, g, device) for g in gens])
         noisy, target = self.objective.noisy_inputs(latents, noise, timesteps)
         with acc.accumulate(self.model):
             pred = self.model(noisy, timesteps, ids.to(device), mask.to(device))
             loss = self.objective.per_sample_loss(pred, target, timesteps).mean()
+            loss = self._inject_inf_loss(loss, micro_step)
+            loss_value = self._check_finite_loss(loss, micro_step)
             acc.backward(loss)
-            grad_norm = None
+            grad_norm, skip_ourselves = None, False
             if acc.sync_gradients:
                 # Under DeepSpeed the engine already clipped inside backward() (at optim.max_grad_norm, written
                 # into its config); this call then only reports the engine's pre-clip global norm.
@@ -191,12 +232,46 @@ class Trainer:
                 grad_norm = acc.clip_grad_norm_(self.params, max_norm)
                 if grad_norm is None:
                     grad_norm = self._engine_grad_norm()
-            self.optimizer.step()
-            if acc.sync_gradients and not acc.optimizer_step_was_skipped:
+                # DeepSpeed and the fp16 GradScaler skip a step with inf/NaN gradients themselves; with neither
+                # (fp32, bf16 autocast) the norm -- reduced, so the same on every rank -- decides it here.
+                skip_ourselves = self._steps_itself() is False and not _finite(grad_norm)
+            if not skip_ourselves:
+                self.optimizer.step()
+            skipped = acc.sync_gradients and (skip_ourselves or acc.optimizer_step_was_skipped)
+            if acc.sync_gradients and not skipped:
                 self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": float(loss.detach()), "stepped": acc.sync_gradients,
+        return {"loss": loss_value, "synced": acc.sync_gradients, "stepped": acc.sync_gradients and not skipped,
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+
+    def _steps_itself(self) -> bool:
+        """True when something below us skips overflowing steps (DeepSpeed's engine, accelerate's GradScaler)."""
+        return scale.deepspeed_plugin(self.accelerator) is not None or self.accelerator.scaler is not None
+
+    def _inject_inf_loss(self, loss: torch.Tensor, micro_step: int) -> torch.Tensor:
+        rank = str(self.accelerator.process_index)
+        if os.environ.get(INF_LOSS_ENV) == str(micro_step) and os.environ.get(KILL_RANK_ENV, rank) == rank:
+            return loss * float("inf")
+        return loss
+
+    def _check_finite_loss(self, loss: torch.Tensor, micro_step: int) -> float:
+        """The loss as a float; an inf/NaN loss on ANY rank stops every rank (train.nonfinite_loss=stop) or is
+        counted and its step skipped (=skip). The decision is reduced, so all ranks take the same path."""
+        value = float(loss.detach())
+        bad = torch.tensor([0.0 if math.isfinite(value) else 1.0], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if float(bad) == 0:
+            return value
+        if self.cfg.train.nonfinite_loss == "stop":
+            raise report_now(NonFiniteLossError(self._stopped_message(
+                f"stopped: the training loss is {value} (inf/NaN on {int(float(bad))} rank(s)) in micro-batch "
+                f"{micro_step}", hint="lower optim.lr_unet/lr_text, use bf16 instead of fp16, or set "
+                "train.nonfinite_loss=skip to skip such steps; then rerun with --resume latest")))
+        self.state.nonfinite_losses += 1
+        log.warning("step %d: the training loss is %s on some rank: this optimizer step is skipped "
+                    "(train.nonfinite_loss=skip; %d so far)", self.state.step + 1, value, self.state.nonfinite_losses)
+        return value
 
     def _engine_grad_norm(self):
         """DeepSpeed's global gradient norm of the step just taken; None (logged once) when it has none."""
@@ -223,42 +298,46 @@ class Trainer:
                 raise
             reason = (f"lost the other ranks ({str(exc).splitlines()[0][:160]}): a rank died or did not answer "
                       f"within train.collective_timeout_s={self.cfg.train.collective_timeout_s} s")
-            raise PeerLostError(self._stopped_message(reason)) from None
+            raise report_now(PeerLostError(self._stopped_message(reason))) from None
         finally:
             signal.signal(signal.SIGTERM, previous)
 
     def _on_sigterm(self, signum, frame) -> None:
-        raise PeerLostError(self._stopped_message(
-            "stopped by SIGTERM (the launcher stops every rank when one fails; its report names that rank)"))
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # report once; a second SIGTERM ends the process
+        raise report_now(PeerLostError(self._stopped_message(
+            "stopped by SIGTERM (the launcher stops every rank when one fails; its report names that rank)")))
 
-    def _stopped_message(self, reason: str) -> str:
+    def _stopped_message(self, reason: str,
+                         hint: str = "fix the cause and rerun the same command with --resume latest") -> str:
+        """The one line a stopped rank prints -- at once (see cxrdist.errors.report_now), so the launcher
+        stopping this process cannot swallow it; the caller raises the error marked as reported."""
         done = self.checkpointer.complete()
         last = f"the last complete checkpoint is {done[-1].name}" if done else "no checkpoint is complete yet"
-        message = (f"rank {self.accelerator.process_index} {reason} at step {self.state.step}; {last}: "
-                   "fix the cause and rerun the same command with --resume latest")
-        log.error(message)
-        return message
+        return f"rank {self.accelerator.process_index} {reason} at step {self.state.step}; {last}: {hint}"
 
     def _fit(self) -> FoldResult:
         acc, cfg = self.accelerator, self.cfg
-        ga, spe = cfg.train.grad_accum, self.steps_per_epoch
+        per_epoch = self.micro_per_epoch
         window = Window()
         progress = _progress(acc, self.total_steps, self.state.step)
         self.model.train()
         while self.state.step < self.total_steps and not self.state.stopped_early:
-            epoch, done_in_epoch = divmod(self.state.step, spe)
+            # The data position counts micro-batches: a skipped optimizer step consumed its batches too.
+            epoch, done_in_epoch = divmod(self.state.micro_step, per_epoch)
             self.encoder.cut_prompts = 0
-            micro = self.state.step * ga
-            batches = iter(self.data.train_batches(epoch, start_batch=done_in_epoch * ga))
-            for _ in range((spe - done_in_epoch) * ga):
+            batches = iter(self.data.train_batches(epoch, start_batch=done_in_epoch))
+            for _ in range(per_epoch - done_in_epoch):
                 batch = next(batches, None)
                 if batch is None:
                     raise DataError(f"fold {self.fold} loader ended early in epoch {epoch}: rebuild the shard set")
-                logs = self.train_step(batch, micro)
-                micro += 1
+                logs = self.train_step(batch, self.state.micro_step)
+                self.state.micro_step += 1
                 window.add(len(batch["prompts"]))
                 window.record(logs)  # every micro-batch's loss counts in the logged mean
+                if not logs["synced"]:
+                    continue
                 if not logs["stepped"]:
+                    self._count_skipped_step()
                     continue
                 self.state.step += 1
                 progress.update(1)
@@ -271,9 +350,30 @@ class Trainer:
         progress.close()
         return self._finish(window)
 
+    @property
+    def micro_per_epoch(self) -> int:
+        return self.steps_per_epoch * self.cfg.train.grad_accum
+
+    def _count_skipped_step(self) -> None:
+        """A window whose optimizer step did not happen: not a step for the schedule, counter, checkpoints or
+        early stopping; its micro-batches stay consumed (the data position moved on)."""
+        self.state.skipped_steps += 1
+        scale_now = self.loss_scale()
+        log.warning("optimizer step %d skipped: inf/NaN gradients%s (%d skipped so far)", self.state.step + 1,
+                    f", loss scale now {scale_now:g}" if scale_now is not None else "", self.state.skipped_steps)
+
+    def loss_scale(self) -> Optional[float]:
+        """The fp16 loss scale (accelerate's GradScaler or DeepSpeed's dynamic scale); None without one."""
+        if self.accelerator.scaler is not None:
+            return float(self.accelerator.scaler.get_scale())
+        engine_fp16 = getattr(self.model, "fp16_enabled", None)
+        if callable(engine_fp16) and engine_fp16():
+            return float(self.model.optimizer.loss_scale)
+        return None
+
     def _after_step(self, window: "Window") -> None:
-        cfg, step, spe = self.cfg, self.state.step, self.steps_per_epoch
-        epoch_end = step % spe == 0
+        cfg, step = self.cfg, self.state.step
+        epoch_end = self.state.micro_step % self.micro_per_epoch == 0
         last = step >= self.total_steps
         if step % cfg.train.log_every == 0 or last:
             self._log_train(window)
@@ -281,7 +381,8 @@ class Trainer:
             self.evaluate()
         ckpt_every = cfg.train.checkpoint_every
         if (ckpt_every and step % ckpt_every == 0) or (not ckpt_every and epoch_end) or last or self.state.stopped_early:
-            self.checkpointer.save(step, {"fold": self.fold, "epoch": self.epoch, "config_hash": cfg.hash()})
+            self.checkpointer.save(step, {"fold": self.fold, "epoch": self.epoch, "config_hash": cfg.hash(),
+                                          **self.effective_batch_info()})
         rank = str(self.accelerator.process_index)
         if os.environ.get(KILL_ENV) == str(step) and os.environ.get(KILL_RANK_ENV, rank) == rank:
             os.kill(os.getpid(), getattr(signal, os.environ.get(KILL_SIGNAL_ENV, "SIGKILL")))
@@ -290,19 +391,22 @@ class Trainer:
         e = self.cfg.eval
         if e.eval_every_steps:
             return step % e.eval_every_steps == 0
-        return epoch_end and (step // self.steps_per_epoch) % e.eval_every_epochs == 0
+        return epoch_end and (self.state.micro_step // self.micro_per_epoch) % e.eval_every_epochs == 0
 
     @property
     def epoch(self) -> int:
-        """1-based epoch of the latest optimizer step."""
-        return (max(self.state.step, 1) - 1) // self.steps_per_epoch + 1
+        """1-based epoch of the latest micro-batch (of the latest optimizer step, when none was skipped)."""
+        return (max(self.state.micro_step, 1) - 1) // self.micro_per_epoch + 1
 
     def _log_train(self, window: "Window") -> None:
         acc = self.accelerator
         loss = acc.reduce(torch.tensor([window.mean_loss()], device=acc.device), reduction="mean").item()
         values = {"train/loss": loss, "train/grad_norm": window.last_grad_norm,
                   "train/images_per_s": window.rate() * acc.num_processes,
-                  "train/peak_memory_mb": peak_memory_mb(acc.device), "train/epoch": self.epoch}
+                  "train/peak_memory_mb": peak_memory_mb(acc.device), "train/epoch": self.epoch,
+                  "train/skipped_steps": self.state.skipped_steps}
+        if self.loss_scale() is not None:
+            values["train/loss_scale"] = self.loss_scale()
         for name, lr in zip(self.group_names, self.lr_scheduler.get_last_lr()):
             values[f"lr/{name}"] = lr
         self.logger.scalars(values, self.state.step)
@@ -434,6 +538,27 @@ def optimizer_chain(optimizer) -> str:
         names.append(type(optimizer).__name__)
         optimizer = getattr(optimizer, "optimizer", None)
     return " > ".join(names)
+
+
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """One host-to-device copy; from pinned memory and non-blocking on CUDA, so the host does not wait on it."""
+    if torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def _finite(value) -> bool:
+    return value is not None and math.isfinite(float(value))
+
+
+def check_same_batching(path: Path, saved: dict[str, Any], now: dict[str, int]) -> None:
+    """Refuse to resume with another world size: the data position (each rank's share of every batch) and the
+    samples per optimizer step would change, so the run would neither replay nor continue what was trained."""
+    for key, value in now.items():
+        if key in saved and saved[key] != value:
+            raise ConfigError(f"cannot resume from {path}: it was trained with {key.replace('_', ' ')} {saved[key]}, "
+                              f"this launch has {value}: resume with the same number of processes "
+                              f"({saved.get('world_size', '?')}), or start a new run with another --output-dir")
 
 
 def _is_comm_failure(exc: BaseException) -> bool:

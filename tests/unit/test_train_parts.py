@@ -97,8 +97,8 @@ def test_noise_offset_changes_per_channel_means_only_when_set():
 
     conf = {"num_train_timesteps": 1000, "prediction_type": "epsilon"}
     x = torch.zeros(64, 4, 16, 16)
-    plain = DiffusionObjective(conf).sample_noise(x, torch.Generator().manual_seed(0))
-    offset = DiffusionObjective(conf, noise_offset=0.5).sample_noise(x, torch.Generator().manual_seed(0))
+    plain = DiffusionObjective(conf).sample_noise(tuple(x.shape), torch.Generator().manual_seed(0))
+    offset = DiffusionObjective(conf, noise_offset=0.5).sample_noise(tuple(x.shape), torch.Generator().manual_seed(0))
     assert plain.mean(dim=(2, 3)).std() < 0.1 < offset.mean(dim=(2, 3)).std()
 
 
