@@ -1,0 +1,98 @@
+"""Two optimizer steps of the real trainer on the Stable Diffusion 1.5 *architecture* (preset `sd15-arch`:
+an 860M-parameter UNet and a 12-layer CLIP text encoder with random weights), on CPU at 64 px.
+
+The tiny presets use the same classes but not SD's real module tree. This run puts the real module names,
+the peft targets (to_q/to_k/to_v/to_out.0 in all 16 UNet transformer blocks, q/k/v/out_proj in all 12 CLIP
+layers), the SDPA attention processors, UNet + CLIP gradient checkpointing and bf16 autocast together, through
+`launch/train.py` in a child process. It checks:
+  * the run finishes with bf16, 2 steps, and logs a trainable parameter count that is a tiny share of the total;
+  * every LoRA B tensor (zero at the start) is non-zero in the step-2 checkpoint for both the UNet and the
+    text encoder, stored in fp32: gradients went through the checkpointed layers of both models;
+  * only adapters were trained and saved: the checkpoint holds exactly the logged trainable parameters, all
+    `lora_` tensors, and the base model's weight files on disk have the same sha256 before and after.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _train_helpers import child_env, launch_train  # noqa: E402
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SETS = ["model.pretrained=preset:sd15-arch", "data.image_size=64", "data.max_train_samples=4",
+        "data.shuffle_buffer=1", "train.batch_size=1", "train.max_steps=2", "train.log_every=1",
+        "train.mixed_precision=bf16", "model.gradient_checkpointing=true", "model.attention=sdpa",
+        "lora.train_text_encoder=true", "eval.num_metric_images=0", "eval.num_grid_prompts=0",
+        "eval.max_eval_samples=1", "eval.val_loss_timesteps=[500]", "eval.run_test=false"]
+UNET_ADAPTED, TEXT_ADAPTED = 16 * 2 * 4, 12 * 4  # (transformer blocks x attn1/attn2 x 4 projections), (layers x 4)
+
+
+def weight_digests(folder: Path) -> dict[str, str]:
+    out = {}
+    for path in sorted(folder.rglob("*.safetensors")):
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(chunk)
+        out[path.relative_to(folder).as_posix()] = digest.hexdigest()
+    return out
+
+
+@pytest.mark.timeout(1500)
+def test_sd15_architecture_trains_lora_only_in_bf16_with_checkpointing(phantom_shards, tmp_path):
+    # Materialise the preset (~4 GB, ~1 min) in its own process so the pytest process never holds it.
+    built = subprocess.run([sys.executable, "-c", "from cxrdist.models.loading import preset_folder; "
+                            "print(preset_folder('sd15-arch'))"], env=child_env(), capture_output=True, text=True,
+                           timeout=900)
+    assert built.returncode == 0, built.stderr[-3000:]
+    base = Path(built.stdout.strip().splitlines()[-1])
+    before = weight_digests(base)
+    assert {"unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"} <= before.keys()
+    try:
+        args = ["--fold", "1", "--shards", str(phantom_shards), "--output-dir", str(tmp_path / "run"),
+                *[a for s in SETS for a in ("--set", s)]]
+        res = launch_train(args, timeout=1200)
+        log = res.stdout + res.stderr
+        assert res.returncode == 0, log[-4000:]
+
+        # (a) bf16, 2 optimizer steps, and a trainable share far below 1 %.
+        run_dir = tmp_path / "run" / "fold1"
+        saved_cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert saved_cfg["train"]["mixed_precision"] == "bf16" and saved_cfg["model"]["gradient_checkpointing"]
+        assert "2 optimizer steps" in log and "fold 1: 2 steps" in log
+        assert "mixed precision bf16, frozen base in bfloat16" in log
+        found = re.search(r"trainable ([\d,]+) of ([\d,]+) parameters", log)
+        assert found, log[-4000:]
+        trainable, total = (int(g.replace(",", "")) for g in found.groups())
+        assert total > 900_000_000 and 0 < trainable < 0.01 * total
+
+        # (b) the adapters of both models changed, and are kept in fp32.
+        ckpts = sorted((run_dir / "checkpoints").glob("step_*"))
+        assert [p.name for p in ckpts] == ["step_00000002"]
+        tensors = load_file(str(ckpts[0] / "adapter.safetensors"))
+        lora_b = {k: v for k, v in tensors.items() if ".lora_B." in k}
+        for prefix, expected in (("unet.", UNET_ADAPTED), ("text_encoder.", TEXT_ADAPTED)):
+            names = [k for k in lora_b if k.startswith(prefix)]
+            assert len(names) == expected, (prefix, len(names))
+            zero = [k for k in names if not lora_b[k].abs().max() > 0]
+            assert not zero, f"{len(zero)} {prefix} LoRA B tensors got no update, e.g. {zero[0]}"
+        assert {str(v.dtype) for v in tensors.values()} == {"torch.float32"}
+
+        # (c) only LoRA was trained and saved; the frozen base on disk is untouched.
+        assert all(".lora_A." in k or ".lora_B." in k for k in tensors)
+        assert sum(v.numel() for v in tensors.values()) == trainable
+        run_bytes = sum(p.stat().st_size for p in run_dir.rglob("*") if p.is_file())
+        assert run_bytes < 100 * 2**20, f"run folder holds {run_bytes / 2**20:.0f} MiB: base weights were saved?"
+        assert weight_digests(base) == before
+    finally:
+        shutil.rmtree(base, ignore_errors=True)  # 4 GB in the session cache that no other test uses
