@@ -506,7 +506,8 @@ class Window:
         self.total_images += n
 
     def record(self, logs: dict[str, Any]) -> None:
-        self.losses.append(logs["loss"])
+        if math.isfinite(logs["loss"]):  # an inf/NaN loss is counted in the train state, not averaged in
+            self.losses.append(logs["loss"])
         if logs["stepped"]:
             self.last_grad_norm = logs["grad_norm"]
 

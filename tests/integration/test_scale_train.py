@@ -11,7 +11,6 @@ The ZeRO-3 launch uses stage3_param_persistence_threshold=0, so the LoRA tensors
 from __future__ import annotations
 
 import json
-import signal
 import socket
 import subprocess
 import sys
@@ -164,35 +163,6 @@ def test_zero3_gathers_partitioned_lora_for_export_and_matches_zero2(zero2_run, 
     assert all(t.numel() > 0 for t in b.values()), "empty (still partitioned) tensors in the ZeRO-3 export"
     assert max(float(t.abs().max()) for k, t in b.items() if "lora_B" in k) > 0  # trained, not the initial zeros
     assert max_diff(a, b) < ADAPTER_ATOL
-
-
-@pytest.mark.timeout(2 * LAUNCH_TIMEOUT_S + 60)
-def test_a_dead_rank_stops_the_other_loudly_and_resume_latest_continues_exactly(zero2_run, phantom_shards, tmp_path):
-    """Rank 1 SIGKILLs itself after step 3 (checkpoint at 2): rank 0 exits non-zero quickly with a line saying
-    how to continue; `--resume latest` under ZeRO-2 then ends with the uninterrupted run's adapter and lr."""
-    run2, res2 = zero2_run
-    assert res2.returncode == 0, res2.stderr[-3000:]
-    out = tmp_path / "dies"
-    start = time.monotonic()
-    dead = launch(ACCEL / "zero2.yaml", phantom_shards, out, "train.collective_timeout_s=20",
-                  env=child_env(DS_ACCELERATOR="cpu", CXRDIST_FAULT_KILL_AT_STEP="3", CXRDIST_FAULT_KILL_RANK="1"))
-    took = time.monotonic() - start
-    assert dead.returncode != 0
-    assert "exitcode  : -9" in dead.stderr or f"exitcode: -{int(signal.SIGKILL)}" in dead.stderr
-    message = [line for line in dead.stderr.splitlines() if line.startswith("Error: rank 0")]
-    assert message and "--resume latest" in message[0] and "step_00000002" in message[0], dead.stderr[-3000:]
-    assert took < 150, f"the surviving rank needed {took:.0f} s to stop"
-    assert sorted(p.name for p in (out / "fold1" / "checkpoints").iterdir()) == ["step_00000002"]
-
-    resumed = launch(ACCEL / "zero2.yaml", phantom_shards, out, "train.collective_timeout_s=20",
-                     extra=("--resume", "latest"))
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert "resumed from" in resumed.stderr and "step_00000002" in resumed.stderr
-    a = load_file(str(run2 / STEP4 / "adapter.safetensors"))
-    b = load_file(str(out / STEP4 / "adapter.safetensors"))
-    assert max_diff(a, b) <= 1e-6  # measured 0.0
-    for tag in ("lr/unet", "lr/text", "train/loss"):
-        assert last_by_step(scalars(out, tag))[4] == pytest.approx(last_by_step(scalars(run2, tag))[4], rel=1e-6), tag
 
 
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 60)
