@@ -154,6 +154,34 @@ def checkpoint_kwargs(accelerator: Any) -> tuple[dict, dict]:
     return {"exclude_frozen_parameters": True}, {"load_module_strict": False}
 
 
+def deepspeed_safe_globals() -> list:
+    """The classes DeepSpeed's checkpoint files hold besides tensors and plain data (found by loading ZeRO-2 and
+    ZeRO-3 bf16/fp16 checkpoints with weights_only=True): allow-listed, so nothing else can be built on load."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_weights_only(engine: Any) -> None:
+    """Make a DeepSpeed engine read its checkpoint files with torch.load(weights_only=True).
+
+    DeepSpeed's own checkpoint engine unpickles with weights_only=False, so a swapped file would run code on
+    `--resume`; the weights-only unpickler builds tensors, plain data and the allow-listed classes only.
+    """
+    checkpoint_engine = getattr(engine, "checkpoint_engine", None)
+    if checkpoint_engine is None:
+        return
+    allowed = deepspeed_safe_globals()
+
+    def load(path, map_location=None):
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    checkpoint_engine.load = load
+
+
 def _lora_named_parameters(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     return [(name, param) for name, param in module.named_parameters() if "lora_" in name]
 

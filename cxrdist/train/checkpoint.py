@@ -1,14 +1,20 @@
 """Training checkpoints (accelerate `save_state`, adapter weights only) and best-model exports.
 
 Layout inside a run folder:
-    checkpoints/step_00000120/   accelerate state: adapter.safetensors, optimizer, scheduler, RNG, trainer
-                                 state, config.yaml; `cxrdist_checkpoint.json` is written last, so a folder
-                                 without it (a process killed mid-save) is never resumed from
+    checkpoints/step_00000120/   accelerate state: adapter.safetensors, optimizer, scheduler, RNG;
+                                 trainer_state.json, config.yaml; `cxrdist_checkpoint.json` is written last, so
+                                 a folder without it (a process killed mid-save) is never resumed from
     best_model_fold3_epoch7/     the best adapter so far: diffusers-format LoRA + cxrdist.json + metrics.json
                                  + README.md (model card); loadable by `cxrdist sample --model-path`
 
 `save_state` runs on EVERY rank (DeepSpeed has a barrier inside); the hooks keep only LoRA tensors under DDP,
 and DeepSpeed checkpoints leave the frozen base out (`exclude_frozen_parameters`).
+
+Trust: nothing in a checkpoint may run code when it is resumed. The trainer's own state is JSON (not an
+accelerate "custom checkpoint", which is unpickled with weights_only=False); accelerate reads its optimizer,
+scheduler, scaler and RNG files with weights_only=True; DeepSpeed's engine is made to (scale.load_weights_only).
+Before any of them opens a file, every pickle-format file of the checkpoint is read once with the weights-only
+unpickler and an allow-list, so a file that holds anything else is refused with one line naming it.
 """
 from __future__ import annotations
 
@@ -30,6 +36,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 MARKER = "cxrdist_checkpoint.json"
+TRAINER_STATE = "trainer_state.json"
+PICKLE_SUFFIXES = (".bin", ".pkl", ".pt", ".pth")
 ADAPTER_FILE = "adapter.safetensors"
 CONFIG_FILE = "config.yaml"
 # Keys that may change between a run and its resumption: where things go and how verbose, not what is trained.
@@ -86,7 +94,7 @@ class Checkpointer:
             models.pop(i)
 
     # -- save / rotate ---------------------------------------------------------------------------------
-    def save(self, step: int, info: dict[str, Any]) -> Path:
+    def save(self, step: int, info: dict[str, Any], trainer_state: dict[str, Any]) -> Path:
         path = self.dir / f"step_{step:08d}"
         if self.accelerator.is_main_process and path.exists():
             shutil.rmtree(path)  # an unfinished save of this step, or a replay after resuming further back
@@ -96,6 +104,7 @@ class Checkpointer:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             self.cfg.save(path / CONFIG_FILE)
+            write_json_atomic(path / TRAINER_STATE, trainer_state)
             write_json_atomic(path / MARKER, {"step": step, **info})
             self._rotate()
         self.accelerator.wait_for_everyone()
@@ -123,11 +132,14 @@ class Checkpointer:
                              f"give 'latest' or a folder under {self.dir}")
         return path
 
-    def load(self, path: Path) -> dict[str, Any]:
+    def load(self, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(marker info, trainer state) of a checkpoint whose accelerate/DeepSpeed state is now loaded."""
         check_resumable(path, self.cfg)
+        trainer_state = read_trainer_state(path)
+        check_pickles(path)
         _, load_kwargs = scale.checkpoint_kwargs(self.accelerator)
         self.accelerator.load_state(str(path), **load_kwargs)
-        return json.loads((path / MARKER).read_text())
+        return json.loads((path / MARKER).read_text()), trainer_state
 
 
 # How long a rank waits for rank 0's probe file: NFS-style filesystems may cache a directory's listing for
@@ -162,6 +174,50 @@ def check_shared_folder(accelerator, folder: Path, wait_s: float = SHARED_PROBE_
         raise report_now(InputError(
             f"output folder {folder} is not shared by all ranks: rank(s) {blind} do not see files that rank 0 writes "
             "there, yet every rank reads checkpoints back: put --output-dir on a filesystem that every node mounts"))
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    state_file = Path(path) / TRAINER_STATE
+    if not state_file.is_file():
+        raise InputError(f"cannot resume from {path}: it has no {TRAINER_STATE} (checkpoints written before it "
+                         "keep the trainer state as a pickle, which is never loaded): start a new run")
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"cannot resume from {path}: {TRAINER_STATE} is unreadable ({exc}): resume from another "
+                         "checkpoint") from None
+    if not isinstance(state, dict):
+        raise InputError(f"cannot resume from {path}: {TRAINER_STATE} does not hold a JSON object")
+    return state
+
+
+def _safe_globals() -> list:
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS  # what accelerate's own RNG files hold (numpy arrays)
+
+    allowed = list(TORCH_SAFE_GLOBALS)
+    try:
+        allowed += scale.deepspeed_safe_globals()
+    except ImportError:  # no DeepSpeed installed: its classes cannot be in a checkpoint we may load
+        pass
+    return allowed
+
+
+def check_pickles(path: Path) -> None:
+    """Read every pickle-format file of a checkpoint with the weights-only unpickler (tensors, plain data and an
+    allow-list of accelerate / DeepSpeed classes): a file holding anything else -- code to run -- or a damaged
+    one is refused with one line naming it, before accelerate or DeepSpeed opens it."""
+    allowed = _safe_globals()
+    for file in sorted(p for p in Path(path).rglob("*") if p.is_file() and p.suffix in PICKLE_SUFFIXES):
+        if file.name.startswith("custom_checkpoint_"):
+            continue  # accelerate loads these only for registered objects; cxrdist registers none
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:  # UnpicklingError, RuntimeError (bad zip), EOFError, ...: all mean "refuse"
+            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"cannot resume from {path}: {file.relative_to(path)} holds something other than "
+                             f"tensors and plain data, or is damaged ({reason}); it was refused unopened: resume "
+                             "from another checkpoint, or start a new run") from None
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:

@@ -69,7 +69,8 @@ def sample_seed(seed: int, key: str, micro_step: int) -> int:
 
 @dataclass
 class TrainState:
-    """Everything beyond accelerate's own state that a resumed run needs (same on every rank)."""
+    """Everything beyond accelerate's own state that a resumed run needs (same on every rank); saved as JSON
+    (checkpoint.TRAINER_STATE), never as a pickle."""
 
     step: int = 0  # optimizer steps taken (a step skipped for overflow is not one)
     micro_step: int = 0  # micro-batches consumed: the data position (the loss of a skipped step was still read)
@@ -85,8 +86,6 @@ class TrainState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        if "micro_step" not in state:
-            self.micro_step = -1  # a checkpoint from before skipped steps were counted: Trainer._resume derives it
 
 
 @dataclass
@@ -138,7 +137,7 @@ class Trainer:
                                     cfg.train.caption_dropout, use_cached=self._use_cached_latents())
         self.stopper = EarlyStopper(cfg.eval.metric, cfg.eval.mode, cfg.eval.patience, cfg.eval.min_delta)
         self.state = TrainState()
-        acc.register_for_checkpointing(self.state)
+        scale.load_weights_only(self.model)  # a DeepSpeed engine unpickles its files with weights_only=True
         self.checkpointer = Checkpointer(acc, self.run_dir, cfg, cfg.train.keep_last)
         if resume:
             self._resume(resume)
@@ -165,12 +164,11 @@ class Trainer:
 
     def _resume(self, resume: str) -> None:
         path = self.checkpointer.resolve(resume)
-        info = self.checkpointer.load(path)
+        info, trainer_state = self.checkpointer.load(path)
+        self.state.load_state_dict(trainer_state)
         if info.get("fold") != self.fold:
             raise DataError(f"cannot resume from {path}: it is fold {info.get('fold')}, this run is fold {self.fold}")
         check_same_batching(path, info, self.effective_batch_info())
-        if self.state.micro_step < 0:  # saved before skipped steps were tracked: no step was ever skipped
-            self.state.micro_step = self.state.step * self.cfg.train.grad_accum
         self.stopper.load_state_dict(self.state.stopper)
         log.info("resumed from %s at step %d", path, self.state.step)
 
@@ -382,7 +380,7 @@ class Trainer:
         ckpt_every = cfg.train.checkpoint_every
         if (ckpt_every and step % ckpt_every == 0) or (not ckpt_every and epoch_end) or last or self.state.stopped_early:
             self.checkpointer.save(step, {"fold": self.fold, "epoch": self.epoch, "config_hash": cfg.hash(),
-                                          **self.effective_batch_info()})
+                                          **self.effective_batch_info()}, self.state.state_dict())
         rank = str(self.accelerator.process_index)
         if os.environ.get(KILL_ENV) == str(step) and os.environ.get(KILL_RANK_ENV, rank) == rank:
             os.kill(os.getpid(), getattr(signal, os.environ.get(KILL_SIGNAL_ENV, "SIGKILL")))

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _train_helpers import child_env  # noqa: E402
+sys.path.insert(0, str(Path(__file__).parents[1] / "unit"))
 from test_scale_train import (ACCEL, LAUNCH_TIMEOUT_S, STEP4, best_export, check_common,  # noqa: E402
                               deepspeed_config, last_by_step, launch, max_diff, scalars)
 
@@ -196,3 +197,25 @@ def test_a_deepspeed_config_that_accelerate_would_run_as_ddp_is_refused(phantom_
     lines = [line for line in res.stderr.splitlines() if line.startswith("Error: a DeepSpeed config was launched")]
     assert len(lines) == 2 and "ACCELERATE_USE_CPU=1 is set" in lines[0], res.stderr[-3000:]
     assert "unset ACCELERATE_USE_CPU" in lines[0]
+
+
+@pytest.mark.timeout(180)
+def test_a_payload_planted_in_a_deepspeed_checkpoint_file_is_refused_on_every_rank(zero2_bf16, phantom_shards,
+                                                                                    tmp_path):
+    """DeepSpeed's engine would unpickle its files with weights_only=False; here the file is refused unopened."""
+    import shutil
+
+    from test_checkpoint_trust import plant  # tests/unit: the planted object touches a marker when unpickled
+
+    run, res = zero2_bf16
+    assert res.returncode == 0, res.stderr[-3000:]
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    marker = tmp_path / "payload_ran"
+    plant(copy / STEP4 / "pytorch_model" / "mp_rank_00_model_states.pt", marker)
+    resumed = launch(ACCEL / "zero2.yaml", phantom_shards, copy, BF16, extra=("--resume", "latest"), timeout=150)
+    assert resumed.returncode != 0
+    lines = [line for line in resumed.stderr.splitlines() if line.startswith("Error: cannot resume from")]
+    assert len(lines) == 2 and "pytorch_model/mp_rank_00_model_states.pt holds something other" in lines[0], \
+        resumed.stderr[-3000:]
+    assert not marker.exists()

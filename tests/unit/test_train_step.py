@@ -17,7 +17,7 @@ FAST = ["train.batch_size=4", "eval.num_metric_images=0", "eval.num_grid_prompts
         "eval.run_test=false", "train.checkpoint_every=1000", "eval.eval_every_steps=1000"]
 
 
-def make_trainer(tmp_path, *overrides, n_train=16, n_val=4):
+def make_trainer(tmp_path, *overrides, n_train=16, n_val=4, resume=None):
     from cxrdist.train.trainer import Trainer
 
     cfg = load_config(None, FAST + [f"train.output_dir={tmp_path}", *overrides])
@@ -26,7 +26,7 @@ def make_trainer(tmp_path, *overrides, n_train=16, n_val=4):
     def factory(channels, rank, world_size):
         return FakeData(samples[:n_train], samples[n_train:], cfg.train.batch_size, rank=rank, world_size=world_size)
 
-    return Trainer(cfg, fold=0, run_dir=tmp_path / "fold0", data_factory=factory)
+    return Trainer(cfg, fold=0, run_dir=tmp_path / "fold0", data_factory=factory, resume=resume)
 
 
 def run_steps(trainer, n):
