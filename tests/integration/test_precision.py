@@ -12,6 +12,7 @@ copies in its optimizer: checkpoints and exports must come from those masters, n
 from __future__ import annotations
 
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,8 +24,8 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).parent))
 from _train_helpers import child_env  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parents[1] / "unit"))
-from test_scale_train import (ACCEL, LAUNCH_TIMEOUT_S, STEP4, best_export, check_common,  # noqa: E402
-                              deepspeed_config, last_by_step, launch, max_diff, scalars)
+from test_scale_train import (ACCEL, LAUNCH_TIMEOUT_S, REPO, STEP4, _args, _free_port, best_export,  # noqa: E402
+                              check_common, deepspeed_config, last_by_step, launch, max_diff, scalars)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -219,3 +220,29 @@ def test_a_payload_planted_in_a_deepspeed_checkpoint_file_is_refused_on_every_ra
     assert len(lines) == 2 and "pytorch_model/mp_rank_00_model_states.pt holds something other" in lines[0], \
         resumed.stderr[-3000:]
     assert not marker.exists()
+
+
+@pytest.mark.timeout(LAUNCH_TIMEOUT_S + 60)
+def test_multi_node_zero2_bf16_as_two_launchers_ends_where_one_machine_does(zero2_bf16, phantom_shards, tmp_path):
+    """configs/accelerate/multi_node_zero2.yaml with one process per "machine": two `accelerate launch` processes
+    on this host (static rendezvous on 127.0.0.1, DeepSpeed's standard multinode launcher) train exactly like the
+    one-machine ZeRO-2 bf16 run; the run folder is seen by both, so the shared-folder check passes."""
+    out, port = tmp_path / "two_machines", _free_port()
+    launchers = [subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCEL / "multi_node_zero2.yaml"),
+         "--num_processes", "2", "--num_machines", "2", "--machine_rank", str(rank),
+         "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+         str(REPO / "launch" / "train.py"), *_args(phantom_shards, out, [BF16])],
+        cwd=REPO, env=child_env(DS_ACCELERATOR="cpu"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank in (0, 1)]
+    try:
+        results = [subprocess.CompletedProcess(p.args, 0, *p.communicate(timeout=LAUNCH_TIMEOUT_S)) for p in launchers]
+    finally:
+        for p in launchers:
+            p.kill()
+    for p, res in zip(launchers, results):
+        res.returncode = p.wait()
+        assert res.returncode == 0, res.stderr[-3000:]
+    check_common(out, results[0], "DeepSpeed ZeRO-2")
+    one_machine = load_file(str(zero2_bf16[0] / STEP4 / "adapter.safetensors"))
+    assert max_diff(load_file(str(out / STEP4 / "adapter.safetensors")), one_machine) == 0.0  # measured 0.0
