@@ -18,6 +18,13 @@ from cxrdist.models.text import apply_template, encode_ids, max_length, tokenize
 log = logging.getLogger(__name__)
 
 
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """One host-to-device copy; from pinned memory and non-blocking on CUDA, so the host does not wait on it."""
+    if torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 class FrozenTextCache:
     """Context of a frozen text encoder, remembered per token sequence.
 
@@ -177,9 +184,9 @@ class BatchEncoder:
         """Scaled latents. The posterior mean is used both when encoding here and when caching latents, so a
         run on cached latents sees exactly the inputs of a run that encodes on the fly."""
         if self.use_cached and batch.get("latents") is not None:
-            raw = torch.as_tensor(batch["latents"]).to(device=device, dtype=torch.float32)
+            raw = to_device(torch.as_tensor(batch["latents"]), device).float()
         else:
-            pixels = torch.as_tensor(batch["pixel_values"]).to(device=device, dtype=self.vae.dtype)
+            pixels = to_device(torch.as_tensor(batch["pixel_values"]), device).to(self.vae.dtype)
             raw = self.vae.encode(pixels).latent_dist.mode().float()
         return raw * self.scaling
 

@@ -34,7 +34,7 @@ from cxrdist.train.checkpoint import Checkpointer, check_shared_folder, write_js
 from cxrdist.train.early_stop import EarlyStopper
 from cxrdist.train.evaluate import Evaluator
 from cxrdist.train.export import export_best, weights_digest
-from cxrdist.train.model import BatchEncoder, DiffusionObjective, LoraDiffusionModel
+from cxrdist.train.model import BatchEncoder, DiffusionObjective, LoraDiffusionModel, to_device
 from cxrdist.train.optim import GROUP_NAMES, build_lr_scheduler, build_optimizer
 from cxrdist.train.tracking import MetricsLogger, image_grid, peak_memory_mb
 
@@ -537,13 +537,6 @@ def optimizer_chain(optimizer) -> str:
         names.append(type(optimizer).__name__)
         optimizer = getattr(optimizer, "optimizer", None)
     return " > ".join(names)
-
-
-def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
-    """One host-to-device copy; from pinned memory and non-blocking on CUDA, so the host does not wait on it."""
-    if torch.device(device).type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
 
 
 def _finite(value) -> bool:
