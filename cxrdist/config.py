@@ -433,11 +433,35 @@ def resolve_preset(name_or_path: str) -> Path:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as a dict. UTF-8 (with or without BOM) or UTF-16/32 with a BOM, as YAML allows and
+    as Windows editors and PowerShell's `>` write it; anything else is a ConfigError naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder: give a YAML file")
     try:
-        data = parse_yaml(Path(path).read_text()) or {}
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read ({exc.strerror or exc}): check the path") from None
+    try:
+        data = parse_yaml(_decode_config(raw)) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold sections (a mapping such as `train: {{...}}`), "
+                          f"not a {type(data).__name__}")
     return data
+
+
+def _decode_config(raw: bytes) -> str:
+    import codecs
+
+    if raw.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):  # before UTF-16: BOM_UTF32_LE starts with it
+        return raw.decode("utf-32")
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return raw.decode("utf-16")
+    return raw.decode("utf-8-sig")
 
 
 def load_config(config: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

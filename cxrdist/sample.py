@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import numbers
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 
 from cxrdist.config import SAMPLE_SCHEDULERS
 from cxrdist.errors import InputError, ModelError
-from cxrdist.models.loading import BaseModel, load_base
+from cxrdist.models.loading import PRESET_PREFIX, BaseModel, check_weights_file, fingerprint, load_base
 from cxrdist.models.text import apply_template, encode_prompts
 from cxrdist.sample_output import check_output_dir, contact_sheet, write_samples  # contact_sheet: for trainer grids
 
@@ -43,6 +44,9 @@ def _scheduler_table() -> dict[str, tuple[Any, dict]]:
 
 
 SCHEDULERS: dict[str, tuple[Any, dict]] = _scheduler_table()
+# torch.Generator.manual_seed takes up to 2**64 - 1, numpy and PNG metadata readers want a signed 64-bit int:
+# seeds live in 0..2**63 - 1 so every tool reading a sample's seed back can reproduce it.
+SEED_MAX = 2**63 - 1
 assert set(SCHEDULERS) == set(SAMPLE_SCHEDULERS), "config.SAMPLE_SCHEDULERS and sample.SCHEDULERS disagree"
 
 
@@ -91,8 +95,23 @@ def _check(settings: SampleSettings, reports: list[str], seeds: list[int]) -> No
         raise InputError(f"unknown scheduler '{settings.scheduler}': choose one of {', '.join(SCHEDULERS)}")
     if len(reports) != len(seeds):
         raise InputError(f"{len(reports)} reports but {len(seeds)} seeds: give one seed per image")
+    bad = next((seed for seed in seeds if not _seed_ok(seed)), None)
+    if bad is not None:
+        raise InputError(f"seed {bad} is out of range: seeds must be integers in 0..{SEED_MAX}")
     if not reports:
         raise InputError("nothing to generate: give at least one report")
+
+
+def _seed_ok(seed) -> bool:
+    # numbers.Integral: numpy integers count too (callers may derive seeds from arrays)
+    return isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and 0 <= int(seed) <= SEED_MAX
+
+
+def check_seed_range(first: int, count: int) -> None:
+    """Refuse a run whose seeds (first, first + 1, ..., first + count - 1) leave 0..SEED_MAX, before loading."""
+    if not (_seed_ok(first) and _seed_ok(first + max(count, 1) - 1)):
+        raise InputError(f"--seed {first} is out of range: image i gets seed + i, so seed must be in "
+                         f"0..{SEED_MAX - max(count, 1) + 1} for {count} image(s) (sample.seed)")
 
 
 @contextlib.contextmanager
@@ -293,13 +312,37 @@ def _load_base_for(source: str, folder: Path, vae_dtype: str, overridden: bool) 
 
 
 def _load_adapter_folder(folder: Path, base_override: str | None, vae_dtype: str):
-    from cxrdist.models.lora import load_adapter, read_adapter_metadata
+    from cxrdist.models.lora import WEIGHTS_NAME, load_adapter, read_adapter_metadata
 
     meta = read_adapter_metadata(folder)
+    check_weights_file(folder / WEIGHTS_NAME, "the adapter")  # before the base: it fails in ms, not after loading
+    if not base_override:
+        _check_recorded_base(meta, folder)
     source = base_override or meta["base"]["source"]
     base = _load_base_for(source, folder, vae_dtype, overridden=bool(base_override))
     meta = load_adapter(folder, base)
     return base, meta
+
+
+def _check_recorded_base(meta: dict, folder: Path) -> None:
+    """Refuse at once a recorded base that was a local folder at training time and is not here.
+
+    Older adapters recorded a relative path; read from another working directory it names nothing, and
+    `runs/base` would then be taken for a hub id (a long, failing lookup). The recorded fingerprint tells the
+    cases apart: for a hub id (or a folder that did not exist) it is the hash of the name itself.
+    """
+    source = meta["base"]["source"]
+    try:
+        local = Path(source).expanduser()
+    except RuntimeError:  # ~user that does not exist here
+        local = Path(source)
+    if source.startswith(PRESET_PREFIX) or local.exists():
+        return
+    if meta["base"]["fingerprint"] == fingerprint(source):  # fingerprint of a name that is not a folder here
+        return
+    relative = "" if local.is_absolute() else f" (a relative path, looked for in {Path.cwd()})"
+    raise ModelError(f"base '{source}' recorded in {folder / 'cxrdist.json'} was a local folder when the adapter "
+                     f"was trained and is not found here{relative}: pass --base PATH_OR_PRESET")
 
 
 def _load_training_checkpoint(folder: Path, base_override: str | None, vae_dtype: str):
@@ -315,6 +358,7 @@ def _load_training_checkpoint(folder: Path, base_override: str | None, vae_dtype
     for name in (ADAPTER_FILE, CONFIG_FILE):
         if not (folder / name).is_file():
             raise ModelError(f"training checkpoint {folder} has no {name}: it is incomplete; use another step")
+    check_weights_file(folder / ADAPTER_FILE, "the training checkpoint")
     cfg = config_from_dict(load_yaml(folder / CONFIG_FILE))
     source = base_override or cfg.model.pretrained
     base = _load_base_for(source, folder, vae_dtype, overridden=bool(base_override))
@@ -331,9 +375,14 @@ def _load_pipeline_folder(folder: Path, base_override: str | None, vae_dtype: st
 
     if base_override:
         raise InputError(f"--base applies to LoRA checkpoints, but {folder} is a full pipeline: drop --base")
-    base = load_base(str(folder), vae_dtype=vae_dtype)
     meta_file = folder / "cxrdist.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.exists() else None
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.exists() else None
+    except (ValueError, OSError) as exc:  # not JSON / not UTF-8: checked before the weights load
+        raise ModelError(f"{meta_file} is not valid JSON ({type(exc).__name__}): restore or delete it") from None
+    if meta is not None and not isinstance(meta, dict):
+        raise ModelError(f"{meta_file} is not a JSON object: restore or delete it")
+    base = load_base(str(folder), vae_dtype=vae_dtype)
     return base, meta
 
 
@@ -389,7 +438,8 @@ def sample_to_folder(cfg, model_path: str | Path, reports: list[str], out_dir: s
 
     from cxrdist.models.loading import DTYPES
 
-    out = check_output_dir(out_dir)
+    check_seed_range(cfg.sample.seed, len(reports) * cfg.sample.num_images)
+    out = check_output_dir(out_dir)  # writable now, not after every image was generated
     device = resolve_device(cfg.sample.device)
     dtype = DTYPES[cfg.sample.dtype]
     base, meta = load_for_sampling(model_path, base_override, vae_dtype=cfg.model.vae_dtype)

@@ -9,6 +9,7 @@ Layout of an output folder (one run per folder; a folder that already holds samp
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -81,7 +82,8 @@ def _read_prompts_file(path: Path) -> list[str]:
 
 
 def check_output_dir(out_dir: str | Path) -> Path:
-    """Refuse an --out that is a file or already holds samples (runs never overwrite each other)."""
+    """Refuse an --out that is a file, already holds samples, or cannot be written (runs never overwrite each
+    other, and a bad --out fails before the model loads, not after every image was generated)."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file: give a folder path")
@@ -89,7 +91,34 @@ def check_output_dir(out_dir: str | Path) -> Path:
         taken = [name for name in OUR_FILES if (out / name).exists()] + sorted(p.name for p in out.glob("*_s*.png"))[:1]
         if taken:
             raise InputError(f"--out {out} already holds samples ({taken[0]}): choose a new folder or delete it")
+    _check_writable(out)
     return out
+
+
+def _check_writable(out: Path) -> None:
+    """Create the missing part of `out` and a probe file in it, then remove both again.
+
+    Trying is the only reliable test: os.access says yes to root on a read-only mount, and no to nothing
+    about a file sitting where a parent folder should be.
+    """
+    missing, existing = [], out
+    while not existing.exists():  # False also under a file (ENOTDIR), so this stops at the first real entry
+        missing.append(existing)
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"--out {out}: {existing} is a file, not a folder: choose another path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(f"--out {out} cannot be written ({exc.strerror or exc}): choose a folder you can "
+                         "write to") from None
+    finally:
+        for folder in missing:  # deepest first; only folders this check created, and only if still empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def sample_name(index: int, seed: int, total: int) -> str:

@@ -3,6 +3,8 @@
 Everything in between decode and encode is a 2-D float32 array in [0, 1]: 16-bit PNG/TIFF and DICOM keep
 their full bit depth until `encode_png` quantises. A file that cannot be decoded raises
 `RecordRejected` with a stable reason key, so the builder counts it instead of crashing or inventing pixels.
+The same holds for images that decode but carry no picture (constant, tiny, or a DICOM whose rescale or
+window tags flatten it): `check_pixels`, which the builder runs on every loaded image, rejects them.
 """
 from __future__ import annotations
 
@@ -21,6 +23,13 @@ BIT_DEPTHS = (8, 16)
 _PIL_FULL_SCALE = {"L": 255.0, "I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I": 65535.0, "1": 1.0}
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
+
+# Below 16 px a side there is no anatomy left to learn from; the smallest shard size is 8, so such an image
+# would be upsampled into a blur (or a thumbnail/icon got into the export).
+MIN_SIDE = 16
+# Images whose whole range spans fewer than 3 grey levels at 8 bits are blank: all-black DICOMs after a zero
+# window or slope, a white placeholder, an empty scan. A real radiograph spans most of [0, 1].
+MIN_RANGE = 2.0 / 255.0
 
 
 def _looks_like_dicom(path: Path) -> bool:
@@ -84,6 +93,7 @@ def decode_dicom(path: str | Path) -> np.ndarray:
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
     if raw.ndim != 2 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise RecordRejected("unsupported_image", f"{path}: {photometric} with shape {raw.shape}")
+    _check_dicom_tags(ds, path)
     values = np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
     if "WindowCenter" in ds and "WindowWidth" in ds:
         values = _window(values, ds.WindowCenter, ds.WindowWidth)
@@ -95,6 +105,21 @@ def decode_dicom(path: str | Path) -> np.ndarray:
     if photometric == "MONOCHROME1":
         values = 1.0 - values  # MONOCHROME1 stores bright = low values; flip so bone is bright everywhere
     return values.astype(np.float32)
+
+
+def _check_dicom_tags(ds, path) -> None:
+    """Refuse tags that flatten every pixel to one value (the image would come out all black or all white)."""
+    try:
+        slope, width = ds.get("RescaleSlope", 1), ds.get("WindowWidth")
+        slope, width = (1.0 if slope is None else _first(slope)), (None if width is None else _first(width))
+    except (TypeError, ValueError) as exc:
+        raise RecordRejected("corrupt_image", f"{path}: unreadable RescaleSlope or WindowWidth ({exc})") from None
+    if slope == 0:
+        raise RecordRejected("degenerate_image", f"{path}: RescaleSlope is 0, which maps every pixel to the "
+                                                 "intercept")
+    if width is not None and "WindowCenter" in ds and width < 1:
+        # PS3.3 C.11.2.1.2 requires WindowWidth >= 1; 0 or less is a broken export, not a window to guess at.
+        raise RecordRejected("degenerate_image", f"{path}: WindowWidth {width:g} (DICOM requires >= 1)")
 
 
 def _first(value) -> float:
@@ -120,14 +145,21 @@ def _stretch(values: np.ndarray) -> np.ndarray:
 
 
 def check_pixels(pixels: np.ndarray, where: str) -> np.ndarray:
-    """Refuse arrays that would silently become garbage (wrong rank, NaN, out of range)."""
+    """Refuse arrays that would silently become garbage (wrong rank, NaN, out of range, no picture)."""
     if not isinstance(pixels, np.ndarray) or pixels.ndim != 2 or min(pixels.shape) < 1:
         got = getattr(pixels, "shape", type(pixels))
         raise RecordRejected("bad_pixels", f"{where}: expected a 2-D array, got {got}")
+    if min(pixels.shape) < MIN_SIDE:
+        raise RecordRejected("image_too_small", f"{where}: {pixels.shape[1]}x{pixels.shape[0]} px, under "
+                                                f"{MIN_SIDE} px on a side")
     pixels = pixels.astype(np.float32, copy=False)
     low, high = float(pixels.min()), float(pixels.max())  # NaN propagates through min/max: one pass each
     if not (np.isfinite(low) and np.isfinite(high)):
         raise RecordRejected("bad_pixels", f"{where}: NaN or infinite values")
+    shown_low, shown_high = min(max(low, 0.0), 1.0), min(max(high, 0.0), 1.0)  # the range left after clipping
+    if shown_high - shown_low < MIN_RANGE:
+        raise RecordRejected("degenerate_image", f"{where}: constant image (every pixel within "
+                                                 f"{shown_high - shown_low:.4f} of {shown_low:.3f})")
     return pixels if 0.0 <= low and high <= 1.0 else np.clip(pixels, 0.0, 1.0)
 
 

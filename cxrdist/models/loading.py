@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from cxrdist.errors import ModelError
 from cxrdist.models.presets import PRESETS, save_preset
@@ -37,8 +38,10 @@ class BaseModel:
     text_encoder: Any
     tokenizer: Any
     scheduler_config: dict
-    source: str  # what the user asked for ("preset:tiny", a path, or a hub id)
-    path: str  # the folder the weights came from
+    # What the user asked for: "preset:tiny" or a hub id as given, a local folder as its absolute path (it is
+    # recorded in adapters, and a relative path read from another working directory names another folder).
+    source: str
+    path: str  # the folder the weights came from (absolute), or the hub id
     fingerprint: str  # identifies the base; recorded in adapters and checked when they load
 
     @property
@@ -84,20 +87,69 @@ def preset_folder(name: str) -> Path:
     return folder
 
 
-def resolve_base_path(pretrained: str) -> str:
-    """`preset:NAME` -> cached folder; an existing folder stays; anything else is treated as a hub id."""
+def resolve_base_path(pretrained: str, revision: str | None = None) -> str:
+    """`preset:NAME` -> cached folder; an existing folder -> its absolute path; else a hub id, checked here.
+
+    A string that can only be a path (see `looks_like_path`) but is not here is an error naming it, not a hub
+    lookup (which took half a minute to fail offline); so is a hub id that HF_HUB_OFFLINE forbids fetching.
+    """
     if pretrained.startswith(PRESET_PREFIX):
         return str(preset_folder(pretrained[len(PRESET_PREFIX):]))
-    path = Path(pretrained).expanduser()
+    try:
+        path = Path(pretrained).expanduser()
+    except RuntimeError:  # ~user that does not exist
+        raise ModelError(f"base model '{pretrained}' not found: its home folder does not exist") from None
     if path.exists():
         if not (path / "model_index.json").exists() and not (path / "unet" / "config.json").exists():
             raise ModelError(f"{pretrained} is not a diffusers pipeline folder (no model_index.json or unet/): "
                              "point --pretrained at a Stable Diffusion folder or use preset:tiny")
-        return str(path)
-    if pretrained.startswith((".", "/", "~")) or pretrained.count("/") != 1:
-        raise ModelError(f"base model '{pretrained}' not found: give an existing folder, a hub id (org/name), "
-                         f"or one of {[PRESET_PREFIX + n for n in PRESETS]}")
-    return pretrained  # a hub id: from_pretrained honours HF_HUB_OFFLINE and the local cache
+        return str(path.resolve())
+    if looks_like_path(pretrained):
+        raise ModelError(f"base model folder '{pretrained}' not found (looked for {path.absolute()}): give an "
+                         f"existing folder, a hub id (org/name), or one of {[PRESET_PREFIX + n for n in PRESETS]}")
+    check_hub_id(pretrained, revision)
+    return pretrained  # a hub id: from_pretrained uses the local cache and downloads what is missing
+
+
+def looks_like_path(text: str) -> bool:
+    """True when `text` can only mean a local path: it starts with ./ ../ / ~, holds a backslash or the OS's
+    separator (other than the one '/' of org/name), has other than exactly one '/', or its first component is
+    a folder here (`runs/base` while ./runs exists)."""
+    if text.startswith((".", "/", "~")) or "\\" in text or (os.sep != "/" and os.sep in text):
+        return True
+    if text.count("/") != 1:
+        return True
+    return Path(text.split("/", 1)[0]).is_dir()
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as huggingface_hub reads it; the environment is read again
+    because huggingface_hub reads it only once, at import."""
+    from huggingface_hub import constants
+
+    flags = [os.environ.get(name, "").strip().upper() for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")]
+    if any(flag in ("1", "ON", "YES", "TRUE") for flag in flags):
+        return True
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def check_hub_id(repo_id: str, revision: str | None = None) -> None:
+    """Refuse a malformed hub id, and, offline, one that is not in the local hub cache (fails at once)."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise ModelError(f"base model '{repo_id}' is neither a local folder nor a valid hub id (org/name): "
+                         "check the spelling") from None
+    if not hub_offline():
+        return
+    cached = (try_to_load_from_cache(repo_id, name, revision=revision) for name in ("model_index.json",
+                                                                                    "unet/config.json"))
+    if not any(isinstance(found, str) for found in cached):
+        raise ModelError(f"base model '{repo_id}' is not in the local hub cache and HF_HUB_OFFLINE is set: "
+                         "download it once online (unset HF_HUB_OFFLINE), or give a local folder")
 
 
 def fingerprint(path: str) -> str:
@@ -124,11 +176,34 @@ def fingerprint(path: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def check_weights_file(path: str | Path, what: str) -> None:
+    """Refuse a missing, truncated or random .safetensors file with one ModelError, reading only its header.
+
+    safetensors validates the header and that it covers the file's whole length when the file is opened,
+    so this catches what `load_file` would raise as SafetensorError later, without reading the tensors.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path} not found: {what} is incomplete")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"{path} is not a valid safetensors file ({first}): {what} is damaged; "
+                         "copy or export it again") from None
+
+
 def _referenced_package_path(path: str, subfolder: str) -> str | None:
     ref = Path(path) / subfolder / REFERENCE_FILE
     if not ref.exists():
         return None
-    package = json.loads(ref.read_text()).get("package", "")
+    try:
+        package = json.loads(ref.read_text(encoding="utf-8")).get("package", "")
+    except (ValueError, AttributeError, OSError):  # not JSON, not UTF-8, not an object
+        raise ModelError(f"{ref} is not a valid {REFERENCE_FILE}: restore the base model folder") from None
     if package not in PACKAGE_COMPONENTS:
         raise ModelError(f"{ref} names package '{package}', which cxrdist cannot resolve "
                          f"(known: {sorted(PACKAGE_COMPONENTS)})")
@@ -144,9 +219,12 @@ def _load_component(cls, path: str, subfolder: str, revision: str | None, **kwar
         if referenced:
             return cls.from_pretrained(referenced, **kwargs)
         return cls.from_pretrained(path, subfolder=subfolder, revision=revision, **kwargs)
-    except OSError as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        # OSError: missing or unreadable files; SafetensorError: a truncated or random weight file (raised as is
+        # by transformers); ValueError / RuntimeError: a config or weights that do not fit together.
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelError(f"cannot load {subfolder} from '{path}': {first}") from None
+        raise ModelError(f"cannot load {subfolder} from '{path}': {first}: restore or re-download the "
+                         "model") from None
 
 
 def load_base(pretrained: str, revision: str | None = None, vae_dtype: str = "fp32") -> BaseModel:
@@ -156,7 +234,7 @@ def load_base(pretrained: str, revision: str | None = None, vae_dtype: str = "fp
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # per-tensor "Loading weights" bars; hub download bars stay
-    path = resolve_base_path(pretrained)
+    path = resolve_base_path(pretrained, revision)
     unet = _load_component(UNet2DConditionModel, path, "unet", revision)
     vae = _load_component(AutoencoderKL, path, "vae", revision, torch_dtype=DTYPES[vae_dtype])
     text_encoder = _load_component(AutoModel, path, "text_encoder", revision)
@@ -166,8 +244,13 @@ def load_base(pretrained: str, revision: str | None = None, vae_dtype: str = "fp
         module.requires_grad_(False)
         module.eval()
     return BaseModel(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                     scheduler_config=dict(scheduler.config), source=pretrained, path=path,
+                     scheduler_config=dict(scheduler.config), source=_recorded_source(pretrained, path), path=path,
                      fingerprint=fingerprint(path))
+
+
+def _recorded_source(pretrained: str, path: str) -> str:
+    """A preset name or hub id as given; a local folder as the absolute path `resolve_base_path` found."""
+    return pretrained if pretrained.startswith(PRESET_PREFIX) or path == pretrained else path
 
 
 def save_base(parts: dict, out: str | Path, text_encoder_package: str | None = None,

@@ -138,13 +138,51 @@ def adapter_metadata(base: BaseModel, spec: dict, prompt_template: str, config: 
 
 
 def read_adapter_metadata(folder: str | Path) -> dict:
+    """cxrdist.json of an adapter folder, checked: every key that loading reads is there with the right type,
+    so a damaged or hand-edited file is one ModelError naming the key, not a KeyError deep in loading."""
     path = Path(folder) / METADATA_NAME
     if not path.exists():
         raise ModelError(f"{folder} has no {METADATA_NAME}: not a cxrdist adapter folder")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ModelError(f"{path} is not valid JSON ({type(exc).__name__}: {str(exc).splitlines()[0]}): "
+                         "the adapter folder is damaged; export it again") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path} is not a JSON object: the adapter folder is damaged; export it again")
     if data.get("format") != ADAPTER_FORMAT:
         raise ModelError(f"{path} has format {data.get('format')!r}, expected {ADAPTER_FORMAT!r}")
+    problem = _metadata_problem(data)
+    if problem:
+        raise ModelError(f"{path} is incomplete: {problem}; the adapter folder is damaged, export it again")
     return data
+
+
+def _metadata_problem(data: dict) -> str | None:
+    """The first missing or mistyped key that `load_adapter` and sampling rely on, or None."""
+    base, adapter = data.get("base"), data.get("adapter")
+    if not isinstance(base, dict) or not isinstance(base.get("source"), str) or not base["source"].strip():
+        return "'base.source' is missing or not a string"
+    if not isinstance(base.get("fingerprint"), str):
+        return "'base.fingerprint' is missing or not a string"
+    if not isinstance(adapter, dict) or "unet" not in adapter or "text_encoder" not in adapter:
+        return "'adapter' needs 'unet' and 'text_encoder' entries"
+    if "prompt_template" in data and not isinstance(data["prompt_template"], str):
+        return "'prompt_template' is not a string"
+    for part in ("unet", "text_encoder"):
+        spec = adapter[part]
+        if spec is None and part == "text_encoder":
+            continue
+        if not isinstance(spec, dict):
+            return f"'adapter.{part}' is not an object"
+        if not isinstance(spec.get("rank"), int) or isinstance(spec.get("rank"), bool) or spec["rank"] < 1:
+            return f"'adapter.{part}.rank' is not a positive integer"
+        if not isinstance(spec.get("alpha"), (int, float)) or isinstance(spec.get("alpha"), bool):
+            return f"'adapter.{part}.alpha' is not a number"
+        targets = spec.get("targets")
+        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+            return f"'adapter.{part}.targets' is not a list of module names"
+    return None
 
 
 def _split_prefixed(state: dict) -> tuple[dict, dict]:

@@ -3,11 +3,21 @@
 This is the door for MIMIC-CXR-JPG, CheXpert Plus, PadChest or a hospital export: write (or convert to) a
 CSV or JSONL file and map its column names with options. Relative paths resolve against `root`
 (default: the manifest's folder). Images may be PNG, JPEG, 8/16-bit PNG or TIFF, or DICOM.
+
+A manifest is data from somebody else, so it may not make us read arbitrary local files into a shard:
+- with an explicit `root` (`--root`), every image and report path, absolute or relative, must resolve
+  (symbolic links followed) inside that folder;
+- without one, relative paths may not climb out of the manifest's folder (`../x` is refused; checked on the
+  normalised path, so a symlinked image folder inside it keeps working). Absolute paths stay allowed, as
+  before (only relative paths were ever resolved against a base): pass `--root` to confine them too.
+A path that breaks these rules, a report file over `MAX_REPORT_BYTES` or one that is not UTF-8 is a
+counted reject (rejects.jsonl), never a crash and never silently repaired.
 """
 from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +32,9 @@ from cxrdist.errors import DataError
 
 _UNSAFE_KEY = re.compile(r"[^A-Za-z0-9_-]")
 _UNDERSCORE_DEID = re.compile(r"_{3,}")  # MIMIC writes "___" where a name or date was removed
+# The longest real radiology reports are a few KiB; 256 KiB leaves a wide margin and still stops a manifest
+# from pulling a log file, a database dump or /dev/zero into every sample's text.
+MAX_REPORT_BYTES = 256 * 1024
 
 
 @dataclass
@@ -42,35 +55,80 @@ _DEFAULTS = {"text": "report", "text_path": "report_path", "view": "view", "labe
 
 
 def read_rows(path: Path) -> tuple[list[str], Iterator[tuple[int, dict[str, Any]]]]:
-    """(column names, iterator of (line number, row)) for .csv / .tsv / .jsonl files."""
+    """(column names, iterator of (line number, row)) for .csv / .tsv / .jsonl files.
+
+    Text that is not UTF-8 and CSV fields over the csv module's limit are DataErrors naming the line, raised
+    while listing (before anything is written), not tracebacks from the middle of the csv module.
+    """
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        handle = open(path, newline="", encoding="utf-8-sig")
-        reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
-        header = list(reader.fieldnames or [])
+        return _read_csv(path, "\t" if suffix == ".tsv" else ",")
+    if suffix in (".jsonl", ".ndjson"):
+        return _read_jsonl(path)
+    raise DataError(f"manifest {path} must be .csv, .tsv or .jsonl (got {suffix or 'no suffix'})")
 
-        def csv_rows():
-            with handle:
+
+def _not_utf8(path: Path) -> DataError:
+    """The error for a manifest that is not UTF-8, naming the first line that does not decode."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return DataError(f"{path}:{number} is not UTF-8 text (byte {raw[exc.start]:#04x}): re-save the "
+                                 "manifest as UTF-8")
+    return DataError(f"{path} is not UTF-8 text: re-save the manifest as UTF-8")
+
+
+def _read_csv(path: Path, delimiter: str) -> tuple[list[str], Iterator[tuple[int, dict[str, Any]]]]:
+    handle = open(path, newline="", encoding="utf-8-sig")
+    reader = csv.DictReader(handle, delimiter=delimiter)
+    try:
+        header = list(reader.fieldnames or [])
+    except (UnicodeDecodeError, csv.Error) as exc:
+        handle.close()
+        raise _not_utf8(path) if isinstance(exc, UnicodeDecodeError) else _csv_error(path, 1, exc) from None
+
+    def csv_rows():
+        with handle:
+            try:
                 for row in reader:
                     yield reader.line_num, row
+            except UnicodeDecodeError:
+                raise _not_utf8(path) from None
+            except csv.Error as exc:
+                raise _csv_error(path, reader.line_num, exc) from None
 
-        return header, csv_rows()
-    if suffix in (".jsonl", ".ndjson"):
-        lines = path.read_text(encoding="utf-8").splitlines()
-        rows = []
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number} is not valid JSON ({exc.msg}): fix or remove that line") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{number} is not a JSON object: one object per line is expected")
-            rows.append((number, row))
-        header = sorted({key for _, row in rows for key in row})
-        return header, iter(rows)
-    raise DataError(f"manifest {path} must be .csv, .tsv or .jsonl (got {suffix or 'no suffix'})")
+    return header, csv_rows()
+
+
+def _csv_error(path: Path, line: int, exc: csv.Error) -> DataError:
+    # The usual cause is a field over csv.field_size_limit() (128 KiB), i.e. an unclosed quote swallowing the
+    # rest of the file or a report pasted in whole; the limit is not raised: it is process-wide state.
+    return DataError(f"{path}:{line} cannot be parsed as CSV ({exc}): check for an unclosed quote, or put long "
+                     "reports in files (--text-path-col)")
+
+
+def _read_jsonl(path: Path) -> tuple[list[str], Iterator[tuple[int, dict[str, Any]]]]:
+    rows = []
+    # Split bytes on newlines only: str.splitlines() would also split inside strings holding U+2028 etc.
+    for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}:{number} is not UTF-8 text (byte {raw[exc.start]:#04x}): re-save the "
+                            "manifest as UTF-8") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{number} is not valid JSON ({exc.msg}): fix or remove that line") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{number} is not a JSON object: one object per line is expected")
+        rows.append((number, row))
+    header = sorted({key for _, row in rows for key in row})
+    return header, iter(rows)
 
 
 class ManifestSource:
@@ -83,6 +141,7 @@ class ManifestSource:
             raise DataError(f"manifest {self.manifest} not found: pass an existing CSV or JSONL file")
         self.columns = columns or ManifestColumns()
         self.root = Path(root) if root else self.manifest.parent
+        self.confined = root is not None  # an explicit root confines absolute paths too (see module docstring)
         self._rejected: list[tuple[str, str, str]] = []
         self._summary = {"rows": 0, "records": 0}
 
@@ -108,16 +167,54 @@ class ManifestSource:
         path = Path(value).expanduser()
         return path if path.is_absolute() else self.root / path
 
+    def _checked_path(self, value: str, what: str) -> Path:
+        """The path of an image or report file, or RecordRejected when it leaves the root or cannot be a path."""
+        try:
+            path, inside = self._containment(value)
+        except (ValueError, RuntimeError, OSError) as exc:  # NUL byte, unknown ~user, symlink loop
+            raise RecordRejected("bad_path", f"{what} {value!r}: {exc}") from None
+        if not inside:
+            where = f"--root {self.root}" if self.confined else f"the manifest's folder {self.root}"
+            raise RecordRejected("outside_root", f"{what} {value!r} is outside {where}")
+        return path
+
+    def _containment(self, value: str) -> tuple[Path, bool]:
+        path = self._path(value)
+        if self.confined:
+            return path, path.resolve().is_relative_to(self.root.resolve())  # symlinks followed
+        if Path(value).expanduser().is_absolute():
+            return path, True  # allowed without --root, as documented
+        # Lexical check: `..` may not climb out, but a symlinked folder inside the manifest's folder is fine.
+        return path, Path(os.path.abspath(path)).is_relative_to(os.path.abspath(self.root))  # abspath normalises
+
     def _text(self, row: dict, cols: dict) -> str:
         text = row.get(cols["text"]) if cols["text"] else None
         if (text is None or str(text).strip() == "") and cols["text_path"] and row.get(cols["text_path"]):
-            report_file = self._path(str(row[cols["text_path"]]))
-            try:
-                text = report_file.read_text(encoding="utf-8", errors="replace")
-            except OSError as exc:
-                raise RecordRejected("missing_report", f"{report_file}: {exc.strerror or exc}") from None
-        text = _UNDERSCORE_DEID.sub(" ", str(text or ""))
+            text = self._report_file(self._checked_path(str(row[cols["text_path"]]), "report file"))
+        text = str(text or "")
+        if len(text.encode("utf-8")) > MAX_REPORT_BYTES:  # the same cap for text given inline (JSONL has no limit)
+            raise RecordRejected("report_too_large", f"report text over {MAX_REPORT_BYTES // 1024} KiB")
+        text = _UNDERSCORE_DEID.sub(" ", text)
         return clean_text(text)
+
+    @staticmethod
+    def _report_file(report_file: Path) -> str:
+        """A report file's text: a regular UTF-8 file of at most MAX_REPORT_BYTES, else RecordRejected."""
+        try:
+            if not report_file.is_file():  # a folder, a FIFO or /dev/zero would hang or fail on read
+                raise RecordRejected("missing_report", f"{report_file}: not a regular file")
+            with open(report_file, "rb") as handle:
+                data = handle.read(MAX_REPORT_BYTES + 1)  # never more than the cap, whatever stat says
+        except OSError as exc:
+            raise RecordRejected("missing_report", f"{report_file}: {exc.strerror or exc}") from None
+        if len(data) > MAX_REPORT_BYTES:
+            raise RecordRejected("report_too_large", f"{report_file}: over {MAX_REPORT_BYTES // 1024} KiB")
+        try:
+            return data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            # Replacing bad bytes with U+FFFD would put invented characters into training text.
+            raise RecordRejected("undecodable_report", f"{report_file}: not UTF-8 text (byte offset "
+                                                       f"{exc.start}): re-save it as UTF-8") from None
 
     def _labels(self, value: Any) -> list[str]:
         if value is None or value == "":
@@ -145,6 +242,7 @@ class ManifestSource:
                 self._rejected.append((where, "bad_row", f"empty {cols['image'] if not image else cols['group']}"))
                 continue
             try:
+                image_path = self._checked_path(image, "image")
                 prompt = self._text(row, cols)
             except RecordRejected as exc:
                 self._rejected.append((where, exc.reason, exc.detail))
@@ -161,7 +259,7 @@ class ManifestSource:
             yield Record(uid=uid, group=_UNSAFE_KEY.sub("_", group), prompt=prompt,
                          labels=self._labels(row.get(cols["labels"]) if cols["labels"] else None),
                          view=str(row.get(cols["view"]) or "").strip().upper() if cols["view"] else "",
-                         source=self.name, source_path=str(self._path(image)), extra={"row": line})
+                         source=self.name, source_path=str(image_path), extra={"row": line})
 
     def rejected(self) -> list[tuple[str, str, str]]:
         return list(self._rejected)

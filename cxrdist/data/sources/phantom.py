@@ -29,6 +29,7 @@ from cxrdist.data.sources.phantom_reports import (
     findings_labels,
     sample_findings,
 )
+from cxrdist.errors import InputError
 
 SIDE_SIGN = {"left": 1.0, "right": -1.0}  # patient side -> direction on the image (PA film)
 
@@ -447,8 +448,11 @@ class PhantomSource:
     name = "phantom"
 
     def __init__(self, n: int, size: int = 64, seed: int = 0) -> None:
-        if n < 1 or size < 16:
-            raise ValueError(f"PhantomSource needs n >= 1 and size >= 16 (got n={n}, size={size})")
+        # InputError, not ValueError: `cxrdist shard phantom` prints it as one line naming the flag.
+        if n < 1:
+            raise InputError(f"--n must be >= 1 phantoms (got {n})")
+        if size < 16:
+            raise InputError(f"--size must be >= 16 px for phantoms, whose anatomy needs room (got {size})")
         self.n, self.size, self.seed = n, size, seed
 
     def records(self) -> Iterator[Record]:
