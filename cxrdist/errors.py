@@ -16,7 +16,11 @@ def report_now(error: CxrdistError) -> CxrdistError:
     """
     import sys
 
-    print(f"Error: {error}", file=sys.stderr, flush=True)
+    from tqdm import tqdm
+
+    # Through tqdm, so a progress bar still on the line is cleared first and the error starts a line of its own.
+    tqdm.write(f"Error: {error}", file=sys.stderr)
+    sys.stderr.flush()
     error.reported = True
     return error
 

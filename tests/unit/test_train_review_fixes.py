@@ -99,3 +99,19 @@ def test_eval_k_folds_is_checked_against_the_shard_set():
     assert check_shards(index, load_config(None, ["eval.k_folds=2"]), 0, 1) == "fold0"
     with pytest.raises(DataError, match=r"split into 2 folds but eval.k_folds=5: set eval.k_folds=2"):
         check_shards(index, load_config("product"), 0, 1)
+
+
+def test_a_stop_line_starts_its_own_line_even_under_a_progress_bar(capsys):
+    """The launcher's log is read line by line: `Error: rank 0 ...` must not trail the bar's last update."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    from cxrdist.errors import CxrdistError, report_now
+
+    bar = tqdm(total=2, file=sys.stderr, desc="train")
+    bar.update(1)
+    error = report_now(CxrdistError("rank 0 lost the other ranks at step 1"))
+    bar.close()
+    assert error.reported
+    assert "Error: rank 0 lost the other ranks at step 1" in capsys.readouterr().err.splitlines()
