@@ -26,7 +26,12 @@ def _build_options(default_size: int) -> Callable:
                          show_default=True, help="Keep the whole image (pad) or centre-crop to a square."),
             click.option("--bit-depth", type=click.Choice(["8", "16"]), default="8", show_default=True,
                          help="PNG bit depth in the shards."),
-            click.option("--resume", is_flag=True, help="Continue an interrupted build in --out."),
+            click.option("--resume", is_flag=True,
+                         help="Continue an interrupted build in --out (kept shards are re-checked by size and "
+                              "sha256; damaged ones are rebuilt)."),
+            click.option("--max-reject-fraction", default=0.5, show_default=True, type=click.FloatRange(0, 1),
+                         help="Fail (exit 1, no index.json, this build's shards removed) when more than this "
+                              "share of the inputs is rejected; a build with an empty split always fails."),
         ]
         for option in reversed(options):
             func = option(func)
@@ -49,7 +54,9 @@ def _echo_build_summary(out: Path, index: dict) -> None:
     click.echo(f"{counts['written']} samples in {n_shards} shards at {out} "
                f"({counts['rejected']} rejected); this run processed {run['processed']} images in "
                f"{run['seconds']:.1f} s ({run['images_per_second']:.1f} img/s, {run['workers']} workers"
-               + (f", {run['shards_resumed']} shards kept from before" if run["shards_resumed"] else "") + ")")
+               + (f", {run['shards_resumed']} shards kept from before" if run["shards_resumed"] else "")
+               + (f", {run['shards_rebuilt']} damaged shards rebuilt" if run.get("shards_rebuilt") else "")
+               + ")")
     click.echo("splits: " + ", ".join(f"{name} {s['count']} ({s['groups']} groups)"
                                       for name, s in index["splits"].items()))
     if index.get("source_summary"):
@@ -80,8 +87,11 @@ def iu_xray(from_dir, cache_dir, fields, parallel_downloads, out, **kw) -> None:
     from cxrdist.data.sources.download import prepare_iu_inputs
     from cxrdist.data.sources.iu_xray import IUXraySource
 
-    roots = prepare_iu_inputs(from_dir, cache_dir or Path(out) / ".inputs", parallel=parallel_downloads)
-    source = IUXraySource([r.resolve() for r in roots], fields=[f.strip() for f in fields.split(",") if f.strip()])
+    cache = Path(cache_dir) if cache_dir else Path(out) / ".inputs"
+    roots = prepare_iu_inputs(from_dir, cache, parallel=parallel_downloads)
+    # --out (and the cache in it) may lie inside --from: scanning --from must not find them a second time
+    source = IUXraySource([r.resolve() for r in roots], exclude=[Path(out).resolve(), cache.resolve()],
+                          fields=[f.strip() for f in fields.split(",") if f.strip()])
     _run_build(source, out, kw)
 
 

@@ -5,6 +5,7 @@ Layout of a shard set folder:
     rejects.jsonl       one line per skipped input, with the reason
     test-000000.tar     shards per split (test, fold0 .. fold{K-1}), `shard_size` samples each
     .parts/             per-shard stats (the resume markers) and the build plan
+    .cxrdist-build.lock the running builder's PID (only while a build runs)
 """
 from __future__ import annotations
 

@@ -3,7 +3,13 @@
 Pipeline (img2dataset-like): reader (source.records / source.load) -> resizer (imageio) -> writer (tar).
 - Splits are drawn per group (patient / report) from the seed: a test split and K folds of the rest.
 - One task = one shard: a shard is written under `<name>.tmp`, renamed when complete, then its stats file
-  `.parts/<name>.json` is written; that file is the resume marker. `--resume` skips shards that have one.
+  `.parts/<name>.json` is written; that file is the resume marker. `--resume` keeps a shard only when its
+  size and sha256 still match its stats, and rebuilds it otherwise.
+- An image sits in one split only: records that read the same file, or a byte-copy of an earlier file, are
+  rejected (duplicate_path / duplicate_content) before the split, keeping the first in source order.
+- One build per folder: `.cxrdist-build.lock` holds the builder's PID while it runs.
+- A build whose result is unusable (an empty split, or more rejects than --max-reject-fraction) fails and
+  removes what it wrote, so the corrected rerun starts in a clean folder.
 - Images are spread over the worker pool one by one (not shard by shard) so that two cores stay busy even
   when a split has a single shard; results come back in order, so output is independent of `workers`.
 - Same inputs + seed -> byte-identical shards: tar headers carry fixed mtime/owner/mode, members are
@@ -11,6 +17,7 @@ Pipeline (img2dataset-like): reader (source.records / source.load) -> resizer (i
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -19,13 +26,16 @@ import logging
 import multiprocessing
 import os
 import random
+import socket
+import stat as stat_mode
 import sys
 import tarfile
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from tqdm import tqdm
 
@@ -37,6 +47,8 @@ from cxrdist.errors import DataError, InputError
 
 log = logging.getLogger(__name__)
 PLAN_NAME = "plan.json"
+LOCK_NAME = ".cxrdist-build.lock"
+DUPLICATE_PATH, DUPLICATE_CONTENT = "duplicate_path", "duplicate_content"
 
 
 @dataclass
@@ -51,6 +63,7 @@ class ShardOptions:
     bit_depth: int = 8  # 8 | 16 bit PNG
     resume: bool = False
     progress: bool = True
+    max_reject_fraction: float = 0.5  # more rejects than this share of the inputs fails the build
 
     def __post_init__(self) -> None:
         checks = [
@@ -61,6 +74,7 @@ class ShardOptions:
             (self.workers >= 0, "--workers", ">= 0 (0 = all cores)"),
             (self.resize_mode in RESIZE_MODES, "--resize", " or ".join(RESIZE_MODES)),
             (self.bit_depth in BIT_DEPTHS, "--bit-depth", "8 or 16"),
+            (0.0 <= self.max_reject_fraction <= 1.0, "--max-reject-fraction", "in [0, 1]"),
         ]
         for ok, name, wanted in checks:
             if not ok:
@@ -69,7 +83,7 @@ class ShardOptions:
     def plan_key(self) -> dict[str, Any]:
         """The options that shape the output; a resumed build must match them."""
         data = asdict(self)
-        for key in ("workers", "resume", "progress"):
+        for key in ("workers", "resume", "progress", "max_reject_fraction"):
             data.pop(key)
         return data
 
@@ -191,15 +205,20 @@ def _plan_record(source, records: Sequence[Record], assignment: dict[str, str], 
             "options": options.plan_key(), "records": len(records), "records_sha256": digest.hexdigest()}
 
 
-def _prepare_out(out: Path, plan: dict, options: ShardOptions) -> None:
+def _make_writable(out: Path) -> None:
     try:
         (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
-        probe = out / PARTS_DIR / ".write-test"
+        probe = out / PARTS_DIR / f".write-test-{os.getpid()}"  # per process: a second build may probe too
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
         raise InputError(f"cannot write to {out} ({exc.strerror or exc}): choose a writable --out") from None
+
+
+def _prepare_out(out: Path, plan: dict, options: ShardOptions) -> bool:
+    """Check the folder may take this build and record its plan; True when it continues the same plan."""
     plan_path = out / PARTS_DIR / PLAN_NAME
+    previous: dict = {}
     if plan_path.is_file() or (out / INDEX_NAME).is_file():
         if not options.resume:
             raise DataError(f"{out} already holds a shard set or an interrupted build: pass --resume to "
@@ -214,6 +233,249 @@ def _prepare_out(out: Path, plan: dict, options: ShardOptions) -> None:
     for leftover in out.glob("*.tmp"):  # half-written shards of a killed build: never trusted
         leftover.unlink()
     write_json_atomic(plan_path, plan)
+    return bool(previous)
+
+
+# ---- duplicates --------------------------------------------------------------------------------------------
+# A manifest may list one file under two group ids, and a collection may hold a byte-copy of an image under
+# another name and patient: either puts one image in two splits (test and a training fold). So the whole
+# source is checked before the split, and the first record in source order keeps the image.
+def _path_key(source_path: str) -> str:
+    """The file a record reads, links and `..` resolved; a generated record's descriptor as it is."""
+    return os.path.realpath(source_path) if os.path.lexists(source_path) else os.path.normpath(source_path)
+
+
+def _regular_size(path: str) -> Optional[int]:
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return info.st_size if stat_mode.S_ISREG(info.st_mode) else None
+
+
+def _digest_or_none(path: str) -> Optional[str]:
+    try:
+        return sha256_file(path)
+    except OSError:
+        return None  # vanished or unreadable: loading the record rejects it with the reason
+
+
+def _threaded(func: Callable[[Any], Any], items: Sequence[Any], workers: int) -> list[Any]:
+    """[func(x) for x in items] on `workers` threads, in order. Threads, not processes: stat, file reads and
+    hashlib release the GIL and nothing needs pickling; one slice per thread, not one future per item."""
+    if workers <= 1 or len(items) < 2:
+        return [func(item) for item in items]
+    step = -(-len(items) // workers)
+    slices = [items[start:start + step] for start in range(0, len(items), step)]
+    with ThreadPoolExecutor(max_workers=len(slices)) as pool:
+        parts = pool.map(lambda part: [func(item) for item in part], slices)
+        return [result for part in parts for result in part]
+
+
+def _content_digests(paths: Sequence[str], workers: int) -> tuple[dict[str, str], int]:
+    """(path -> sha256 of the files that share their size with another file, number of existing files).
+
+    Only files of equal size can be byte-copies, so the others are never read here: on a large collection
+    that spares reading most of it twice.
+    """
+    sizes = {path: size for path, size in zip(paths, _threaded(_regular_size, paths, workers))
+             if size is not None}
+    same_size = Counter(sizes.values())
+    candidates = [path for path, size in sizes.items() if same_size[size] > 1]
+    digests = dict(zip(candidates, _threaded(_digest_or_none, candidates, workers)))
+    return {path: digest for path, digest in digests.items() if digest}, len(sizes)
+
+
+def _duplicate_reject(record: Record, kept: Record, reason: str) -> dict[str, Any]:
+    what = "file" if reason == DUPLICATE_PATH else "bytes"
+    return {"id": record.uid, "reason": reason, "source_path": record.source_path, "kept": kept.uid,
+            "detail": f"same {what} as {kept.uid} (group {kept.group}), which is kept; this one was in group "
+                      f"{record.group}"}
+
+
+def drop_duplicates(records: Sequence[Record], workers: int = 1) -> tuple[list[Record], list[dict], dict]:
+    """(kept records, rejects, counts): one record per resolved path, then one per file content (sha256).
+
+    Records without a file (generated in memory, like the phantoms) are compared by their descriptor only:
+    their pixels come from the source's own seed and index, not from a file that can be copied or listed
+    twice, and hashing their pixels would mean generating every image twice. counts["without_file"] says
+    how many records were not compared by content.
+    """
+    keys = _threaded(lambda r: _path_key(r.source_path) if r.source_path else "", records, workers)
+    kept, rejects, by_path = [], [], {}
+    for record, key in zip(records, keys):
+        if key and key in by_path:
+            rejects.append(_duplicate_reject(record, by_path[key], DUPLICATE_PATH))
+            continue
+        by_path.setdefault(key, record)
+        kept.append((record, key))
+    digests, n_files = _content_digests([key for _, key in kept if key], workers)
+    unique, by_digest = [], {}
+    for record, key in kept:
+        digest = digests.get(key)
+        if digest and digest in by_digest:
+            rejects.append(_duplicate_reject(record, by_digest[digest], DUPLICATE_CONTENT))
+            continue
+        by_digest.setdefault(digest, record)
+        unique.append(record)
+    reasons = Counter(r["reason"] for r in rejects)
+    counts = {DUPLICATE_PATH: reasons[DUPLICATE_PATH], DUPLICATE_CONTENT: reasons[DUPLICATE_CONTENT],
+              "files": n_files, "files_hashed": len(digests), "without_file": len(kept) - n_files}
+    return unique, rejects, counts
+
+
+# ---- one build per folder ----------------------------------------------------------------------------------
+# Two builds in one --out write and delete the same temporary names: the second must stop before touching it.
+_HELD: set[str] = set()  # locks this process holds (a lock naming our PID may be debris of an earlier life)
+
+
+def _lock_holder(lock: Path) -> Optional[str]:
+    """Who holds `lock` ("PID", "PID on HOST"), or None when its builder is gone."""
+    try:
+        text, age = lock.read_text(encoding="utf-8"), time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    fields = text.split()
+    if not fields or not fields[0].isdigit():
+        # the builder writes its PID right after creating the file: an empty one is young, or debris
+        return None if age > 60 else "unknown (its lock is being written)"
+    pid, host = int(fields[0]), fields[1] if len(fields) > 1 else socket.gethostname()
+    if host != socket.gethostname():
+        return f"{pid} on {host}"  # a process on another machine cannot be checked from here
+    if pid == os.getpid():  # a restarted container reuses PIDs: ours only if this process took it
+        return str(pid) if os.path.abspath(lock) in _HELD else None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, another user's
+    return str(pid)
+
+
+def _create_lock(lock: Path, out: Path) -> int:
+    for _ in range(5):  # a dead builder's lock is removed, then created afresh
+        try:
+            return os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            if holder is not None:
+                raise DataError(f"{out} is being built by process {holder}: wait for that build to end or "
+                                f"choose another --out (if no build runs there, delete {lock})") from None
+            log.warning("%s: taking over the lock of a build that is no longer running", out)
+            lock.unlink(missing_ok=True)
+    raise DataError(f"cannot take the lock {lock}: other builds keep taking it; wait, or choose another "
+                    "--out")
+
+
+@contextlib.contextmanager
+def build_lock(out: Path) -> Iterator[None]:
+    """Hold `out/.cxrdist-build.lock` (created O_EXCL, our PID inside) while the body runs."""
+    lock, key = out / LOCK_NAME, os.path.abspath(out / LOCK_NAME)
+    fd = _create_lock(lock, out)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(f"{os.getpid()} {socket.gethostname()}\n")
+    except BaseException:  # a lock without a PID would hold the folder for a minute for nothing
+        lock.unlink(missing_ok=True)
+        raise
+    _HELD.add(key)
+    try:
+        yield
+    finally:
+        _HELD.discard(key)
+        with contextlib.suppress(OSError):  # remove it only while it is still ours
+            if lock.read_text(encoding="utf-8").split()[:1] == [str(os.getpid())]:
+                lock.unlink()
+
+
+# ---- which shards a resumed build keeps --------------------------------------------------------------------
+def _read_stats(out: Path, name: str) -> dict[str, Any]:
+    return json.loads(_stats_path(out, name).read_text(encoding="utf-8"))
+
+
+def _shard_problem(out: Path, task: ShardTask) -> Optional[str]:
+    """None when the shard may be kept, "" when it was never completed, else what is wrong with it."""
+    tar = out / task.name
+    if not _stats_path(out, task.name).is_file():
+        return ""
+    try:
+        stats = _read_stats(out, task.name)
+    except (OSError, ValueError):
+        return "its stats file is unreadable"
+    if not tar.is_file():
+        return "the shard file is missing"
+    if stats.get("name") != task.name or stats.get("split") != task.split:
+        return "its stats belong to another shard"
+    if tar.stat().st_size != stats.get("bytes"):
+        return f"it has {tar.stat().st_size} bytes, its stats say {stats.get('bytes')}"
+    if sha256_file(tar) != stats.get("sha256"):
+        return "its sha256 differs from its stats"
+    return None
+
+
+def _kept_shards(out: Path, tasks: Sequence[ShardTask]) -> tuple[set[str], list[str]]:
+    """(shards kept as they are, damaged shards to rebuild): a kept shard is re-checked, never trusted."""
+    kept, damaged = set(), []
+    for task in tasks:
+        problem = _shard_problem(out, task)
+        if problem is None:
+            kept.add(task.name)
+            continue
+        if problem:
+            log.warning("%s: %s; rebuilding it", out / task.name, problem)
+            damaged.append(task.name)
+        _stats_path(out, task.name).unlink(missing_ok=True)  # an interrupted rebuild must not trust it either
+    return kept, damaged
+
+
+# ---- is the result usable? ---------------------------------------------------------------------------------
+class BuildRejected(DataError):
+    """The build ran but made no usable shard set (an empty split, too many rejects)."""
+
+
+def top_reasons(rejects: Sequence[dict], n: int = 3) -> str:
+    counts = Counter(r["reason"] for r in rejects)
+    return ", ".join(f"{reason} {count}" for reason, count in counts.most_common(n))
+
+
+def _check_groups(assignment: dict[str, str], options: ShardOptions) -> None:
+    """Fail before anything is written when there are too few groups to give every split one."""
+    filled = Counter(assignment.values())
+    empty = [name for name in split_names(options) if not filled[name]]
+    if empty:
+        raise DataError(f"{len(assignment)} groups leave split {', '.join(empty)} empty (--test-fraction "
+                        f"{options.test_fraction:g}, --folds {options.folds}): lower --folds or "
+                        "--test-fraction, or add inputs")
+
+
+def _check_rejects(out: Path, rejects: Sequence[dict], inputs: int, options: ShardOptions) -> None:
+    """Rejects only grow during a build, so this may be asked after every shard: failing early is exact."""
+    limit = options.max_reject_fraction
+    if inputs and len(rejects) > limit * inputs:
+        raise BuildRejected(f"{out}: {len(rejects)} of {inputs} inputs rejected ({top_reasons(rejects)}), "
+                            f"more than --max-reject-fraction {limit:g}: check the input paths (--root, "
+                            f"--from) and files, then rerun (every reject is listed in {out / REJECTS_NAME})")
+
+
+def _check_splits(out: Path, splits: dict[str, dict], rejects: Sequence[dict]) -> None:
+    empty = [name for name, split in splits.items() if not split["count"]]
+    if empty:
+        lost = [r for r in rejects if r.get("split") in empty]
+        raise BuildRejected(f"{out}: split {', '.join(empty)} came out empty (its inputs were rejected: "
+                            f"{top_reasons(lost) or 'none'}): check the inputs, then rerun (every reject is "
+                            f"listed in {out / REJECTS_NAME})")
+
+
+def _roll_back(out: Path, written: Sequence[str], plan_is_new: bool) -> None:
+    """Remove what a failed build wrote, so a corrected rerun is not refused; shards kept from before stay."""
+    for name in written:
+        (out / name).unlink(missing_ok=True)
+        _stats_path(out, name).unlink(missing_ok=True)
+    if plan_is_new:  # the folder was not taken before this build: it must not be taken after it
+        (out / PARTS_DIR / PLAN_NAME).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            (out / PARTS_DIR).rmdir()  # only when empty
 
 
 def _pool_results(items: list[tuple[Record, str]], source, options: ShardOptions, workers: int) -> Iterator:
@@ -249,26 +511,76 @@ def build_shards(source, out_dir: str | os.PathLike, options: Optional[ShardOpti
     """Build (or with resume=True, finish) a shard set; returns the index written to out_dir/index.json.
 
     `overrides` are ShardOptions fields (size, folds, test_fraction, seed, shard_size, workers,
-    resize_mode, bit_depth, resume, progress).
+    resize_mode, bit_depth, resume, progress, max_reject_fraction). Raises DataError (BuildRejected when
+    the result is unusable: then no index.json is written and this build's shards are removed).
     """
     options = options or ShardOptions()
     if overrides:
         options = ShardOptions(**{**asdict(options), **overrides})
     out = Path(out_dir)
     started = time.perf_counter()
+    workers = options.workers or os.cpu_count() or 1
     records, listing_rejects = _collect_records(source)
+    records, duplicates, dedupe = drop_duplicates(records, workers)
+    listing_rejects += duplicates
     if not records:
         raise DataError(f"source {getattr(source, 'name', '?')} produced no usable records "
-                        f"({len(listing_rejects)} rejected): check the inputs")
+                        f"({len(listing_rejects)} rejected: {top_reasons(listing_rejects) or 'none'}): "
+                        "check the inputs")
+    # the one place records meet their split: duplicates are gone, so an image can sit in one split only
     assignment = assign_splits([r.group for r in records], options.folds, options.test_fraction, options.seed)
+    _check_groups(assignment, options)
     tasks = plan_tasks(records, assignment, options)
-    _prepare_out(out, _plan_record(source, records, assignment, options), options)
+    plan = _plan_record(source, records, assignment, options)
+    _make_writable(out)
+    with build_lock(out):
+        index, run = _build_locked(source, out, records, tasks, plan, options, listing_rejects, dedupe,
+                                   workers)
+    elapsed = time.perf_counter() - started
+    # "run" is returned for the summary line but not stored: index.json depends on inputs and options only
+    return {**index, "run": {**run, "seconds": round(elapsed, 2), "workers": workers,
+                             "images_per_second": round(run["processed"] / elapsed, 2) if elapsed > 0 else 0.0}}
 
-    done = {t.name for t in tasks if _stats_path(out, t.name).is_file() and (out / t.name).is_file()}
+
+def _build_locked(source, out: Path, records: list[Record], tasks: list[ShardTask], plan: dict,
+                  options: ShardOptions, listing_rejects: list[dict], dedupe: dict,
+                  workers: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    resuming = _prepare_out(out, plan, options)
+    done, damaged = _kept_shards(out, tasks) if resuming else (set(), [])
     todo = [t for t in tasks if t.name not in done]
+    if todo:  # index.json means "complete", which the set is not while shards are (re)written
+        (out / INDEX_NAME).unlink(missing_ok=True)
+    log.info("%d records in %d shards (%d kept, %d damaged ones rebuilt), %d workers", len(records),
+             len(tasks), len(done), len(damaged), workers)
+    inputs = len(records) + len(listing_rejects)
+    rejects = list(listing_rejects) + [r for t in tasks if t.name in done
+                                       for r in _read_stats(out, t.name)["rejects"]]
+    written: list[str] = []
+
+    def after_shard(stats: dict[str, Any]) -> None:
+        written.append(stats["name"])
+        rejects.extend(stats["rejects"])
+        _check_rejects(out, rejects, inputs, options)  # a wrong --root fails half-way, not at the end
+
+    try:
+        _check_rejects(out, rejects, inputs, options)
+        _write_tasks(source, out, todo, options, workers, after_shard)
+        splits, rejects = _gather(out, tasks, options, listing_rejects)
+        _check_splits(out, splits, rejects)
+    except BuildRejected:
+        _roll_back(out, written, plan_is_new=not resuming)
+        _write_rejects(out, rejects)
+        raise
+    index = _write_index(out, source, options, splits, rejects, records, dedupe)
+    processed = sum(len(t.records) for t in todo)
+    return index, {"processed": processed, "shards_written": len(todo), "shards_resumed": len(done),
+                   "shards_rebuilt": len(damaged)}
+
+
+def _write_tasks(source, out: Path, todo: list[ShardTask], options: ShardOptions, workers: int,
+                 on_shard: Callable[[dict[str, Any]], None]) -> None:
+    """Process and write the shards of `todo` in order; `on_shard(stats)` after each one."""
     items = [(record, task.split) for task in todo for record in task.records]
-    workers = options.workers or os.cpu_count() or 1
-    log.info("%d records in %d shards (%d already done), %d workers", len(records), len(tasks), len(done), workers)
     bar = tqdm(total=len(items), unit="img", desc=f"shard {out.name}", disable=not options.progress)
     results = _pool_results(items, source, options, workers)
     written = rejected = 0
@@ -282,6 +594,7 @@ def build_shards(source, out_dir: str | os.PathLike, options: Optional[ShardOpti
             stats = _write_shard(out, task, batch, shard_started)
             written, rejected = written + stats["count"], rejected + len(stats["rejects"])
             bar.set_postfix(written=written, rejected=rejected)
+            on_shard(stats)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise DataError(f"disk full while writing {out}: free space and rerun with --resume "
@@ -290,22 +603,17 @@ def build_shards(source, out_dir: str | os.PathLike, options: Optional[ShardOpti
     finally:
         bar.close()
         results.close()  # stops the pool when a write failed half-way
-    index = _write_index(out, source, tasks, options, listing_rejects, records)
-    elapsed = time.perf_counter() - started
-    # "run" is returned for the summary line but not stored: index.json depends on inputs and options only
-    return {**index, "run": {"processed": len(items), "shards_written": len(todo), "shards_resumed": len(done),
-                             "seconds": round(elapsed, 2), "workers": workers,
-                             "images_per_second": round(len(items) / elapsed, 2) if elapsed > 0 else 0.0}}
 
 
-def _write_index(out: Path, source, tasks: list[ShardTask], options: ShardOptions, listing_rejects: list[dict],
-                 records: list[Record]) -> dict[str, Any]:
+def _gather(out: Path, tasks: list[ShardTask], options: ShardOptions,
+            listing_rejects: list[dict]) -> tuple[dict[str, dict[str, Any]], list[dict]]:
+    """Per-split totals and every reject, from the shards' stats files (in task order: resume-independent)."""
     splits: dict[str, dict[str, Any]] = {
         name: {"count": 0, "groups": 0, "shards": [], "labels": {}, "views": {}} for name in split_names(options)}
     rejects = list(listing_rejects)
     groups: dict[str, set[str]] = {name: set() for name in splits}
     for task in tasks:
-        stats = json.loads(_stats_path(out, task.name).read_text(encoding="utf-8"))
+        stats = _read_stats(out, task.name)
         split = splits[task.split]
         split["count"] += stats["count"]
         groups[task.split].update(stats["groups"])  # a group may fill two shards of its split
@@ -315,6 +623,19 @@ def _write_index(out: Path, source, tasks: list[ShardTask], options: ShardOption
         rejects.extend(stats["rejects"])
     for name, split in splits.items():
         split["groups"] = len(groups[name])
+    return splits, rejects
+
+
+def _write_rejects(out: Path, rejects: Sequence[dict]) -> None:
+    tmp = out / (REJECTS_NAME + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        for reject in rejects:
+            handle.write(json.dumps(reject, sort_keys=True, ensure_ascii=False) + "\n")
+    os.replace(tmp, out / REJECTS_NAME)
+
+
+def _write_index(out: Path, source, options: ShardOptions, splits: dict[str, dict[str, Any]],
+                 rejects: list[dict], records: list[Record], dedupe: dict) -> dict[str, Any]:
     summary = getattr(source, "summary", None)
     index = {
         "format_version": FORMAT_VERSION, "source": getattr(source, "name", "unknown"),
@@ -322,14 +643,12 @@ def _write_index(out: Path, source, tasks: list[ShardTask], options: ShardOption
         "seed": options.seed, "test_fraction": options.test_fraction, "options": options.plan_key(),
         "splits": splits,
         "counts": {"records": len(records), "written": sum(s["count"] for s in splits.values()),
-                   "rejected": len(rejects)},
+                   "rejected": len(rejects),
+                   "duplicates": dedupe[DUPLICATE_PATH] + dedupe[DUPLICATE_CONTENT]},
         "rejects": dict(sorted(Counter(r["reason"] for r in rejects).items())),
+        "dedupe": dedupe,
         "source_summary": summary() if callable(summary) else {},
     }
-    tmp = out / (REJECTS_NAME + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for reject in rejects:
-            handle.write(json.dumps(reject, sort_keys=True, ensure_ascii=False) + "\n")
-    os.replace(tmp, out / REJECTS_NAME)
+    _write_rejects(out, rejects)
     write_json_atomic(out / INDEX_NAME, index)
     return index

@@ -33,7 +33,7 @@ def test_assign_splits_is_group_level_and_seeded():
 
 def test_build_index_rejects_and_no_group_leak(tmp_path, manifest):
     index = build_shards(ManifestSource(manifest), tmp_path / "out", **OPTS)
-    assert index["counts"] == {"records": 24, "written": 23, "rejected": 1}
+    assert index["counts"] == {"records": 24, "written": 23, "rejected": 1, "duplicates": 0}
     assert index["rejects"] == {"corrupt_image": 1}
     rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
     assert [(r["id"], r["reason"]) for r in rejects] == [("im005", "corrupt_image")]

@@ -9,12 +9,13 @@ The report is the group: its frontal and lateral images always land in the same 
 """
 from __future__ import annotations
 
+import os
 import re
 import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -83,26 +84,53 @@ def parse_report(path: str | Path) -> IUReport:
     return report
 
 
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
 class IUXraySource:
-    """Records from extracted NLMCXR folders: `roots` hold ecgen-radiology/*.xml and the PNGs (any depth)."""
+    """Records from extracted NLMCXR folders: `roots` hold ecgen-radiology/*.xml and the PNGs (any depth).
+
+    `exclude` are folders never scanned from a root outside them: the shard output and its download cache
+    may sit inside `--from`, and are then read once, as their own root, not twice.
+    """
 
     name = "iu-xray"
 
-    def __init__(self, roots: Sequence[str | Path], fields: Sequence[str] = DEFAULT_FIELDS) -> None:
+    def __init__(self, roots: Sequence[str | Path], fields: Sequence[str] = DEFAULT_FIELDS,
+                 exclude: Sequence[str | Path] = ()) -> None:
         unknown = [f for f in fields if f not in SECTIONS]
         if unknown or not fields:
             raise DataError(f"unknown report field(s) {unknown or fields}: choose from {', '.join(SECTIONS)}")
         self.roots = [Path(r) for r in roots]
+        self.exclude = [Path(e).resolve() for e in exclude]
         self.fields = tuple(fields)
         self._rejected: list[tuple[str, str, str]] = []
         self._summary: Counter = Counter()
 
-    def _report_files(self) -> list[Path]:
-        files: list[Path] = []
+    def _walk(self, root: Path) -> Iterator[tuple[Path, list[str]]]:
+        """(folder, file names) under root, pruned of the excluded folders that root is not inside."""
+        real = root.resolve()
+        skip = [e for e in self.exclude if not _within(real, e)]
+        for folder, dirs, files in os.walk(root):  # like rglob: symbolic links to folders are not followed
+            here = Path(folder)
+            dirs[:] = [d for d in dirs if not any(_within((here / d).resolve(), e) for e in skip)]
+            yield here, files
+
+    def _files(self, suffix: str, folder_name: Optional[str] = None) -> list[Path]:
+        """Files ending in `suffix` (inside a folder named `folder_name`), each real file once over all roots:
+        overlapping roots (a cache inside --from) would otherwise count it twice."""
+        found: dict[Path, Path] = {}
         for root in self.roots:
-            folders = [root] if root.name == REPORTS_FOLDER else sorted(root.rglob(REPORTS_FOLDER))
-            for folder in folders:
-                files.extend(p for p in folder.glob("*.xml") if p.is_file())
+            paths = [folder / name for folder, files in self._walk(root)
+                     if folder_name in (None, folder.name) for name in files if name.endswith(suffix)]
+            for path in sorted(paths):  # by full path, root by root, as rglob was: the same file wins
+                if path.is_file():
+                    found.setdefault(path.resolve(), path)
+        return list(found.values())
+
+    def _report_files(self) -> list[Path]:
+        files = self._files(".xml", REPORTS_FOLDER)
         if not files:
             raise DataError(f"no {REPORTS_FOLDER}/*.xml found under {', '.join(map(str, self.roots))}: "
                             "pass the folder (or archives) holding the NLMCXR reports with --from")
@@ -111,22 +139,28 @@ class IUXraySource:
 
     def _image_index(self) -> dict[str, Path]:
         index: dict[str, Path] = {}
-        for root in self.roots:
-            for png in sorted(root.rglob("*.png")):
-                index.setdefault(png.stem, png)
+        for png in self._files(".png"):
+            index.setdefault(png.stem, png)
         return index
 
     def records(self) -> Iterator[Record]:
         self._rejected, self._summary = [], Counter()
         images = self._image_index()
         seen_images: set[str] = set()
+        seen_reports: dict[str, str] = {}
         for path in self._report_files():
-            self._summary["reports_seen"] += 1
             try:
                 report = parse_report(path)
             except RecordRejected as exc:
+                self._summary["reports_seen"] += 1
                 self._reject(path.name, exc.reason, exc.detail)
                 continue
+            if report.uid in seen_reports:  # a second copy of the collection (archive and extracted folder)
+                self._reject(str(path), "duplicate_report",
+                             f"uId {report.uid} also in {seen_reports[report.uid]}")
+                continue
+            seen_reports[report.uid] = str(path)
+            self._summary["reports_seen"] += 1
             prompt = build_prompt(report.sections, self.fields)
             if not prompt:
                 self._reject(path.name, "empty_report", f"no words in {'/'.join(self.fields)}")
