@@ -75,6 +75,7 @@ class ShardOptions:
             (self.resize_mode in RESIZE_MODES, "--resize", " or ".join(RESIZE_MODES)),
             (self.bit_depth in BIT_DEPTHS, "--bit-depth", "8 or 16"),
             (0.0 <= self.max_reject_fraction <= 1.0, "--max-reject-fraction", "in [0, 1]"),
+            (0 <= self.seed <= 2**63 - 1, "--seed", "in 0..2**63-1"),  # what numpy and torch generators take
         ]
         for ok, name, wanted in checks:
             if not ok:

@@ -119,6 +119,7 @@ def test_failed_resume_keeps_the_shards_an_earlier_build_completed(tmp_path, mon
 def test_max_reject_fraction_is_checked_and_not_part_of_the_plan(tmp_path):
     from cxrdist.data.shard import ShardOptions
     from cxrdist.errors import InputError
+    from cxrdist.errors import InputError
 
     with pytest.raises(InputError, match="--max-reject-fraction must be in"):
         ShardOptions(max_reject_fraction=1.5)
@@ -129,3 +130,12 @@ def test_max_reject_fraction_is_checked_and_not_part_of_the_plan(tmp_path):
                          **{**OPTS, "resume": True, "max_reject_fraction": 0.9})
     assert again["run"]["processed"] == 0
     assert Path(tmp_path / "out" / "index.json").is_file()
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64])
+def test_a_seed_out_of_range_is_refused_in_one_line(seed):
+    from cxrdist.data.shard import ShardOptions
+    from cxrdist.errors import InputError
+
+    with pytest.raises(InputError, match=r"--seed must be in 0..2\*\*63-1"):
+        ShardOptions(seed=seed)
