@@ -39,8 +39,12 @@ ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:bool",
 
 
 def parse_yaml(text: str) -> Any:
-    """YAML text -> plain data, with the config's restricted booleans."""
-    return yaml.load(text, Loader=ConfigLoader)
+    """YAML text -> plain data, with the config's restricted booleans; every failure is a yaml.YAMLError."""
+    try:
+        return yaml.load(text, Loader=ConfigLoader)
+    except (ValueError, RecursionError, OverflowError) as exc:
+        # PyYAML lets these through: an integer past Python's 4300-digit limit, nesting past the recursion limit.
+        raise yaml.YAMLError(f"{type(exc).__name__}: {str(exc).split(';')[0][:80]}") from None
 
 
 # The direction in which each eval.metric improves; eval.mode "auto" (the default) takes it from here.
@@ -327,7 +331,8 @@ def _parse_override(text: OverrideText, key: str) -> Any:
         return parse_yaml(text)
     except yaml.YAMLError as exc:
         problem = str(exc).splitlines()[0]
-        raise ConfigError(f"override '{key}={text}' is not a valid value ({problem}): "
+        shown = text if len(text) <= 60 else text[:57] + "..."
+        raise ConfigError(f"override for '{key}' ({shown}) is not a valid value ({problem}): "
                           "fix the text after '='") from None
 
 
@@ -368,8 +373,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
         try:
             return float(value)
-        except ValueError:
-            raise ConfigError(f"config key '{key}' must be a number, got {value!r}") from None
+        except (ValueError, OverflowError):  # OverflowError: an integer too large for a float
+            raise ConfigError(f"config key '{key}' must be a number, got {str(value)[:40]!r}") from None
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"config key '{key}' must be a string, got {value!r}")

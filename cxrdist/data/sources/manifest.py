@@ -122,13 +122,22 @@ def _read_jsonl(path: Path) -> tuple[list[str], Iterator[tuple[int, dict[str, An
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{number} is not valid JSON ({exc.msg}): fix or remove that line") from None
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, a 4300+ digit integer, absurd nesting
+            problem = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc).split(";")[0][:80]
+            raise DataError(f"{path}:{number} is not valid JSON ({problem}): fix or remove that line") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{number} is not a JSON object: one object per line is expected")
         rows.append((number, row))
     header = sorted({key for _, row in rows for key in row})
     return header, iter(rows)
+
+
+def _unused_key(candidate: str, taken: set[str]) -> str:
+    """`candidate`, or `candidate_2`, `_3`, ... when another row already holds that key."""
+    key, n = candidate, 2
+    while key in taken:
+        key, n = f"{candidate}_{n}", n + 1
+    return key
 
 
 class ManifestSource:
@@ -252,8 +261,8 @@ class ManifestSource:
                 continue
             base = str(row.get(cols["uid"]) or "") if cols["uid"] else ""
             uid = _UNSAFE_KEY.sub("_", base or Path(image).stem) or f"row{line}"
-            if uid in seen:
-                uid = f"{uid}_r{line}"  # same file name in two folders: keep both, keys stay unique
+            if uid in seen:  # same file name in two folders: keep both, keys stay unique
+                uid = _unused_key(f"{uid}_r{line}", seen)
             seen.add(uid)
             self._summary["records"] += 1
             yield Record(uid=uid, group=_UNSAFE_KEY.sub("_", group), prompt=prompt,
