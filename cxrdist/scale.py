@@ -167,8 +167,8 @@ def deepspeed_safe_globals() -> list:
 def load_weights_only(engine: Any) -> None:
     """Make a DeepSpeed engine read its checkpoint files with torch.load(weights_only=True).
 
-    DeepSpeed's own checkpoint engine unpickles with weights_only=False, so a swapped file would run code on
-    `--resume`; the weights-only unpickler builds tensors, plain data and the allow-listed classes only.
+    DeepSpeed's own checkpoint engine uses the full (code-running) unpickler, so a swapped file would run code
+    on `--resume`; the weights-only unpickler builds tensors, plain data and the allow-listed classes only.
     """
     checkpoint_engine = getattr(engine, "checkpoint_engine", None)
     if checkpoint_engine is None:

@@ -11,7 +11,7 @@ Layout inside a run folder:
 and DeepSpeed checkpoints leave the frozen base out (`exclude_frozen_parameters`).
 
 Trust: nothing in a checkpoint may run code when it is resumed. The trainer's own state is JSON (not an
-accelerate "custom checkpoint", which is unpickled with weights_only=False); accelerate reads its optimizer,
+accelerate "custom checkpoint", which the full unpickler reads); accelerate reads its optimizer,
 scheduler, scaler and RNG files with weights_only=True; DeepSpeed's engine is made to (scale.load_weights_only).
 Before any of them opens a file, every pickle-format file of the checkpoint is read once with the weights-only
 unpickler and an allow-list, so a file that holds anything else is refused with one line naming it.
