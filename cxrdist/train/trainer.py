@@ -232,7 +232,7 @@ class Trainer:
                     grad_norm = self._engine_grad_norm()
                 # DeepSpeed and the fp16 GradScaler skip a step with inf/NaN gradients themselves; with neither
                 # (fp32, bf16 autocast) the norm -- reduced, so the same on every rank -- decides it here.
-                skip_ourselves = self._steps_itself() is False and not _finite(grad_norm)
+                skip_ourselves = not self._steps_itself() and not _finite(grad_norm)
             if not skip_ourselves:
                 self.optimizer.step()
             skipped = acc.sync_gradients and (skip_ourselves or acc.optimizer_step_was_skipped)
