@@ -151,3 +151,18 @@ def test_prepare_iu_inputs_extracts_archives(tmp_path):
     assert (roots[1] / "ecgen-radiology" / "1.xml").read_bytes() == b"<eCitation/>"
     with pytest.raises(DataError, match="is not a folder"):
         prepare_iu_inputs(tmp_path / "none", tmp_path / "cache")
+
+
+def test_a_full_disk_while_extracting_is_reported_as_a_full_disk_not_a_damaged_archive(tmp_path, monkeypatch):
+    import errno
+
+    archive = _tar_with(tmp_path, "ok.tgz", lambda tar: _file(tar, "ok/a.txt"))
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", full)
+    with pytest.raises(DataError, match=r"disk full while extracting .*ok.tgz.*free space") as err:
+        safe_extract(archive, tmp_path / "out")
+    assert "damaged" not in str(err.value)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

@@ -7,6 +7,7 @@ server's size (and `expected_size` / `sha256` when given) before it is renamed i
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import re
 import shutil
@@ -205,6 +206,12 @@ def safe_extract(archive: str | Path, dest: str | Path) -> Path:
             tar.extractall(partial, filter="data")
     except (tarfile.TarError, EOFError, OSError) as exc:
         shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            # The archive is fine: the disk (or quota) under dest is full.
+            raise DataError(f"disk full while extracting {archive} into {dest.parent}: free space there (or "
+                            "point --out elsewhere) and rerun") from None
+        if isinstance(exc, PermissionError):
+            raise DataError(f"cannot extract {archive}: {exc.filename or dest.parent} is not writable") from None
         raise DataError(f"cannot extract {archive} ({exc}): the archive is damaged; download it again") from None
     partial.replace(dest)
     return dest
