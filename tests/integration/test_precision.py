@@ -3,7 +3,8 @@
 What runs here, per launcher x train.mixed_precision (the fp32 column is tests/integration/test_scale_train.py):
 - bf16: one process (tests/unit/test_train_nonfinite.py), DDP (cpu_2ranks.yaml), ZeRO-2, ZeRO-3 -- each
   trains with ranks in step and a falling loss; the exports are fp32 and load in plain diffusers; a ZeRO-2 bf16
-  run whose rank dies resumes bit for bit; an inf loss on one rank skips that step on both.
+  run whose rank dies resumes bit for bit; an inf loss on one rank skips that step on both (with AdamW8bit as
+  DeepSpeed's client optimizer).
 - fp16: refused before any model loads on a machine without CUDA (accelerate has no CPU fp16 autocast or
   GradScaler, DeepSpeed's CPU backend no fp16); its loss-scaling bookkeeping is tested in the unit tests.
 Under DeepSpeed bf16 the engine holds every parameter, the adapters too, in bf16 and keeps fp32 master
@@ -158,15 +159,17 @@ def test_a_dead_rank_stops_the_other_loudly_and_resume_latest_continues_exactly(
 
 
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 60)
-def test_a_nonfinite_loss_on_one_rank_skips_that_step_on_both_under_zero2_bf16(zero2_bf16, phantom_shards, tmp_path):
-    """Rank 1's loss is inf in micro-batch 2 (step 3's); with train.nonfinite_loss=skip both ranks skip step 3
-    (DeepSpeed's overflow check), which counts for nothing: 4 steps need 5 windows, and the LR of step 4 is the
-    uninterrupted run's."""
+def test_adamw8bit_under_zero2_bf16_skips_a_nonfinite_loss_of_one_rank_on_both(zero2_bf16, phantom_shards, tmp_path):
+    """bitsandbytes' AdamW8bit as DeepSpeed's client optimizer, in bf16. Rank 1's loss is inf in micro-batch 2
+    (step 3's); with train.nonfinite_loss=skip both ranks skip step 3 (DeepSpeed's overflow check), which counts
+    for nothing: 4 steps need 5 windows, and the LR of step 4 is the uninterrupted run's."""
+    pytest.importorskip("bitsandbytes")
     run = tmp_path / "skip"
-    res = launch(ACCEL / "zero2.yaml", phantom_shards, run, BF16, "train.nonfinite_loss=skip",
+    res = launch(ACCEL / "zero2.yaml", phantom_shards, run, BF16, "train.nonfinite_loss=skip", "optim.name=adamw8bit",
                  env=child_env(DS_ACCELERATOR="cpu", CXRDIST_FAULT_INF_LOSS_AT_MICRO_STEP="2",
                                CXRDIST_FAULT_KILL_RANK="1"))
     check_common(run, res, "DeepSpeed ZeRO-2")
+    assert "DeepSpeedZeroOptimizer > AdamW8bit" in res.stderr
     assert "optimizer step 3 skipped" in res.stderr
     assert last_by_step(scalars(run, "train/skipped_steps"))[4] == 1
     assert sorted(p.name for p in (run / "fold1" / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]

@@ -40,12 +40,18 @@ def _fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-@pytest.fixture
-def checkpoint(tmp_path) -> Path:
-    trainer = make_trainer(tmp_path / "train", "train.max_steps=2", "train.checkpoint_every=1")
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """One trained checkpoint for the module (tests copy it before planting anything)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    tmp = tmp_path_factory.mktemp("trained")
+    trainer = make_trainer(tmp / "train", "train.max_steps=2", "train.checkpoint_every=1")
     trainer.fit()
     trainer.close()
-    path = tmp_path / "train" / "fold0" / "checkpoints" / "step_00000002"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    path = tmp / "train" / "fold0" / "checkpoints" / "step_00000002"
     assert (path / TRAINER_STATE).is_file() and not list(path.glob("custom_checkpoint_*"))
     return path
 
