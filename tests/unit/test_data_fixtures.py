@@ -149,3 +149,22 @@ def tar_metas(path: Path) -> list[dict]:
 
     with tarfile.open(path) as tar:
         return [json.loads(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".json")]
+
+
+def fill_disk_at_shard(monkeypatch, n: int) -> list[str]:
+    """Make the shard builder's n-th tar write fail with ENOSPC (a full disk); returns the names it was asked to
+    write, in order."""
+    import errno
+
+    from cxrdist.data import shard as shard_module
+
+    real_write, calls = shard_module.write_tar, []
+
+    def failing_write(path, samples):
+        calls.append(path.name)
+        if len(calls) == n:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_write(path, samples)
+
+    monkeypatch.setattr(shard_module, "write_tar", failing_write)
+    return calls

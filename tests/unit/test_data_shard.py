@@ -1,7 +1,6 @@
 """Shard builder: group-level splits, index.json, rejects, determinism, resume and write failures."""
 from __future__ import annotations
 
-import errno
 import json
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from cxrdist.data.index import load_index, verify_checksums
 from cxrdist.data.shard import ShardOptions, assign_splits, build_shards
 from cxrdist.data.sources.manifest import ManifestSource
 from cxrdist.errors import DataError, InputError
-from test_data_fixtures import make_manifest_set, tar_members, tar_metas
+from test_data_fixtures import fill_disk_at_shard, make_manifest_set, tar_members, tar_metas
 
 OPTS = dict(size=32, folds=3, test_fraction=0.25, seed=0, shard_size=4, workers=1, progress=False)
 
@@ -80,15 +79,8 @@ def test_existing_output_needs_resume_and_matching_options(tmp_path, manifest):
 
 
 def test_disk_full_keeps_completed_shards_then_resume_finishes(tmp_path, manifest, monkeypatch):
-    real_write, calls = shard_module.write_tar, []
-
-    def failing_write(path, samples):
-        calls.append(path.name)
-        if len(calls) == 3:
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real_write(path, samples)
-
-    monkeypatch.setattr(shard_module, "write_tar", failing_write)
+    real_write = shard_module.write_tar
+    calls = fill_disk_at_shard(monkeypatch, 3)
     with pytest.raises(DataError, match="disk full while writing .*--resume"):
         build_shards(ManifestSource(manifest), tmp_path / "out", **OPTS)
     kept = sorted(p.name for p in (tmp_path / "out").glob("*.tar"))

@@ -3,7 +3,6 @@ split, rejects above --max-reject-fraction) fails with one line, leaves no index
 folder, so the corrected rerun just works; shards completed by an earlier build stay."""
 from __future__ import annotations
 
-import errno
 import json
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from cxrdist.data import shard as shard_module
 from cxrdist.data.shard import BuildRejected, assign_splits, build_shards
 from cxrdist.data.sources.manifest import ManifestSource
 from cxrdist.errors import DataError
-from test_data_fixtures import make_manifest_set
+from test_data_fixtures import fill_disk_at_shard, make_manifest_set
 
 OPTS = dict(size=32, folds=3, test_fraction=0.25, seed=0, shard_size=4, workers=1, progress=False)
 
@@ -83,15 +82,8 @@ def test_split_emptied_by_rejects_fails(tmp_path):
 def test_failed_resume_keeps_the_shards_an_earlier_build_completed(tmp_path, monkeypatch):
     root = tmp_path / "in"
     manifest = make_manifest_set(root)
-    real_write, calls = shard_module.write_tar, []
-
-    def failing_write(path, samples):
-        calls.append(path.name)
-        if len(calls) == 3:
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real_write(path, samples)
-
-    monkeypatch.setattr(shard_module, "write_tar", failing_write)
+    real_write = shard_module.write_tar
+    fill_disk_at_shard(monkeypatch, 3)
     out = tmp_path / "out"
     with pytest.raises(DataError, match="disk full"):
         build_shards(ManifestSource(manifest), out, **OPTS)
