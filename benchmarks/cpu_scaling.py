@@ -36,10 +36,10 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     from cxrdist.config import load_config
     from cxrdist.logging_utils import quiet_dependencies
+    from cxrdist.models.diffusion import DiffusionObjective, LoraDiffusionModel
     from cxrdist.models.loading import load_base
     from cxrdist.models.lora import attach_lora
     from cxrdist.train.accel import build_accelerator, describe
-    from cxrdist.train.model import DiffusionObjective, LoraDiffusionModel
     from cxrdist.train.optim import build_optimizer
     from cxrdist.train.trainer import configure_model
 

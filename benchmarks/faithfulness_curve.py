@@ -5,7 +5,7 @@
 
 Each `checkpoints/step_N` of each run (keep them with `--set train.keep_last=...`) is loaded as
 `cxrdist sample` loads it and evaluated on the same held-out test reports with the same seeds through
-`cxrdist.evaluate`, so rows differ only in the adapter. Training time per checkpoint is the wall clock between
+`cxrdist.evaluation.runs`, so rows differ only in the adapter. Training time per checkpoint is the wall clock between
 the run's first and that step's TensorBoard `train/loss` events (validation pauses included), extrapolated
 back to step 0 at the run's mean rate.
 """
@@ -15,11 +15,12 @@ import argparse
 import json
 from pathlib import Path
 
-from cxrdist.evaluate import EvaluateOptions, evaluate_model_path
+from cxrdist.evaluation.runs import EvaluateOptions, evaluate_model_path
 from cxrdist.logging_utils import setup_logging
 from cxrdist.metrics.attributes import ATTRIBUTES
 from cxrdist.metrics.faithfulness import PRESENCE
-from cxrdist.train.checkpoint import CHECKPOINTS, MARKER, complete_checkpoints
+from cxrdist.models.lora import CHECKPOINT_MARKER
+from cxrdist.train.checkpoint import CHECKPOINTS, complete_checkpoints
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -81,7 +82,7 @@ def main() -> None:
         label = run.parent.name
         times = seconds_at_steps(run)
         for ckpt in checkpoints(run):
-            step = json.loads((ckpt / MARKER).read_text())["step"]
+            step = json.loads((ckpt / CHECKPOINT_MARKER).read_text())["step"]
             minutes = times[step] / 60 if step in times else float("nan")
             result = evaluate_model_path(str(ckpt), args.shards, opts, progress=False)
             results[f"{label}/{ckpt.name}"] = {"step": step, "minutes": round(minutes, 2), **result}

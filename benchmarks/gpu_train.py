@@ -1,7 +1,7 @@
 """GPU LoRA training benchmark of the REAL trainer: images/s, peak GPU memory, MFU.
 
 Every variant builds `cxrdist.train.trainer.Trainer` exactly as `cxrdist.train.run.train_fold` does
-(`preflight`, then `Trainer(cfg, fold=0, run_dir=..., data_factory=ShardData)`) from `configs/product.yaml`
+(`preflight`, then `Trainer(cfg, fold=0, run_dir=..., data_factory=ShardData)`) from the `product` preset
 plus the variant's `--set`-style overrides, over phantom shards built once at the benchmark's image size
 (`--shards-dir`, default OUT/shards). The measured loop is the body of `Trainer._fit`: `trainer.train_step`
 over `trainer.data.train_batches(epoch)`, i.e. the loader, template + caption dropout + tokenising, the frozen

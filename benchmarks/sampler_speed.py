@@ -3,7 +3,7 @@
     python benchmarks/sampler_speed.py --model-path runs/demo/fold0/best_model_fold0_epoch* \
         --shards shards/phantom --samples 32
 
-Both variants generate the same test reports with the same seeds through `cxrdist.evaluate`, in one run,
+Both variants generate the same test reports with the same seeds through `cxrdist.evaluation.runs`, in one run,
 and the script prints text faithfulness (per attribute and macro), SSIM/PSNR and the time ratio.
 """
 from __future__ import annotations
@@ -12,9 +12,9 @@ import argparse
 import json
 import time
 
-from cxrdist.evaluate import EvaluateOptions, evaluate_model, format_table
+from cxrdist.evaluation.runs import EvaluateOptions, evaluate_model, format_table
 from cxrdist.logging_utils import setup_logging
-from cxrdist.sample import load_for_sampling
+from cxrdist.sampling.loading import load_for_sampling
 
 VARIANTS = {"dpm++ 25 steps": ("dpm++", 25), "pndm 500 steps": ("pndm", 500)}
 

@@ -24,16 +24,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def build_shards(root: Path, n: int) -> tuple[Path, Path]:
+    from cxrdist.data.latents import cache_latents
     from cxrdist.data.shard import build_shards
     from cxrdist.data.sources import source_class
-    from cxrdist.train.latents import cache_latents
+    from cxrdist.models.loading import load_vae
 
     plain = root / "plain"
     build_shards(source_class("phantom")(n=n, size=64, seed=0), plain, size=64, folds=2, test_fraction=0.1,
                  shard_size=256, workers=1, progress=False)
     cached = root / "cached"
     shutil.copytree(plain, cached)
-    cache_latents(cached, "preset:tiny", progress=False)
+    cache_latents(cached, load_vae("preset:tiny"), base="preset:tiny", progress=False)
     return plain, cached
 
 
@@ -66,13 +67,13 @@ def trainer_rate(shards: Path, out: Path, steps: int, batch: int) -> float:
 def reference_rate(shards: Path, steps: int, batch: int) -> float:
     """The same work written as the plainest loop: no accelerate, no logging, no checkpoints."""
     import torch
+    from diffusers import DDPMScheduler
 
     from cxrdist.config import LoraConfig
     from cxrdist.data.loader import train_loader
     from cxrdist.models.loading import load_base
     from cxrdist.models.lora import attach_lora, lora_parameters
     from cxrdist.models.text import apply_template
-    from diffusers import DDPMScheduler
 
     torch.manual_seed(0)
     base = load_base("preset:tiny")

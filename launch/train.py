@@ -1,62 +1,6 @@
-"""LoRA training entry point: `accelerate launch launch/train.py --fold 3 [options]`.
-
-Thin on purpose: parse, build the config, call `cxrdist.train.run`. Without a GPU the same command runs on
-CPU (the accelerator is built with cpu=True and a gloo process group; see configs/accelerate/).
-"""
-from __future__ import annotations
-
-import os
-import sys
-
-import click
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-from cxrdist.commands._common import config_options, friendly_errors  # noqa: E402
-
-
-def build_overrides(overrides, pretrained, preset, shards) -> list[str]:
-    """Shortcut flags become ordinary `--set` overrides, applied after the config file."""
-    extra = list(overrides)
-    if pretrained and preset:
-        raise click.UsageError("give either --pretrained or --preset, not both")
-    if pretrained or preset:
-        extra.append(f"model.pretrained={pretrained or 'preset:' + preset}")
-    if shards:
-        extra.append(f"data.shards={shards}")
-    return extra
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--fold", type=int, default=None, help="Fold held out for validation (0..K-1).")
-@click.option("--all-folds", is_flag=True, help="Train every fold from a fresh adapter and write a CV summary.")
-@config_options
-@click.option("--pretrained", default=None, help="Base model folder or hub id (sets model.pretrained).")
-@click.option("--preset", default=None, help="Named tiny base instead, e.g. tiny (sets model.pretrained=preset:NAME).")
-@click.option("--shards", default=None, help="Shard set folder (sets data.shards).")
-@click.option("--output-dir", default=None, help="Run folder (default train.output_dir/<run_name or config hash>).")
-@click.option("--resume", default=None, metavar="latest|PATH", help="Continue from the latest or a given checkpoint.")
-@click.option("--zip", "export_zip", is_flag=True, help="Also write the best model as a .zip (sets train.export_zip).")
-@friendly_errors
-def main(fold, all_folds, config, overrides, pretrained, preset, shards, output_dir, resume, export_zip):
-    """Fine-tune LoRA adapters on one fold (or all folds) of a shard set."""
-    from cxrdist.config import load_config
-    from cxrdist.logging_utils import setup_logging
-
-    if (fold is None) == (not all_folds):
-        raise click.UsageError("give --fold K or --all-folds")
-    setup_logging()
-    extra = build_overrides(overrides, pretrained, preset, shards) + (["train.export_zip=true"] if export_zip else [])
-    cfg = load_config(config, extra)
-
-    from cxrdist.train.run import run, run_all_folds
-
-    if all_folds:
-        run_all_folds(cfg, output_dir=output_dir, resume=resume)
-    else:
-        run(cfg, fold, output_dir=output_dir, resume=resume)
-
+"""`accelerate launch launch/train.py --fold 3 [options]`: the training command of the installed cxrdist package
+(cxrdist.train.cli), kept at this path for launchers and cluster scripts that take a file."""
+from cxrdist.train.cli import main
 
 if __name__ == "__main__":
     main()

@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 N=${DEMO_N:-5000}
-# configs/demo.yaml holds the default step count; DEMO_STEPS overrides it.
-STEPS=${DEMO_STEPS:-$(python -c "from cxrdist.config import load_config; print(load_config('configs/demo.yaml').train.max_steps)")}
+# the demo preset (cxrdist/presets/demo.yaml) holds the default step count; DEMO_STEPS overrides it.
+STEPS=${DEMO_STEPS:-$(python -c "from cxrdist.config import load_config; print(load_config('demo').train.max_steps)")}
 EVAL_SAMPLES=${DEMO_EVAL_SAMPLES:-128}
 SAMPLE_STEPS=${DEMO_SAMPLE_STEPS:-25}
 ROOT=${DEMO_ROOT:-.}
@@ -32,7 +32,7 @@ fi
 step "2/5 LoRA training, fold 0 held out, 2 CPU ranks ($STEPS steps) -> $RUN"
 # One thread per rank: two ranks on two cores, each spinning two threads, run many times slower.
 OMP_NUM_THREADS=1 accelerate launch --config_file configs/accelerate/cpu_2ranks.yaml launch/train.py \
-  --config configs/demo.yaml --fold 0 --shards "$SHARDS" --pretrained "$BASE" --output-dir "$RUN" \
+  --config demo --fold 0 --shards "$SHARDS" --pretrained "$BASE" --output-dir "$RUN" \
   --set train.max_steps="$STEPS" --set optim.warmup_steps=$(( STEPS / 20 )) --set eval.eval_every_steps=$(( STEPS / 4 > 0 ? STEPS / 4 : 1 )) \
   --set train.checkpoint_every=$(( STEPS / 4 > 0 ? STEPS / 4 : 1 ))
 BEST=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['checkpoint'])" "$RUN/fold0/test_metrics.json")

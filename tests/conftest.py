@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -33,3 +34,22 @@ def tiny_base_path():
     from cxrdist.models.loading import preset_folder
 
     return str(preset_folder("tiny"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Everything under tests/integration is marked `integration` (end-to-end runs through the CLI or a launcher)."""
+    integration = Path(__file__).parent / "integration"
+    for item in items:
+        if integration in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """One intra-op thread here and in child processes: on a shared 2-core machine two spinning OpenMP threads per
+    process next to another busy process make a step 10x slower or worse."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    yield
+    torch.set_num_threads(threads)

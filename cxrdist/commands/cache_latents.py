@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from cxrdist.commands._common import friendly_errors
+from cxrdist.cli_options import friendly_errors
 from cxrdist.commands.shard import shard
 
 
@@ -20,9 +20,16 @@ from cxrdist.commands.shard import shard
 @friendly_errors
 def cache_latents_cmd(shards_dir, pretrained, vae_dtype, batch_size) -> None:
     """Store each sample's VAE latents (latents.npy) in its shard and the VAE fingerprint in index.json."""
-    from cxrdist.train.latents import cache_latents
+    import torch
 
-    info = cache_latents(shards_dir, pretrained, vae_dtype=vae_dtype, batch_size=batch_size)
+    from cxrdist.data.index import load_index
+    from cxrdist.data.latents import cache_latents
+    from cxrdist.models.loading import load_vae
+
+    load_index(shards_dir)  # a missing or damaged shard set fails before the VAE loads
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    vae = load_vae(pretrained, vae_dtype=vae_dtype).to(device)
+    info = cache_latents(shards_dir, vae, base=pretrained, vae_dtype=vae_dtype, batch_size=batch_size)
     click.echo(f"cached latents {info['shape']} for {info['samples']} samples in {info['shards']} shards of "
                f"{shards_dir} (VAE {info['vae_fingerprint']} from {pretrained})")
 

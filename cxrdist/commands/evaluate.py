@@ -1,12 +1,11 @@
 """`cxrdist evaluate`: text faithfulness, SSIM/PSNR and diversity of a model on a shard split."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
-from cxrdist.commands._common import config_options, friendly_errors
+from cxrdist.cli_options import config_options, friendly_errors
 
 
 @click.command()
@@ -29,7 +28,7 @@ def evaluate(model_paths, base, shards, split, max_samples, steps, scheduler, gu
     """Generate one image per report of a split and score how well the images follow the text."""
     from cxrdist.config import load_config
     from cxrdist.errors import InputError
-    from cxrdist.evaluate import EvaluateOptions, evaluate_model_path, format_table
+    from cxrdist.evaluation.runs import EvaluateOptions, evaluate_model_path, format_table
     from cxrdist.logging_utils import setup_logging
 
     setup_logging()
@@ -47,9 +46,9 @@ def evaluate(model_paths, base, shards, split, max_samples, steps, scheduler, gu
         results[path] = evaluate_model_path(path, shards, opts, base_override=base)
     click.echo(format_table(results))
     if out_json:
+        from cxrdist.fileio import write_json_atomic
+
         out = Path(out_json)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(results, indent=2))
-        tmp.replace(out)
+        write_json_atomic(out, results)
         click.echo(f"results written to {out}")

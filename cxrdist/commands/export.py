@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from cxrdist.commands._common import friendly_errors
+from cxrdist.cli_options import friendly_errors
 
 
 @click.command()
@@ -26,7 +26,7 @@ def export(model_path: str, mode: str | None, base: str | None, out: str | None)
     if mode is None:
         raise InputError("say what to export: --merge (standalone pipeline folder) or --zip (archive)")
     if mode == "merge":
-        from cxrdist.export import merge_adapter
+        from cxrdist.sampling.merge import merge_adapter
 
         if not out:
             raise InputError("--merge needs --out DIR for the merged pipeline folder")
@@ -34,7 +34,7 @@ def export(model_path: str, mode: str | None, base: str | None, out: str | None)
         click.echo(f"wrote merged pipeline to {folder}/ (load it with --model-path {folder} or "
                    f"--set model.pretrained={folder})")
         return
-    from cxrdist.archive import write_zip
+    from cxrdist.sampling.archive import write_zip
 
     if base:
         raise InputError("--base only applies to --merge")

@@ -5,7 +5,7 @@ import json
 
 import click
 
-from cxrdist.commands._common import friendly_errors
+from cxrdist.cli_options import friendly_errors
 
 
 @click.command()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from cxrdist.commands._common import friendly_errors
+from cxrdist.cli_options import friendly_errors
 
 
 @click.command("init-model")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from cxrdist.commands._common import config_options, friendly_errors
+from cxrdist.cli_options import config_options, friendly_errors
 
 
 @click.command()
@@ -13,11 +13,11 @@ from cxrdist.commands._common import config_options, friendly_errors
 @friendly_errors
 def pretrain(shards: str, out: str, config: str | None, overrides: tuple[str, ...]) -> None:
     """Pretrain the tiny base on phantoms with one generic caption (knows anatomy, not findings)."""
-    from cxrdist.config import load_config
-    from cxrdist.logging_utils import setup_logging
     import yaml
 
-    from cxrdist.pretrain import pretrain as run_pretrain
+    from cxrdist.config import load_config
+    from cxrdist.logging_utils import setup_logging
+    from cxrdist.train.pretrain import pretrain as run_pretrain
 
     setup_logging()
     cfg = load_config(config, overrides)

@@ -1,9 +1,9 @@
-"""`cxrdist sample`: synthetic radiographs from report text. Parses flags, calls cxrdist.sample, reports."""
+"""`cxrdist sample`: synthetic radiographs from report text. Parses flags, calls cxrdist.sampling.run, reports."""
 from __future__ import annotations
 
 import click
 
-from cxrdist.commands._common import config_options, friendly_errors
+from cxrdist.cli_options import config_options, friendly_errors
 
 # Flags that override a `sample.*` config field (None = not given, keep the config's value).
 SAMPLE_FLAGS = ("num_images", "steps", "scheduler", "guidance", "negative_prompt", "seed", "height", "width",
@@ -38,17 +38,16 @@ SAMPLE_FLAGS = ("num_images", "steps", "scheduler", "guidance", "negative_prompt
 @friendly_errors
 def sample(model_path, base, descriptions, prompts_file, out, config, overrides, **flags) -> None:
     """Generate synthetic chest X-rays from report text with a LoRA checkpoint or a full pipeline."""
-    from cxrdist import sample as sampling
-    from cxrdist.sample_output import read_prompts
     from cxrdist.config import load_config, merge
     from cxrdist.logging_utils import setup_logging
+    from cxrdist.sampling.output import read_prompts
+    from cxrdist.sampling.run import default_out_dir, sample_to_folder
 
     setup_logging()
     cfg = load_config(config, overrides)
     cfg = merge(cfg, {"sample": {k: v for k, v in flags.items() if k in SAMPLE_FLAGS and v is not None}})
     reports = read_prompts(descriptions, prompts_file)
-    summary = sampling.sample_to_folder(cfg, model_path, reports, out or sampling.default_out_dir(model_path),
-                                        base_override=base)
+    summary = sample_to_folder(cfg, model_path, reports, out or default_out_dir(model_path), base_override=base)
     n = len(summary["files"])
     click.echo(f"wrote {n} synthetic image(s) of {summary['height']}x{summary['width']} px in "
                f"{summary['seconds']:.1f} s ({n / max(summary['seconds'], 1e-9):.2f} img/s on {summary['device']}) "

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import click
 
-from cxrdist.commands._common import friendly_errors
+from cxrdist.cli_options import friendly_errors
 
 
 def _build_options(default_size: int) -> Callable:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
@@ -206,3 +207,10 @@ def encode_png(pixels: np.ndarray, bit_depth: int = 8) -> bytes:
     _quantise(pixels, bit_depth).save(buffer, format="PNG", compress_level=6)
     return buffer.getvalue()
 
+
+
+def to_model_range(array: np.ndarray) -> np.ndarray:
+    """8- or 16-bit grayscale pixels -> float32 in [-1, 1], the range the VAE is trained on (the original project
+    fed it [0, 1]). One formula for the loader and latent caching, so cached latents match on-the-fly ones."""
+    scale = 65535.0 if array.dtype == np.uint16 else 255.0
+    return array.astype(np.float32) * np.float32(2.0 / scale) - np.float32(1.0)

@@ -9,7 +9,6 @@ Layout of a shard set folder:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -17,12 +16,14 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from cxrdist.errors import DataError
+from cxrdist.fileio import sha256_file, write_json_atomic
 
 FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
 REJECTS_NAME = "rejects.jsonl"
 PARTS_DIR = ".parts"
 TEST_SPLIT = "test"
+LATENTS_KEY = "latents"  # index.json's record of cached latents (cxrdist.data.latents)
 
 
 def fold_name(fold: int) -> str:
@@ -108,14 +109,6 @@ def load_index(shards_dir: str | os.PathLike) -> ShardIndex:
         raise DataError(f"{path} is missing or has a bad field ({exc}): rebuild the shard set") from None
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify_checksums(index: ShardIndex | str | os.PathLike, splits: Optional[Iterable[str]] = None, *,
                      full: bool = True, raise_on_error: bool = True) -> list[str]:
     """Check every shard of `splits` (default: all) exists, has the recorded size and (full) sha256.
@@ -162,12 +155,19 @@ def verify_once(index: ShardIndex, splits: Iterable[str]) -> None:
         _VERIFIED[key] = entry["sha256"]
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON under a temporary name, then rename: readers never see half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=1, sort_keys=True)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+def latents_record(shards_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """index.json's record of the latents the shards carry, or None (no latents, or no index.json)."""
+    path = Path(shards_dir) / INDEX_NAME
+    return json.loads(path.read_text(encoding="utf-8")).get(LATENTS_KEY) if path.exists() else None
+
+
+def record_latents(shards_dir: str | os.PathLike, rewritten: dict[str, dict[str, Any]], record: dict[str, Any]) -> None:
+    """Rewrite index.json after shards were rewritten with latents: each rewritten shard's new sha256 and size
+    (`rewritten`: shard name -> {"sha256", "bytes"}) and the latents record, atomically."""
+    path = Path(shards_dir) / INDEX_NAME
+    data = json.loads(path.read_text(encoding="utf-8"))
+    for split in data["splits"].values():
+        for shard in split["shards"]:
+            shard.update(rewritten.get(shard["name"], {}))
+    data[LATENTS_KEY] = record
+    write_json_atomic(path, data)

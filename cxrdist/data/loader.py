@@ -31,6 +31,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from cxrdist.data.imageio import to_model_range
 from cxrdist.data.index import TEST_SPLIT, ShardIndex, load_index, verify_once
 from cxrdist.errors import DataError
 
@@ -134,8 +135,7 @@ def decode_sample(sample: dict, stream: _Stream, position: int) -> dict:
     if array.shape != (stream.image_size, stream.image_size):
         raise DataError(f"{sample.get('__url__')}: sample {key} is {array.shape}, expected "
                         f"{stream.image_size}x{stream.image_size}: rebuild the shards with --size {stream.image_size}")
-    scale = 65535.0 if array.dtype == np.uint16 else 255.0
-    pixels = torch.from_numpy(array.astype(np.float32)).unsqueeze(0).mul_(2.0 / scale).sub_(1.0)
+    pixels = torch.from_numpy(to_model_range(array)).unsqueeze(0)
     if stream.augment_seed is not None:
         pixels = augment(pixels, torch.Generator().manual_seed(stream.augment_seed * 1_000_003 + position))
     if stream.channels == 3:
@@ -245,3 +245,25 @@ def eval_loader(shards_dir, split: str, *, batch_size: int, image_size: int, cha
     stream = _Stream(shards=shards, rank=rank, world_size=world_size, take=mine, skip=0,
                      image_size=image_size, channels=channels)
     return ShardLoader(stream, batch_size, num_workers, math.ceil(mine / batch_size), drop_last=False)
+
+
+@dataclass
+class SplitImages:
+    """The images of (part of) a split as references for generated ones: what validation and evaluation score."""
+
+    reports: list[str]
+    references: np.ndarray  # N x H x W float32 in [0, 1], grayscale
+    labels: list[list[str]]  # per sample; [] where the shard has none
+
+
+def read_split_images(batches) -> SplitImages | None:
+    """Collect loader batches into SplitImages (channels averaged, [-1, 1] -> [0, 1]); None when there are none."""
+    reports, refs, labels = [], [], []
+    for batch in batches:
+        pixels = torch.as_tensor(batch["pixel_values"]).float()
+        refs.append(((pixels.mean(dim=1) + 1.0) / 2.0).clamp(0, 1).numpy())
+        reports.extend(batch["prompts"])
+        labels.extend(list(m.get("labels") or []) for m in batch.get("meta", [{}] * len(batch["prompts"])))
+    if not reports:
+        return None
+    return SplitImages(reports, np.concatenate(refs).astype(np.float32), labels)

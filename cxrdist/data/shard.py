@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import io
 import json
 import logging
 import multiprocessing
@@ -29,7 +28,6 @@ import random
 import socket
 import stat as stat_mode
 import sys
-import tarfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -41,9 +39,11 @@ from tqdm import tqdm
 
 from cxrdist.data.imageio import BIT_DEPTHS, RESIZE_MODES, check_pixels, encode_png, resize_square
 from cxrdist.data.index import (FORMAT_VERSION, INDEX_NAME, PARTS_DIR, REJECTS_NAME, TEST_SPLIT, fold_name,
-                                sha256_file, shard_name, write_json_atomic)
+                                shard_name)
 from cxrdist.data.sources.base import Record, RecordRejected
+from cxrdist.data.tars import write_tar
 from cxrdist.errors import DataError, InputError
+from cxrdist.fileio import sha256_file, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 PLAN_NAME = "plan.json"
@@ -149,31 +149,6 @@ def _process(item: tuple[Record, str]) -> tuple[str, Optional[dict[str, bytes]],
 
 
 # ---- writer side -------------------------------------------------------------------------------------------
-def write_tar(path: Path, samples: Sequence[tuple[str, dict[str, bytes]]]) -> tuple[str, int]:
-    """Write samples (key, {ext: bytes}) as `path` via a temp name; returns (sha256, bytes).
-
-    tarfile directly rather than webdataset's TarWriter: every header field is fixed here (mtime 0, owner
-    0/0, mode 0444), which the byte-identical guarantee needs, and the build stays free of a torch import.
-    """
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            with tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for key, parts in samples:
-                    for ext in sorted(parts):
-                        info = tarfile.TarInfo(f"{key}.{ext}")
-                        info.size, info.mtime, info.mode = len(parts[ext]), 0, 0o444
-                        tar.addfile(info, io.BytesIO(parts[ext]))
-            handle.flush()
-            os.fsync(handle.fileno())
-        digest, size = sha256_file(tmp), tmp.stat().st_size
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return digest, size
-
-
 def _stats_path(out: Path, name: str) -> Path:
     return out / PARTS_DIR / (name[: -len(".tar")] + ".json")
 
@@ -628,11 +603,8 @@ def _gather(out: Path, tasks: list[ShardTask], options: ShardOptions,
 
 
 def _write_rejects(out: Path, rejects: Sequence[dict]) -> None:
-    tmp = out / (REJECTS_NAME + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for reject in rejects:
-            handle.write(json.dumps(reject, sort_keys=True, ensure_ascii=False) + "\n")
-    os.replace(tmp, out / REJECTS_NAME)
+    write_text_atomic(out / REJECTS_NAME,
+                      "".join(json.dumps(reject, sort_keys=True, ensure_ascii=False) + "\n" for reject in rejects))
 
 
 def _write_index(out: Path, source, options: ShardOptions, splits: dict[str, dict[str, Any]],

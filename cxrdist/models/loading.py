@@ -248,6 +248,16 @@ def load_base(pretrained: str, revision: str | None = None, vae_dtype: str = "fp
                      fingerprint=fingerprint(path))
 
 
+def load_vae(pretrained: str, revision: str | None = None, vae_dtype: str = "fp32"):
+    """The frozen VAE of a base model alone (latent caching needs nothing else), in eval mode."""
+    from diffusers import AutoencoderKL
+
+    vae = _load_component(AutoencoderKL, resolve_base_path(pretrained, revision), "vae", revision,
+                          torch_dtype=DTYPES[vae_dtype])
+    vae.requires_grad_(False)
+    return vae.eval()
+
+
 def _recorded_source(pretrained: str, path: str) -> str:
     """A preset name or hub id as given; a local folder as the absolute path `resolve_base_path` found."""
     return pretrained if pretrained.startswith(PRESET_PREFIX) or path == pretrained else path

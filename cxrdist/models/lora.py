@@ -1,4 +1,5 @@
-"""LoRA adapters (peft) on the UNet and the text encoder: attach, save, load.
+"""LoRA adapters (peft) on the UNet and the text encoder: attach, name, save, load; the file names of adapter
+folders and of training checkpoints, which training writes and sampling reads.
 
 Only adapter weights are trainable; the base stays frozen. Adapters are saved as
 `pytorch_lora_weights.safetensors` in the layout diffusers' `load_lora_weights` reads ("unet." and
@@ -8,7 +9,7 @@ BERT-style encoders alike (diffusers' loader cannot take a BERT text-encoder LoR
 """
 from __future__ import annotations
 
-import dataclasses
+import hashlib
 import json
 import logging
 import shutil
@@ -26,6 +27,13 @@ log = logging.getLogger(__name__)
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 METADATA_NAME = "cxrdist.json"
 ADAPTER_FORMAT = "cxrdist-lora/1"
+# A training checkpoint (`checkpoints/step_N`, written by cxrdist.train.checkpoint) holds the adapter tensors by
+# full parameter name, the run's config and, written last, a marker: a folder without it is unfinished.
+CHECKPOINT_MARKER = "cxrdist_checkpoint.json"
+CHECKPOINT_ADAPTER = "adapter.safetensors"
+CHECKPOINT_CONFIG = "config.yaml"
+# Adapter-folder keys carry the module they belong to: diffusers' `load_lora_weights` layout.
+PREFIXES = ("unet.", "text_encoder.")
 # Attention projections per encoder family: CLIP names its projections q/k/v/out_proj, BERT query/key/value
 # and attention.output.dense (the attention output, not the MLP's output.dense).
 TEXT_TARGETS = {
@@ -64,7 +72,7 @@ def attach_lora(base: BaseModel, cfg: LoraConfig) -> dict[str, Any]:
     _check_targets_matched(base, spec)
     for module in (base.unet, base.text_encoder):
         for name, param in module.named_parameters():
-            param.requires_grad_("lora_" in name)
+            param.requires_grad_(is_lora_name(name))
     return spec
 
 
@@ -74,8 +82,46 @@ def _check_targets_matched(base: BaseModel, spec: dict) -> None:
                          "projection names such as to_q, to_k, to_v, to_out.0")
 
 
+def is_lora_name(name: str) -> bool:
+    """True for a parameter (or state-dict key) of a LoRA adapter as peft names them (`...lora_A...`)."""
+    return "lora_" in name
+
+
+def lora_named_parameters(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(name, param) for name, param in module.named_parameters() if is_lora_name(name)]
+
+
 def lora_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for n, p in module.named_parameters() if "lora_" in n]
+    return [param for _, param in lora_named_parameters(module)]
+
+
+def lora_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter tensors by full parameter name (the training-checkpoint format: exact, nothing of the base)."""
+    return {name: param.detach() for name, param in lora_named_parameters(module)}
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of tensors by name and fp32 value, independent of dict and file-header order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(tensors.items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_adapter_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where) -> None:
+    """Copy a training checkpoint's adapter tensors (by full name) into `model`, refusing any key mismatch."""
+    expected = lora_state(model)
+    missing = sorted(set(expected) - set(tensors))
+    unknown = sorted(set(tensors) - set(expected))
+    if missing or unknown:
+        raise ModelError(f"checkpoint {where} does not fit this model: adapter key "
+                         f"'{(missing or unknown)[0]}' {'missing' if missing else 'unexpected'}; "
+                         "resume with the config it was trained with")
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name, value in tensors.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
 
 
 def count_parameters(module: torch.nn.Module) -> tuple[int, int]:
@@ -185,13 +231,15 @@ def _metadata_problem(data: dict) -> str | None:
     return None
 
 
-def _split_prefixed(state: dict) -> tuple[dict, dict]:
+def split_prefixed(state: dict) -> tuple[dict, dict]:
+    """An adapter file's tensors -> (UNet part, text-encoder part), each keyed without its prefix."""
+    unet_prefix, text_prefix = PREFIXES
     unet, text = {}, {}
     for key, value in state.items():
-        if key.startswith("unet."):
-            unet[key[len("unet."):]] = value
-        elif key.startswith("text_encoder."):
-            text[key[len("text_encoder."):]] = value
+        if key.startswith(unet_prefix):
+            unet[key[len(unet_prefix):]] = value
+        elif key.startswith(text_prefix):
+            text[key[len(text_prefix):]] = value
     return unet, text
 
 
@@ -226,7 +274,7 @@ def load_adapter(folder: str | Path, base: BaseModel) -> dict:
         log.warning("adapter %s was trained on base '%s' (fingerprint %s); loading it on '%s' (%s)", folder,
                     meta["base"]["source"], meta["base"]["fingerprint"], base.source, base.fingerprint)
     spec = meta["adapter"]
-    unet_sd, text_sd = _split_prefixed(load_file(str(weights)))
+    unet_sd, text_sd = split_prefixed(load_file(str(weights)))
     lora_cfg = LoraConfig(
         unet_rank=spec["unet"]["rank"], unet_alpha=spec["unet"]["alpha"], unet_targets=spec["unet"]["targets"],
         train_text_encoder=spec["text_encoder"] is not None,

@@ -1,9 +1,9 @@
 """The one place an `Accelerator` is built for training: DDP, DeepSpeed ZeRO-2/3, one process, GPU or CPU.
 
-CPU facts this encodes (see DESIGN.md and cxrdist.scale): `accelerate launch --cpu --num_processes 2` starts
+CPU facts this encodes (see DESIGN.md and cxrdist.train.distributed): `accelerate launch --cpu --num_processes 2` starts
 one process; `--multi_gpu --num_processes 2` with `Accelerator(cpu=True)` gives two gloo ranks; but under a
 DeepSpeed launch `cpu=True` silently drops the DeepSpeed plugin (the run becomes plain DDP), so the flag comes
-from `scale.wants_cpu_flag()`, and the gloo backend from `scale.process_group_backend()` (a backend named in
+from `distributed.wants_cpu_flag()`, and the gloo backend from `distributed.process_group_backend()` (a backend named in
 a process that was not launched makes accelerate wait for a process group that never starts).
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from cxrdist import scale
 from cxrdist.config import Config
+from cxrdist.train import distributed
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +37,12 @@ def build_accelerator(cfg: Config, project_dir: str | Path):
         make_deterministic()
     # The timeout reaches torch.distributed and deepspeed.comm alike, and the groups DeepSpeed creates later:
     # a rank waiting on a dead or silent peer fails after this long instead of hanging.
-    scale.default_collective_timeout(cfg.train.collective_timeout_s)
-    pg_kwargs = InitProcessGroupKwargs(backend=scale.process_group_backend(),
+    distributed.default_collective_timeout(cfg.train.collective_timeout_s)
+    pg_kwargs = InitProcessGroupKwargs(backend=distributed.process_group_backend(),
                                        timeout=timedelta(seconds=cfg.train.collective_timeout_s))
     project = ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir))
     accelerator = Accelerator(
-        cpu=scale.wants_cpu_flag(),
+        cpu=distributed.wants_cpu_flag(),
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum,
         log_with="tensorboard",
@@ -53,8 +53,8 @@ def build_accelerator(cfg: Config, project_dir: str | Path):
         step_scheduler_with_optimizer=False,
     )
     _end_process_group_at_exit()
-    scale.check_deepspeed_kept(accelerator)
-    scale.configure_deepspeed(accelerator, cfg.train.batch_size, cfg.train.grad_accum, cfg.optim.max_grad_norm,
+    distributed.check_deepspeed_kept(accelerator)
+    distributed.configure_deepspeed(accelerator, cfg.train.batch_size, cfg.train.grad_accum, cfg.optim.max_grad_norm,
                               cfg.optim.name)
     if torch.cuda.is_available():
         # TF32 matmuls on Ampere+ (no effect elsewhere); fp32 accuracy is not needed for LoRA updates.
@@ -114,8 +114,8 @@ def _end_process_group_at_exit() -> None:
 
 def describe(accelerator) -> str:
     """'DDP', 'DeepSpeed ZeRO-2', ... for the start-up log line."""
-    stage = scale.zero_stage(accelerator)
-    if scale.deepspeed_plugin(accelerator) is not None:
+    stage = distributed.zero_stage(accelerator)
+    if distributed.deepspeed_plugin(accelerator) is not None:
         return f"DeepSpeed ZeRO-{stage}"
     return "DDP" if accelerator.num_processes > 1 else "one process"
 

@@ -12,7 +12,7 @@ and DeepSpeed checkpoints leave the frozen base out (`exclude_frozen_parameters`
 
 Trust: nothing in a checkpoint may run code when it is resumed. The trainer's own state is JSON (not an
 accelerate "custom checkpoint", which the full unpickler reads); accelerate reads its optimizer,
-scheduler, scaler and RNG files with weights_only=True; DeepSpeed's engine is made to (scale.load_weights_only).
+scheduler, scaler and RNG files with weights_only=True; DeepSpeed's engine is made to (distributed.load_weights_only).
 Before any of them opens a file, every pickle-format file of the checkpoint is read once with the weights-only
 unpickler and an allow-list, so a file that holds anything else is refused with one line naming it.
 """
@@ -27,19 +27,18 @@ from typing import Any
 
 import torch
 
-from cxrdist import scale
 from cxrdist.config import Config, config_from_dict, diff_configs, load_yaml
-from cxrdist.errors import ConfigError, InputError, ModelError
-from cxrdist.train.model import LoraDiffusionModel, lora_state
+from cxrdist.errors import ConfigError, InputError
+from cxrdist.fileio import write_json_atomic
+from cxrdist.models.diffusion import LoraDiffusionModel
+from cxrdist.models.lora import CHECKPOINT_ADAPTER, CHECKPOINT_CONFIG, CHECKPOINT_MARKER, load_adapter_state
+from cxrdist.train import distributed
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
-MARKER = "cxrdist_checkpoint.json"
 TRAINER_STATE = "trainer_state.json"
 PICKLE_SUFFIXES = (".bin", ".pkl", ".pt", ".pth")
-ADAPTER_FILE = "adapter.safetensors"
-CONFIG_FILE = "config.yaml"
 # Keys that may change between a run and its resumption: where things go and how verbose, not what is trained.
 RESUME_MAY_DIFFER = ("train.output_dir", "train.run_name", "train.log_every", "train.export_zip",
                      "train.collective_timeout_s", "data.num_workers", "sample", "pretrain")
@@ -69,7 +68,7 @@ class Checkpointer:
     # Under DDP / one process `models` holds the wrapped joint module and `weights` its full state dict,
     # which accelerate would write (the whole frozen base): the hook writes the adapter tensors instead and
     # drops that entry. Under DeepSpeed `models` holds the ENGINE, `weights` is empty (the engine already
-    # saved itself, without frozen parameters: see scale.checkpoint_kwargs) and the load hook gets no models
+    # saved itself, without frozen parameters: see distributed.checkpoint_kwargs) and the load hook gets no models
     # (the engine loads itself); adapter.safetensors is still written so every checkpoint is readable alone.
     def _save_hook(self, models, weights, output_dir) -> None:
         from safetensors.torch import save_file
@@ -77,9 +76,9 @@ class Checkpointer:
         for i in reversed(range(len(models))):
             if _unwrap(models[i]) is None:
                 continue
-            tensors = scale.lora_named_state(self.accelerator, models[i])  # collective under DeepSpeed
+            tensors = distributed.lora_named_state(self.accelerator, models[i])  # collective under DeepSpeed
             if self.accelerator.is_main_process:
-                save_file(tensors, os.path.join(output_dir, ADAPTER_FILE))
+                save_file(tensors, os.path.join(output_dir, CHECKPOINT_ADAPTER))
             if len(weights) == len(models):
                 weights.pop(i)  # accelerate would otherwise write the whole frozen base
 
@@ -90,7 +89,7 @@ class Checkpointer:
             inner = _unwrap(models[i])
             if inner is None:
                 continue
-            load_adapter_state(inner, load_file(os.path.join(input_dir, ADAPTER_FILE)), input_dir)
+            load_adapter_state(inner, load_file(os.path.join(input_dir, CHECKPOINT_ADAPTER)), input_dir)
             models.pop(i)
 
     # -- save / rotate ---------------------------------------------------------------------------------
@@ -99,13 +98,13 @@ class Checkpointer:
         if self.accelerator.is_main_process and path.exists():
             shutil.rmtree(path)  # an unfinished save of this step, or a replay after resuming further back
         self.accelerator.wait_for_everyone()
-        save_kwargs, _ = scale.checkpoint_kwargs(self.accelerator)
+        save_kwargs, _ = distributed.checkpoint_kwargs(self.accelerator)
         self.accelerator.save_state(str(path), **save_kwargs)  # every rank: DeepSpeed saves collectively
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            self.cfg.save(path / CONFIG_FILE)
+            self.cfg.save(path / CHECKPOINT_CONFIG)
             write_json_atomic(path / TRAINER_STATE, trainer_state)
-            write_json_atomic(path / MARKER, {"step": step, **info})
+            write_json_atomic(path / CHECKPOINT_MARKER, {"step": step, **info})
             self._rotate()
         self.accelerator.wait_for_everyone()
         return path
@@ -127,8 +126,8 @@ class Checkpointer:
                                  "start without --resume (or point --output-dir at the run to continue)")
             return found[-1]
         path = Path(resume)
-        if not (path / MARKER).is_file():
-            raise InputError(f"--resume {resume}: not a complete cxrdist checkpoint (no {MARKER}): "
+        if not (path / CHECKPOINT_MARKER).is_file():
+            raise InputError(f"--resume {resume}: not a complete cxrdist checkpoint (no {CHECKPOINT_MARKER}): "
                              f"give 'latest' or a folder under {self.dir}")
         return path
 
@@ -137,9 +136,9 @@ class Checkpointer:
         check_resumable(path, self.cfg)
         trainer_state = read_trainer_state(path)
         check_pickles(path)
-        _, load_kwargs = scale.checkpoint_kwargs(self.accelerator)
+        _, load_kwargs = distributed.checkpoint_kwargs(self.accelerator)
         self.accelerator.load_state(str(path), **load_kwargs)
-        return json.loads((path / MARKER).read_text()), trainer_state
+        return json.loads((path / CHECKPOINT_MARKER).read_text()), trainer_state
 
 
 # How long a rank waits for rank 0's probe file: NFS-style filesystems may cache a directory's listing for
@@ -192,11 +191,12 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
 
 
 def _safe_globals() -> list:
-    from accelerate.utils.other import TORCH_SAFE_GLOBALS  # what accelerate's own RNG files hold (numpy arrays)
+    from accelerate.utils.other import \
+        TORCH_SAFE_GLOBALS  # what accelerate's own RNG files hold (numpy arrays)
 
     allowed = list(TORCH_SAFE_GLOBALS)
     try:
-        allowed += scale.deepspeed_safe_globals()
+        allowed += distributed.deepspeed_safe_globals()
     except ImportError:  # no DeepSpeed installed: its classes cannot be in a checkpoint we may load
         pass
     return allowed
@@ -225,37 +225,16 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     folder = Path(run_dir) / CHECKPOINTS
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_dir() and (p / MARKER).is_file())
+    return sorted(p for p in folder.iterdir() if p.is_dir() and (p / CHECKPOINT_MARKER).is_file())
 
 
 def check_resumable(path: Path, cfg: Config, fold: int | None = None) -> None:
     """Refuse a checkpoint written under another config (naming every key that differs) or another fold."""
-    saved = config_from_dict(load_yaml(path / CONFIG_FILE))
+    saved = config_from_dict(load_yaml(path / CHECKPOINT_CONFIG))
     diffs = [d for d in diff_configs(saved, cfg) if not d.startswith(RESUME_MAY_DIFFER)]
     if diffs:
         raise ConfigError(f"cannot resume from {path}: it was trained with a different config ({'; '.join(diffs)}): "
                           "resume with the same config, or start a new run with another --output-dir")
-    marker = json.loads((path / MARKER).read_text())
+    marker = json.loads((path / CHECKPOINT_MARKER).read_text())
     if fold is not None and marker.get("fold") != fold:
         raise ConfigError(f"cannot resume from {path}: it is fold {marker.get('fold')}, not fold {fold}")
-
-
-def load_adapter_state(model: LoraDiffusionModel, tensors: dict[str, torch.Tensor], where) -> None:
-    expected = lora_state(model)
-    missing = sorted(set(expected) - set(tensors))
-    unknown = sorted(set(tensors) - set(expected))
-    if missing or unknown:
-        raise ModelError(f"checkpoint {where} does not fit this model: adapter key "
-                         f"'{(missing or unknown)[0]}' {'missing' if missing else 'unexpected'}; "
-                         "resume with the config it was trained with")
-    with torch.no_grad():
-        params = dict(model.named_parameters())
-        for name, value in tensors.items():
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """JSON written to a temporary name and renamed into place: readers never see half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from cxrdist.config import Config
+from cxrdist.fileio import write_json_atomic
+from cxrdist.train.trainer import TEST_METRICS, FoldResult
 
 SUMMARY_FILE = "cv_summary.json"
 
@@ -40,9 +42,7 @@ def write_cv_summary(cfg: Config, root: Path, results: list) -> dict[str, Any]:
                "best_checkpoints": {str(r.fold): str(r.best_path) for r in results},
                "summary": mean_std(list(rows.values()))}
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / (SUMMARY_FILE + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(root / SUMMARY_FILE)
+    write_json_atomic(root / SUMMARY_FILE, summary)
     writer = SummaryWriter(str(root / "cv"))
     lines = ["| metric | mean | std | folds |", "|---|---|---|---|"]
     for key, s in summary["summary"].items():
@@ -58,8 +58,6 @@ def write_cv_summary(cfg: Config, root: Path, results: list) -> dict[str, Any]:
 
 def finished_result(run_dir: Path):
     """A fold that already wrote test_metrics.json (skipped by --all-folds --resume latest)."""
-    from cxrdist.train.trainer import TEST_METRICS, FoldResult
-
     path = Path(run_dir) / TEST_METRICS
     if not path.exists():
         return None

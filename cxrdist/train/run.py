@@ -14,7 +14,8 @@ from typing import Optional
 
 from cxrdist.config import Config
 from cxrdist.errors import InputError
-from cxrdist.train.checkpoint import CHECKPOINTS, MARKER, check_resumable
+from cxrdist.models.lora import CHECKPOINT_MARKER
+from cxrdist.train.checkpoint import CHECKPOINTS, check_resumable
 from cxrdist.train.trainer import TEST_METRICS, FoldResult, Trainer
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def print_summary(cfg: Config, result: FoldResult) -> None:
     lines = [f"fold {result.fold}: {result.steps} steps{' (stopped early)' if result.stopped_early else ''}, "
              f"{result.images_per_s:.1f} images/s",
              f"  best {cfg.eval.metric}: {best} -> {result.best_path}",
-             f"  test: " + (", ".join(f"{k}={v:.5g}" for k, v in result.test_metrics.items()) or "not run"),
+             "  test: " + (", ".join(f"{k}={v:.5g}" for k, v in result.test_metrics.items()) or "not run"),
              f"  run folder: {result.run_dir} (tensorboard --logdir {result.run_dir})"]
     print("\n".join(lines), flush=True)
 
@@ -105,7 +106,7 @@ def run_all_folds(cfg: Config, *, output_dir: Optional[str] = None, resume: Opti
         run_dir = fold_dir(root, fold)
         done = finished_result(run_dir) if resume else None
         # --resume latest continues the interrupted fold; folds not started yet start fresh
-        started = resume == "latest" and any((run_dir / CHECKPOINTS).glob(f"*/{MARKER}"))
+        started = resume == "latest" and any((run_dir / CHECKPOINTS).glob(f"*/{CHECKPOINT_MARKER}"))
         fold_resume = resume if resume != "latest" or started else None
         results.append(done or train_fold(cfg, fold, run_dir=run_dir, resume=fold_resume))
     if int(os.environ.get("RANK", "0")) != 0:

@@ -5,13 +5,14 @@ Everything is a no-op on non-main ranks (accelerate's trackers only exist there)
 from __future__ import annotations
 
 import json
-import math
 import resource
 import sys
 from typing import Any
 
 import numpy as np
 import torch
+
+from cxrdist.sampling.output import contact_sheet
 
 TRACKER_NAME = "tensorboard"
 
@@ -33,18 +34,6 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
-def image_grid(images: np.ndarray, columns: int = 4) -> np.ndarray:
-    """N x H x W floats in [0, 1] -> one H' x W' uint8 grid with 2 px gaps."""
-    n, h, w = images.shape
-    columns = max(1, min(columns, n))
-    rows = math.ceil(n / columns)
-    grid = np.zeros((rows * (h + 2) - 2, columns * (w + 2) - 2), dtype=np.uint8)
-    for i, image in enumerate(images):
-        r, c = divmod(i, columns)
-        grid[r * (h + 2): r * (h + 2) + h, c * (w + 2): c * (w + 2) + w] = np.clip(image * 255 + 0.5, 0, 255)
-    return grid
-
-
 class MetricsLogger:
     """One interface for the trainer: scalars, images, text, hparams, close."""
 
@@ -59,9 +48,10 @@ class MetricsLogger:
         if clean:
             self.accelerator.log(clean, step=step)
 
-    def image(self, tag: str, grid: np.ndarray, step: int) -> None:
+    def image(self, tag: str, images: np.ndarray, step: int) -> None:
+        """N x H x W images in [0, 1], logged as one contact sheet (the same as a sampling run's grid.png)."""
         if self._writer is not None:
-            self._writer.add_image(tag, grid, global_step=step, dataformats="HW")
+            self._writer.add_image(tag, contact_sheet(images, columns=4), global_step=step, dataformats="HW")
             self._writer.flush()
 
     def text(self, tag: str, value: str, step: int) -> None:

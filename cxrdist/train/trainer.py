@@ -7,15 +7,14 @@ optimizer, scheduler, adapter and early-stopping state): a run killed at any poi
 checkpoint ends with the same adapter as a run that was never interrupted, and N ranks x batch b train like
 one process with batch N*b (same samples per step, up to the order of float reductions).
 
-Scale-out (DDP, DeepSpeed ZeRO-2/3; see cxrdist.scale): every collective -- checkpoint saves, adapter
+Scale-out (DDP, DeepSpeed ZeRO-2/3; see cxrdist.train.distributed): every collective -- checkpoint saves, adapter
 exports, the rank-agreement check, validation forward passes -- runs on every rank; only rank 0 writes.
 """
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -24,30 +23,25 @@ from typing import Any, Optional
 
 import torch
 
-from cxrdist import scale
 from cxrdist.config import Config
+from cxrdist.data.latents import check_cached_latents, latents_info
 from cxrdist.errors import ConfigError, CxrdistError, DataError, report_now
-from cxrdist.models.lora import attach_lora, count_parameters, lora_parameters
+from cxrdist.fileio import write_json_atomic
+from cxrdist.models.diffusion import BatchEncoder, DiffusionObjective, LoraDiffusionModel, to_device
 from cxrdist.models.loading import load_base
+from cxrdist.models.lora import attach_lora, count_parameters, lora_parameters, tensors_digest
+from cxrdist.sampling.archive import write_zip
+from cxrdist.train import distributed, faults
 from cxrdist.train.accel import build_accelerator, describe, weight_dtype
-from cxrdist.train.checkpoint import Checkpointer, check_shared_folder, write_json_atomic
+from cxrdist.train.best import best_name, export_best, load_exported, weights_digest
+from cxrdist.train.checkpoint import Checkpointer, check_shared_folder
 from cxrdist.train.early_stop import EarlyStopper
-from cxrdist.train.evaluate import Evaluator
-from cxrdist.train.export import export_best, weights_digest
-from cxrdist.train.model import BatchEncoder, DiffusionObjective, LoraDiffusionModel, to_device
 from cxrdist.train.optim import GROUP_NAMES, build_lr_scheduler, build_optimizer
-from cxrdist.train.tracking import MetricsLogger, image_grid, peak_memory_mb
+from cxrdist.train.tracking import MetricsLogger, peak_memory_mb
+from cxrdist.train.validation import Evaluator
 
 log = logging.getLogger(__name__)
 
-# Fault injection for the resume tests: the process SIGKILLs itself right after this optimizer step (only
-# the rank named in KILL_RANK_ENV when that is set: the other ranks must then fail loudly, not hang).
-KILL_ENV = "CXRDIST_FAULT_KILL_AT_STEP"
-KILL_RANK_ENV = "CXRDIST_FAULT_KILL_RANK"
-KILL_SIGNAL_ENV = "CXRDIST_FAULT_SIGNAL"  # SIGKILL by default; SIGSTOP makes a silent rank (the timeout path)
-# Fault injection for the non-finite tests: the loss of this micro-step becomes inf (on KILL_RANK_ENV's rank when
-# that is set), which overflows the gradients as an fp16 overflow or a diverged run would.
-INF_LOSS_ENV = "CXRDIST_FAULT_INF_LOSS_AT_MICRO_STEP"
 TEST_METRICS = "test_metrics.json"
 
 
@@ -59,10 +53,9 @@ class NonFiniteLossError(CxrdistError):
     """The training loss was inf or NaN on some rank and train.nonfinite_loss=stop."""
 
 
-def sample_seed(seed: int, key: str, micro_step: int) -> int:
-    """Seed of one sample's draws (noise, timestep, caption dropout): independent of rank and batching."""
-    import hashlib
-
+def draw_seed(seed: int, key: str, micro_step: int) -> int:
+    """Seed of one training sample's draws (noise, timestep, caption dropout) at one micro-step: independent of
+    rank and batching. (Validation noise has its own, step-free seed: validation.validation_noise_seed.)"""
     digest = int(hashlib.sha256(str(key).encode()).hexdigest()[:12], 16)
     return (seed * 1_000_003 + digest + micro_step * 7_919) % (2**62)
 
@@ -114,7 +107,7 @@ class Trainer:
         self.spec = attach_lora(self.base, cfg.lora)
         model = LoraDiffusionModel(self.base.unet, self.base.text_encoder, cfg.lora.train_text_encoder,
                                    text_cache_size=cfg.train.text_cache_size)
-        if model.text_cache is not None and scale.zero_stage(acc) == 3:
+        if model.text_cache is not None and distributed.zero_stage(acc) == 3:
             # ZeRO-3 gathers the text encoder's partitions collectively at every call; a cache hit on one rank
             # and a miss on another would leave the ranks waiting on different collectives.
             log.warning("train.text_cache_size is ignored under ZeRO-3 (ranks must run the same text-encoder calls)")
@@ -137,7 +130,7 @@ class Trainer:
                                     cfg.train.caption_dropout, use_cached=self._use_cached_latents())
         self.stopper = EarlyStopper(cfg.eval.metric, cfg.eval.mode, cfg.eval.patience, cfg.eval.min_delta)
         self.state = TrainState()
-        scale.load_weights_only(self.model)  # a DeepSpeed engine unpickles its files with weights_only=True
+        distributed.load_weights_only(self.model)  # a DeepSpeed engine unpickles its files with weights_only=True
         self.checkpointer = Checkpointer(acc, self.run_dir, cfg, cfg.train.keep_last)
         if resume:
             self._resume(resume)
@@ -147,8 +140,6 @@ class Trainer:
 
     # -- set-up ------------------------------------------------------------------------------------------
     def _use_cached_latents(self) -> bool:
-        from cxrdist.train.latents import check_cached_latents, latents_info
-
         shards = self.data.shards_dir
         if not (shards and self.cfg.train.use_cached_latents and latents_info(shards)):
             return False
@@ -199,7 +190,7 @@ class Trainer:
         CPU and moving the batch in one (pinned, non-blocking) transfer avoids one device generator and one host
         sync per sample on a GPU. The order of draws per generator is fixed: dropout, noise, timestep.
         """
-        gens = [torch.Generator().manual_seed(sample_seed(self.cfg.train.seed, key, micro_step)) for key in batch["keys"]]
+        gens = [torch.Generator().manual_seed(draw_seed(self.cfg.train.seed, key, micro_step)) for key in batch["keys"]]
         prompts = [self.encoder.prompts([report], g)[0] for report, g in zip(batch["prompts"], gens)]
         noise = torch.cat([self.objective.sample_noise((1, *latent_shape[1:]), g) for g in gens])
         timesteps = torch.cat([self.objective.sample_timesteps(1, g) for g in gens])
@@ -219,7 +210,7 @@ class Trainer:
         with acc.accumulate(self.model):
             pred = self.model(noisy, timesteps, ids.to(device), mask.to(device))
             loss = self.objective.per_sample_loss(pred, target, timesteps).mean()
-            loss = self._inject_inf_loss(loss, micro_step)
+            loss = faults.maybe_inf_loss(loss, micro_step, self.accelerator.process_index)
             loss_value = self._check_finite_loss(loss, micro_step)
             acc.backward(loss)
             grad_norm, skip_ourselves = None, False
@@ -244,13 +235,7 @@ class Trainer:
 
     def _steps_itself(self) -> bool:
         """True when something below us skips overflowing steps (DeepSpeed's engine, accelerate's GradScaler)."""
-        return scale.deepspeed_plugin(self.accelerator) is not None or self.accelerator.scaler is not None
-
-    def _inject_inf_loss(self, loss: torch.Tensor, micro_step: int) -> torch.Tensor:
-        rank = str(self.accelerator.process_index)
-        if os.environ.get(INF_LOSS_ENV) == str(micro_step) and os.environ.get(KILL_RANK_ENV, rank) == rank:
-            return loss * float("inf")
-        return loss
+        return distributed.deepspeed_plugin(self.accelerator) is not None or self.accelerator.scaler is not None
 
     def _check_finite_loss(self, loss: torch.Tensor, micro_step: int) -> float:
         """The loss as a float; an inf/NaN loss on ANY rank stops every rank (train.nonfinite_loss=stop) or is
@@ -314,7 +299,7 @@ class Trainer:
         return f"rank {self.accelerator.process_index} {reason} at step {self.state.step}; {last}: {hint}"
 
     def _fit(self) -> FoldResult:
-        acc, cfg = self.accelerator, self.cfg
+        acc = self.accelerator
         per_epoch = self.micro_per_epoch
         window = Window()
         progress = _progress(acc, self.total_steps, self.state.step)
@@ -381,9 +366,7 @@ class Trainer:
         if (ckpt_every and step % ckpt_every == 0) or (not ckpt_every and epoch_end) or last or self.state.stopped_early:
             self.checkpointer.save(step, {"fold": self.fold, "epoch": self.epoch, "config_hash": cfg.hash(),
                                           **self.effective_batch_info()}, self.state.state_dict())
-        rank = str(self.accelerator.process_index)
-        if os.environ.get(KILL_ENV) == str(step) and os.environ.get(KILL_RANK_ENV, rank) == rank:
-            os.kill(os.getpid(), getattr(signal, os.environ.get(KILL_SIGNAL_ENV, "SIGKILL")))
+        faults.maybe_die_after_step(step, self.accelerator.process_index)
 
     def _eval_due(self, step: int, epoch_end: bool) -> bool:
         e = self.cfg.eval
@@ -417,10 +400,10 @@ class Trainer:
         self.state.last_eval_step = step
         self.logger.scalars({f"val/{k}": v for k, v in metrics.items()}, step)
         if images is not None:
-            self.logger.image("val/samples", image_grid(images), step)
+            self.logger.image("val/samples", images, step)
         improved = self.stopper.update(metrics[self.cfg.eval.metric], step=step, epoch=self.epoch)
         # Every rank takes the same decision (metrics are reduced); the gather under DeepSpeed is collective.
-        state_dicts = scale.lora_state_dicts(acc, self.model) if improved else None
+        state_dicts = distributed.lora_state_dicts(acc, self.model) if improved else None
         if improved and acc.is_main_process:
             previous = Path(self.state.best_path) if self.state.best_path else None
             path = export_best(acc.unwrap_model(self.model), self.base, self.spec, self.cfg, self.run_dir,
@@ -429,7 +412,7 @@ class Trainer:
             log.info("step %d: %s %.5g is the best so far -> %s", step, self.cfg.eval.metric,
                      metrics[self.cfg.eval.metric], path)
         if improved:
-            self.state.best_path = str(self.run_dir / f"best_model_fold{self.fold}_epoch{self.epoch}")
+            self.state.best_path = str(self.run_dir / best_name(self.fold, self.epoch))
         acc.wait_for_everyone()
         self.state.stopper = self.stopper.state_dict()
         if self.stopper.should_stop:
@@ -440,18 +423,16 @@ class Trainer:
 
     def test(self) -> dict[str, float]:
         """Load the BEST adapter into the live model (every rank) and evaluate it on the test split."""
-        from cxrdist.train.export import load_exported
-
         best = Path(self.state.best_path)
         live = self.accelerator.unwrap_model(self.model)
         # Under ZeRO-3 the module holds partitions: load into gathered tensors, which are re-partitioned on exit.
-        adapters = [p for n, p in live.named_parameters() if "lora_" in n]
-        with scale.gathered_for_update(self.accelerator, adapters):
+        adapters = lora_parameters(live)
+        with distributed.gathered_for_update(self.accelerator, adapters):
             load_exported(live, best)
         metrics, images = self._evaluator("test").run(self.model)
         self.logger.scalars({f"test/{k}": v for k, v in metrics.items()}, self.state.step)
         if images is not None:
-            self.logger.image("test/samples", image_grid(images), self.state.step)
+            self.logger.image("test/samples", images, self.state.step)
         if self.accelerator.is_main_process:
             report = {"fold": self.fold, "validation_split": self.data.val_split, "checkpoint": str(best),
                       "weights_sha256": weights_digest(best),
@@ -464,8 +445,6 @@ class Trainer:
         self._check_ranks_agree()
         test = self.test() if self.cfg.eval.run_test and self.state.best_path else {}
         if self.cfg.train.export_zip and self.state.best_path and self.accelerator.is_main_process:
-            from cxrdist.archive import write_zip
-
             log.info("wrote %s", write_zip(Path(self.state.best_path)))
         self.logger.hparams({**{f"test_{k}": v for k, v in test.items()}, "best_value": self.stopper.best or float("nan")})
         return FoldResult(self.fold, self.run_dir, self.state.step, Path(self.state.best_path) if self.state.best_path else None,
@@ -475,7 +454,7 @@ class Trainer:
         """Every rank must end with the same adapter; a silent divergence would make checkpoints lie."""
         from accelerate.utils import gather_object
 
-        digests = gather_object([adapter_digest(scale.live_lora_state(self.accelerator, self.model))])
+        digests = gather_object([adapter_digest(distributed.live_lora_state(self.accelerator, self.model))])
         if self.accelerator.is_main_process:
             write_json_atomic(self.run_dir / "adapter_digests.json", {"step": self.state.step, "per_rank": digests})
         if len(set(digests)) > 1:
@@ -520,14 +499,8 @@ class Window:
 
 
 def adapter_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """Short digest of adapter tensors by name (from `scale.live_lora_state`: each rank's own values)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(tensors.items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    """Short digest of adapter tensors by name (from `distributed.live_lora_state`: each rank's own values)."""
+    return tensors_digest(tensors)[:16]
 
 
 def optimizer_chain(optimizer) -> str:

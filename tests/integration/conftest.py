@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 
 @pytest.fixture(scope="session")
@@ -17,12 +16,3 @@ def phantom_shards(tmp_path_factory) -> Path:
     source = source_class("phantom")(n=120, size=64, seed=0)
     build_shards(source, out, size=64, folds=2, test_fraction=0.2, seed=0, shard_size=32, workers=1, progress=False)
     return out
-
-
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, two spinning threads per process are 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

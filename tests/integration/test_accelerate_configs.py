@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,38 +13,30 @@ import pytest
 import torch
 import yaml
 
+from support.launching import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 ACCEL = ROOT / "configs" / "accelerate"
 DEEPSPEED = ROOT / "configs" / "deepspeed"
 ALL_CONFIGS = ["single_gpu", "multi_gpu", "zero2", "zero3", "multi_node_zero2", "cpu_2ranks"]
 LAUNCH_TIMEOUT_S = 240
 
-# Prints one JSON line per rank. It builds the Accelerator the way the trainer must: cpu=True only for
-# non-DeepSpeed launches on a CPU-only machine, gloo where there is no CUDA.
+# Prints one JSON line per rank. The Accelerator comes from the trainer's own builder (cxrdist.train.accel), so
+# what is checked here -- world size, distributed type, backend, ZeRO stage -- is what `launch/train.py` gets.
 PROBE = """
-import json, sys, torch
-from datetime import timedelta
-from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
-from cxrdist import scale
-acc = Accelerator(cpu=scale.wants_cpu_flag(), kwargs_handlers=[
-    InitProcessGroupKwargs(backend=scale.process_group_backend(), timeout=timedelta(seconds=60))])
+import json, sys, tempfile, torch
+from cxrdist.config import load_config
+from cxrdist.train import distributed
+from cxrdist.train.accel import build_accelerator
+acc = build_accelerator(load_config(None, ["train.collective_timeout_s=60"]), tempfile.mkdtemp())
 total = torch.tensor([acc.process_index + 1.0], device=acc.device)
 if acc.num_processes > 1:
     total = acc.reduce(total, "sum")
 print("PROBE " + json.dumps({"rank": acc.process_index, "world": acc.num_processes,
       "type": acc.distributed_type.value, "backend": acc.state.backend, "sum": total.item(),
-      "zero_stage": scale.zero_stage(acc)}), flush=True)
-# Without destroying the process group, DeepSpeed on CPU sometimes aborts at interpreter exit
-# ("terminate called without an active exception", SIGABRT): end_training() destroys it.
-acc.end_training()
+      "zero_stage": distributed.zero_stage(acc)}), flush=True)
+acc.end_training()  # DeepSpeed on CPU sometimes aborts at exit with the process group still up
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _launch(config: str, tmp_path: Path) -> list[dict]:
@@ -53,7 +44,7 @@ def _launch(config: str, tmp_path: Path) -> list[dict]:
     script.write_text(PROBE)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCEL / f"{config}.yaml"),
-           "--main_process_port", str(_free_port()), str(script)]
+           "--main_process_port", str(free_port()), str(script)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Two ranks share the launcher's stdout: one rank's newline can land after the other's line, so records
@@ -104,7 +95,7 @@ def test_multi_node_example_has_placeholders_for_every_node_setting():
 def test_deepspeed_json_is_driven_by_our_config(name, stage):
     config = _ds(name)
     assert config["zero_optimization"]["stage"] == stage
-    # accelerate fills these from our config (batch, accumulation, precision) or cxrdist.scale does.
+    # accelerate fills these from our config (batch, accumulation, precision) or cxrdist.train.distributed does.
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                 "gradient_clipping"):
         assert config[key] == "auto", key

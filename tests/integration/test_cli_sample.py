@@ -10,13 +10,13 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from cxrdist.archive import write_zip
 from cxrdist.cli import main
 from cxrdist.config import LoraConfig
 from cxrdist.models.loading import load_base
-from cxrdist.models.lora import adapter_metadata, adapter_state_dicts, attach_lora, lora_parameters, save_adapter
+from cxrdist.models.lora import (adapter_metadata, adapter_state_dicts, attach_lora, lora_parameters,
+                                 save_adapter)
+from cxrdist.sampling.archive import write_zip
 
-pytestmark = pytest.mark.integration
 TEMPLATE = "chest x-ray: {report}"
 FAST = ["--steps", "2", "--batch-size", "4"]
 
@@ -46,7 +46,7 @@ def test_writes_pngs_with_metadata_index_and_grid(adapter, tmp_path):
     result = run("--model-path", str(adapter), "--description", "Mild cardiomegaly.", "--description",
                  "Small left effusion.", "--num-images", "2", "--seed", "10", *FAST, "--out", str(out))
     assert result.exit_code == 0, result.output
-    assert f"wrote 4 synthetic image(s)" in result.output and str(out) in result.output
+    assert "wrote 4 synthetic image(s)" in result.output and str(out) in result.output
     names = sorted(p.name for p in out.glob("*.png"))
     assert names == ["0000_s10.png", "0001_s11.png", "0002_s12.png", "0003_s13.png", "grid.png"]
     rows = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
@@ -127,7 +127,8 @@ def _plain_lora(tmp_path, adapter):
 
 
 def test_plain_diffusers_lora_loads_onto_base_like_ours(adapter, tmp_path):
-    from cxrdist.sample import SampleSettings, generate_images, load_for_sampling
+    from cxrdist.sampling.loading import load_for_sampling
+    from cxrdist.sampling.pipeline import SampleSettings, generate_images
 
     ours, meta = load_for_sampling(adapter)
     theirs, none = load_for_sampling(_plain_lora(tmp_path, adapter), base_override="preset:tiny")

@@ -2,20 +2,12 @@
 from __future__ import annotations
 
 import json
-import sys
-import tarfile
-from pathlib import Path
 
 import numpy as np
-import pytest
 from click.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from test_data_fixtures import make_iu_tree, write_dicom, write_manifest, write_png  # noqa: E402
-
-from cxrdist.cli import main  # noqa: E402
-
-pytestmark = pytest.mark.integration
+from cxrdist.cli import main
+from support.data_files import make_iu_tree, pack_iu_archives, write_dicom, write_manifest, write_png
 
 
 def _run(*args):
@@ -27,11 +19,7 @@ def test_iu_xray_from_archives_then_inspect(tmp_path):
     tree = make_iu_tree(tmp_path / "tree", n_reports=10, missing=["CXR4_1_IM-0004-1002"],
                         corrupt=["CXR6_1_IM-0006-1001"], size=(60, 50))
     src = tmp_path / "archives"
-    src.mkdir()
-    with tarfile.open(src / "NLMCXR_png.tgz", "w:gz") as tar:
-        tar.add(tree / "png", arcname=".")
-    with tarfile.open(src / "NLMCXR_reports.tgz", "w:gz") as tar:
-        tar.add(tree / "ecgen-radiology", arcname="ecgen-radiology")
+    pack_iu_archives(tree, src)
     out = tmp_path / "shards"
     code, output = _run("shard", "iu-xray", "--from", src, "--out", out, "--size", 32, "--folds", 2,
                         "--shard-size", 5, "--workers", 1)

@@ -5,17 +5,12 @@ import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from test_data_fixtures import make_manifest_set  # noqa: E402
-
-from cxrdist.data.shard import build_shards  # noqa: E402
-from cxrdist.data.sources.manifest import ManifestSource  # noqa: E402
-
-pytestmark = pytest.mark.integration
+from cxrdist.data.shard import build_shards
+from cxrdist.data.sources.manifest import ManifestSource
+from support.data_files import make_manifest_set
 
 RANK = textwrap.dedent("""
     import json, sys

@@ -5,17 +5,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from test_data_fixtures import make_manifest_set  # noqa: E402
+from cxrdist.data.shard import build_shards
+from cxrdist.data.sources.manifest import ManifestSource
+from support.data_files import make_manifest_set
 
-from cxrdist.data.shard import build_shards  # noqa: E402
-from cxrdist.data.sources.manifest import ManifestSource  # noqa: E402
-
-pytestmark = pytest.mark.integration
 OPTS = dict(size=32, folds=3, test_fraction=0.2, seed=3, shard_size=3, progress=False)
 
 CRASH = textwrap.dedent("""

@@ -16,19 +16,18 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _train_helpers import child_env  # noqa: E402
-sys.path.insert(0, str(Path(__file__).parents[1] / "unit"))
-from test_scale_train import (ACCEL, LAUNCH_TIMEOUT_S, REPO, STEP4, _args, _free_port, best_export,  # noqa: E402
-                              check_common, deepspeed_config, last_by_step, launch, max_diff, scalars)
+from support.launching import (ACCEL, LAUNCH_TIMEOUT_S, REPO, STEP4, best_export, check_common,
+                               deepspeed_config, free_port, last_by_step, launch, max_diff, scalars,
+                               train_args)
+from support.training import child_env
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# The tiny preset is built before any launch: two ranks materialising it at once collide.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("tiny_base_path")]
 
 BF16 = "train.mixed_precision=bf16"
 # How close two bf16 runs from the same seed end. Early Adam steps move an element by about +-lr whatever the size
@@ -54,11 +53,6 @@ def _not_bf16_rounded(tensors: dict[str, torch.Tensor]) -> bool:
     trained = [t for k, t in tensors.items() if "lora_B" in k or "lora.up" in k]
     return all(t.dtype == torch.float32 for t in tensors.values()) and any(
         not torch.equal(t, t.to(torch.bfloat16).float()) for t in trained)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _preset_built_once(tiny_base_path):
-    return tiny_base_path
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +203,7 @@ def test_a_payload_planted_in_a_deepspeed_checkpoint_file_is_refused_on_every_ra
     """DeepSpeed's engine would unpickle its files with weights_only=False; here the file is refused unopened."""
     import shutil
 
-    from test_checkpoint_trust import plant  # tests/unit: the planted object touches a marker when unpickled
+    from support.trust import plant  # tests/unit: the planted object touches a marker when unpickled
 
     run, res = zero2_bf16
     assert res.returncode == 0, res.stderr[-3000:]
@@ -230,12 +224,12 @@ def test_multi_node_zero2_bf16_as_two_launchers_ends_where_one_machine_does(zero
     """configs/accelerate/multi_node_zero2.yaml with one process per "machine": two `accelerate launch` processes
     on this host (static rendezvous on 127.0.0.1, DeepSpeed's standard multinode launcher) train exactly like the
     one-machine ZeRO-2 bf16 run; the run folder is seen by both, so the shared-folder check passes."""
-    out, port = tmp_path / "two_machines", _free_port()
+    out, port = tmp_path / "two_machines", free_port()
     launchers = [subprocess.Popen(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCEL / "multi_node_zero2.yaml"),
          "--num_processes", "2", "--num_machines", "2", "--machine_rank", str(rank),
          "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-         str(REPO / "launch" / "train.py"), *_args(phantom_shards, out, [BF16])],
+         str(REPO / "launch" / "train.py"), *train_args(phantom_shards, out, [BF16])],
         cwd=REPO, env=child_env(DS_ACCELERATOR="cpu"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for rank in (0, 1)]
     try:

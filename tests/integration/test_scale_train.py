@@ -10,120 +10,18 @@ The ZeRO-3 launch uses stage3_param_persistence_threshold=0, so the LoRA tensors
 """
 from __future__ import annotations
 
-import json
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
-import yaml
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _train_helpers import REPO, child_env  # noqa: E402
+from support.launching import (ACCEL, ADAPTER_ATOL, LAUNCH_TIMEOUT_S, STEP4, base_bytes, best_export,
+                               check_common, checkpoint_bytes, deepspeed_config, last_by_step, launch,
+                               max_diff, scalars)
+from support.training import child_env
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-ACCEL = REPO / "configs" / "accelerate"
-DEEPSPEED = REPO / "configs" / "deepspeed"
-LAUNCH_TIMEOUT_S = 300
-SCALE = ["model.pretrained=preset:tiny", "data.image_size=64", "data.max_train_samples=32", "data.shuffle_buffer=1",
-         "train.batch_size=4", "train.log_every=1", "train.max_steps=4", "train.checkpoint_every=2",
-         "eval.eval_every_steps=2", "eval.num_metric_images=1", "eval.num_grid_prompts=1", "eval.inference_steps=2",
-         "eval.val_loss_timesteps=[200,600]", "eval.max_eval_samples=1", "sample.batch_size=2",
-         "optim.lr_unet=1e-2", "optim.lr_text=1e-2"]
-STEP4 = Path("fold1") / "checkpoints" / "step_00000004"
-# LoRA values after 4 steps at lr 1e-2 (|w| up to ~0.5): ZeRO-3 vs ZeRO-2 measured 1.3e-5, DDP vs one process
-# ~1e-5 (float reduction order); a wrong gather, a missing rank or a different batch is >= 1e-3.
-ADAPTER_ATOL = 1e-4
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _args(shards: Path, out: Path, sets: list[str], extra: tuple[str, ...] = ()) -> list[str]:
-    return ["--fold", "1", "--shards", str(shards), "--output-dir", str(out),
-            *[a for s in SCALE + sets for a in ("--set", s)], *extra]
-
-
-def launch(config: Path | None, shards: Path, out: Path, *sets: str, extra: tuple[str, ...] = (), env=None,
-           timeout: int = LAUNCH_TIMEOUT_S) -> subprocess.CompletedProcess:
-    """launch/train.py under `accelerate launch --config_file config` (2 ranks), or one plain process."""
-    prefix = [sys.executable]
-    if config is not None:
-        prefix += ["-m", "accelerate.commands.launch", "--config_file", str(config),
-                   "--main_process_port", str(_free_port())]
-    cmd = prefix + [str(REPO / "launch" / "train.py"), *_args(shards, out, list(sets), extra)]
-    env = env or child_env(DS_ACCELERATOR="cpu")
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def deepspeed_config(tmp: Path, stage: int, **zero: object) -> Path:
-    """A copy of configs/accelerate/zero{stage}.yaml pointing at a DeepSpeed JSON with `zero` changed."""
-    ds = json.loads((DEEPSPEED / f"zero{stage}.json").read_text())
-    ds["zero_optimization"].update(zero)
-    (tmp / f"zero{stage}_test.json").write_text(json.dumps(ds))
-    accel = yaml.safe_load((ACCEL / f"zero{stage}.yaml").read_text())
-    accel["deepspeed_config"]["deepspeed_config_file"] = str(tmp / f"zero{stage}_test.json")
-    path = tmp / f"zero{stage}_test.yaml"
-    path.write_text(yaml.safe_dump(accel))
-    return path
-
-
-def scalars(run: Path, tag: str) -> list[tuple[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run / "fold1" / "tensorboard"), size_guidance={"scalars": 0})
-    acc.Reload()
-    return [(e.step, e.value) for e in acc.Scalars(tag)]
-
-
-def last_by_step(values: list[tuple[int, float]]) -> dict[int, float]:
-    return {step: value for step, value in values}
-
-
-def max_diff(a: dict, b: dict) -> float:
-    assert a and a.keys() == b.keys()
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
-
-
-def best_export(run: Path) -> Path:
-    found = sorted((run / "fold1").glob("best_model_fold1_epoch*"))
-    assert len(found) == 1, found
-    return found[0]
-
-
-def check_common(run: Path, res: subprocess.CompletedProcess, what: str) -> None:
-    """Finished, ranks agree, loss fell, only rank 0 wrote TensorBoard files."""
-    assert res.returncode == 0, res.stderr[-4000:]
-    assert f"{what} | 2 rank(s)" in res.stderr
-    digests = json.loads((run / "fold1" / "adapter_digests.json").read_text())["per_rank"]
-    assert len(digests) == 2 and len(set(digests)) == 1
-    train = last_by_step(scalars(run, "train/loss"))
-    val = last_by_step(scalars(run, "val/val_loss"))
-    assert train[4] < train[1] and val[4] < val[2], (train, val)
-    events = list((run / "fold1" / "tensorboard").glob("events.out.tfevents.*"))
-    assert events and len({e.name.split(".")[-2] for e in events}) == 1  # one writer process
-    assert not any(v != v for _, v in scalars(run, "train/grad_norm")), "grad norm logged as NaN"
-
-
-def checkpoint_bytes(run: Path) -> int:
-    return sum(f.stat().st_size for f in (run / STEP4).rglob("*") if f.is_file())
-
-
-def base_bytes(tiny_base_path: str) -> int:
-    return sum(f.stat().st_size for f in Path(tiny_base_path).rglob("*.safetensors"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _preset_built_once(tiny_base_path):
-    """Build the tiny preset here, before any launch: two ranks materialising it at once collide."""
-    return tiny_base_path
+# The tiny preset is built before any launch: two ranks materialising it at once collide.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("tiny_base_path")]
 
 
 @pytest.fixture(scope="module")

@@ -24,10 +24,9 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _train_helpers import child_env, launch_train  # noqa: E402
+from support.training import child_env, launch_train
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 SETS = ["model.pretrained=preset:sd15-arch", "data.image_size=64", "data.max_train_samples=4",
         "data.shuffle_buffer=1", "train.batch_size=1", "train.max_steps=2", "train.log_every=1",

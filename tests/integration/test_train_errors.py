@@ -3,16 +3,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _train_helpers import QUICK, REPO  # noqa: E402
-
-pytestmark = pytest.mark.integration
+from support.training import QUICK, REPO
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +47,10 @@ def test_bad_input_is_one_line(train_cli, phantom_shards, tmp_path, extra, expec
 
 def test_missing_shards_and_channel_mismatch(train_cli, phantom_shards, tmp_path, one_thread):
     assert "index.json not found" in _one_line(_invoke(train_cli, tmp_path / "none", tmp_path / "run", "--fold", "0"))
-    from cxrdist.data.index import load_index
-    from cxrdist.train.data import check_shards
     from cxrdist.config import load_config
+    from cxrdist.data.index import load_index
     from cxrdist.errors import DataError
+    from cxrdist.train.data import check_shards
 
     cfg = load_config(None, QUICK + [f"data.shards={phantom_shards}"])
     with pytest.raises(DataError, match="1-channel images but the model's VAE takes 4"):

@@ -3,17 +3,12 @@ when made by another VAE."""
 from __future__ import annotations
 
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _train_helpers import QUICK  # noqa: E402
-
-pytestmark = pytest.mark.integration
+from support.training import QUICK
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +25,9 @@ def cached_shards(phantom_shards, tmp_path_factory):
 
 def test_cached_latents_match_on_the_fly_encoding_and_verify(cached_shards, phantom_shards, one_thread):
     from cxrdist.data.index import verify_checksums
+    from cxrdist.data.latents import check_cached_latents, latents_info
     from cxrdist.data.loader import eval_loader
     from cxrdist.models.loading import load_base
-    from cxrdist.train.latents import check_cached_latents, latents_info
 
     assert verify_checksums(cached_shards) == []  # index.json updated with the new shard digests
     base = load_base("preset:tiny")
@@ -42,25 +37,28 @@ def test_cached_latents_match_on_the_fly_encoding_and_verify(cached_shards, phan
     assert torch.allclose(batch["latents"], expected, atol=1e-2, rtol=1e-2)
 
 
-def test_training_uses_cached_latents_and_refuses_another_vae(cached_shards, tmp_path, one_thread, monkeypatch):
+def test_training_uses_cached_latents_and_refuses_another_vae(cached_shards, phantom_shards, tmp_path, one_thread,
+                                                             monkeypatch):
+    from diffusers import AutoencoderKL
+
     from cxrdist.config import load_config
     from cxrdist.errors import DataError
-    from cxrdist.train import model as model_mod
     from cxrdist.train.run import run
 
-    calls = {"vae": 0}
-    real = model_mod.BatchEncoder.latents
+    encodes = []
+    real_encode = AutoencoderKL.encode
 
-    def spy(self, batch, device):
-        if not (self.use_cached and batch.get("latents") is not None):
-            calls["vae"] += 1
-        return real(self, batch, device)
+    def counting_encode(self, *args, **kwargs):
+        encodes.append(1)
+        return real_encode(self, *args, **kwargs)
 
-    monkeypatch.setattr(model_mod.BatchEncoder, "latents", spy)
-    cfg = load_config(None, QUICK + [f"data.shards={cached_shards}", "train.max_steps=2", "eval.num_metric_images=0",
-                                     "eval.num_grid_prompts=0", "eval.run_test=false"])
-    run(cfg, 0, output_dir=str(tmp_path / "a"))
-    assert calls["vae"] == 0  # neither training nor validation ran the VAE encoder
+    monkeypatch.setattr(AutoencoderKL, "encode", counting_encode)
+    quick = QUICK + ["train.max_steps=2", "eval.num_metric_images=0", "eval.num_grid_prompts=0", "eval.run_test=false"]
+    run(load_config(None, quick + [f"data.shards={phantom_shards}"]), 0, output_dir=str(tmp_path / "plain"))
+    assert encodes, "the spy must see the VAE encoder of a run without cached latents"
+    encodes.clear()
+    run(load_config(None, quick + [f"data.shards={cached_shards}"]), 0, output_dir=str(tmp_path / "a"))
+    assert not encodes  # neither training nor validation ran the VAE encoder
     other = load_config(None, QUICK + [f"data.shards={cached_shards}", "model.vae_dtype=bf16", "train.max_steps=2"])
     with pytest.raises(DataError, match="were made by VAE .* this run's VAE is"):
         run(other, 0, output_dir=str(tmp_path / "b"))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import sys
 from pathlib import Path
@@ -10,10 +9,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _train_helpers import QUICK, child_env, launch_train  # noqa: E402
+from support.launching import free_port
+from support.training import QUICK, child_env, launch_train
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 RESUME = QUICK + ["train.max_steps=12", "train.checkpoint_every=4", "eval.eval_every_steps=6", "train.keep_last=5",
                   "eval.num_metric_images=0", "eval.num_grid_prompts=0", "train.caption_dropout=0.3",
@@ -60,7 +59,7 @@ def test_resume_with_another_config_names_the_keys(phantom_shards, tmp_path):
 
 def test_two_cpu_ranks_hold_identical_adapters(phantom_shards, tmp_path):
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
     res = launch_train(_args(phantom_shards, tmp_path / "ddp", "--set", "train.max_steps=4", "--set", "eval.eval_every_steps=2"),
                        launcher=launcher, env=child_env(ACCELERATE_USE_CPU="1"), timeout=400)
     assert res.returncode == 0, res.stderr[-4000:]

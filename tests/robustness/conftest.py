@@ -3,19 +3,12 @@ per session and sets the offline environment variables."""
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
-_HERE = Path(__file__).resolve().parent
-# The data helpers (test_data_fixtures) and the trust tests' helpers live in tests/unit.
-for _folder in (_HERE, _HERE.parent / "unit"):
-    if str(_folder) not in sys.path:
-        sys.path.insert(0, str(_folder))
-
-from _robustness_helpers import Ctx  # noqa: E402
+from support.robustness import Ctx
 
 # Hypothesis keeps caches in ./.hypothesis by default: keep the checkout clean (the property tests write no
 # example database either). HYPOTHESIS_STORAGE_DIRECTORY still wins when set.

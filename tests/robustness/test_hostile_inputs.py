@@ -26,14 +26,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from _robustness_helpers import Case, Ctx, Plan, error_line, escaped_traceback, invoke, params, snapshot
-from test_data_fixtures import write_dicom, write_manifest, write_png
-from test_input_trust_models import _adapter, _metadata
-from test_shard_trust_dedupe import OPTS as DEDUPE_OPTS
-from test_shard_trust_dedupe import _leaky_manifest, _png_digests_by_split
-
 from cxrdist.data.sources.manifest import MAX_REPORT_BYTES, ManifestSource
 from cxrdist.models.lora import METADATA_NAME, WEIGHTS_NAME
+from support.data_files import (DEDUPE_OPTS, leaky_manifest, png_digests_by_split, write_dicom,
+                                write_manifest, write_png)
+from support.robustness import Case, Ctx, Plan, error_line, escaped_traceback, invoke, params, snapshot
+from support.trust import adapter_metadata_json, write_adapter
 
 # ---- shared builders ---------------------------------------------------------------------------------------
 SHARD = ["--size", "16", "--folds", "2", "--test-fraction", "0", "--workers", "1"]
@@ -164,14 +162,14 @@ def _wrong_root(ctx: Ctx) -> Plan:
 
 def _duplicates(ctx: Ctx) -> Plan:
     """One image under two group ids (and spelt another way), a byte-copy, a link: never in two splits."""
-    manifest = _leaky_manifest(ctx.tmp / "in")
+    manifest = leaky_manifest(ctx.tmp / "in")
     out = ctx.tmp / "out"
     o = DEDUPE_OPTS  # the helper picks group ids that the split with these options would separate
 
     def check(result) -> None:
         assert result.exit_code == 0, result.output
         index = _index(out)
-        by_split = _png_digests_by_split(out, index)
+        by_split = png_digests_by_split(out, index)
         every = [d for digests in by_split.values() for d in digests]
         assert len(every) == len(set(every)) == 16
         assert index["rejects"] == {"duplicate_content": 1, "duplicate_path": 3}
@@ -373,7 +371,7 @@ def _zip_case(build):
 
 def _zip_bad_crc(archive: Path) -> list:
     with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_STORED) as z:
-        z.writestr("m/cxrdist.json", json.dumps(_metadata()))
+        z.writestr("m/cxrdist.json", json.dumps(adapter_metadata_json()))
         z.writestr("m/pytorch_lora_weights.safetensors", b"A" * 1000)
     data = bytearray(archive.read_bytes())
     data[data.index(b"A" * 1000) + 500] = ord("B")  # the stored bytes no longer match their CRC
@@ -385,7 +383,7 @@ def _zip_member(name_of):
     def build(archive: Path) -> list:
         target = Path(tempfile.gettempdir()) / f"cxrdist-zip-slip-{uuid.uuid4().hex}"
         with zipfile.ZipFile(archive, "w") as z:
-            z.writestr("m/cxrdist.json", json.dumps(_metadata()))
+            z.writestr("m/cxrdist.json", json.dumps(adapter_metadata_json()))
             z.writestr(name_of(target), "evil")
         return [target]
     return build
@@ -394,7 +392,7 @@ def _zip_member(name_of):
 def _zip_bomb(archive: Path) -> list:
     """A small archive whose directory claims ~4 GiB unpacked for its weights."""
     with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as z:
-        z.writestr("m/cxrdist.json", json.dumps(_metadata()))
+        z.writestr("m/cxrdist.json", json.dumps(adapter_metadata_json()))
         z.writestr("m/pytorch_lora_weights.safetensors", b"\0" * 4096)
     data = bytearray(archive.read_bytes())
     claimed = struct.pack("<I", 0xFFFFFFF0)
@@ -459,7 +457,7 @@ def _lora_wrong_rank(ctx: Ctx) -> Plan:
 def _adapter_case(metadata_text=None, weights=None):
     def setup(ctx: Ctx) -> Plan:
         ctx.forbid_model_load()  # each of these is refused before the base loads
-        folder = _adapter(ctx.tmp / "in" / "adapter")
+        folder = write_adapter(ctx.tmp / "in" / "adapter")
         if metadata_text is not None:
             data = metadata_text if isinstance(metadata_text, bytes) else metadata_text.encode("utf-8")
             (folder / METADATA_NAME).write_bytes(data)
@@ -485,12 +483,12 @@ MODEL_CASES = [
     Case("cxrdist-json-not-json", _adapter_case("{not json"), r"cxrdist\.json is not valid JSON"),
     Case("cxrdist-json-not-utf8", _adapter_case(b'{"format": "caf\xe9"}'), r"cxrdist\.json is not valid JSON"),
     Case("cxrdist-json-not-an-object", _adapter_case("[1, 2]"), r"cxrdist\.json is not a JSON object"),
-    Case("cxrdist-json-wrong-format", _adapter_case(json.dumps({**_metadata(), "format": "other/9"})),
+    Case("cxrdist-json-wrong-format", _adapter_case(json.dumps({**adapter_metadata_json(), "format": "other/9"})),
          r"has format 'other/9'"),
-    Case("cxrdist-json-no-base", _adapter_case(json.dumps({"format": _metadata()["format"]})),
+    Case("cxrdist-json-no-base", _adapter_case(json.dumps({"format": adapter_metadata_json()["format"]})),
          r"is incomplete: 'base\.source' is missing"),
     Case("cxrdist-json-rank-not-int", _adapter_case(json.dumps(
-        {**_metadata(), "adapter": {"unet": {"rank": "4", "alpha": 4, "targets": ["to_q"]}, "text_encoder": None}})),
+        {**adapter_metadata_json(), "adapter": {"unet": {"rank": "4", "alpha": 4, "targets": ["to_q"]}, "text_encoder": None}})),
          r"'adapter\.unet\.rank' is not a positive integer"),
     Case("safetensors-random-bytes", _adapter_case(weights=lambda p: random.Random(4096).randbytes(4096)),
          r"is not a valid safetensors file"),

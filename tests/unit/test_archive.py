@@ -4,8 +4,8 @@ import zipfile
 
 import pytest
 
-from cxrdist.archive import safe_extract, write_zip
 from cxrdist.errors import ModelError
+from cxrdist.sampling.archive import safe_extract, write_zip
 
 
 def _folder(tmp_path):

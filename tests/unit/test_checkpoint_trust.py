@@ -6,29 +6,15 @@ with the full unpickler, the marker file would appear.
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_train_step import make_trainer  # noqa: E402
-
-from cxrdist.errors import InputError  # noqa: E402
-from cxrdist.train.checkpoint import PICKLE_SUFFIXES, TRAINER_STATE, check_pickles  # noqa: E402
-
-
-class Payload:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
-def plant(file: Path, marker: Path) -> None:
-    torch.save({"state": Payload(marker)}, file)
+from cxrdist.errors import InputError
+from cxrdist.train.checkpoint import PICKLE_SUFFIXES, TRAINER_STATE, check_pickles
+from support.fakes import make_trainer
+from support.trust import plant
 
 
 @pytest.fixture(autouse=True)
@@ -98,7 +84,7 @@ def test_deepspeed_files_load_weights_only_with_its_classes_allowed_and_nothing_
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
-    from cxrdist import scale
+    from cxrdist.train import distributed
 
     folder = tmp_path / "pytorch_model"
     folder.mkdir()
@@ -110,7 +96,7 @@ def test_deepspeed_files_load_weights_only_with_its_classes_allowed_and_nothing_
         checkpoint_engine = type("CheckpointEngine", (), {"load": lambda self, path, map_location=None: None})()
 
     engine = Engine()
-    scale.load_weights_only(engine)
+    distributed.load_weights_only(engine)
     assert torch.equal(engine.checkpoint_engine.load(str(folder / "optim_states.pt"))["fp32"], torch.ones(3))
     marker = tmp_path / "payload_ran"
     plant(folder / "optim_states.pt", marker)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from cxrdist.data.imageio import decode_bytes, decode_file, encode_png, resize_square
 from cxrdist.data.sources.base import RecordRejected
-from test_data_fixtures import write_dicom, write_png
+from support.data_files import write_dicom, write_png
 
 
 def test_png_8_and_16_bit_keep_their_scale(tmp_path):

@@ -5,7 +5,7 @@ import pytest
 
 from cxrdist.data.sources.iu_xray import IUXraySource, build_prompt, clean_text, parse_report
 from cxrdist.errors import DataError
-from test_data_fixtures import make_iu_tree, report_xml, write_png
+from support.data_files import make_iu_tree, report_xml, write_png
 
 
 def _write(tmp_path, name, xml):

@@ -14,7 +14,7 @@ from cxrdist.data.loader import batches_per_epoch, eval_loader, train_loader
 from cxrdist.data.shard import build_shards, write_tar
 from cxrdist.data.sources.manifest import ManifestSource
 from cxrdist.errors import DataError
-from test_data_fixtures import make_manifest_set
+from support.data_files import make_manifest_set
 
 # 13 patients x 2 images, shard_size 3: folds hold 6 or 8 images in 2-3 uneven shards
 OPTS = dict(size=32, folds=3, test_fraction=0.25, seed=0, shard_size=3, workers=1, progress=False)

@@ -8,7 +8,7 @@ from cxrdist.data.sources import SOURCES, source_class
 from cxrdist.data.sources.base import RecordRejected
 from cxrdist.data.sources.manifest import ManifestColumns, ManifestSource
 from cxrdist.errors import DataError
-from test_data_fixtures import write_dicom, write_manifest, write_png
+from support.data_files import write_dicom, write_manifest, write_png
 
 
 def test_registry_is_lazy_and_complete():

@@ -11,7 +11,7 @@ from cxrdist.data.index import load_index, verify_checksums
 from cxrdist.data.shard import ShardOptions, assign_splits, build_shards
 from cxrdist.data.sources.manifest import ManifestSource
 from cxrdist.errors import DataError, InputError
-from test_data_fixtures import fill_disk_at_shard, make_manifest_set, tar_members, tar_metas
+from support.data_files import fill_disk_at_shard, make_manifest_set, tar_members, tar_metas
 
 OPTS = dict(size=32, folds=3, test_fraction=0.25, seed=0, shard_size=4, workers=1, progress=False)
 
@@ -108,9 +108,10 @@ def test_sixteen_bit_and_crop_options(tmp_path, manifest):
     index = build_shards(ManifestSource(manifest), tmp_path / "out",
                          **{**OPTS, "bit_depth": 16, "resize_mode": "crop", "test_fraction": 0.0})
     assert "test" not in index["splits"] and index["bit_depth"] == 16
-    from PIL import Image
     import io
     import tarfile
+
+    from PIL import Image
     with tarfile.open(tmp_path / "out" / "fold0-000000.tar") as tar:
         png = next(m for m in tar.getmembers() if m.name.endswith(".png"))
         image = Image.open(io.BytesIO(tar.extractfile(png).read()))

@@ -10,11 +10,13 @@ from click.testing import CliRunner
 from cxrdist.cli import main
 from cxrdist.config import LoraConfig
 from cxrdist.errors import InputError
-from cxrdist.export import MERGED_FORMAT, merge_adapter
 from cxrdist.models.loading import load_base
-from cxrdist.models.lora import adapter_metadata, adapter_state_dicts, attach_lora, lora_parameters, save_adapter
+from cxrdist.models.lora import (adapter_metadata, adapter_state_dicts, attach_lora, lora_parameters,
+                                 save_adapter)
 from cxrdist.models.text import encode_prompts
-from cxrdist.sample import SampleSettings, generate_images, load_for_sampling
+from cxrdist.sampling.loading import load_for_sampling
+from cxrdist.sampling.merge import MERGED_FORMAT, merge_adapter
+from cxrdist.sampling.pipeline import SampleSettings, generate_images
 
 REPORTS = ["Mild cardiomegaly.", "Small right effusion."]
 

@@ -36,19 +36,6 @@ def bench():
     return _load()
 
 
-@pytest.fixture
-def one_thread(monkeypatch):
-    """One intra-op thread here and in child processes: on a shared 2-core machine two spinning OpenMP threads
-    per process next to another busy process make a step 10x slower or worse."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("name, peak", sorted(KNOWN.items()))
 def test_exact_device_names_give_their_peak(bench, name, peak):
     assert bench.peak_for_name(name) == peak

@@ -22,7 +22,7 @@ from cxrdist.data.sources.base import RecordRejected
 from cxrdist.data.sources.manifest import MAX_REPORT_BYTES, ManifestSource
 from cxrdist.data.sources.phantom import PhantomSource
 from cxrdist.errors import ConfigError, DataError, InputError
-from test_data_fixtures import tar_members, write_dicom, write_manifest, write_png
+from support.data_files import tar_members, write_dicom, write_manifest, write_png
 
 
 def _rejects(source) -> dict[str, str]:

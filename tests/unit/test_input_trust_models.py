@@ -11,38 +11,22 @@ import shutil
 import sys
 import time
 import zipfile
-from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
-from safetensors.torch import save_file
 
-from cxrdist.archive import UNPACK_ALLOWANCE, safe_extract
 from cxrdist.cli import main
 from cxrdist.config import load_config
 from cxrdist.errors import InputError, ModelError
 from cxrdist.models.loading import fingerprint, load_base, resolve_base_path
-from cxrdist.models.lora import ADAPTER_FORMAT, METADATA_NAME, WEIGHTS_NAME, adapter_metadata, read_adapter_metadata
-from cxrdist.sample import SEED_MAX, SampleSettings, generate_images, load_for_sampling, sample_to_folder
-from cxrdist.sample_output import check_output_dir
-
-
-def _metadata(source: str = "preset:tiny", fingerprint_: str = "0" * 16) -> dict:
-    spec = {"rank": 4, "alpha": 4.0, "targets": ["to_q"]}
-    return {"format": ADAPTER_FORMAT, "base": {"source": source, "fingerprint": fingerprint_},
-            "adapter": {"unet": spec, "text_encoder": None}, "prompt_template": "{report}"}
-
-
-def _adapter(folder: Path, meta: dict | None = None, weights: bytes | None = None) -> Path:
-    """An adapter folder whose weights file is valid safetensors unless `weights` replaces it."""
-    folder.mkdir(parents=True)
-    (folder / METADATA_NAME).write_text(json.dumps(meta or _metadata()))
-    save_file({"unet.x.lora_A.weight": torch.zeros(2, 2)}, str(folder / WEIGHTS_NAME))
-    if weights is not None:
-        (folder / WEIGHTS_NAME).write_bytes(weights)
-    return folder
-
+from cxrdist.models.lora import (ADAPTER_FORMAT, METADATA_NAME, WEIGHTS_NAME, adapter_metadata,
+                                 read_adapter_metadata)
+from cxrdist.sampling.archive import UNPACK_ALLOWANCE, safe_extract
+from cxrdist.sampling.loading import load_for_sampling
+from cxrdist.sampling.output import check_output_dir
+from cxrdist.sampling.pipeline import SEED_MAX, SampleSettings, generate_images
+from cxrdist.sampling.run import sample_to_folder
+from support.trust import adapter_metadata_json, write_adapter
 
 # ---- zip archives ------------------------------------------------------------------------------------------
 
@@ -88,14 +72,14 @@ def test_a_small_zip_cannot_unpack_to_much_more_than_its_size(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("{not json", "is not valid JSON"),
     (json.dumps({"format": ADAPTER_FORMAT}), "'base.source' is missing"),
-    (json.dumps({**_metadata(), "adapter": {"unet": {"rank": 4, "alpha": 4}, "text_encoder": None}}),
+    (json.dumps({**adapter_metadata_json(), "adapter": {"unet": {"rank": 4, "alpha": 4}, "text_encoder": None}}),
      "'adapter.unet.targets'"),
-    (json.dumps({**_metadata(), "adapter": {"unet": {"rank": "4", "alpha": 4, "targets": ["to_q"]},
+    (json.dumps({**adapter_metadata_json(), "adapter": {"unet": {"rank": "4", "alpha": 4, "targets": ["to_q"]},
                                             "text_encoder": None}}), "'adapter.unet.rank'"),
     (json.dumps([1, 2]), "is not a JSON object"),
 ])
 def test_malformed_or_incomplete_cxrdist_json_is_one_error(tmp_path, text, message):
-    folder = _adapter(tmp_path / "a")
+    folder = write_adapter(tmp_path / "a")
     (folder / METADATA_NAME).write_text(text)
     with pytest.raises(ModelError, match=message):
         read_adapter_metadata(folder)
@@ -105,11 +89,11 @@ def test_malformed_or_incomplete_cxrdist_json_is_one_error(tmp_path, text, messa
 
 @pytest.mark.parametrize("weights", [os.urandom(4096), b"", "truncate"])
 def test_random_or_truncated_adapter_weights_fail_before_the_base_loads(tmp_path, weights, monkeypatch):
-    folder = _adapter(tmp_path / "a")
+    folder = write_adapter(tmp_path / "a")
     if weights == "truncate":
         weights = (folder / WEIGHTS_NAME).read_bytes()[:-3]
     (folder / WEIGHTS_NAME).write_bytes(weights)
-    monkeypatch.setattr("cxrdist.sample.load_base", lambda *a, **k: pytest.fail("the base must not load"))
+    monkeypatch.setattr("cxrdist.sampling.loading.load_base", lambda *a, **k: pytest.fail("the base must not load"))
     with pytest.raises(ModelError, match="not a valid safetensors file"):
         load_for_sampling(folder)
 
@@ -162,9 +146,9 @@ def test_a_hub_id_offline_and_not_cached_fails_at_once(tmp_path, monkeypatch):
 
 def test_an_adapter_whose_recorded_local_base_is_gone_asks_for_base(tmp_path, tiny_base_path, monkeypatch):
     # Older adapters recorded a relative path: from another folder, `runs/base` looks like a hub id.
-    folder = _adapter(tmp_path / "a", _metadata("runs/base", fingerprint(tiny_base_path)))
+    folder = write_adapter(tmp_path / "a", adapter_metadata_json("runs/base", fingerprint(tiny_base_path)))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("cxrdist.sample.load_base", lambda *a, **k: pytest.fail("no hub lookup"))
+    monkeypatch.setattr("cxrdist.sampling.loading.load_base", lambda *a, **k: pytest.fail("no hub lookup"))
     with pytest.raises(ModelError, match=r"was a local folder .* relative path.*pass --base"):
         load_for_sampling(folder)
 

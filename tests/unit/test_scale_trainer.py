@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import torch
 
-from cxrdist.train.evaluate import LossSet, diffusion_loss
-from cxrdist.train.trainer import optimizer_chain, sample_seed
+from cxrdist.train.trainer import draw_seed, optimizer_chain
+from cxrdist.train.validation import LossSet, diffusion_loss
 
 
 class _CountingModel:
@@ -56,8 +56,8 @@ def test_a_rank_with_fewer_samples_pads_with_zero_weight_batches():
 
 
 def test_sample_draws_depend_on_key_and_step_not_on_rank_or_batch():
-    assert sample_seed(0, "a", 3) == sample_seed(0, "a", 3)
-    assert len({sample_seed(0, "a", 3), sample_seed(0, "b", 3), sample_seed(0, "a", 4), sample_seed(1, "a", 3)}) == 4
+    assert draw_seed(0, "a", 3) == draw_seed(0, "a", 3)
+    assert len({draw_seed(0, "a", 3), draw_seed(0, "b", 3), draw_seed(0, "a", 4), draw_seed(1, "a", 3)}) == 4
 
 
 def test_optimizer_chain_names_the_optimizer_that_steps():
@@ -72,9 +72,9 @@ def test_collective_timeout_reaches_groups_created_later(monkeypatch):
 
     import torch.distributed.distributed_c10d as c10d
 
-    from cxrdist import scale
+    from cxrdist.train import distributed
 
     monkeypatch.setattr(c10d, "default_pg_timeout", c10d.default_pg_timeout)
     monkeypatch.setattr(c10d, "default_pg_nccl_timeout", c10d.default_pg_nccl_timeout)
-    scale.default_collective_timeout(12)
+    distributed.default_collective_timeout(12)
     assert c10d._get_default_timeout(c10d.Backend.GLOO) == timedelta(seconds=12)

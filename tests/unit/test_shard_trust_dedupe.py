@@ -2,75 +2,20 @@
 byte-copied under another name and patient must land in one split only, with the duplicates in the rejects."""
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tarfile
-from pathlib import Path
 
 import pytest
 
-from cxrdist.data.shard import assign_splits, build_shards, drop_duplicates
+from cxrdist.data.shard import build_shards, drop_duplicates
 from cxrdist.data.sources.base import Record
 from cxrdist.data.sources.manifest import ManifestSource
-from test_data_fixtures import write_manifest, write_png
-
-OPTS = dict(size=32, folds=3, test_fraction=0.25, seed=0, shard_size=4, workers=1, progress=False)
-
-
-def _row(image: str, group: str) -> dict:
-    return {"image": image, "group": group, "report": f"Report of {group}.", "view": "PA", "labels": "normal"}
-
-
-def _other_split_group(groups: list[str], original: str, suffix: str) -> str:
-    """A new group id that the seeded split puts in another split than `original`: without deduplication the
-    duplicate would sit in two splits. (The shuffle permutes sorted ids, so the candidates must sort at
-    different places: `patient03<suffix>` sorts right after patient03.)"""
-    for n in range(8):
-        candidate = f"patient{n:02d}{suffix}"
-        split = assign_splits(groups + [candidate], OPTS["folds"], OPTS["test_fraction"], OPTS["seed"])
-        if split[candidate] != split[original]:
-            return candidate
-    raise AssertionError("no group id lands in another split")
-
-
-def _leaky_manifest(root: Path) -> Path:
-    rows = []
-    for i in range(16):  # 8 patients x 2 images, all distinct
-        write_png(root / "img" / f"im{i:03d}.png", 48, 36, seed=i)
-        rows.append(_row(f"img/im{i:03d}.png", f"patient{i // 2:02d}"))
-    groups = sorted({r["group"] for r in rows})
-    # the same file under another patient id, and again spelled another way
-    groups.append(_other_split_group(groups, "patient00", "relisted"))
-    rows.append(_row("img/im000.png", groups[-1]))
-    groups.append(_other_split_group(groups, "patient01", "respelled"))
-    rows.append(_row("img/../img/im003.png", groups[-1]))
-    # a byte-copy under another name and patient
-    (root / "img" / "copy_of_im004.png").write_bytes((root / "img" / "im004.png").read_bytes())
-    groups.append(_other_split_group(groups, "patient02", "copied"))
-    rows.append(_row("img/copy_of_im004.png", groups[-1]))
-    # a symbolic link to another image
-    os.symlink(root / "img" / "im006.png", root / "img" / "link_to_im006.png")
-    groups.append(_other_split_group(groups, "patient03", "linked"))
-    rows.append(_row("img/link_to_im006.png", groups[-1]))
-    return write_manifest(root / "manifest.csv", rows)
-
-
-def _png_digests_by_split(out: Path, index: dict) -> dict[str, list[str]]:
-    found: dict[str, list[str]] = {}
-    for name, split in index["splits"].items():
-        for entry in split["shards"]:
-            with tarfile.open(out / entry["name"]) as tar:
-                for member in tar.getmembers():
-                    if member.name.endswith(".png"):
-                        found.setdefault(name, []).append(hashlib.sha256(tar.extractfile(member).read()).hexdigest())
-    return found
+from support.data_files import DEDUPE_OPTS, leaky_manifest, png_digests_by_split, write_png
 
 
 def test_no_image_content_in_two_splits(tmp_path):
-    manifest = _leaky_manifest(tmp_path / "in")
-    index = build_shards(ManifestSource(manifest), tmp_path / "out", **OPTS)
-    by_split = _png_digests_by_split(tmp_path / "out", index)
+    manifest = leaky_manifest(tmp_path / "in")
+    index = build_shards(ManifestSource(manifest), tmp_path / "out", **DEDUPE_OPTS)
+    by_split = png_digests_by_split(tmp_path / "out", index)
     every = [digest for digests in by_split.values() for digest in digests]
     assert len(every) == 16 and len(set(every)) == 16  # each of the 16 distinct images once, in one split
     for a in by_split:
@@ -114,6 +59,6 @@ def test_records_without_a_file_are_compared_by_descriptor_only():
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_dedupe_keeps_builds_identical_across_worker_counts(tmp_path, workers):
-    manifest = _leaky_manifest(tmp_path / "in")
-    index = build_shards(ManifestSource(manifest), tmp_path / "out", **{**OPTS, "workers": workers})
+    manifest = leaky_manifest(tmp_path / "in")
+    index = build_shards(ManifestSource(manifest), tmp_path / "out", **{**DEDUPE_OPTS, "workers": workers})
     assert index["counts"]["duplicates"] == 4

@@ -3,13 +3,12 @@ each report once, not once from --from and again from the cache."""
 from __future__ import annotations
 
 import shutil
-import tarfile
 
 from click.testing import CliRunner
 
 from cxrdist.cli import main
 from cxrdist.data.sources.iu_xray import IUXraySource
-from test_data_fixtures import make_iu_tree, write_png
+from support.data_files import make_iu_tree, pack_iu_archives, write_png
 
 SUMMARY = {"reports_seen": 6, "reports_used": 6, "images_listed": 12, "images_found": 12, "images_missing": 0}
 
@@ -48,11 +47,7 @@ def test_a_second_copy_of_the_reports_is_rejected_not_counted(tmp_path):
 def test_cli_with_out_inside_from_counts_each_report_once(tmp_path):
     tree = make_iu_tree(tmp_path / "tree", n_reports=6)
     source = tmp_path / "from"
-    source.mkdir()
-    with tarfile.open(source / "NLMCXR_png.tgz", "w:gz") as tar:
-        tar.add(tree / "png", arcname=".")
-    with tarfile.open(source / "NLMCXR_reports.tgz", "w:gz") as tar:
-        tar.add(tree / "ecgen-radiology", arcname="ecgen-radiology")
+    pack_iu_archives(tree, source)
     result = CliRunner().invoke(main, ["shard", "iu-xray", "--from", str(source), "--out", str(source / "shards"),
                                        "--size", "32", "--folds", "2", "--test-fraction", "0.2", "--workers", "1"])
     assert result.exit_code == 0, result.output

@@ -11,7 +11,7 @@ import pytest
 from cxrdist.data.shard import LOCK_NAME, build_lock, build_shards
 from cxrdist.data.sources.manifest import ManifestSource
 from cxrdist.errors import DataError
-from test_data_fixtures import make_manifest_set
+from support.data_files import make_manifest_set
 
 OPTS = dict(size=32, folds=3, test_fraction=0.25, seed=0, shard_size=4, workers=1, progress=False)
 

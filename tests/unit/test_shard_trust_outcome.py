@@ -14,7 +14,7 @@ from cxrdist.data import shard as shard_module
 from cxrdist.data.shard import BuildRejected, assign_splits, build_shards
 from cxrdist.data.sources.manifest import ManifestSource
 from cxrdist.errors import DataError
-from test_data_fixtures import fill_disk_at_shard, make_manifest_set
+from support.data_files import fill_disk_at_shard, make_manifest_set
 
 OPTS = dict(size=32, folds=3, test_fraction=0.25, seed=0, shard_size=4, workers=1, progress=False)
 
@@ -110,7 +110,6 @@ def test_failed_resume_keeps_the_shards_an_earlier_build_completed(tmp_path, mon
 
 def test_max_reject_fraction_is_checked_and_not_part_of_the_plan(tmp_path):
     from cxrdist.data.shard import ShardOptions
-    from cxrdist.errors import InputError
     from cxrdist.errors import InputError
 
     with pytest.raises(InputError, match="--max-reject-fraction must be in"):

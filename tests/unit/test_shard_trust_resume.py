@@ -10,7 +10,7 @@ import pytest
 from cxrdist.data.index import verify_checksums
 from cxrdist.data.shard import build_shards
 from cxrdist.data.sources.manifest import ManifestSource
-from test_data_fixtures import make_manifest_set
+from support.data_files import make_manifest_set
 
 OPTS = dict(size=32, folds=3, test_fraction=0.25, seed=0, shard_size=4, workers=1, progress=False)
 

@@ -7,17 +7,13 @@ fp32 compute: the trainer's bookkeeping around it is what a GPU fp16 run execute
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_train_step import make_trainer  # noqa: E402
-
-from cxrdist.errors import ConfigError  # noqa: E402
-from cxrdist.train import trainer as trainer_module  # noqa: E402
+from cxrdist.errors import ConfigError
+from cxrdist.train import faults
+from cxrdist.train import trainer as trainer_module
+from support.fakes import make_trainer
 
 
 @pytest.fixture(autouse=True)
@@ -97,7 +93,7 @@ def test_the_fp16_loss_scaler_skips_an_overflow_halves_its_scale_and_the_step_do
 
 
 def test_a_non_finite_loss_stops_with_the_step_and_the_last_checkpoint(tmp_path, monkeypatch):
-    monkeypatch.setenv(trainer_module.INF_LOSS_ENV, "2")
+    monkeypatch.setenv(faults.INF_LOSS_ENV, "2")
     trainer = make_trainer(tmp_path, "train.max_steps=4", "train.checkpoint_every=1")
     with pytest.raises(trainer_module.NonFiniteLossError) as raised:
         trainer.fit()
@@ -109,7 +105,7 @@ def test_a_non_finite_loss_stops_with_the_step_and_the_last_checkpoint(tmp_path,
 
 
 def test_a_non_finite_loss_with_skip_is_counted_and_its_step_skipped(tmp_path, monkeypatch):
-    monkeypatch.setenv(trainer_module.INF_LOSS_ENV, "1")
+    monkeypatch.setenv(faults.INF_LOSS_ENV, "1")
     trainer = make_trainer(tmp_path, "train.max_steps=3", "train.nonfinite_loss=skip")
     result = trainer.fit()
     assert result.steps == 3

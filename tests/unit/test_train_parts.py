@@ -37,9 +37,9 @@ def test_early_stopping_max_mode_like_the_original_ssim_and_state_round_trip():
 
 def _tiny_model(tiny_base_path, train_text=True):
     from cxrdist.config import LoraConfig
+    from cxrdist.models.diffusion import LoraDiffusionModel
     from cxrdist.models.loading import load_base
     from cxrdist.models.lora import attach_lora
-    from cxrdist.train.model import LoraDiffusionModel
 
     base = load_base(tiny_base_path)
     attach_lora(base, LoraConfig(train_text_encoder=train_text))
@@ -72,7 +72,7 @@ def test_adamw8bit_builds_or_says_clearly_why_not(tiny_base_path, monkeypatch):
 
 
 def test_objective_uses_the_bases_ddpm_schedule_and_prediction_type():
-    from cxrdist.train.model import DiffusionObjective
+    from cxrdist.models.diffusion import DiffusionObjective
 
     conf = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
             "prediction_type": "v_prediction", "_class_name": "PNDMScheduler"}
@@ -93,7 +93,7 @@ def test_objective_uses_the_bases_ddpm_schedule_and_prediction_type():
 
 
 def test_noise_offset_changes_per_channel_means_only_when_set():
-    from cxrdist.train.model import DiffusionObjective
+    from cxrdist.models.diffusion import DiffusionObjective
 
     conf = {"num_train_timesteps": 1000, "prediction_type": "epsilon"}
     x = torch.zeros(64, 4, 16, 16)
@@ -105,11 +105,12 @@ def test_noise_offset_changes_per_channel_means_only_when_set():
 def test_resume_refuses_a_checkpoint_of_another_config_naming_the_keys(tmp_path):
     import json
 
-    from cxrdist.train.checkpoint import CONFIG_FILE, MARKER, check_resumable
+    from cxrdist.models.lora import CHECKPOINT_CONFIG, CHECKPOINT_MARKER
+    from cxrdist.train.checkpoint import check_resumable
 
     old = load_config(None, ["train.batch_size=4", "lora.unet_rank=4"])
-    old.save(tmp_path / CONFIG_FILE)
-    (tmp_path / MARKER).write_text(json.dumps({"step": 3, "fold": 1}))
+    old.save(tmp_path / CHECKPOINT_CONFIG)
+    (tmp_path / CHECKPOINT_MARKER).write_text(json.dumps({"step": 3, "fold": 1}))
     check_resumable(tmp_path, load_config(None, ["train.batch_size=4", "lora.unet_rank=4", "train.log_every=1"]), 1)
     new = load_config(None, ["train.batch_size=8", "lora.unet_rank=4"])
     with pytest.raises(ConfigError, match=r"train.batch_size: 4 -> 8"):
@@ -130,8 +131,8 @@ def test_cv_summary_mean_and_sample_std():
 def test_frozen_text_cache_is_exact_bounded_and_hits(tiny_base_path):
     import torch
 
+    from cxrdist.models.diffusion import LoraDiffusionModel
     from cxrdist.models.text import encode_ids, tokenize
-    from cxrdist.train.model import LoraDiffusionModel
 
     base, _ = _tiny_model(tiny_base_path, train_text=False)
     model = LoraDiffusionModel(base.unet, base.text_encoder, False, text_cache_size=3)

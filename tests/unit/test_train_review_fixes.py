@@ -13,9 +13,9 @@ from cxrdist.errors import ConfigError, DataError, InputError
 
 def test_a_frozen_text_encoder_stays_in_eval_mode_when_the_model_trains():
     """MiniLM has dropout 0.1: a frozen encoder in train mode gives a different context at every call."""
+    from cxrdist.models.diffusion import LoraDiffusionModel
     from cxrdist.models.loading import load_base
     from cxrdist.models.text import tokenize
-    from cxrdist.train.model import LoraDiffusionModel
 
     base = load_base("preset:tiny-minilm")
     model = LoraDiffusionModel(base.unet, base.text_encoder, train_text_encoder=False).train()
@@ -32,7 +32,7 @@ def test_a_frozen_text_encoder_stays_in_eval_mode_when_the_model_trains():
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_min_snr_weights_are_finite_on_a_zero_terminal_snr_schedule(prediction_type):
-    from cxrdist.train.model import DiffusionObjective
+    from cxrdist.models.diffusion import DiffusionObjective
 
     conf = {"num_train_timesteps": 1000, "prediction_type": prediction_type, "beta_schedule": "scaled_linear",
             "rescale_betas_zero_snr": True}

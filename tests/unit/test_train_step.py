@@ -2,31 +2,11 @@
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _train_fakes import FakeData, make_samples  # noqa: E402
-
-from cxrdist.config import load_config  # noqa: E402
-
-FAST = ["train.batch_size=4", "eval.num_metric_images=0", "eval.num_grid_prompts=0", "train.log_every=1",
-        "eval.run_test=false", "train.checkpoint_every=1000", "eval.eval_every_steps=1000"]
-
-
-def make_trainer(tmp_path, *overrides, n_train=16, n_val=4, resume=None):
-    from cxrdist.train.trainer import Trainer
-
-    cfg = load_config(None, FAST + [f"train.output_dir={tmp_path}", *overrides])
-    samples = make_samples(n_train + n_val)
-
-    def factory(channels, rank, world_size):
-        return FakeData(samples[:n_train], samples[n_train:], cfg.train.batch_size, rank=rank, world_size=world_size)
-
-    return Trainer(cfg, fold=0, run_dir=tmp_path / "fold0", data_factory=factory, resume=resume)
+from support.fakes import make_trainer
 
 
 def run_steps(trainer, n):
@@ -46,7 +26,7 @@ def run_steps(trainer, n):
 
 
 def fixed_loss(trainer):
-    from cxrdist.train.evaluate import build_loss_set, diffusion_loss
+    from cxrdist.train.validation import build_loss_set, diffusion_loss
 
     data = build_loss_set(trainer.data.train_batches(0), trainer.encoder, trainer.accelerator.device, 0)
     return diffusion_loss(trainer.model, trainer.objective, data, [100, 300, 500, 700, 900], 8, trainer.accelerator)
@@ -129,8 +109,8 @@ def test_lr_follows_warmup_then_cosine_per_optimizer_step(tmp_path):
 
 
 def test_caption_dropout_rate_and_template_applied_once(tiny_base_path):
+    from cxrdist.models.diffusion import BatchEncoder
     from cxrdist.models.loading import load_base
-    from cxrdist.train.model import BatchEncoder
 
     base = load_base(tiny_base_path)
     enc = BatchEncoder(base.vae, base.tokenizer, "chest x-ray: {report}", caption_dropout=0.25)
@@ -145,8 +125,8 @@ def test_caption_dropout_rate_and_template_applied_once(tiny_base_path):
 
 
 def test_latents_from_pixels_in_minus_one_one_equal_cached(tiny_base_path):
+    from cxrdist.models.diffusion import BatchEncoder
     from cxrdist.models.loading import load_base
-    from cxrdist.train.model import BatchEncoder
 
     base = load_base(tiny_base_path)
     enc = BatchEncoder(base.vae, base.tokenizer, "{report}", 0.0)

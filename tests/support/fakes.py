@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from cxrdist.config import load_config
+
 REPORTS = ["Heart size normal. No effusion.", "Mild cardiomegaly.", "Left pleural effusion.",
            "Right pleural effusion. Heart size normal.", "Enlarged heart. Bilateral effusions."]
 
@@ -54,3 +56,19 @@ class FakeData:
         data = self.test if split == "test" else self.val
         if n:
             yield collate(data[:n])
+
+
+FAST = ["train.batch_size=4", "eval.num_metric_images=0", "eval.num_grid_prompts=0", "train.log_every=1",
+        "eval.run_test=false", "train.checkpoint_every=1000", "eval.eval_every_steps=1000"]
+
+
+def make_trainer(tmp_path, *overrides, n_train=16, n_val=4, resume=None):
+    from cxrdist.train.trainer import Trainer
+
+    cfg = load_config(None, FAST + [f"train.output_dir={tmp_path}", *overrides])
+    samples = make_samples(n_train + n_val)
+
+    def factory(channels, rank, world_size):
+        return FakeData(samples[:n_train], samples[n_train:], cfg.train.batch_size, rank=rank, world_size=world_size)
+
+    return Trainer(cfg, fold=0, run_dir=tmp_path / "fold0", data_factory=factory, resume=resume)

@@ -4,12 +4,17 @@ Imported by the data test modules (unit and integration); it holds no tests itse
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import tarfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
+
+from cxrdist.data.shard import assign_splits
 
 
 def gradient(height: int, width: int, *, seed: int = 0) -> np.ndarray:
@@ -105,6 +110,16 @@ def make_iu_tree(root: Path, n_reports: int = 6, images_per_report: int = 2, *, 
     return root
 
 
+def pack_iu_archives(tree: Path, folder: Path) -> Path:
+    """The two Open-i downloads (NLMCXR_png.tgz, NLMCXR_reports.tgz) made from a `make_iu_tree` folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(folder / "NLMCXR_png.tgz", "w:gz") as tar:
+        tar.add(tree / "png", arcname=".")
+    with tarfile.open(folder / "NLMCXR_reports.tgz", "w:gz") as tar:
+        tar.add(tree / "ecgen-radiology", arcname="ecgen-radiology")
+    return folder
+
+
 def write_manifest(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".jsonl":
@@ -168,3 +183,56 @@ def fill_disk_at_shard(monkeypatch, n: int) -> list[str]:
 
     monkeypatch.setattr(shard_module, "write_tar", failing_write)
     return calls
+
+
+# Build options of the deduplication tests: small images, 3 folds, shards of 4.
+DEDUPE_OPTS = dict(size=32, folds=3, test_fraction=0.25, seed=0, shard_size=4, workers=1, progress=False)
+
+
+def _row(image: str, group: str) -> dict:
+    return {"image": image, "group": group, "report": f"Report of {group}.", "view": "PA", "labels": "normal"}
+
+
+def _other_split_group(groups: list[str], original: str, suffix: str) -> str:
+    """A new group id that the seeded split puts in another split than `original`: without deduplication the
+    duplicate would sit in two splits. (The shuffle permutes sorted ids, so the candidates must sort at
+    different places: `patient03<suffix>` sorts right after patient03.)"""
+    for n in range(8):
+        candidate = f"patient{n:02d}{suffix}"
+        split = assign_splits(groups + [candidate], DEDUPE_OPTS["folds"], DEDUPE_OPTS["test_fraction"], DEDUPE_OPTS["seed"])
+        if split[candidate] != split[original]:
+            return candidate
+    raise AssertionError("no group id lands in another split")
+
+
+def leaky_manifest(root: Path) -> Path:
+    rows = []
+    for i in range(16):  # 8 patients x 2 images, all distinct
+        write_png(root / "img" / f"im{i:03d}.png", 48, 36, seed=i)
+        rows.append(_row(f"img/im{i:03d}.png", f"patient{i // 2:02d}"))
+    groups = sorted({r["group"] for r in rows})
+    # the same file under another patient id, and again spelled another way
+    groups.append(_other_split_group(groups, "patient00", "relisted"))
+    rows.append(_row("img/im000.png", groups[-1]))
+    groups.append(_other_split_group(groups, "patient01", "respelled"))
+    rows.append(_row("img/../img/im003.png", groups[-1]))
+    # a byte-copy under another name and patient
+    (root / "img" / "copy_of_im004.png").write_bytes((root / "img" / "im004.png").read_bytes())
+    groups.append(_other_split_group(groups, "patient02", "copied"))
+    rows.append(_row("img/copy_of_im004.png", groups[-1]))
+    # a symbolic link to another image
+    os.symlink(root / "img" / "im006.png", root / "img" / "link_to_im006.png")
+    groups.append(_other_split_group(groups, "patient03", "linked"))
+    rows.append(_row("img/link_to_im006.png", groups[-1]))
+    return write_manifest(root / "manifest.csv", rows)
+
+
+def png_digests_by_split(out: Path, index: dict) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for name, split in index["splits"].items():
+        for entry in split["shards"]:
+            with tarfile.open(out / entry["name"]) as tar:
+                for member in tar.getmembers():
+                    if member.name.endswith(".png"):
+                        found.setdefault(name, []).append(hashlib.sha256(tar.extractfile(member).read()).hexdigest())
+    return found

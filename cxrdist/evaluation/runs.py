@@ -15,7 +15,13 @@ from typing import Any
 
 import numpy as np
 
+from cxrdist.data.index import load_index
+from cxrdist.data.loader import SplitImages, eval_loader, read_split_images
 from cxrdist.errors import DataError
+from cxrdist.metrics.faithfulness import chance_level, faithfulness
+from cxrdist.metrics.image import diversity, image_metrics
+from cxrdist.sampling.loading import load_for_sampling
+from cxrdist.sampling.pipeline import SampleSettings, generate_images
 
 log = logging.getLogger(__name__)
 
@@ -33,35 +39,17 @@ class EvaluateOptions:
     diversity_seeds: int = 4
 
 
-@dataclass
-class SplitData:
-    reports: list[str]
-    labels: list[list[str]]
-    references: np.ndarray  # N x H x W in [0, 1]
-
-
-def read_split(shards: str, split: str, max_samples: int) -> SplitData:
-    from cxrdist.data.index import load_index
-    from cxrdist.data.loader import eval_loader
-
+def read_split(shards: str, split: str, max_samples: int) -> SplitImages:
     index = load_index(shards)
-    reports, labels, refs = [], [], []
-    for batch in eval_loader(shards, split, batch_size=64, image_size=index.image_size, channels=1,
-                             max_samples=max_samples):
-        reports += list(batch["prompts"])
-        labels += [list(m.get("labels", [])) for m in batch["meta"]]
-        refs.append(((batch["pixel_values"][:, 0] + 1.0) / 2.0).numpy())
-    if not reports:
+    data = read_split_images(eval_loader(shards, split, batch_size=64, image_size=index.image_size, channels=1,
+                                         max_samples=max_samples))
+    if data is None:
         raise DataError(f"split '{split}' of {shards} has no samples: check the split name with `cxrdist shard inspect`")
-    return SplitData(reports=reports, labels=labels, references=np.concatenate(refs).astype(np.float32))
+    return data
 
 
 def evaluate_model(base, template: str, shards: str, opts: EvaluateOptions, progress: bool = True) -> dict[str, Any]:
     """Generate, read and score. `base` has any adapter already attached; `template` is applied once."""
-    from cxrdist.metrics.faithfulness import chance_level, faithfulness
-    from cxrdist.metrics.image import diversity, image_metrics
-    from cxrdist.sample import SampleSettings, generate_images
-
     data = read_split(shards, opts.split, opts.max_samples)
     settings = SampleSettings(steps=opts.steps, scheduler=opts.scheduler, guidance=opts.guidance,
                               batch_size=opts.batch_size)
@@ -87,16 +75,12 @@ def evaluate_model(base, template: str, shards: str, opts: EvaluateOptions, prog
 def evaluate_model_path(model_path: str, shards: str, opts: EvaluateOptions, base_override: str | None = None,
                         progress: bool = True) -> dict[str, Any]:
     """Load whatever `cxrdist sample --model-path` takes and evaluate it with its own prompt template."""
-    from cxrdist.sample import load_for_sampling
-
     model, meta = load_for_sampling(model_path, base_override=base_override)
     return evaluate_model(model, (meta or {}).get("prompt_template", "{report}"), shards, opts, progress)
 
 
 def within_prompt_diversity(base, reports: list[str], template: str, settings, opts: EvaluateOptions, measure) -> float | None:
     """Mean over a few reports of the similarity between images of different seeds (lower = more diverse)."""
-    from cxrdist.sample import generate_images
-
     k, s = min(opts.diversity_prompts, len(reports)), opts.diversity_seeds
     if k == 0 or s < 2:
         return None

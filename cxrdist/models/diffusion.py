@@ -1,4 +1,4 @@
-"""The trained module (UNet + text encoder as ONE nn.Module) and the diffusion objective.
+"""The trained module (UNet + text encoder as ONE nn.Module), the diffusion objective and the batch encoder.
 
 One module, because DDP and DeepSpeed must see the text-encoder call inside the wrapped forward (and
 accelerate refuses two models under DeepSpeed). The objective uses a DDPM scheduler built from the base's
@@ -95,11 +95,6 @@ class LoraDiffusionModel(nn.Module):
         context = self.encode_text(input_ids, attention_mask)
         sample = noisy_latents.to(self.input_dtype())
         return self.unet(sample, timesteps, encoder_hidden_states=context.to(sample.dtype)).sample
-
-
-def lora_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Adapter tensors by full parameter name (the checkpoint format: exact, and nothing of the base)."""
-    return {name: p.detach() for name, p in module.named_parameters() if "lora_" in name}
 
 
 # What the UNet is trained to predict, per the base's `prediction_type`.

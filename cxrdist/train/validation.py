@@ -18,22 +18,25 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
 from cxrdist.config import Config
-from cxrdist.scale import zero_stage
-from cxrdist.train.model import BatchEncoder, DiffusionObjective
+from cxrdist.data.loader import SplitImages, read_split_images
+from cxrdist.metrics.faithfulness import faithfulness
+from cxrdist.models.diffusion import BatchEncoder, DiffusionObjective
+from cxrdist.sampling.pipeline import SampleSettings, generate_images
+from cxrdist.train.distributed import zero_stage
 
 log = logging.getLogger(__name__)
 
 IMAGE_METRICS = ("mse", "ssim", "psnr")
 
 
-def sample_seed(key: str, seed: int) -> int:
-    """Noise seed of one sample: depends on its key only, not on batching, rank or world size."""
+def validation_noise_seed(key: str, seed: int) -> int:
+    """Fixed validation noise of one sample: depends on its key and the run seed only, not on the step, batching,
+    rank or world size, so every evaluation of a run (and every run with the seed) sees the same noise."""
     return (int(hashlib.sha256(key.encode()).hexdigest()[:12], 16) + seed * 7919) % (2**62)
 
 
@@ -66,7 +69,7 @@ def build_loss_set(batches, encoder: BatchEncoder, device, seed: int) -> LossSet
         lat = encoder.latents(batch, device)
         i, m = encoder.token_ids(encoder.prompts(batch["prompts"], None))
         for key in batch["keys"]:
-            g = torch.Generator().manual_seed(sample_seed(str(key), seed))
+            g = torch.Generator().manual_seed(validation_noise_seed(str(key), seed))
             noise.append(torch.randn(lat.shape[1:], generator=g))
         latents.append(lat)
         ids.append(i)
@@ -108,28 +111,7 @@ def diffusion_loss(model, objective: DiffusionObjective, data: LossSet | None, t
     return float(total[0] / total[1]) if total[1] > 0 else float("nan")
 
 
-@dataclass
-class ImageSubset:
-    reports: list[str]
-    references: np.ndarray  # N x H x W in [0, 1]
-    labels: list[Any]
-
-
-def read_subset(batches) -> ImageSubset | None:
-    reports, refs, labels = [], [], []
-    for batch in batches:
-        pixels = torch.as_tensor(batch["pixel_values"]).float()
-        refs.append(((pixels.mean(dim=1) + 1.0) / 2.0).clamp(0, 1).numpy())  # [-1, 1] -> [0, 1], grayscale
-        reports.extend(batch["prompts"])
-        labels.extend(m.get("labels") for m in batch.get("meta", [{}] * len(batch["prompts"])))
-    if not reports:
-        return None
-    return ImageSubset(reports, np.concatenate(refs), labels)
-
-
 def generate(base, reports: list[str], cfg: Config, dtype: torch.dtype, seed: int) -> np.ndarray:
-    from cxrdist.sample import SampleSettings, generate_images
-
     e = cfg.eval
     settings = SampleSettings(steps=e.inference_steps, scheduler=e.scheduler, guidance=e.guidance,
                               negative_prompt=cfg.sample.negative_prompt, height=cfg.data.image_size,
@@ -139,13 +121,12 @@ def generate(base, reports: list[str], cfg: Config, dtype: torch.dtype, seed: in
                            device=next(base.unet.parameters()).device, dtype=dtype)
 
 
-def image_scores(cfg: Config, generated: np.ndarray, subset: ImageSubset) -> dict[str, float]:
-    from cxrdist.metrics.image import image_metrics
+def image_scores(cfg: Config, generated: np.ndarray, subset: SplitImages) -> dict[str, float]:
+    from cxrdist.metrics.image import \
+        image_metrics  # torchmetrics: ~2 s to import, paid only when scoring images
 
     scores = {k: float(v) for k, v in image_metrics(generated, subset.references).items() if k in IMAGE_METRICS}
     if cfg.eval.metric == "faithfulness":
-        from cxrdist.metrics.faithfulness import faithfulness
-
         scores["faithfulness"] = float(faithfulness(generated, subset.labels)["macro"])
     return scores
 
@@ -158,7 +139,7 @@ class Evaluator:
         self.cfg, self.accelerator, self.data, self.split = cfg, accelerator, data, split
         self.encoder, self.objective, self.base, self.dtype = encoder, objective, base, dtype
         self._loss_set: LossSet | None = None
-        self._subset: ImageSubset | None = None
+        self._subset: SplitImages | None = None
         self._loaded = False
         self.n_images = max(cfg.eval.num_metric_images, cfg.eval.num_grid_prompts)
 
@@ -171,7 +152,7 @@ class Evaluator:
         if self._loss_set is None and acc.num_processes > 1:
             self._loss_set = padding_set(self.base, self.encoder, self.cfg.data.image_size, acc.device)
         if self.n_images and self._generating_rank():
-            self._subset = read_subset(self.data.first_samples(self.split, self.n_images))
+            self._subset = read_split_images(self.data.first_samples(self.split, self.n_images))
         self._loaded = True
 
     def _generating_rank(self) -> bool:
@@ -195,7 +176,7 @@ class Evaluator:
                 images = generate(self.base, self._subset.reports, self.cfg, self.dtype, self.cfg.train.seed)
                 if self.cfg.eval.num_metric_images and self.accelerator.is_main_process:
                     n = self.cfg.eval.num_metric_images
-                    part = ImageSubset(self._subset.reports[:n], self._subset.references[:n], self._subset.labels[:n])
+                    part = SplitImages(self._subset.reports[:n], self._subset.references[:n], self._subset.labels[:n])
                     scores = image_scores(self.cfg, images[:n], part)
             shared = [scores]
             if self.accelerator.num_processes > 1:

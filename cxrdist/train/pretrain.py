@@ -17,16 +17,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from cxrdist.config import PretrainConfig
 from cxrdist.errors import DataError
+from cxrdist.models.diffusion import DiffusionObjective
 from cxrdist.models.loading import save_base
 from cxrdist.models.presets import build_preset
 from cxrdist.models.text import encode_prompts
-from cxrdist.train.model import DiffusionObjective
 
 log = logging.getLogger(__name__)
 

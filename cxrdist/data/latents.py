@@ -1,10 +1,11 @@
 """Latent caching: store each sample's VAE latents in its shard so training skips the VAE encoder.
 
-`cache_latents(shards_dir, pretrained)` rewrites every shard with an added `latents.npy` (float16, the
+`cache_latents(shards_dir, vae, base=...)` rewrites every shard with an added `latents.npy` (float16, the
 posterior mean before the scaling factor: the same tensor the trainer computes on the fly) and records the
 VAE's fingerprint under "latents" in index.json. All new shards are written to temporary names first, then
-swapped in and index.json rewritten last, so an interrupted run leaves the old, consistent shard set.
-The trainer refuses latents made by another VAE (or VAE precision).
+swapped in and index.json rewritten last (cxrdist.data.index.record_latents), so an interrupted run leaves the
+old, consistent shard set. The trainer refuses latents made by another VAE (or VAE precision). The VAE comes
+from the caller (`cxrdist shard cache-latents` loads it): the data layer knows no model loading.
 """
 from __future__ import annotations
 
@@ -13,18 +14,19 @@ import io
 import json
 import logging
 import os
-import tarfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
+from cxrdist.data.imageio import to_model_range
+from cxrdist.data.index import latents_record, load_index, record_latents
+from cxrdist.data.tars import read_samples, write_tar
 from cxrdist.errors import DataError
 
 log = logging.getLogger(__name__)
 
-LATENTS_KEY = "latents"
 LATENTS_EXT = "latents.npy"
 
 
@@ -39,8 +41,7 @@ def vae_fingerprint(vae) -> str:
 
 def latents_info(shards_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The "latents" record of index.json, or None when the shards carry no latents."""
-    path = Path(shards_dir) / "index.json"
-    return json.loads(path.read_text()).get(LATENTS_KEY) if path.exists() else None
+    return latents_record(shards_dir)
 
 
 def check_cached_latents(shards_dir, vae) -> bool:
@@ -56,31 +57,12 @@ def check_cached_latents(shards_dir, vae) -> bool:
     return True
 
 
-def _read_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) in file order; webdataset's key = name up to the first dot."""
-    current, parts = None, {}
-    with tarfile.open(path) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.partition(".")
-            if key != current and current is not None:
-                yield current, parts
-                parts = {}
-            current = key
-            parts[ext] = tar.extractfile(member).read()
-    if current is not None:
-        yield current, parts
-
-
 def _pixels(png: bytes, channels: int) -> torch.Tensor:
     from PIL import Image
 
     with Image.open(io.BytesIO(png)) as image:
         array = np.asarray(image)
-    scale = 65535.0 if array.dtype == np.uint16 else 255.0
-    pixels = torch.from_numpy(array.astype(np.float32) * (2.0 / scale) - 1.0)[None]  # [-1, 1], like the loader
-    return pixels.expand(channels, -1, -1)
+    return torch.from_numpy(to_model_range(array))[None].expand(channels, -1, -1)  # [-1, 1], like the loader
 
 
 @torch.no_grad()
@@ -96,26 +78,21 @@ def _encode(vae, pngs: list[bytes], device) -> list[bytes]:
     return out
 
 
-def cache_latents(shards_dir: str | os.PathLike, pretrained: str, *, revision: str | None = None,
-                  vae_dtype: str = "fp32", batch_size: int = 32, device: str | None = None,
+def cache_latents(shards_dir: str | os.PathLike, vae, *, base: str, vae_dtype: str = "fp32", batch_size: int = 32,
                   progress: bool = True) -> dict[str, Any]:
-    from diffusers import AutoencoderKL
+    """Add the latents of `vae` (already on its device, in eval mode) to every shard; `base` and `vae_dtype` are
+    recorded with them. Returns the latents record plus shard and sample counts."""
     from tqdm.auto import tqdm
-
-    from cxrdist.data.index import load_index, write_json_atomic
-    from cxrdist.data.shard import write_tar
-    from cxrdist.models.loading import DTYPES, resolve_base_path
 
     root = Path(shards_dir)
     index = load_index(root)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    vae = AutoencoderKL.from_pretrained(resolve_base_path(pretrained), subfolder="vae", revision=revision,
-                                        torch_dtype=DTYPES[vae_dtype]).to(device).eval()
+    device = next(vae.parameters()).device
     staged: list[tuple[Path, Path, dict]] = []
+    samples: list = []
     bar = tqdm(total=index.count(list(index.splits)), unit="img", desc="cache latents", disable=not progress)
     try:
         for entry in index.shards(list(index.splits)):
-            samples = list(_read_samples(Path(entry["path"])))
+            samples = list(read_samples(entry["path"]))
             for start in range(0, len(samples), batch_size):
                 chunk = samples[start:start + batch_size]
                 for (_, parts), npy in zip(chunk, _encode(vae, [p["png"] for _, p in chunk], device)):
@@ -130,15 +107,10 @@ def cache_latents(shards_dir: str | os.PathLike, pretrained: str, *, revision: s
         raise
     finally:
         bar.close()
-    data = json.loads((root / "index.json").read_text())
-    updates = {final.name: info for _, final, info in staged}
-    for split in data["splits"].values():
-        for shard in split["shards"]:
-            shard.update(updates[shard["name"]])
     shape = list(np.load(io.BytesIO(samples[0][1][LATENTS_EXT])).shape) if staged else []
-    data[LATENTS_KEY] = {"vae_fingerprint": vae_fingerprint(vae), "base": pretrained, "vae_dtype": vae_dtype,
-                         "shape": shape, "dtype": "float16", "what": "VAE posterior mean, before scaling_factor"}
+    record = {"vae_fingerprint": vae_fingerprint(vae), "base": base, "vae_dtype": vae_dtype,
+              "shape": shape, "dtype": "float16", "what": "VAE posterior mean, before scaling_factor"}
     for staging, final, _ in staged:
         os.replace(staging, final)
-    write_json_atomic(root / "index.json", data)
-    return data[LATENTS_KEY] | {"shards": len(staged), "samples": index.count(list(index.splits))}
+    record_latents(root, {final.name: info for _, final, info in staged}, record)
+    return record | {"shards": len(staged), "samples": index.count(list(index.splits))}

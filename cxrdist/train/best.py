@@ -5,14 +5,14 @@ previous best of the fold is replaced only after the new one is completely writt
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
-from cxrdist.models.lora import WEIGHTS_NAME, adapter_metadata, adapter_state_dicts, save_adapter
+from cxrdist.fileio import write_json_atomic
+from cxrdist.models.lora import (WEIGHTS_NAME, adapter_metadata, adapter_state_dicts, save_adapter,
+                                 split_prefixed, tensors_digest)
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def export_best(model, base, spec: dict, cfg, run_dir: Path, *, fold: int, epoch
                 metrics: dict[str, float], previous: Path | None, state_dicts: tuple | None = None) -> Path:
     """Write `run_dir/best_model_fold{k}_epoch{e}/` (main process only) and remove the previous best.
 
-    `state_dicts` = (unet_sd, text_sd) from `cxrdist.scale.lora_state_dicts`, which every rank must call
+    `state_dicts` = (unet_sd, text_sd) from `cxrdist.train.distributed.lora_state_dicts`, which every rank must call
     under DeepSpeed (ZeRO-3 holds only partitions in the module); without it they are read from `model`.
     """
     run_dir = Path(run_dir)
@@ -43,7 +43,7 @@ def export_best(model, base, spec: dict, cfg, run_dir: Path, *, fold: int, epoch
     info = {"fold": fold, "epoch": epoch, "step": step, "metrics": metrics, "early_stopping_metric": cfg.eval.metric}
     meta = adapter_metadata(base, spec, cfg.data.prompt_template, cfg.to_dict(), training=info)
     save_adapter(staging, unet_sd, text_sd, meta)
-    (staging / METRICS_FILE).write_text(json.dumps(info, indent=2))
+    write_json_atomic(staging / METRICS_FILE, info)
     (staging / CARD_FILE).write_text(model_card(cfg, base, info))
     for old in {previous, final} - {None}:
         if old.exists():
@@ -78,11 +78,7 @@ def weights_digest(folder: Path) -> str:
     """sha256 of the adapter tensors (names and values; the file header's metadata order is not stable)."""
     from safetensors.torch import load_file
 
-    digest = hashlib.sha256()
-    for name, tensor in sorted(load_file(str(Path(folder) / WEIGHTS_NAME)).items()):
-        digest.update(name.encode())
-        digest.update(tensor.float().numpy().tobytes())
-    return digest.hexdigest()
+    return tensors_digest(load_file(str(Path(folder) / WEIGHTS_NAME)))
 
 
 def load_exported(model, folder: Path) -> None:
@@ -90,9 +86,8 @@ def load_exported(model, folder: Path) -> None:
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    tensors = load_file(str(Path(folder) / WEIGHTS_NAME))
-    for prefix, module in (("unet.", model.unet), ("text_encoder.", model.text_encoder)):
-        part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    unet_sd, text_sd = split_prefixed(load_file(str(Path(folder) / WEIGHTS_NAME)))
+    for part, module in ((unet_sd, model.unet), (text_sd, model.text_encoder)):
         if part:
             result = set_peft_model_state_dict(module, part)
             unexpected = getattr(result, "unexpected_keys", [])

@@ -42,7 +42,7 @@ class Ctx:
             self.model_loads.append(args)
             raise RuntimeError("the base model must not load for this case")
 
-        self.monkeypatch.setattr("cxrdist.sample.load_base", refuse)
+        self.monkeypatch.setattr("cxrdist.sampling.loading.load_base", refuse)
 
 
 @dataclass

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from cxrdist.errors import ConfigError
+from cxrdist.models.lora import lora_named_parameters
 
 # Optimizers that DeepSpeed's CPU offload cannot run as a client optimizer, and what to use instead.
 OFFLOAD_INCOMPATIBLE = {
@@ -182,10 +183,6 @@ def load_weights_only(engine: Any) -> None:
     checkpoint_engine.load = load
 
 
-def _lora_named_parameters(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    return [(name, param) for name, param in module.named_parameters() if "lora_" in name]
-
-
 def _full_fp32(param: torch.nn.Parameter) -> torch.Tensor:
     """The full fp32 value of a parameter: DeepSpeed's master copy when there is one, else the parameter."""
     from deepspeed.utils import safe_get_full_fp32_param
@@ -204,7 +201,7 @@ def _gathered(params: list[torch.nn.Parameter], stage: int):
 
 def _raw_lora_state(module: torch.nn.Module, stage: int | None) -> dict[str, torch.Tensor]:
     """LoRA tensors of `module` by parameter name (fp32, CPU); `stage` None means no DeepSpeed."""
-    named = _lora_named_parameters(module)
+    named = lora_named_parameters(module)
     if stage is None:
         raw = {name: param.detach() for name, param in named}
     else:
@@ -238,7 +235,7 @@ def lora_named_state(accelerator: Any, joint: torch.nn.Module) -> dict[str, torc
 def live_lora_state(accelerator: Any, joint: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The LoRA values the module computes with, by full name (fp32, CPU): each rank's own copy under DDP and
     ZeRO-2 (so comparing ranks means something), gathered partitions under ZeRO-3 (collective: every rank)."""
-    named = _lora_named_parameters(accelerator.unwrap_model(joint))
+    named = lora_named_parameters(accelerator.unwrap_model(joint))
     with _gathered([p for _, p in named], zero_stage(accelerator)):
         return {name: p.detach().to("cpu", torch.float32).clone() for name, p in named}
 

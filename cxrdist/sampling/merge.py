@@ -7,7 +7,6 @@ The merged folder is a plain StableDiffusionPipeline (no safety checker) that `l
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -17,8 +16,10 @@ import torch
 
 from cxrdist import __version__
 from cxrdist.errors import InputError
+from cxrdist.fileio import sha256_file
 from cxrdist.models.loading import BaseModel
 from cxrdist.models.lora import WEIGHTS_NAME
+from cxrdist.sampling.loading import load_for_sampling
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +49,6 @@ def fuse_lora(model: torch.nn.Module) -> int:
     return fused
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _check_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"--out {out} exists and is not an empty folder: choose a new folder")
@@ -82,8 +75,6 @@ def save_pipeline(base: BaseModel, out: Path, provenance: dict) -> Path:
 
 def merge_adapter(model_path: str | Path, out: str | Path, base_override: str | None = None) -> Path:
     """Load base + adapter into fresh modules, fuse, save a standalone pipeline folder at `out`."""
-    from cxrdist.sample import load_for_sampling
-
     out = Path(out)
     _check_out(out)
     source = Path(model_path)
@@ -97,7 +88,7 @@ def merge_adapter(model_path: str | Path, out: str | Path, base_override: str | 
     provenance = {
         "format": MERGED_FORMAT,
         "merged_from": str(model_path),
-        "merged_from_sha256": _sha256(weights) if weights.is_file() else None,
+        "merged_from_sha256": sha256_file(weights) if weights.is_file() else None,
         "base": meta.get("base", {"source": base.source, "fingerprint": base.fingerprint}),
         "adapter": meta.get("adapter"),
         "prompt_template": meta.get("prompt_template", "{report}"),

@@ -1,0 +1,215 @@
+"""Synthetic radiographs from report text: the scheduler table and batched, seeded generation.
+
+`generate_images` is the one generation path: `cxrdist sample`, the trainer's validation and `cxrdist evaluate`
+all call it, so what is validated is what users sample. It assembles a diffusers StableDiffusionPipeline around
+modules that are already loaded (no weight copies, never a safety checker: it blacks out radiographs) and
+hands it precomputed conditioning from `cxrdist.models.text.encode_prompts`, so CLIP and BERT-style text
+encoders go through the same code. Loading a model for sampling is `cxrdist.sampling.loading`; a whole
+`cxrdist sample` run is `cxrdist.sampling.run`.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import numbers
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from cxrdist.config import SCHEDULERS, sampler_problem
+from cxrdist.errors import InputError
+from cxrdist.models.loading import BaseModel
+from cxrdist.models.text import apply_template, encode_prompts
+
+log = logging.getLogger(__name__)
+
+
+# torch.Generator.manual_seed takes up to 2**64 - 1, numpy and PNG metadata readers want a signed 64-bit int:
+# seeds live in 0..2**63 - 1 so every tool reading a sample's seed back can reproduce it.
+SEED_MAX = 2**63 - 1
+
+
+@dataclass
+class SampleSettings:
+    """How to sample; the same knobs as SampleConfig minus what is per-run (seed, count, device)."""
+
+    steps: int = 25
+    scheduler: str = "dpm++"
+    guidance: float = 4.0
+    negative_prompt: str = ""  # used as is (no template); "" is the unconditional prompt seen in training
+    height: int = 0  # 0 = base.image_size
+    width: int = 0
+    batch_size: int = 8
+
+    @classmethod
+    def from_config(cls, cfg) -> "SampleSettings":
+        return cls(steps=cfg.steps, scheduler=cfg.scheduler, guidance=cfg.guidance,
+                   negative_prompt=cfg.negative_prompt, height=cfg.height, width=cfg.width,
+                   batch_size=cfg.batch_size)
+
+
+def build_scheduler(name: str, scheduler_config: dict):
+    """A fresh scheduler of the named kind on the base model's noise schedule."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise InputError(f"unknown scheduler '{name}': choose one of {', '.join(SCHEDULERS)}")
+    class_name, kwargs = SCHEDULERS[name]
+    return getattr(diffusers, class_name).from_config(scheduler_config, **kwargs)
+
+
+def image_shape(base: BaseModel, settings: SampleSettings) -> tuple[int, int]:
+    height = settings.height or base.image_size
+    width = settings.width or base.image_size
+    for what, value in (("height", height), ("width", width)):
+        if value < 8 or value % 8:
+            raise InputError(f"image {what} {value} must be a positive multiple of 8")
+    return height, width
+
+
+def _check(settings: SampleSettings, reports: list[str], seeds: list[int]) -> None:
+    problem = sampler_problem(settings.steps, settings.scheduler, settings.batch_size)
+    if problem:
+        name, expected = problem
+        raise InputError(f"sampler setting {name}={getattr(settings, name)!r} must be {expected}")
+    if len(reports) != len(seeds):
+        raise InputError(f"{len(reports)} reports but {len(seeds)} seeds: give one seed per image")
+    bad = next((seed for seed in seeds if not _seed_ok(seed)), None)
+    if bad is not None:
+        raise InputError(f"seed {bad} is out of range: seeds must be integers in 0..{SEED_MAX}")
+    if not reports:
+        raise InputError("nothing to generate: give at least one report")
+
+
+def _seed_ok(seed) -> bool:
+    # numbers.Integral: numpy integers count too (callers may derive seeds from arrays)
+    return isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and 0 <= int(seed) <= SEED_MAX
+
+
+def check_seed_range(first: int, count: int) -> None:
+    """Refuse a run whose seeds (first, first + 1, ..., first + count - 1) leave 0..SEED_MAX, before loading."""
+    if not (_seed_ok(first) and _seed_ok(first + max(count, 1) - 1)):
+        raise InputError(f"--seed {first} is out of range: image i gets seed + i, so seed must be in "
+                         f"0..{SEED_MAX - max(count, 1) + 1} for {count} image(s) (sample.seed)")
+
+
+@contextlib.contextmanager
+def _eval_mode(*modules: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (no LoRA dropout) while sampling; every submodule's own flag is restored afterwards."""
+    saved = [(m, m.training) for module in modules for m in module.modules()]
+    try:
+        for module in modules:
+            module.eval()
+        yield
+    finally:
+        for m, training in saved:
+            m.training = training
+
+
+@contextlib.contextmanager
+def _on_device(base: BaseModel, device: torch.device) -> Iterator[None]:
+    """Move the modules to `device` for the call only when they are elsewhere, and back afterwards."""
+    modules = (base.unet, base.vae, base.text_encoder)
+    before = [next(m.parameters()).device for m in modules]
+    moved = any(d != device for d in before)
+    if moved:
+        for module in modules:
+            module.to(device)
+    try:
+        yield
+    finally:
+        if moved:
+            for module, where in zip(modules, before):
+                module.to(where)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def assemble_pipeline(base: BaseModel, scheduler):
+    """A StableDiffusionPipeline around the loaded modules: shares them, copies nothing, no safety checker."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                   unet=base.unet, scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _initial_noise(seeds: list[int], shape: tuple[int, ...]) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """Per-image CPU generators: image i's noise depends on seeds[i] only (not on batch, device or dtype)."""
+    generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+    noise = torch.cat([torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in generators])
+    return noise, generators
+
+
+def _decode(base: BaseModel, latents: torch.Tensor) -> np.ndarray:
+    """Latents -> grayscale float32 images in [0, 1]; 3-channel VAEs are averaged over channels."""
+    vae = base.vae
+    latents = latents.to(vae.dtype) / vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift:
+        latents = latents + shift
+    pixels = vae.decode(latents, return_dict=False)[0].float()
+    pixels = (pixels / 2 + 0.5).clamp(0, 1).mean(dim=1)
+    return pixels.cpu().numpy().astype(np.float32)
+
+
+def _embed_unique(base: BaseModel, prompts: list[str]) -> torch.Tensor:
+    """Encode each distinct prompt once (one truncation warning per prompt), then index per image."""
+    unique = list(dict.fromkeys(prompts))
+    embeds = encode_prompts(base.tokenizer, base.text_encoder, unique)
+    where = {p: i for i, p in enumerate(unique)}
+    return embeds[torch.tensor([where[p] for p in prompts], device=embeds.device)]
+
+
+@torch.no_grad()
+def generate_images(base: BaseModel, reports: list[str], settings: SampleSettings, *, template: str = "{report}",
+                    seeds: list[int], device=None, dtype: torch.dtype = torch.float32,
+                    progress: bool = False) -> np.ndarray:
+    """Generate one grayscale image per report: float32 array N x H x W in [0, 1].
+
+    Image i depends only on (reports[i], seeds[i], settings), not on which other images share its batch.
+    `template` is applied exactly once here; pass raw report text. Works with adapters attached; the
+    modules' train/eval flags and devices are restored on return, requires_grad is never touched.
+    `dtype` other than float32 runs under autocast (weights are not cast).
+    """
+    from tqdm.auto import tqdm
+
+    reports = list(reports)
+    seeds = list(seeds)
+    _check(settings, reports, seeds)
+    height, width = image_shape(base, settings)
+    device = torch.device(device) if device is not None else next(base.unet.parameters()).device
+    prompts = [apply_template(template, r) for r in reports]
+    latent_shape = (int(base.unet.config.in_channels), height // base.vae_scale_factor, width // base.vae_scale_factor)
+    size = settings.batch_size
+    batches = [range(i, min(i + size, len(prompts))) for i in range(0, len(prompts), size)]
+    out = np.empty((len(prompts), height, width), dtype=np.float32)
+    bar = tqdm(total=len(batches) * settings.steps, desc="sampling", unit="step", disable=not progress)
+
+    def tick(pipe, step, timestep, tensors):
+        bar.update(1)
+        return tensors
+
+    with _on_device(base, device), _eval_mode(base.unet, base.vae, base.text_encoder), _autocast(device, dtype):
+        cond = _embed_unique(base, prompts)
+        uncond = encode_prompts(base.tokenizer, base.text_encoder, [settings.negative_prompt.strip()], warn=True)
+        for batch in batches:
+            noise, generators = _initial_noise([seeds[i] for i in batch], latent_shape)
+            pipe = assemble_pipeline(base, build_scheduler(settings.scheduler, base.scheduler_config))
+            latents = pipe(prompt_embeds=cond[batch.start:batch.stop],
+                           negative_prompt_embeds=uncond.expand(len(batch), -1, -1),
+                           height=height, width=width, num_inference_steps=settings.steps,
+                           guidance_scale=settings.guidance, generator=generators,
+                           latents=noise.to(device, cond.dtype), output_type="latent",
+                           callback_on_step_end=tick).images
+            out[batch.start:batch.stop] = _decode(base, latents)
+    bar.close()
+    return out

@@ -1,0 +1,37 @@
+"""Fault injection for the multi-process tests, and the only place production code reads it.
+
+The tests launch real ranks with `accelerate launch`, so there is no in-process seam to patch: a rank learns
+its fault from the environment. Nothing here acts unless one of these variables is set.
+
+    CXRDIST_FAULT_KILL_AT_STEP=N           the process signals itself right after optimizer step N
+    CXRDIST_FAULT_SIGNAL=SIGSTOP           ... with this signal (SIGKILL by default; SIGSTOP makes a silent rank)
+    CXRDIST_FAULT_INF_LOSS_AT_MICRO_STEP=M the loss of micro-step M becomes inf (as an fp16 overflow or a
+                                           diverged run would make it)
+    CXRDIST_FAULT_KILL_RANK=R              only rank R is affected (every rank when unset)
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+import torch
+
+KILL_ENV = "CXRDIST_FAULT_KILL_AT_STEP"
+KILL_SIGNAL_ENV = "CXRDIST_FAULT_SIGNAL"
+INF_LOSS_ENV = "CXRDIST_FAULT_INF_LOSS_AT_MICRO_STEP"
+RANK_ENV = "CXRDIST_FAULT_KILL_RANK"
+
+
+def _this_rank(rank: int) -> bool:
+    return os.environ.get(RANK_ENV, str(rank)) == str(rank)
+
+
+def maybe_inf_loss(loss: torch.Tensor, micro_step: int, rank: int) -> torch.Tensor:
+    if os.environ.get(INF_LOSS_ENV) == str(micro_step) and _this_rank(rank):
+        return loss * float("inf")
+    return loss
+
+
+def maybe_die_after_step(step: int, rank: int) -> None:
+    if os.environ.get(KILL_ENV) == str(step) and _this_rank(rank):
+        os.kill(os.getpid(), getattr(signal, os.environ.get(KILL_SIGNAL_ENV, "SIGKILL")))
