@@ -56,10 +56,13 @@ def _unwrap(model):
 
 
 class Checkpointer:
-    """save / resolve / load of training state for one run folder."""
+    """When to save, save / rotate, resolve and load the training state of one run folder.
 
-    def __init__(self, accelerator, run_dir: Path, cfg: Config, keep_last: int):
-        self.accelerator, self.cfg, self.keep_last = accelerator, cfg, keep_last
+    It takes the whole config: every checkpoint carries it, and a resume is refused when it differs."""
+
+    def __init__(self, accelerator, run_dir: Path, cfg: Config):
+        self.accelerator, self.cfg = accelerator, cfg
+        self.every, self.keep_last = cfg.train.checkpoint_every, cfg.train.keep_last
         self.dir = Path(run_dir) / CHECKPOINTS
         accelerator.register_save_state_pre_hook(self._save_hook)
         accelerator.register_load_state_pre_hook(self._load_hook)
@@ -93,6 +96,11 @@ class Checkpointer:
             models.pop(i)
 
     # -- save / rotate ---------------------------------------------------------------------------------
+    def due(self, step: int, epoch_end: bool) -> bool:
+        """Every `train.checkpoint_every` optimizer steps, or at each epoch's end when that is 0. (The trainer
+        also saves at the last step and when stopping early, whatever this says.)"""
+        return step % self.every == 0 if self.every else epoch_end
+
     def save(self, step: int, info: dict[str, Any], trainer_state: dict[str, Any]) -> Path:
         path = self.dir / f"step_{step:08d}"
         if self.accelerator.is_main_process and path.exists():

@@ -37,11 +37,15 @@ def peak_memory_mb(device: torch.device) -> float:
 class MetricsLogger:
     """One interface for the trainer: scalars, images, text, hparams, close."""
 
-    def __init__(self, accelerator, run_label: str, config: dict):
-        self.accelerator = accelerator
+    def __init__(self, accelerator, run_label: str, config: dict, every: int = 1):
+        self.accelerator, self.every = accelerator, every
         accelerator.init_trackers(run_label)
         self._writer = accelerator.get_tracker(TRACKER_NAME, unwrap=True) if accelerator.is_main_process else None
         self._hparams = flat_hparams(config)
+
+    def due(self, step: int) -> bool:
+        """Training scalars every `every` optimizer steps (train.log_every); evaluations log whenever they run."""
+        return step % self.every == 0
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         clean = {k: float(v) for k, v in values.items() if v is not None}

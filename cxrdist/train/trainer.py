@@ -131,10 +131,10 @@ class Trainer:
         self.stopper = EarlyStopper(cfg.eval.metric, cfg.eval.mode, cfg.eval.patience, cfg.eval.min_delta)
         self.state = TrainState()
         distributed.load_weights_only(self.model)  # a DeepSpeed engine unpickles its files with weights_only=True
-        self.checkpointer = Checkpointer(acc, self.run_dir, cfg, cfg.train.keep_last)
+        self.checkpointer = Checkpointer(acc, self.run_dir, cfg)
         if resume:
             self._resume(resume)
-        self.logger = MetricsLogger(acc, "tensorboard", cfg.to_dict())
+        self.logger = MetricsLogger(acc, "tensorboard", cfg.to_dict(), every=cfg.train.log_every)
         self.validator = self._evaluator(self.data.val_split)
         self._log_setup()
 
@@ -355,24 +355,19 @@ class Trainer:
         return None
 
     def _after_step(self, window: "Window") -> None:
-        cfg, step = self.cfg, self.state.step
-        epoch_end = self.state.micro_step % self.micro_per_epoch == 0
+        """Each component decides its own cadence (logger, validator, checkpointer); the last step does all three."""
+        step = self.state.step
+        epochs_done, within = divmod(self.state.micro_step, self.micro_per_epoch)
+        epoch_end = within == 0
         last = step >= self.total_steps
-        if step % cfg.train.log_every == 0 or last:
+        if self.logger.due(step) or last:
             self._log_train(window)
-        if self._eval_due(step, epoch_end) or (last and self.state.last_eval_step != step):
+        if self.validator.due(step, epochs_done if epoch_end else None) or (last and self.state.last_eval_step != step):
             self.evaluate()
-        ckpt_every = cfg.train.checkpoint_every
-        if (ckpt_every and step % ckpt_every == 0) or (not ckpt_every and epoch_end) or last or self.state.stopped_early:
-            self.checkpointer.save(step, {"fold": self.fold, "epoch": self.epoch, "config_hash": cfg.hash(),
+        if self.checkpointer.due(step, epoch_end) or last or self.state.stopped_early:
+            self.checkpointer.save(step, {"fold": self.fold, "epoch": self.epoch, "config_hash": self.cfg.hash(),
                                           **self.effective_batch_info()}, self.state.state_dict())
         faults.maybe_die_after_step(step, self.accelerator.process_index)
-
-    def _eval_due(self, step: int, epoch_end: bool) -> bool:
-        e = self.cfg.eval
-        if e.eval_every_steps:
-            return step % e.eval_every_steps == 0
-        return epoch_end and (self.state.micro_step // self.micro_per_epoch) % e.eval_every_epochs == 0
 
     @property
     def epoch(self) -> int:

@@ -143,6 +143,14 @@ class Evaluator:
         self._loaded = False
         self.n_images = max(cfg.eval.num_metric_images, cfg.eval.num_grid_prompts)
 
+    def due(self, step: int, epochs_done: int | None) -> bool:
+        """Every `eval.eval_every_steps` optimizer steps, else after every `eval.eval_every_epochs`-th epoch
+        (`epochs_done`: epochs completed when an epoch has just ended, None otherwise)."""
+        e = self.cfg.eval
+        if e.eval_every_steps:
+            return step % e.eval_every_steps == 0
+        return epochs_done is not None and epochs_done % e.eval_every_epochs == 0
+
     def _load(self) -> None:
         if self._loaded:
             return
