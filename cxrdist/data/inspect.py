@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-import tarfile
 import textwrap
 from collections import Counter
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from cxrdist.data.index import TEST_SPLIT, ShardIndex
+from cxrdist.data.tars import read_samples
 from cxrdist.errors import DataError
 
 
@@ -44,12 +44,7 @@ def first_samples(index: ShardIndex, split: str, n: int) -> list[tuple[np.ndarra
     """(pixels uint8, prompt) of the first n samples of `split` in shard order."""
     out: list[tuple[np.ndarray, str]] = []
     for entry in index.shards([split]):
-        with tarfile.open(entry["path"]) as tar:
-            parts: dict[str, dict[str, bytes]] = {}
-            for member in tar.getmembers():
-                key, _, ext = member.name.partition(".")
-                parts.setdefault(key, {})[ext] = tar.extractfile(member).read()
-        for sample in parts.values():
+        for _, sample in read_samples(entry["path"]):
             array = np.asarray(Image.open(io.BytesIO(sample["png"])))
             if array.dtype == np.uint16:
                 array = (array // 257).astype(np.uint8)
