@@ -1,1 +1,1 @@
-"""Sampling: the generation engine, model loading for sampling, `cxrdist sample` runs, merge and zip."""
+"""Sampling: the generation engine, loading for sampling, `cxrdist sample` runs, exports (merge, zip, kohya)."""
