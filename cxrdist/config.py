@@ -49,6 +49,9 @@ def parse_yaml(text: str) -> Any:
         raise yaml.YAMLError(f"{type(exc).__name__}: {str(exc).split(';')[0][:80]}") from None
 
 
+# Where training metrics go (train.report_to): accelerate's trackers by name, or all three.
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "all")
+
 # The direction in which each eval.metric improves; eval.mode "auto" (the default) takes it from here.
 METRIC_MODES = {"val_loss": "min", "ssim": "max", "psnr": "max", "mse": "min", "faithfulness": "max"}
 
@@ -143,6 +146,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # optimizer steps between accelerate save_state; 0 = end of epoch only
     keep_last: int = 2
     log_every: int = 10
+    report_to: str = "tensorboard"  # tensorboard | wandb | mlflow | all; wandb and mlflow need their package
     output_dir: str = "runs"
     run_name: str = ""  # "" = derived from config hash and fold
     export_zip: bool = False
@@ -164,6 +168,7 @@ class TrainConfig:
         _require(0.0 <= self.caption_dropout < 1.0, "train.caption_dropout", "in [0, 1)")
         _require(self.keep_last >= 1, "train.keep_last", ">= 1")
         _require(self.nonfinite_loss in ("stop", "skip"), "train.nonfinite_loss", "stop or skip")
+        _require(self.report_to in REPORT_TO, "train.report_to", "tensorboard, wandb, mlflow or all")
 
 
 @dataclass

@@ -24,6 +24,7 @@ from cxrdist.data.imageio import to_model_range
 from cxrdist.data.index import latents_record, load_index, record_latents
 from cxrdist.data.tars import read_samples, write_tar
 from cxrdist.errors import DataError
+from cxrdist.progress import progress_meter
 
 log = logging.getLogger(__name__)
 
@@ -82,31 +83,28 @@ def cache_latents(shards_dir: str | os.PathLike, vae, *, base: str, vae_dtype: s
                   progress: bool = True) -> dict[str, Any]:
     """Add the latents of `vae` (already on its device, in eval mode) to every shard; `base` and `vae_dtype` are
     recorded with them. Returns the latents record plus shard and sample counts."""
-    from tqdm.auto import tqdm
-
     root = Path(shards_dir)
     index = load_index(root)
     device = next(vae.parameters()).device
     staged: list[tuple[Path, Path, dict]] = []
     samples: list = []
-    bar = tqdm(total=index.count(list(index.splits)), unit="img", desc="cache latents", disable=not progress)
+    bar = progress_meter(index.count(list(index.splits)), unit="img", desc="cache latents", disable=not progress)
     try:
-        for entry in index.shards(list(index.splits)):
-            samples = list(read_samples(entry["path"]))
-            for start in range(0, len(samples), batch_size):
-                chunk = samples[start:start + batch_size]
-                for (_, parts), npy in zip(chunk, _encode(vae, [p["png"] for _, p in chunk], device)):
-                    parts[LATENTS_EXT] = npy
-                bar.update(len(chunk))
-            staging = Path(entry["path"] + ".latents")
-            digest, size = write_tar(staging, samples)
-            staged.append((staging, Path(entry["path"]), {"sha256": digest, "bytes": size}))
+        with bar:  # a failure leaves no closing progress line after the last one
+            for entry in index.shards(list(index.splits)):
+                samples = list(read_samples(entry["path"]))
+                for start in range(0, len(samples), batch_size):
+                    chunk = samples[start:start + batch_size]
+                    for (_, parts), npy in zip(chunk, _encode(vae, [p["png"] for _, p in chunk], device)):
+                        parts[LATENTS_EXT] = npy
+                    bar.update(len(chunk))
+                staging = Path(entry["path"] + ".latents")
+                digest, size = write_tar(staging, samples)
+                staged.append((staging, Path(entry["path"]), {"sha256": digest, "bytes": size}))
     except BaseException:
         for staging, _, _ in staged:
             staging.unlink(missing_ok=True)
         raise
-    finally:
-        bar.close()
     shape = list(np.load(io.BytesIO(samples[0][1][LATENTS_EXT])).shape) if staged else []
     record = {"vae_fingerprint": vae_fingerprint(vae), "base": base, "vae_dtype": vae_dtype,
               "shape": shape, "dtype": "float16", "what": "VAE posterior mean, before scaling_factor"}

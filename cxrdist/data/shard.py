@@ -35,8 +35,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-from tqdm import tqdm
-
 from cxrdist.data.imageio import BIT_DEPTHS, RESIZE_MODES, check_pixels, encode_png, resize_square
 from cxrdist.data.index import (FORMAT_VERSION, INDEX_NAME, PARTS_DIR, REJECTS_NAME, TEST_SPLIT, fold_name,
                                 shard_name)
@@ -44,6 +42,7 @@ from cxrdist.data.sources.base import Record, RecordRejected
 from cxrdist.data.tars import write_tar
 from cxrdist.errors import DataError, InputError
 from cxrdist.fileio import sha256_file, write_json_atomic, write_text_atomic
+from cxrdist.progress import progress_meter
 
 log = logging.getLogger(__name__)
 PLAN_NAME = "plan.json"
@@ -557,27 +556,27 @@ def _write_tasks(source, out: Path, todo: list[ShardTask], options: ShardOptions
                  on_shard: Callable[[dict[str, Any]], None]) -> None:
     """Process and write the shards of `todo` in order; `on_shard(stats)` after each one."""
     items = [(record, task.split) for task in todo for record in task.records]
-    bar = tqdm(total=len(items), unit="img", desc=f"shard {out.name}", disable=not options.progress)
+    bar = progress_meter(len(items), unit="img", desc=f"shard {out.name}", disable=not options.progress)
     results = _pool_results(items, source, options, workers)
     written = rejected = 0
     try:
-        for task in todo:
-            shard_started = time.perf_counter()
-            batch = []
-            for _ in task.records:
-                batch.append(next(results))
-                bar.update(1)
-            stats = _write_shard(out, task, batch, shard_started)
-            written, rejected = written + stats["count"], rejected + len(stats["rejects"])
-            bar.set_postfix(written=written, rejected=rejected)
-            on_shard(stats)
+        with bar:  # a failure leaves no closing progress line after the last one
+            for task in todo:
+                shard_started = time.perf_counter()
+                batch = []
+                for _ in task.records:
+                    batch.append(next(results))
+                    bar.update(1)
+                stats = _write_shard(out, task, batch, shard_started)
+                written, rejected = written + stats["count"], rejected + len(stats["rejects"])
+                bar.set_postfix(written=written, rejected=rejected)
+                on_shard(stats)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise DataError(f"disk full while writing {out}: free space and rerun with --resume "
                             f"(completed shards are kept)") from None
         raise
     finally:
-        bar.close()
         results.close()  # stops the pool when a write failed half-way
 
 

@@ -22,6 +22,7 @@ from cxrdist.config import SCHEDULERS, sampler_problem
 from cxrdist.errors import InputError
 from cxrdist.models.loading import BaseModel
 from cxrdist.models.text import apply_template, encode_prompts
+from cxrdist.progress import progress_meter
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +181,6 @@ def generate_images(base: BaseModel, reports: list[str], settings: SampleSetting
     modules' train/eval flags and devices are restored on return, requires_grad is never touched.
     `dtype` other than float32 runs under autocast (weights are not cast).
     """
-    from tqdm.auto import tqdm
-
     reports = list(reports)
     seeds = list(seeds)
     _check(settings, reports, seeds)
@@ -192,13 +191,13 @@ def generate_images(base: BaseModel, reports: list[str], settings: SampleSetting
     size = settings.batch_size
     batches = [range(i, min(i + size, len(prompts))) for i in range(0, len(prompts), size)]
     out = np.empty((len(prompts), height, width), dtype=np.float32)
-    bar = tqdm(total=len(batches) * settings.steps, desc="sampling", unit="step", disable=not progress)
+    bar = progress_meter(len(batches) * settings.steps, desc="sampling", unit="step", disable=not progress)
 
     def tick(pipe, step, timestep, tensors):
         bar.update(1)
         return tensors
 
-    with _on_device(base, device), _eval_mode(base.unet, base.vae, base.text_encoder), _autocast(device, dtype):
+    with bar, _on_device(base, device), _eval_mode(base.unet, base.vae, base.text_encoder), _autocast(device, dtype):
         cond = _embed_unique(base, prompts)
         uncond = encode_prompts(base.tokenizer, base.text_encoder, [settings.negative_prompt.strip()], warn=True)
         for batch in batches:
@@ -211,5 +210,4 @@ def generate_images(base: BaseModel, reports: list[str], settings: SampleSetting
                            latents=noise.to(device, cond.dtype), output_type="latent",
                            callback_on_step_end=tick).images
             out[batch.start:batch.stop] = _decode(base, latents)
-    bar.close()
     return out

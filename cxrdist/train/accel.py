@@ -17,12 +17,15 @@ import torch
 
 from cxrdist.config import Config
 from cxrdist.train import distributed
+from cxrdist.train.tracking import log_with
 
 log = logging.getLogger(__name__)
 
 
 def build_accelerator(cfg: Config, project_dir: str | Path):
-    """Accelerator for one training run: mixed precision, accumulation, TensorBoard under `project_dir`.
+    """Accelerator for one training run: mixed precision, accumulation, the trackers of `train.report_to`
+    (TensorBoard under `project_dir` by default; a chosen tracker whose package is missing is a ConfigError here,
+    before any model loads).
 
     Checkpoint folders are named and rotated by `cxrdist.train.checkpoint` (by optimizer step, complete
     ones only), not by accelerate's automatic naming, so no `total_limit` is set here. Under DeepSpeed the
@@ -32,6 +35,7 @@ def build_accelerator(cfg: Config, project_dir: str | Path):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
+    trackers = log_with(cfg.train.report_to, project_dir)
     check_precision_supported(cfg.train.mixed_precision)
     if cfg.train.deterministic:
         make_deterministic()
@@ -45,7 +49,7 @@ def build_accelerator(cfg: Config, project_dir: str | Path):
         cpu=distributed.wants_cpu_flag(),
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum,
-        log_with="tensorboard",
+        log_with=trackers,
         project_config=project,
         kwargs_handlers=[pg_kwargs],
         # The trainer steps the lr schedule once per optimizer step itself; accelerate's default would step

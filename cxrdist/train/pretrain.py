@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from cxrdist.config import PretrainConfig
 from cxrdist.errors import DataError
@@ -26,6 +25,7 @@ from cxrdist.models.diffusion import DiffusionObjective
 from cxrdist.models.loading import save_base
 from cxrdist.models.presets import build_preset
 from cxrdist.models.text import encode_prompts
+from cxrdist.progress import progress_meter
 
 log = logging.getLogger(__name__)
 
@@ -72,19 +72,20 @@ def train_vae(vae, pixels: torch.Tensor, held_out: torch.Tensor, cfg: PretrainCo
     """Reconstruction (MSE + L1) plus a tiny KL term; returns held-out PSNR."""
     vae.train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    bar = tqdm(range(cfg.vae_steps), desc="vae", unit="step")
-    for _ in bar:
-        idx = torch.randint(0, len(pixels), (cfg.vae_batch_size,), generator=generator)
-        x = to_model_range(pixels[idx])
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample(generator=generator)).sample
-        loss = torch.nn.functional.mse_loss(recon, x) + 0.5 * (recon - x).abs().mean()
-        loss = loss + cfg.kl_weight * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+    with progress_meter(cfg.vae_steps, desc="vae", unit="step") as bar:
+        for _ in range(cfg.vae_steps):
+            idx = torch.randint(0, len(pixels), (cfg.vae_batch_size,), generator=generator)
+            x = to_model_range(pixels[idx])
+            posterior = vae.encode(x).latent_dist
+            recon = vae.decode(posterior.sample(generator=generator)).sample
+            loss = torch.nn.functional.mse_loss(recon, x) + 0.5 * (recon - x).abs().mean()
+            loss = loss + cfg.kl_weight * posterior.kl().mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            optimizer.step()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.update(1)
     vae.eval()
     with torch.no_grad():
         x = to_model_range(held_out)
@@ -110,25 +111,26 @@ def train_unet(unet, latents: torch.Tensor, contexts: torch.Tensor, scheduler_co
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.unet_steps) / cfg.unet_steps)))
     running = float("nan")
-    bar = tqdm(range(cfg.unet_steps), desc="unet", unit="step")
-    for step in bar:
-        idx = torch.randint(0, len(latents), (cfg.unet_batch_size,), generator=generator)
-        x0 = latents[idx]
-        uncond = torch.rand(len(idx), generator=generator) < cfg.uncond_prob
-        context = contexts[uncond.long()]  # row 0: generic caption, row 1: empty prompt
-        noise = objective.sample_noise(tuple(x0.shape), generator).to(x0.device)
-        timesteps = objective.sample_timesteps(len(idx), generator).to(x0.device)
-        noisy, target = objective.noisy_inputs(x0, noise, timesteps)
-        pred = unet(noisy, timesteps, encoder_hidden_states=context).sample
-        loss = objective.per_sample_loss(pred, target, timesteps).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        update_ema(ema, unet, decay=min(cfg.ema_decay, (1 + step) / (10 + step)))
-        running = loss.item() if math.isnan(running) else 0.98 * running + 0.02 * loss.item()
-        bar.set_postfix(loss=f"{running:.4f}")
+    with progress_meter(cfg.unet_steps, desc="unet", unit="step") as bar:
+        for step in range(cfg.unet_steps):
+            idx = torch.randint(0, len(latents), (cfg.unet_batch_size,), generator=generator)
+            x0 = latents[idx]
+            uncond = torch.rand(len(idx), generator=generator) < cfg.uncond_prob
+            context = contexts[uncond.long()]  # row 0: generic caption, row 1: empty prompt
+            noise = objective.sample_noise(tuple(x0.shape), generator).to(x0.device)
+            timesteps = objective.sample_timesteps(len(idx), generator).to(x0.device)
+            noisy, target = objective.noisy_inputs(x0, noise, timesteps)
+            pred = unet(noisy, timesteps, encoder_hidden_states=context).sample
+            loss = objective.per_sample_loss(pred, target, timesteps).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            update_ema(ema, unet, decay=min(cfg.ema_decay, (1 + step) / (10 + step)))
+            running = loss.item() if math.isnan(running) else 0.98 * running + 0.02 * loss.item()
+            bar.set_postfix(loss=f"{running:.4f}")
+            bar.update(1)
     return ema.eval(), running
 
 

@@ -27,6 +27,7 @@ from cxrdist.config import Config
 from cxrdist.data.latents import check_cached_latents, latents_info
 from cxrdist.errors import ConfigError, CxrdistError, DataError, report_now
 from cxrdist.fileio import write_json_atomic
+from cxrdist.progress import progress_meter
 from cxrdist.models.diffusion import BatchEncoder, DiffusionObjective, LoraDiffusionModel, to_device
 from cxrdist.models.loading import load_base
 from cxrdist.models.lora import attach_lora, count_parameters, lora_parameters, tensors_digest
@@ -302,35 +303,35 @@ class Trainer:
         acc = self.accelerator
         per_epoch = self.micro_per_epoch
         window = Window()
-        progress = _progress(acc, self.total_steps, self.state.step)
         self.model.train()
-        while self.state.step < self.total_steps and not self.state.stopped_early:
-            # The data position counts micro-batches: a skipped optimizer step consumed its batches too.
-            epoch, done_in_epoch = divmod(self.state.micro_step, per_epoch)
-            self.encoder.cut_prompts = 0
-            batches = iter(self.data.train_batches(epoch, start_batch=done_in_epoch))
-            for _ in range(per_epoch - done_in_epoch):
-                batch = next(batches, None)
-                if batch is None:
-                    raise DataError(f"fold {self.fold} loader ended early in epoch {epoch}: rebuild the shard set")
-                logs = self.train_step(batch, self.state.micro_step)
-                self.state.micro_step += 1
-                window.add(len(batch["prompts"]))
-                window.record(logs)  # every micro-batch's loss counts in the logged mean
-                if not logs["synced"]:
-                    continue
-                if not logs["stepped"]:
-                    self._count_skipped_step()
-                    continue
-                self.state.step += 1
-                progress.update(1)
-                self._after_step(window)
-                if self.state.stopped_early or self.state.step >= self.total_steps:
-                    break
-            if self.encoder.cut_prompts:
-                log.warning("epoch %d: %d prompts were longer than the text encoder's 77 tokens and were cut",
-                            epoch + 1, self.encoder.cut_prompts)
-        progress.close()
+        # Leaving on an error writes no last progress line: the error's own line stays the last one.
+        with _progress(acc, self.total_steps, self.state.step) as progress:
+            while self.state.step < self.total_steps and not self.state.stopped_early:
+                # The data position counts micro-batches: a skipped optimizer step consumed its batches too.
+                epoch, done_in_epoch = divmod(self.state.micro_step, per_epoch)
+                self.encoder.cut_prompts = 0
+                batches = iter(self.data.train_batches(epoch, start_batch=done_in_epoch))
+                for _ in range(per_epoch - done_in_epoch):
+                    batch = next(batches, None)
+                    if batch is None:
+                        raise DataError(f"fold {self.fold} loader ended early in epoch {epoch}: rebuild the shard set")
+                    logs = self.train_step(batch, self.state.micro_step)
+                    self.state.micro_step += 1
+                    window.add(len(batch["prompts"]))
+                    window.record(logs)  # every micro-batch's loss counts in the logged mean
+                    if not logs["synced"]:
+                        continue
+                    if not logs["stepped"]:
+                        self._count_skipped_step()
+                        continue
+                    self.state.step += 1
+                    progress.update(1)
+                    self._after_step(window)
+                    if self.state.stopped_early or self.state.step >= self.total_steps:
+                        break
+                if self.encoder.cut_prompts:
+                    log.warning("epoch %d: %d prompts were longer than the text encoder's 77 tokens and were cut",
+                                epoch + 1, self.encoder.cut_prompts)
         return self._finish(window)
 
     @property
@@ -558,7 +559,6 @@ ATTENTION = {"sdpa": _sdpa, "default": _plain_attention}
 
 
 def _progress(accelerator, total: int, done: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=done, disable=not accelerator.is_main_process, desc="train", unit="step",
-                dynamic_ncols=True)
+    """The step bar on a terminal, a line every tenth of the run (or minute) in a log; main process only."""
+    return progress_meter(total, initial=done, disable=not accelerator.is_main_process, desc="train", unit="step",
+                          dynamic_ncols=True)

@@ -20,8 +20,9 @@ from typing import Any, Callable, Optional, Sequence
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-# tqdm progress bars share the output with the error line ("shard out:  20%|██  | 8/40 [...]")
-_PROGRESS = re.compile(r"\d+%\|")
+# Progress shares the output with the error line: a tqdm bar on a terminal ("shard out:  20%|██  | 8/40 [...]"), or
+# cxrdist.progress's plain lines elsewhere, CliRunner included ("shard out: img 8/40 (20%), 31 img/s, eta 1s").
+PROGRESS_LINE = re.compile(r"\d+%\||^(?!Error: ).*, \S+ ?\S*/s(, (eta|done in) \S+)?(, [^,=\s]+=[^,]*)*$")
 
 
 @dataclass
@@ -93,7 +94,7 @@ def error_line(result: Result) -> str:
     """The output's one line: `Error: ...` (progress bars aside), with no traceback and nothing escaped."""
     assert result.exc_info is None, f"uncaught exception:\n{escaped_traceback(result)}\noutput:\n{result.output}"
     assert "Traceback" not in result.output, result.output
-    lines = [line for line in result.output.splitlines() if line.strip() and not _PROGRESS.search(line)]
+    lines = [line for line in result.output.splitlines() if line.strip() and not PROGRESS_LINE.search(line)]
     assert len(lines) == 1 and lines[0].startswith("Error: "), f"expected one 'Error: ' line, got:\n{result.output}"
     return lines[0]
 

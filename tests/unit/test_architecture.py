@@ -12,10 +12,12 @@ from pathlib import Path
 import cxrdist
 
 PACKAGE_DIR = Path(cxrdist.__file__).parent
-# Bottom to top. Foundation: what every layer may use (errors, typed config, atomic files, logging, CLI plumbing)
-# and the metrics, which are numpy/torch functions of images and labels with no cxrdist dependency.
+# Bottom to top. Foundation: what every layer may use (errors, typed config, atomic files, logging, progress
+# reporting, CLI plumbing) and the metrics, which are numpy/torch functions of images and labels with no cxrdist
+# dependency.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("cxrdist", "errors", "config", "fileio", "logging_utils", "env_info", "cli_options", "metrics")),
+    ("foundation", ("cxrdist", "errors", "config", "fileio", "logging_utils", "progress", "env_info", "cli_options",
+                    "metrics")),
     ("data", ("data",)),
     ("models", ("models",)),
     ("sampling", ("sampling",)),

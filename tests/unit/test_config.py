@@ -27,6 +27,7 @@ def test_overrides_apply_after_preset_with_types():
     ("train.epochs", "section.key=value"),
     ("optim.name=sgd", "optim.name"),
     ("train.mixed_precision=fp8", "train.mixed_precision"),
+    ("train.report_to=neptune", "train.report_to"),
 ])
 def test_bad_overrides_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):

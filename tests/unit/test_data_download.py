@@ -99,6 +99,18 @@ def test_parallel_ranges(served, tmp_path):
     assert len([r for r in handler.requests if r not in ("", "bytes=0-0")]) == 3
 
 
+def test_progress_in_a_log_is_a_few_plain_lines_of_bytes(served, tmp_path, monkeypatch, capsys):
+    from cxrdist.progress import ENV
+
+    monkeypatch.setenv(ENV, "lines")
+    _, url = served()
+    assert download(url, tmp_path / "p.bin", parallel=3, progress=True).read_bytes() == PAYLOAD
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("p.bin: ")]
+    assert "\r" not in err and 1 <= len(lines) <= 11  # 1 MiB blocks from 3 threads: at most one line per tenth
+    assert lines[-1].startswith("p.bin: 3.9MiB/3.9MiB (100%), ") and "done in" in lines[-1]
+
+
 def test_size_and_checksum_mismatch_and_http_errors(served, tmp_path):
     _, url = served()
     with pytest.raises(DataError, match="expected"):

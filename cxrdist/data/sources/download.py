@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import requests
-from tqdm import tqdm
 
 from cxrdist.errors import DataError
+from cxrdist.progress import progress_meter
 
 IU_BASE_URL = "https://openi.nlm.nih.gov/imgs/collections/"
 IU_ARCHIVES = ("NLMCXR_png.tgz", "NLMCXR_reports.tgz")
@@ -131,9 +131,9 @@ def download(url: str, dest: str | Path, *, expected_size: Optional[int] = None,
     if (pieces == 1 and not probe[0].ranges) or (total is not None and done > total):
         part.unlink(missing_ok=True)  # cannot resume without ranges: a clean restart is the only safe option
         done = 0
-    bar = tqdm(total=total, initial=done, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name,
-               disable=not progress)
-    try:
+    # Parallel pieces update this one reporter from their threads (the plain-line kind counts under a lock).
+    with progress_meter(total, initial=done, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name,
+                        disable=not progress) as bar:
         if pieces == 1 and total is not None and done == total:
             pass  # complete from an earlier run; checked below
         elif pieces == 1:
@@ -141,8 +141,6 @@ def download(url: str, dest: str | Path, *, expected_size: Optional[int] = None,
                           retries, backoff)
         else:
             _download_pieces(session, url, part, total, pieces, bar, timeout, retries, backoff)
-    finally:
-        bar.close()
     _check(part, url, total if total is not None else expected_size, sha256)
     part.replace(dest)
     return dest
