@@ -42,7 +42,10 @@ def test_training_uses_cached_latents_and_refuses_another_vae(cached_shards, pha
     from diffusers import AutoencoderKL
 
     from cxrdist.config import load_config
+    from cxrdist.data.loader import eval_loader
     from cxrdist.errors import DataError
+    from cxrdist.models.diffusion import BatchEncoder
+    from cxrdist.models.loading import load_base
     from cxrdist.train.run import run
 
     encodes = []
@@ -53,10 +56,13 @@ def test_training_uses_cached_latents_and_refuses_another_vae(cached_shards, pha
         return real_encode(self, *args, **kwargs)
 
     monkeypatch.setattr(AutoencoderKL, "encode", counting_encode)
-    quick = QUICK + ["train.max_steps=2", "eval.num_metric_images=0", "eval.num_grid_prompts=0", "eval.run_test=false"]
-    run(load_config(None, quick + [f"data.shards={phantom_shards}"]), 0, output_dir=str(tmp_path / "plain"))
-    assert encodes, "the spy must see the VAE encoder of a run without cached latents"
+    # The spy sees the trainer's encoder path: a batch without latents goes through the VAE.
+    base = load_base("preset:tiny")
+    plain = next(iter(eval_loader(phantom_shards, "test", batch_size=2, image_size=64)))
+    BatchEncoder(base.vae, base.tokenizer, "{report}", 0.0).latents(plain, "cpu")
+    assert encodes, "the spy must see the VAE encoder of a batch without cached latents"
     encodes.clear()
+    quick = QUICK + ["train.max_steps=2", "eval.num_metric_images=0", "eval.num_grid_prompts=0", "eval.run_test=false"]
     run(load_config(None, quick + [f"data.shards={cached_shards}"]), 0, output_dir=str(tmp_path / "a"))
     assert not encodes  # neither training nor validation ran the VAE encoder
     other = load_config(None, QUICK + [f"data.shards={cached_shards}", "model.vae_dtype=bf16", "train.max_steps=2"])
