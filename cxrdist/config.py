@@ -181,7 +181,10 @@ class EvalConfig:
     patience: int = 3  # evaluations without improvement before stopping; 0 = never stop early
     val_loss_timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
     num_metric_images: int = 8  # images generated per evaluation for SSIM/PSNR/MSE
-    num_grid_prompts: int = 4
+    num_grid_prompts: int = 4  # grid images of the split's first reports (when no prompts_file is given)
+    # Validation grid prompts from a file (.txt: one report per line; .jsonl as `cxrdist sample --prompts-file`):
+    # every prompt of the file, generated with the same seeds at every evaluation so grids compare. "" = off.
+    prompts_file: str = ""
     inference_steps: int = 25
     scheduler: str = "dpm++"
     guidance: float = 4.0

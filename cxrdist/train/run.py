@@ -15,6 +15,7 @@ from typing import Optional
 from cxrdist.config import Config
 from cxrdist.errors import InputError
 from cxrdist.models.lora import CHECKPOINT_MARKER
+from cxrdist.sampling.output import read_prompts
 from cxrdist.train.checkpoint import CHECKPOINTS, check_resumable
 from cxrdist.train.trainer import TEST_METRICS, FoldResult, Trainer
 
@@ -38,6 +39,8 @@ def preflight(cfg: Config, fold: int, run_dir: Path, resume: Optional[str]) -> N
     index.check_fold(fold)
     index.check_image_size(cfg.data.image_size)
     resolve_base_path(cfg.model.pretrained)
+    if cfg.eval.prompts_file:
+        read_prompts((), cfg.eval.prompts_file)  # readable, non-empty, valid JSON lines
     if cfg.eval.metric != "val_loss" and cfg.eval.num_metric_images < 1:
         raise InputError(f"eval.metric={cfg.eval.metric} needs generated images: set eval.num_metric_images >= 1")
     _check_writable(run_dir)

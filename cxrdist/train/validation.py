@@ -26,6 +26,7 @@ from cxrdist.config import Config
 from cxrdist.data.loader import SplitImages, read_split_images
 from cxrdist.metrics.faithfulness import faithfulness
 from cxrdist.models.diffusion import BatchEncoder, DiffusionObjective
+from cxrdist.sampling.output import read_prompts
 from cxrdist.sampling.pipeline import SampleSettings, generate_images
 from cxrdist.train.distributed import zero_stage
 
@@ -141,7 +142,10 @@ class Evaluator:
         self._loss_set: LossSet | None = None
         self._subset: SplitImages | None = None
         self._loaded = False
-        self.n_images = max(cfg.eval.num_metric_images, cfg.eval.num_grid_prompts)
+        # Grid prompts from eval.prompts_file (read now: a bad file fails before training), else the split's own.
+        self.grid_prompts = read_prompts((), cfg.eval.prompts_file) if cfg.eval.prompts_file else None
+        split_grid = 0 if self.grid_prompts else cfg.eval.num_grid_prompts
+        self.n_images = max(cfg.eval.num_metric_images, split_grid)  # split samples to generate for
 
     def due(self, step: int, epochs_done: int | None) -> bool:
         """Every `eval.eval_every_steps` optimizer steps, else after every `eval.eval_every_epochs`-th epoch
@@ -168,7 +172,7 @@ class Evaluator:
         return self.accelerator.is_main_process or zero_stage(self.accelerator) == 3
 
     def run(self, model) -> tuple[dict[str, float], np.ndarray | None]:
-        """Metrics (identical on every rank) and the generated images (main process only, else None)."""
+        """Metrics (identical on every rank) and the grid images (main process only, else None)."""
         from accelerate.utils import broadcast_object_list
 
         self._load()
@@ -179,20 +183,24 @@ class Evaluator:
             metrics = {"val_loss": diffusion_loss(model, self.objective, self._loss_set,
                                                   self.cfg.eval.val_loss_timesteps, self.cfg.train.batch_size,
                                                   self.accelerator)}
-            images, scores = None, {}
+            images, grid, scores = None, None, {}
             if self.n_images and self._generating_rank() and self._subset is not None:
                 images = generate(self.base, self._subset.reports, self.cfg, self.dtype, self.cfg.train.seed)
                 if self.cfg.eval.num_metric_images and self.accelerator.is_main_process:
                     n = self.cfg.eval.num_metric_images
                     part = SplitImages(self._subset.reports[:n], self._subset.references[:n], self._subset.labels[:n])
                     scores = image_scores(self.cfg, images[:n], part)
+                if not self.grid_prompts and self.cfg.eval.num_grid_prompts:
+                    grid = images[: self.cfg.eval.num_grid_prompts]
+            if self.grid_prompts and self._generating_rank():
+                # The same seeds at every evaluation: grids of one run differ only by what the adapter learned.
+                grid = generate(self.base, self.grid_prompts, self.cfg, self.dtype, self.cfg.train.seed)
             shared = [scores]
             if self.accelerator.num_processes > 1:
                 broadcast_object_list(shared, from_process=0)
             metrics.update(shared[0])
             if not self.accelerator.is_main_process:
-                images = None
+                grid = None
         finally:
             unwrapped.train(was_training)
-        grid = images[: self.cfg.eval.num_grid_prompts] if images is not None and self.cfg.eval.num_grid_prompts else None
         return metrics, grid
