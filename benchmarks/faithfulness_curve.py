@@ -7,7 +7,8 @@ Each `checkpoints/step_N` of each run (keep them with `--set train.keep_last=...
 `cxrdist sample` loads it and evaluated on the same held-out test reports with the same seeds through
 `cxrdist.evaluation.runs`, so rows differ only in the adapter. Training time per checkpoint is the wall clock between
 the run's first and that step's TensorBoard `train/loss` events (validation pauses included), extrapolated
-back to step 0 at the run's mean rate.
+back to step 0 at the run's mean rate. The last lines give each run's training minutes to the first checkpoint
+with macro >= --target (0.90) and every primary attribute >= --attribute-floor (0.80).
 """
 from __future__ import annotations
 
@@ -59,6 +60,10 @@ def row(label: str, step: str, minutes: str, result: dict) -> str:
             + "".join(f"{f[a]:>9.3f}" for a in COLUMNS))
 
 
+def meets(faith: dict, target: float, floor: float) -> bool:
+    return faith["macro"] >= target and all(faith[a] >= floor for a in ATTRIBUTES if faith[a] == faith[a])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", action="append", required=True, help="a fold folder (runs/NAME/foldK); repeat")
@@ -69,6 +74,9 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--target", type=float, default=0.90, help="macro faithfulness whose training time is printed")
+    parser.add_argument("--attribute-floor", type=float, default=0.80,
+                        help="...reached only when every primary attribute also scores at least this")
     args = parser.parse_args()
     setup_logging()
     opts = EvaluateOptions(split="test", max_samples=args.samples, steps=args.steps, scheduler="dpm++",
@@ -78,15 +86,21 @@ def main() -> None:
     if args.base:
         results["base"] = {"step": 0, "minutes": 0.0, **evaluate_model_path(args.base, args.shards, opts, progress=False)}
         print(row("base", "0", "0.0", results["base"]), flush=True)
+    reached: dict[str, str] = {}
     for run in map(Path, args.run):
         label = run.parent.name
         times = seconds_at_steps(run)
+        reached[label] = "not reached"
         for ckpt in checkpoints(run):
             step = json.loads((ckpt / CHECKPOINT_MARKER).read_text())["step"]
             minutes = times[step] / 60 if step in times else float("nan")
             result = evaluate_model_path(str(ckpt), args.shards, opts, progress=False)
             results[f"{label}/{ckpt.name}"] = {"step": step, "minutes": round(minutes, 2), **result}
             print(row(label, str(step), f"{minutes:.1f}", result), flush=True)
+            if reached[label] == "not reached" and meets(result["faithfulness"], args.target, args.attribute_floor):
+                reached[label] = f"{minutes:.1f} training minutes (step {step})"
+    for label, when in reached.items():
+        print(f"{label}: macro >= {args.target:.2f} with every primary attribute >= {args.attribute_floor:.2f}: {when}")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
 
