@@ -158,6 +158,9 @@ class TrainConfig:
     # Deterministic kernels (torch.use_deterministic_algorithms, cuDNN deterministic, cuBLAS workspace): what makes
     # a resumed GPU run end at the uninterrupted adapter bit for bit (CPU runs already do); slower on GPUs.
     deterministic: bool = False
+    # EMA of the LoRA adapters (cxrdist.train.ema): 0 = off; in (0, 1) it is updated after every optimizer step,
+    # with diffusers' warm-up, and is what validation, the best export and the test split use.
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         _require_finite(self, "train")
@@ -169,6 +172,7 @@ class TrainConfig:
         _require(self.keep_last >= 1, "train.keep_last", ">= 1")
         _require(self.nonfinite_loss in ("stop", "skip"), "train.nonfinite_loss", "stop or skip")
         _require(self.report_to in REPORT_TO, "train.report_to", "tensorboard, wandb, mlflow or all")
+        _require(self.ema_decay == 0.0 or 0.0 < self.ema_decay < 1.0, "train.ema_decay", "0 (off) or in (0, 1)")
 
 
 @dataclass

@@ -25,11 +25,14 @@ def best_name(fold: int, epoch: int) -> str:
 
 
 def export_best(model, base, spec: dict, cfg, run_dir: Path, *, fold: int, epoch: int, step: int,
-                metrics: dict[str, float], previous: Path | None, state_dicts: tuple | None = None) -> Path:
+                metrics: dict[str, float], previous: Path | None, state_dicts: tuple | None = None,
+                ema: dict[str, Any] | None = None) -> Path:
     """Write `run_dir/best_model_fold{k}_epoch{e}/` (main process only) and remove the previous best.
 
     `state_dicts` = (unet_sd, text_sd) from `cxrdist.train.distributed.lora_state_dicts`, which every rank must call
     under DeepSpeed (ZeRO-3 holds only partitions in the module); without it they are read from `model`.
+    `ema` (`AdapterEMA.info()`) says that `state_dicts` are the adapter EMA's: cxrdist.json's `training`,
+    metrics.json and the model card then record `weights: ema` with its decay.
     """
     run_dir = Path(run_dir)
     final = run_dir / best_name(fold, epoch)
@@ -41,6 +44,8 @@ def export_best(model, base, spec: dict, cfg, run_dir: Path, *, fold: int, epoch
     unet_sd, text_sd = state_dicts
     text_sd = text_sd if model.train_text_encoder else None
     info = {"fold": fold, "epoch": epoch, "step": step, "metrics": metrics, "early_stopping_metric": cfg.eval.metric}
+    if ema is not None:
+        info.update(weights="ema", ema=dict(ema))
     meta = adapter_metadata(base, spec, cfg.data.prompt_template, cfg.to_dict(), training=info)
     save_adapter(staging, unet_sd, text_sd, meta)
     write_json_atomic(staging / METRICS_FILE, info)
@@ -58,7 +63,7 @@ def model_card(cfg, base, info: dict[str, Any]) -> str:
 
 Text-to-chest-X-ray LoRA adapter on base `{base.source}` ({base.image_size} px, {base.channels} channel(s)),
 trained on shards `{cfg.data.shards}` with fold {info['fold']} held out for validation. Selected as the best
-of its run by `{info['early_stopping_metric']}` on the validation fold.
+of its run by `{info['early_stopping_metric']}` on the validation fold.{ema_line(info)}
 
 | validation metric | value |
 |---|---|
@@ -72,6 +77,15 @@ Images generated with this adapter are synthetic: they are not radiographs of a 
 used for diagnosis. Validation metrics compare generated images with real ones for the same reports and
 say nothing about clinical correctness.
 """
+
+
+def ema_line(info: dict[str, Any]) -> str:
+    """The model card's sentence about EMA weights ("" for the raw adapter)."""
+    ema = info.get("ema")
+    if info.get("weights") != "ema" or not ema:
+        return ""
+    return (f"\nThe weights are the exponential moving average of the adapter (decay {ema['decay']:g}, "
+            f"{ema['updates']} updates), which validation also used.")
 
 
 def weights_digest(folder: Path) -> str:

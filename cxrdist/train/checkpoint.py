@@ -2,7 +2,8 @@
 
 Layout inside a run folder:
     checkpoints/step_00000120/   accelerate state: adapter.safetensors, optimizer, scheduler, RNG;
-                                 trainer_state.json, config.yaml; `cxrdist_checkpoint.json` is written last, so
+                                 trainer_state.json, config.yaml, ema.safetensors (train.ema_decay > 0: the
+                                 adapter EMA, cxrdist.train.ema); `cxrdist_checkpoint.json` is written last, so
                                  a folder without it (a process killed mid-save) is never resumed from
     best_model_fold3_epoch7/     the best adapter so far: diffusers-format LoRA + cxrdist.json + metrics.json
                                  + README.md (model card); loadable by `cxrdist sample --model-path`
@@ -23,7 +24,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -101,7 +102,10 @@ class Checkpointer:
         also saves at the last step and when stopping early, whatever this says.)"""
         return step % self.every == 0 if self.every else epoch_end
 
-    def save(self, step: int, info: dict[str, Any], trainer_state: dict[str, Any]) -> Path:
+    def save(self, step: int, info: dict[str, Any], trainer_state: dict[str, Any],
+             writers: Sequence[Callable[[Path], Any]] = ()) -> Path:
+        """Save on every rank; the main process then writes the config, the trainer state, each of `writers`
+        (a function of the folder writing more trainer files, e.g. the adapter EMA) and, last, the marker."""
         path = self.dir / f"step_{step:08d}"
         if self.accelerator.is_main_process and path.exists():
             shutil.rmtree(path)  # an unfinished save of this step, or a replay after resuming further back
@@ -112,6 +116,8 @@ class Checkpointer:
         if self.accelerator.is_main_process:
             self.cfg.save(path / CHECKPOINT_CONFIG)
             write_json_atomic(path / TRAINER_STATE, trainer_state)
+            for write in writers:
+                write(path)
             write_json_atomic(path / CHECKPOINT_MARKER, {"step": step, **info})
             self._rotate()
         self.accelerator.wait_for_everyone()

@@ -10,6 +10,8 @@ Each function takes an `Accelerator` (or its DeepSpeed plugin) and hides one Dee
   DeepSpeedCPUAdam (and an 8-bit AdamW becomes plain Adam with L2 decay); we refuse that instead.
 - `lora_state_dicts`: under ZeRO-3 module parameters are empty partitions, and under bf16 they are bf16
   copies; the fp32 master values are gathered from the optimizer on every rank.
+- `lora_fp32_values`: what the adapter EMA is updated from at every step: the parameters themselves under
+  DDP (no copy), the gathered fp32 masters under DeepSpeed.
 - `checkpoint_kwargs`: `save_state` must leave the frozen base out of DeepSpeed checkpoints, and `load_state`
   must then accept a module state without the base.
 """
@@ -230,6 +232,17 @@ def lora_named_state(accelerator: Any, joint: torch.nn.Module) -> dict[str, torc
     """Every LoRA tensor of the prepared module by its full parameter name (the training-checkpoint format),
     fp32 on CPU, from DeepSpeed's master copy where there is one. Collective under DeepSpeed: every rank."""
     return _raw_lora_state(accelerator.unwrap_model(joint), _stage_or_none(accelerator))
+
+
+def lora_fp32_values(accelerator: Any, joint: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every LoRA tensor's full fp32 value by full name, copied only where it must be: without DeepSpeed the
+    module holds full fp32 adapters, so these are the parameters themselves (detached, on their device: read
+    them, never change them in place); under DeepSpeed `lora_named_state` (the fp32 masters, gathered, CPU;
+    collective: every rank)."""
+    if deepspeed_plugin(accelerator) is not None:
+        return lora_named_state(accelerator, joint)
+    named = lora_named_parameters(accelerator.unwrap_model(joint))
+    return {name: param.detach().float() for name, param in named}
 
 
 def live_lora_state(accelerator: Any, joint: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -3,15 +3,16 @@
 Reproducibility contract: the data order is a pure function of (seed, epoch) and the noise, timestep and
 caption dropout of a sample are drawn from a generator seeded with (seed, sample key, micro-step) -- not
 with its rank or its neighbours in the batch. The saved state is therefore just the optimizer step (plus
-optimizer, scheduler, adapter and early-stopping state): a run killed at any point and resumed from its last
-checkpoint ends with the same adapter as a run that was never interrupted, and N ranks x batch b train like
-one process with batch N*b (same samples per step, up to the order of float reductions).
+optimizer, scheduler, adapter, adapter-EMA and early-stopping state): a run killed at any point and resumed
+from its last checkpoint ends with the same adapter (and EMA) as a run that was never interrupted, and N ranks
+x batch b train like one process with batch N*b (same samples per step, up to the order of float reductions).
 
 Scale-out (DDP, DeepSpeed ZeRO-2/3; see cxrdist.train.distributed): every collective -- checkpoint saves, adapter
 exports, the rank-agreement check, validation forward passes -- runs on every rank; only rank 0 writes.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -37,6 +38,7 @@ from cxrdist.train.accel import build_accelerator, describe, weight_dtype
 from cxrdist.train.best import best_name, export_best, load_exported, weights_digest
 from cxrdist.train.checkpoint import Checkpointer, check_shared_folder
 from cxrdist.train.early_stop import EarlyStopper
+from cxrdist.train.ema import AdapterEMA
 from cxrdist.train.optim import GROUP_NAMES, build_lr_scheduler, build_optimizer
 from cxrdist.train.tracking import MetricsLogger, peak_memory_mb
 from cxrdist.train.validation import Evaluator
@@ -132,6 +134,8 @@ class Trainer:
         self.stopper = EarlyStopper(cfg.eval.metric, cfg.eval.mode, cfg.eval.patience, cfg.eval.min_delta)
         self.state = TrainState()
         distributed.load_weights_only(self.model)  # a DeepSpeed engine unpickles its files with weights_only=True
+        # The adapter EMA (train.ema_decay): on every rank, the same values everywhere; None when off.
+        self.ema = AdapterEMA.from_model(acc, self.model, cfg.train.ema_decay) if cfg.train.ema_decay else None
         self.checkpointer = Checkpointer(acc, self.run_dir, cfg)
         if resume:
             self._resume(resume)
@@ -162,6 +166,8 @@ class Trainer:
             raise DataError(f"cannot resume from {path}: it is fold {info.get('fold')}, this run is fold {self.fold}")
         check_same_batching(path, info, self.effective_batch_info())
         self.stopper.load_state_dict(self.state.stopper)
+        if self.ema is not None:
+            self.ema.load(path, step=self.state.step)  # every rank; a checkpoint without it is refused
         log.info("resumed from %s at step %d", path, self.state.step)
 
     def effective_batch_info(self) -> dict[str, int]:
@@ -182,6 +188,9 @@ class Trainer:
         log.info("%d optimizer steps (%d per epoch) | trainable %s of %s parameters | prediction %s",
                  self.total_steps, self.steps_per_epoch, f"{trainable:,}", f"{total:,}", self.objective.prediction_type)
         log.info("optimizer %s", optimizer_chain(self.optimizer))
+        if self.ema is not None:
+            log.info("adapter EMA: decay %g with warm-up (validation, the best export and the test split "
+                     "use it)", self.ema.ema_decay)
 
     # -- one micro-step ----------------------------------------------------------------------------------
     def sample_draws(self, batch: dict, micro_step: int, latent_shape: torch.Size):
@@ -201,7 +210,8 @@ class Trainer:
         """Forward/backward one micro-batch; on the last micro-batch of a window also clip, step and schedule.
 
         Returns `synced` (a window ended), `stepped` (the optimizer really stepped: not skipped for a gradient
-        overflow or an inf/NaN loss), the loss and, on synced micro-batches, the pre-clip gradient norm.
+        overflow or an inf/NaN loss), the loss and, on synced micro-batches, the pre-clip gradient norm. A step
+        that happened also updates the adapter EMA (train.ema_decay; every rank, collective under DeepSpeed).
         """
         acc, device = self.accelerator, self.accelerator.device
         latents = self.encoder.latents(batch, device)
@@ -231,7 +241,10 @@ class Trainer:
             if acc.sync_gradients and not skipped:
                 self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss_value, "synced": acc.sync_gradients, "stepped": acc.sync_gradients and not skipped,
+        stepped = acc.sync_gradients and not skipped
+        if stepped and self.ema is not None:
+            self.ema.update(distributed.lora_fp32_values(acc, self.model))
+        return {"loss": loss_value, "synced": acc.sync_gradients, "stepped": stepped,
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
 
     def _steps_itself(self) -> bool:
@@ -367,7 +380,8 @@ class Trainer:
             self.evaluate()
         if self.checkpointer.due(step, epoch_end) or last or self.state.stopped_early:
             self.checkpointer.save(step, {"fold": self.fold, "epoch": self.epoch, "config_hash": self.cfg.hash(),
-                                          **self.effective_batch_info()}, self.state.state_dict())
+                                          **self.effective_batch_info()}, self.state.state_dict(),
+                                   writers=[self.ema.save] if self.ema is not None else ())
         faults.maybe_die_after_step(step, self.accelerator.process_index)
 
     @property
@@ -384,6 +398,8 @@ class Trainer:
                   "train/skipped_steps": self.state.skipped_steps}
         if self.loss_scale() is not None:
             values["train/loss_scale"] = self.loss_scale()
+        if self.ema is not None:
+            values["train/ema_decay"] = self.ema.last_decay
         for name, lr in zip(self.group_names, self.lr_scheduler.get_last_lr()):
             values[f"lr/{name}"] = lr
         self.logger.scalars(values, self.state.step)
@@ -392,19 +408,25 @@ class Trainer:
     # -- evaluation --------------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         acc, step = self.accelerator, self.state.step
-        metrics, images = self.validator.run(self.model)
+        with self._eval_weights():  # the EMA when it is on; training continues on the raw adapter afterwards
+            metrics, images = self.validator.run(self.model)
         self.state.last_eval_step = step
         self.logger.scalars({f"val/{k}": v for k, v in metrics.items()}, step)
         if images is not None:
             self.logger.image("val/samples", images, step)
         improved = self.stopper.update(metrics[self.cfg.eval.metric], step=step, epoch=self.epoch)
         # Every rank takes the same decision (metrics are reduced); the gather under DeepSpeed is collective.
-        state_dicts = distributed.lora_state_dicts(acc, self.model) if improved else None
+        # The EMA is whole on every rank: no gather, and only the main process needs it.
+        state_dicts = None
+        if improved and self.ema is None:
+            state_dicts = distributed.lora_state_dicts(acc, self.model)
+        elif improved and acc.is_main_process:
+            state_dicts = self.ema.peft_state_dicts(acc.unwrap_model(self.model))
         if improved and acc.is_main_process:
             previous = Path(self.state.best_path) if self.state.best_path else None
             path = export_best(acc.unwrap_model(self.model), self.base, self.spec, self.cfg, self.run_dir,
                                fold=self.fold, epoch=self.epoch, step=step, metrics=metrics, previous=previous,
-                               state_dicts=state_dicts)
+                               state_dicts=state_dicts, ema=self.ema.info() if self.ema is not None else None)
             log.info("step %d: %s %.5g is the best so far -> %s", step, self.cfg.eval.metric,
                      metrics[self.cfg.eval.metric], path)
         if improved:
@@ -417,8 +439,16 @@ class Trainer:
             self.state.stopped_early = True
         return metrics
 
+    def _eval_weights(self):
+        """Context in which the module computes with the weights validation judges: the adapter EMA swapped in
+        (and the raw adapter put back exactly on leaving) when train.ema_decay is on. Every rank enters it."""
+        if self.ema is None:
+            return contextlib.nullcontext()
+        return self.ema.swapped_in(self.accelerator, self.model)
+
     def test(self) -> dict[str, float]:
-        """Load the BEST adapter into the live model (every rank) and evaluate it on the test split."""
+        """Load the BEST adapter into the live model (every rank) and evaluate it on the test split (with
+        train.ema_decay on, the best export holds the EMA: the test split is judged on it too)."""
         best = Path(self.state.best_path)
         live = self.accelerator.unwrap_model(self.model)
         # Under ZeRO-3 the module holds partitions: load into gathered tensors, which are re-partitioned on exit.
@@ -451,10 +481,15 @@ class Trainer:
         from accelerate.utils import gather_object
 
         digests = gather_object([adapter_digest(distributed.live_lora_state(self.accelerator, self.model))])
+        report = {"step": self.state.step, "per_rank": digests}
+        if self.ema is not None:
+            report["ema_per_rank"] = gather_object([self.ema.digest()])
         if self.accelerator.is_main_process:
-            write_json_atomic(self.run_dir / "adapter_digests.json", {"step": self.state.step, "per_rank": digests})
+            write_json_atomic(self.run_dir / "adapter_digests.json", report)
         if len(set(digests)) > 1:
             raise RuntimeError(f"ranks hold different adapters after training: {digests}")
+        if len(set(report.get("ema_per_rank", []))) > 1:
+            raise RuntimeError(f"ranks hold different adapter EMAs after training: {report['ema_per_rank']}")
 
     def close(self) -> None:
         # The DeepSpeed engine's teardown talks to the process group: free it while the group is up.
