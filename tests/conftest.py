@@ -53,3 +53,13 @@ def one_thread(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """Tests that build several Trainers in one process: accelerate's process-wide state reset around each."""
+    from support.fakes import reset_accelerate
+
+    reset_accelerate()
+    yield
+    reset_accelerate()

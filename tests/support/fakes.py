@@ -72,3 +72,11 @@ def make_trainer(tmp_path, *overrides, n_train=16, n_val=4, resume=None):
         return FakeData(samples[:n_train], samples[n_train:], cfg.train.batch_size, rank=rank, world_size=world_size)
 
     return Trainer(cfg, fold=0, run_dir=tmp_path / "fold0", data_factory=factory, resume=resume)
+
+
+def reset_accelerate() -> None:
+    """accelerate keeps one process-wide state: each Accelerator built after this starts from none (another mixed
+    precision, another world)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)

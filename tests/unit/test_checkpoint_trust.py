@@ -13,30 +13,21 @@ import torch
 
 from cxrdist.errors import InputError
 from cxrdist.train.checkpoint import PICKLE_SUFFIXES, TRAINER_STATE, check_pickles
-from support.fakes import make_trainer
+from support.fakes import make_trainer, reset_accelerate
 from support.trust import plant
 
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """One trained checkpoint for the module (tests copy it before planting anything)."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate()
     tmp = tmp_path_factory.mktemp("trained")
     trainer = make_trainer(tmp / "train", "train.max_steps=2", "train.checkpoint_every=1")
     trainer.fit()
     trainer.close()
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate()
     path = tmp / "train" / "fold0" / "checkpoints" / "step_00000002"
     assert (path / TRAINER_STATE).is_file() and not list(path.glob("custom_checkpoint_*"))
     return path

@@ -16,7 +16,9 @@ from cxrdist.models.lora import lora_named_parameters
 from cxrdist.train import distributed
 from cxrdist.train.checkpoint import PICKLE_SUFFIXES, RESUME_MAY_DIFFER, check_pickles
 from cxrdist.train.ema import EMA_FILE, decay_at
-from support.fakes import make_trainer
+from support.fakes import make_trainer, reset_accelerate
+
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate")
 
 STEP2 = Path("fold0") / "checkpoints" / "step_00000002"
 STEP4 = Path("fold0") / "checkpoints" / "step_00000004"
@@ -24,22 +26,6 @@ STEP4 = Path("fold0") / "checkpoints" / "step_00000004"
 RUN = ["train.max_steps=4", "train.checkpoint_every=2", "eval.eval_every_steps=2", "eval.run_test=true",
        "optim.lr_unet=3e-2", "optim.lr_text=3e-2", "optim.warmup_steps=0"]
 EMA = "train.ema_decay=0.9"
-
-
-def _reset():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_and_fresh_accelerate_state():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    _reset()
-    yield
-    _reset()
-    torch.set_num_threads(threads)
 
 
 def live(trainer) -> dict[str, torch.Tensor]:
@@ -82,7 +68,7 @@ def fit(tmp_path, *overrides, resume=None):
 
 
 def _fit(tmp_path, *overrides, resume=None):
-    _reset()
+    reset_accelerate()
     trainer = make_trainer(tmp_path, *RUN, *overrides, resume=resume)
     at_eval = {}
     original = trainer.evaluate
@@ -96,7 +82,7 @@ def _fit(tmp_path, *overrides, resume=None):
     trainer.fit()
     final = ema_values(trainer) if trainer.ema is not None else None
     trainer.close()
-    _reset()
+    reset_accelerate()
     return tmp_path, at_eval, final
 
 
@@ -285,11 +271,11 @@ def test_a_checkpoint_without_or_with_a_damaged_ema_is_refused_in_one_line(ema_r
     with pytest.raises(InputError, match=r"cannot resume from .*: ema.safetensors is unreadable") as err:
         make_trainer(tmp_path / "a", *RUN, EMA, resume=str(copy))
     assert "\n" not in str(err.value) and "train.ema_decay=0.9 needs the adapter EMA" in str(err.value)
-    _reset()
+    reset_accelerate()
     (copy / EMA_FILE).unlink()
     with pytest.raises(InputError, match=r"cannot resume from .*: it has no ema.safetensors; .*a new run") as err:
         make_trainer(tmp_path / "b", *RUN, EMA, resume=str(copy))
     assert "\n" not in str(err.value)
-    _reset()
+    reset_accelerate()
     with pytest.raises(ConfigError, match=r"train.ema_decay: 0.9 -> 0.0"):  # EMA switched off: another config
         make_trainer(tmp_path / "c", *RUN, resume=str(run / STEP2))

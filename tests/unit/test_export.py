@@ -1,5 +1,4 @@
 """Merged export: same images as base + adapter, adapter untouched, a plain diffusers folder; init-model."""
-import hashlib
 import json
 
 import numpy as np
@@ -17,6 +16,7 @@ from cxrdist.models.text import encode_prompts
 from cxrdist.sampling.loading import load_for_sampling
 from cxrdist.sampling.merge import MERGED_FORMAT, merge_adapter
 from cxrdist.sampling.pipeline import SampleSettings, generate_images
+from support.folders import tree_hash
 
 REPORTS = ["Mild cardiomegaly.", "Small right effusion."]
 
@@ -30,20 +30,11 @@ def _adapter(preset, folder):
                         adapter_metadata(base, spec, "cxr: {report}"))
 
 
-def _tree_hash(folder):
-    digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        digest.update(path.relative_to(folder).as_posix().encode())
-        if path.is_file():
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
 def test_merged_pipeline_matches_base_plus_adapter(tmp_path, tiny_base_path):
     adapter = _adapter("preset:tiny", tmp_path / "adapter")
-    before = _tree_hash(adapter)
+    before = tree_hash(adapter)
     merged = merge_adapter(adapter, tmp_path / "merged")
-    assert _tree_hash(adapter) == before  # the checkpoint is only read
+    assert tree_hash(adapter) == before  # the checkpoint is only read
 
     meta = json.loads((merged / "cxrdist.json").read_text())
     assert meta["format"] == MERGED_FORMAT and meta["prompt_template"] == "cxr: {report}"

@@ -20,6 +20,7 @@ from cxrdist.models.text import encode_prompts
 from cxrdist.sampling.kohya import KOHYA_FORMAT, export_kohya
 from cxrdist.sampling.loading import load_for_sampling
 from cxrdist.sampling.pipeline import SampleSettings, assemble_pipeline, build_scheduler, generate_images
+from support.folders import tree_hash
 
 REPORTS = ["Mild cardiomegaly.", "Small right effusion."]
 TEMPLATE = "cxr: {report}"
@@ -42,15 +43,6 @@ def adapter(tmp_path_factory):
                         adapter_metadata(base, spec, TEMPLATE))
 
 
-def _tree_hash(folder):
-    digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        digest.update(path.relative_to(folder).as_posix().encode())
-        if path.is_file():
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
 def _load_with_diffusers(kohya_file):
     """A fresh tiny base with the kohya file loaded by diffusers' own `load_lora_weights` (its kohya converter)."""
     base = load_base("preset:tiny")
@@ -67,9 +59,9 @@ def _embeddings(base):
 
 
 def test_kohya_file_loaded_by_diffusers_gives_the_adapters_images(adapter, tmp_path):
-    before = _tree_hash(adapter)
+    before = tree_hash(adapter)
     done = export_kohya(adapter, tmp_path / "cxr.safetensors")
-    assert _tree_hash(adapter) == before  # the adapter is only read
+    assert tree_hash(adapter) == before  # the adapter is only read
     assert done.path == tmp_path / "cxr.safetensors" and done.unet_modules > 0 and done.text_modules > 0
 
     kohya = _load_with_diffusers(done.path)

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 
 from cxrdist.config import load_config
 from cxrdist.errors import ConfigError
@@ -16,24 +15,9 @@ from cxrdist.progress import ENV
 from cxrdist.train import tracking
 from cxrdist.train import trainer as trainer_module
 from cxrdist.train.tracking import MetricsLogger, log_with, require_tracker_packages, tracker_names
-from support.fakes import make_trainer
+from support.fakes import make_trainer, reset_accelerate
 
-
-def reset_accelerate() -> None:
-    """accelerate keeps one process-wide state: each Accelerator here starts from none."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_and_fresh_accelerate_state():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    reset_accelerate()
-    yield
-    reset_accelerate()
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate")
 
 
 def names(entries) -> list[str]:

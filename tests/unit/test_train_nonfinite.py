@@ -15,18 +15,7 @@ from cxrdist.train import faults
 from cxrdist.train import trainer as trainer_module
 from support.fakes import make_trainer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread_and_fresh_accelerate_state():
-    """accelerate keeps one process-wide state: a test with another mixed precision needs it reset."""
-    from accelerate.state import AcceleratorState
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate")
 
 
 def overflow_gradients_at(trainer, micro_steps: set[int]):

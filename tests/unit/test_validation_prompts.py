@@ -10,16 +10,9 @@ from cxrdist.errors import InputError
 from cxrdist.train import validation
 from support.fakes import make_trainer
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
+
 PROMPTS = ["Small left apical pneumothorax.", "Moderate cardiomegaly.", "Large right pleural effusion."]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_the_grid_is_the_files_prompts_with_fixed_seeds(tmp_path, monkeypatch):
