@@ -8,7 +8,6 @@ server's size (and `expected_size` / `sha256` when given) before it is renamed i
 from __future__ import annotations
 
 import errno
-import hashlib
 import re
 import shutil
 import tarfile
@@ -21,6 +20,7 @@ from typing import Optional, Sequence
 import requests
 
 from cxrdist.errors import DataError
+from cxrdist.fileio import sha256_file
 from cxrdist.progress import progress_meter
 
 IU_BASE_URL = "https://openi.nlm.nih.gov/imgs/collections/"
@@ -101,21 +101,13 @@ def _with_retries(action, what: str, retries: int, backoff: float) -> None:
             time.sleep(backoff * (2 ** attempt))
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def download(url: str, dest: str | Path, *, expected_size: Optional[int] = None, sha256: Optional[str] = None,
              parallel: int = 1, retries: int = 5, backoff: float = 1.0, timeout: float = 60.0,
              progress: bool = True, session: Optional[requests.Session] = None) -> Path:
     """Download `url` to `dest` (resumable, checked). Returns dest; DataError with the fix on failure."""
     dest = Path(dest)
     if dest.is_file() and (expected_size is None or dest.stat().st_size == expected_size) \
-            and (sha256 is None or sha256_of(dest) == sha256.lower()):
+            and (sha256 is None or sha256_file(dest, CHUNK) == sha256.lower()):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     session = session or requests.Session()
@@ -172,7 +164,7 @@ def _check(part: Path, url: str, size: Optional[int], sha256: Optional[str]) -> 
         got = part.stat().st_size
         part.unlink()
         raise DataError(f"{url}: got {got} bytes, expected {size}: the download was cut short; rerun it")
-    if sha256 is not None and sha256_of(part) != sha256.lower():
+    if sha256 is not None and sha256_file(part, CHUNK) != sha256.lower():
         part.unlink()
         raise DataError(f"{url}: sha256 mismatch (the file is damaged or changed upstream): rerun the download, "
                         "or check the expected checksum")
