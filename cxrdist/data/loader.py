@@ -35,7 +35,7 @@ from cxrdist.data.imageio import to_model_range
 from cxrdist.data.index import TEST_SPLIT, ShardIndex, load_index, verify_once
 from cxrdist.errors import DataError
 
-__all__ = ["train_loader", "eval_loader", "batches_per_epoch", "ShardLoader"]
+__all__ = ["train_loader", "eval_loader", "batches_per_epoch", "train_reports", "ShardLoader"]
 
 
 def _train_splits(index: ShardIndex, fold: int) -> list[str]:
@@ -221,6 +221,17 @@ def train_loader(shards_dir, fold: int, *, batch_size: int, image_size: int, cha
                      shuffle_seed=(order_seed * 65_537 + rank) & 0xFFFFFFFF,
                      augment_seed=((order_seed * 31 + rank) & 0xFFFFFFFF) if augment else None)
     return ShardLoader(stream, batch_size, num_workers, n_batches - start_batch, drop_last=True)
+
+
+def train_reports(shards_dir, fold: int, *, max_samples: int = 0) -> list[str]:
+    """The report of every training sample (all folds but `fold`, capped as the train loader caps them), in shard
+    order; only the text members are decoded."""
+    index = load_index(shards_dir)
+    splits = _train_splits(index, fold)
+    verify_once(index, splits)
+    read = wds.tarfile_to_samples()
+    return [sample["txt"].decode("utf-8") for path, count in _capped_shards(index, splits, max_samples)
+            for sample in islice(read(iter([{"url": path}])), count)]
 
 
 def eval_loader(shards_dir, split: str, *, batch_size: int, image_size: int, channels: int = 1, rank: int = 0,

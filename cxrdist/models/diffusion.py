@@ -39,18 +39,30 @@ class FrozenTextCache:
         self.hits = 0
         self.misses = 0
 
+    @staticmethod
+    def keys(input_ids: torch.Tensor) -> list[bytes]:
+        host_ids = input_ids.cpu().numpy()  # one device-to-host copy per batch, not one per row
+        return [row.tobytes() for row in host_ids]
+
+    @staticmethod
     @torch.no_grad()
+    def encode_row(text_encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                   i: int) -> torch.Tensor:
+        """Row i's context, encoded alone: the one way every cached context is computed."""
+        mask = attention_mask[i : i + 1] if attention_mask is not None else None
+        return encode_ids(text_encoder, input_ids[i : i + 1], mask)[0]
+
+    def put(self, key: bytes, context: torch.Tensor) -> None:
+        self.store[key] = context
+        if len(self.store) > self.max_items:
+            self.store.pop(next(iter(self.store)))
+
     def __call__(self, text_encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
         rows = []
-        host_ids = input_ids.cpu().numpy()  # one device-to-host copy per batch, not one per row
-        for i in range(input_ids.shape[0]):
-            key = host_ids[i].tobytes()
+        for i, key in enumerate(self.keys(input_ids)):
             if key not in self.store:
                 self.misses += 1
-                mask = attention_mask[i : i + 1] if attention_mask is not None else None
-                self.store[key] = encode_ids(text_encoder, input_ids[i : i + 1], mask)[0]
-                if len(self.store) > self.max_items:
-                    self.store.pop(next(iter(self.store)))
+                self.put(key, self.encode_row(text_encoder, input_ids, attention_mask, i))
             else:
                 self.hits += 1
             rows.append(self.store[key])

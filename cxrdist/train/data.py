@@ -2,7 +2,7 @@
 
 `ShardData` adapts `cxrdist.data.loader` (rank-aware WebDataset pipelines): every rank gets the same number
 of training batches per epoch, the order is a pure function of (seed, epoch), and `start_batch` resumes
-mid-epoch. Tests can pass any object with the same four members.
+mid-epoch. Tests can pass any object with the same five members.
 """
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ class TrainData(Protocol):
     def eval_batches(self, split: str) -> Iterable[dict]: ...
 
     def first_samples(self, split: str, n: int) -> Iterable[dict]: ...
+
+    def train_reports(self) -> list[str]: ...
 
 
 class ShardData:
@@ -64,6 +66,12 @@ class ShardData:
                            image_size=self.cfg.data.image_size, channels=self.channels, rank=self.rank,
                            world_size=self.world_size, num_workers=self.cfg.data.num_workers,
                            max_samples=self.cfg.eval.max_eval_samples)  # first N of the split, then per rank
+
+    def train_reports(self) -> list[str]:
+        """Every training sample's report (as stored, no template): what the frozen-text cache is filled with."""
+        from cxrdist.data.loader import train_reports
+
+        return train_reports(self.cfg.data.shards, self.fold, max_samples=self.cfg.data.max_train_samples)
 
     def first_samples(self, split: str, n: int) -> Iterable[dict]:
         """The same first `n` samples of a split every time, read by one process (image metrics, grids)."""

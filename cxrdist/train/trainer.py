@@ -28,10 +28,10 @@ from cxrdist.config import Config
 from cxrdist.data.latents import check_cached_latents, latents_info
 from cxrdist.errors import ConfigError, CxrdistError, DataError, report_now
 from cxrdist.fileio import write_json_atomic
-from cxrdist.progress import progress_meter
 from cxrdist.models.diffusion import BatchEncoder, DiffusionObjective, LoraDiffusionModel, to_device
 from cxrdist.models.loading import load_base
 from cxrdist.models.lora import attach_lora, count_parameters, lora_parameters, tensors_digest
+from cxrdist.progress import progress_meter
 from cxrdist.sampling.archive import write_zip
 from cxrdist.train import distributed, faults
 from cxrdist.train.accel import build_accelerator, describe, weight_dtype
@@ -40,6 +40,7 @@ from cxrdist.train.checkpoint import Checkpointer, check_shared_folder
 from cxrdist.train.early_stop import EarlyStopper
 from cxrdist.train.ema import AdapterEMA
 from cxrdist.train.optim import GROUP_NAMES, build_lr_scheduler, build_optimizer
+from cxrdist.train.text_prefill import distinct_prompts, prefill_text_cache
 from cxrdist.train.tracking import MetricsLogger, peak_memory_mb
 from cxrdist.train.validation import Evaluator
 
@@ -317,6 +318,7 @@ class Trainer:
         per_epoch = self.micro_per_epoch
         window = Window()
         self.model.train()
+        self._prefill_text_cache()
         # Leaving on an error writes no last progress line: the error's own line stays the last one.
         with _progress(acc, self.total_steps, self.state.step) as progress:
             while self.state.step < self.total_steps and not self.state.stopped_early:
@@ -346,6 +348,22 @@ class Trainer:
                     log.warning("epoch %d: %d prompts were longer than the text encoder's 77 tokens and were cut",
                                 epoch + 1, self.encoder.cut_prompts)
         return self._finish(window)
+
+    def _prefill_text_cache(self) -> None:
+        """With a frozen encoder and a cache that holds the whole training split, encode each distinct training
+        prompt once over all ranks before the first step (cxrdist.train.text_prefill says why)."""
+        model = self.accelerator.unwrap_model(self.model)
+        cache = model.text_cache
+        if cache is None or not cache.max_items:
+            return
+        samples = self.data.batches_per_epoch() * self.cfg.train.batch_size * self.accelerator.num_processes
+        if samples > cache.max_items:
+            log.info("text cache: %d training samples exceed train.text_cache_size=%d; contexts are encoded on "
+                     "first sight", samples, cache.max_items)
+            return
+        prompts = distinct_prompts(self.data.train_reports(), self.cfg.data.prompt_template,
+                                   with_empty=self.cfg.train.caption_dropout > 0)
+        prefill_text_cache(self.accelerator, cache, model.text_encoder, self.base.tokenizer, prompts)
 
     @property
     def micro_per_epoch(self) -> int:

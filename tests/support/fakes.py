@@ -57,6 +57,9 @@ class FakeData:
         if n:
             yield collate(data[:n])
 
+    def train_reports(self) -> list[str]:
+        return [s["report"] for s in self.train]
+
 
 FAST = ["train.batch_size=4", "eval.num_metric_images=0", "eval.num_grid_prompts=0", "train.log_every=1",
         "eval.run_test=false", "train.checkpoint_every=1000", "eval.eval_every_steps=1000"]

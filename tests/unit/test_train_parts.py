@@ -147,3 +147,31 @@ def test_frozen_text_cache_is_exact_bounded_and_hits(tiny_base_path):
     model.encode_text(*tokenize(base.tokenizer, ["Bilateral effusions.", "Severe cardiomegaly."]))
     assert len(model.text_cache.store) == 3  # bounded: the oldest entries were dropped
     assert LoraDiffusionModel(base.unet, base.text_encoder, True, text_cache_size=3).text_cache is None
+
+
+def test_text_cache_prefill_on_one_rank_holds_exactly_what_cache_misses_compute(tiny_base_path):
+    import torch
+
+    from cxrdist.models.diffusion import LoraDiffusionModel
+    from cxrdist.models.text import tokenize
+    from cxrdist.train.text_prefill import distinct_prompts, prefill_text_cache
+
+    base, _ = _tiny_model(tiny_base_path, train_text=False)
+    reports = ["Normal heart.", "Small left effusion.", "Normal heart.", "Right nodule."]
+    prompts = distinct_prompts(reports, "chest x-ray: {report}", with_empty=True)
+    assert prompts == ["chest x-ray: Normal heart.", "chest x-ray: Small left effusion.", "chest x-ray: Right nodule.", ""]
+    assert "" not in distinct_prompts(reports, "{report}", with_empty=False)
+
+    class OneRank:
+        num_processes, process_index, device = 1, 0, torch.device("cpu")
+
+    filled = LoraDiffusionModel(base.unet, base.text_encoder, False, text_cache_size=8)
+    assert prefill_text_cache(OneRank(), filled.text_cache, base.text_encoder, base.tokenizer, prompts) == 4
+    ids, mask = tokenize(base.tokenizer, prompts)
+    contexts = filled.encode_text(ids, mask)
+    assert (filled.text_cache.hits, filled.text_cache.misses) == (4, 0)  # nothing left to encode
+    fresh = LoraDiffusionModel(base.unet, base.text_encoder, False, text_cache_size=8)
+    assert torch.equal(contexts, fresh.encode_text(ids, mask))  # bit for bit what first sight computes
+    bounded = LoraDiffusionModel(base.unet, base.text_encoder, False, text_cache_size=2)
+    assert prefill_text_cache(OneRank(), bounded.text_cache, base.text_encoder, base.tokenizer, prompts) == 2
+    assert len(bounded.text_cache.store) == 2

@@ -1,0 +1,58 @@
+"""Fill the frozen-text cache before the first step, each distinct training prompt encoded once across all ranks.
+
+Without it every rank encodes a report the first time *it* sees it, and the data order hands each report to a
+different rank every epoch, so on 2 ranks each rank ends up encoding nearly every report itself: for the demo
+(2,343 distinct reports, MiniLM on one CPU thread, about 37 ms a report) that is some 85 s of every rank's
+training time. Here rank r encodes prompts r, r + world, ... alone (the cache's own row-at-a-time call, so a
+context is bit-for-bit the one a cache miss would compute), and one all-gather gives every rank all of them.
+The assignment depends only on the training split, so a resumed run fills the same contexts.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from cxrdist.models.diffusion import FrozenTextCache
+from cxrdist.models.text import apply_template, tokenize
+
+log = logging.getLogger(__name__)
+
+
+def distinct_prompts(reports: list[str], template: str, with_empty: bool) -> list[str]:
+    """The templated prompts in first-seen order, plus the empty prompt when caption dropout can draw it."""
+    prompts = dict.fromkeys(apply_template(template, r) for r in reports)
+    if with_empty:
+        prompts.setdefault("")
+    return list(prompts)
+
+
+def prefill_text_cache(accelerator, cache: FrozenTextCache, text_encoder, tokenizer, prompts: list[str]) -> int:
+    """Encode `prompts` (each once, spread over the ranks) into every rank's cache; returns how many were added.
+
+    Collective: every rank must call it with the same prompts. Prompts beyond the cache's bound are not filled
+    (they are encoded on first sight, as before).
+    """
+    prompts = prompts[: cache.max_items]
+    if not prompts:
+        return 0
+    started = time.perf_counter()
+    ids, mask = tokenize(tokenizer, prompts, warn=False)  # the ids BatchEncoder.token_ids gives the model
+    keys = FrozenTextCache.keys(ids)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if world == 1 or len(prompts) < world:
+        contexts = torch.stack([FrozenTextCache.encode_row(text_encoder, ids, mask, i) for i in range(len(prompts))])
+        order = list(range(len(prompts)))
+    else:
+        share = -(-len(prompts) // world)  # rows per rank; a short last share is padded with its first row
+        mine = [FrozenTextCache.encode_row(text_encoder, ids, mask, i) for i in range(rank, len(prompts), world)]
+        mine += mine[:1] * (share - len(mine))
+        contexts = accelerator.gather(torch.stack(mine))  # (world * share, tokens, width), rank-major
+        # prompt i was encoded by rank i % world as its (i // world)-th row
+        order = [(i % world) * share + i // world for i in range(len(prompts))]
+    for key, row in zip(keys, order):
+        cache.put(key, contexts[row])
+    log.info("text cache: %d distinct training prompts encoded once over %d rank(s) in %.1f s", len(prompts), world,
+             time.perf_counter() - started)
+    return len(prompts)
