@@ -32,8 +32,12 @@ LATENTS_EXT = "latents.npy"
 
 
 def vae_fingerprint(vae) -> str:
-    """sha256 of the VAE's config and weights (with their dtype): latents from another VAE are refused."""
-    digest = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    """sha256 of the VAE's config and weights (with their dtype): latents from another VAE are refused.
+
+    Where the weights were loaded from (`_name_or_path`) and the diffusers version that saved them are left out:
+    the same VAE in another folder or on another machine makes the same latents."""
+    config = {k: v for k, v in dict(vae.config).items() if k not in ("_name_or_path", "_diffusers_version")}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(vae.state_dict().items()):
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().float().cpu().numpy().tobytes())

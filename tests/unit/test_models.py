@@ -135,3 +135,19 @@ def test_concurrent_preset_builds_all_succeed(tmp_path):
     assert [p.exitcode for p in procs] == [0, 0]
     assert (tmp_path / "tiny" / "model_index.json").exists()
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_vae_fingerprint_follows_the_weights_not_the_folder(tmp_path, tiny_base_path):
+    import shutil
+
+    import torch
+
+    from cxrdist.data.latents import vae_fingerprint
+    from cxrdist.models.loading import load_vae
+
+    shutil.copytree(tiny_base_path, tmp_path / "moved")
+    here, moved = load_vae(tiny_base_path), load_vae(str(tmp_path / "moved"))
+    assert vae_fingerprint(here) == vae_fingerprint(moved)  # cached latents stay usable after a move
+    with torch.no_grad():
+        next(moved.parameters()).add_(1e-3)
+    assert vae_fingerprint(here) != vae_fingerprint(moved)
