@@ -3,6 +3,12 @@
     python benchmarks/faithfulness_curve.py --run runs/demo/fold0 --shards shards/phantom --samples 128 \
         --base models/phantom-base
 
+or train the configurations first, one after the other on 2 CPU ranks as `make demo` does (demo preset, fold 0,
+a checkpoint every --every steps, validation only at the end), then score them all:
+
+    python benchmarks/faithfulness_curve.py --shards shards/phantom --base models/phantom-base \
+        --launch demo= --launch lr1e-2=optim.lr_unet=1e-2 --max-steps 1000 --every 100 --root runs/curve
+
 Each `checkpoints/step_N` of each run (keep them with `--set train.keep_last=...`) is loaded as
 `cxrdist sample` loads it and evaluated on the same held-out test reports with the same seeds through
 `cxrdist.evaluation.runs`, so rows differ only in the adapter. Training time per checkpoint is the wall clock between
@@ -14,6 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from cxrdist.evaluation.runs import EvaluateOptions, evaluate_model_path
@@ -64,9 +74,44 @@ def meets(faith: dict, target: float, floor: float) -> bool:
     return faith["macro"] >= target and all(faith[a] >= floor for a in ATTRIBUTES if faith[a] == faith[a])
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def launch(name: str, overrides: str, args) -> Path:
+    """Train one configuration as `make demo` does (2 CPU ranks, one thread each, fold 0); returns its fold folder."""
+    out = Path(args.root) / name
+    if (out / "fold0" / "test_metrics.json").exists():
+        print(f"{name}: reusing the finished run in {out}", flush=True)
+        return out / "fold0"
+    sets = [f"train.max_steps={args.max_steps}", f"optim.warmup_steps={max(1, args.max_steps // 20)}",
+            f"train.checkpoint_every={args.every}", f"train.keep_last={args.max_steps // args.every + 1}",
+            f"eval.eval_every_steps={args.max_steps}", *filter(None, overrides.split())]
+    command = ["accelerate", "launch", "--config_file", str(REPO / "configs/accelerate/cpu_2ranks.yaml"),
+               str(REPO / "launch/train.py"), "--config", args.config, "--fold", "0", "--shards", args.shards,
+               "--pretrained", args.base, "--output-dir", str(out)]
+    for item in sets:
+        command += ["--set", item]
+    print(f"{name}: training ({' '.join(sets)})", flush=True)
+    started = time.perf_counter()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CXRDIST_PROGRESS": "off"}
+    log_path = Path(args.root) / f"{name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        if subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
+            sys.exit(f"{name}: training failed, see {log_path}")
+    print(f"{name}: trained in {(time.perf_counter() - started) / 60:.1f} min (log {log_path})", flush=True)
+    return out / "fold0"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", action="append", required=True, help="a fold folder (runs/NAME/foldK); repeat")
+    parser.add_argument("--run", action="append", default=[], help="a fold folder (runs/NAME/foldK); repeat")
+    parser.add_argument("--launch", action="append", default=[], metavar="NAME=OVERRIDES",
+                        help="train this configuration first: the preset plus space-separated key=value overrides; repeat")
+    parser.add_argument("--config", default="demo", help="preset or YAML the launched runs start from")
+    parser.add_argument("--max-steps", type=int, default=1000, help="optimizer steps of each launched run")
+    parser.add_argument("--every", type=int, default=100, help="checkpoint (and score) every N steps of a launched run")
+    parser.add_argument("--root", default="runs/curve", help="where launched runs go (runs/curve/NAME)")
     parser.add_argument("--shards", required=True)
     parser.add_argument("--base", default=None, help="also score this base model (the step-0 row)")
     parser.add_argument("--samples", type=int, default=128)
@@ -78,7 +123,14 @@ def main() -> None:
     parser.add_argument("--attribute-floor", type=float, default=0.80,
                         help="...reached only when every primary attribute also scores at least this")
     args = parser.parse_args()
+    if not args.run and not args.launch:
+        parser.error("give --run FOLDER or --launch NAME=OVERRIDES")
+    if args.launch and not args.base:
+        parser.error("--launch trains LoRA on --base: give it")
     setup_logging()
+    for item in args.launch:
+        name, _, overrides = item.partition("=")
+        args.run.append(str(launch(name, overrides, args)))
     opts = EvaluateOptions(split="test", max_samples=args.samples, steps=args.steps, scheduler="dpm++",
                            guidance=args.guidance, batch_size=args.batch_size, diversity_prompts=0)
     print(f"{'run':<14}{'step':>6}{'min':>8}{'macro':>8}{'balanced':>9}" + "".join(f"{short(a):>9}" for a in COLUMNS))
