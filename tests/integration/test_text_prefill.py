@@ -11,7 +11,7 @@ from support.launching import ACCEL, free_port
 from support.training import REPO, child_env
 
 RANK = textwrap.dedent("""
-    import json, torch
+    import json, sys, torch
     from accelerate import Accelerator
     from cxrdist.models.diffusion import FrozenTextCache, LoraDiffusionModel
     from cxrdist.models.loading import load_base
@@ -19,7 +19,7 @@ RANK = textwrap.dedent("""
     from cxrdist.train.text_prefill import distinct_prompts, prefill_text_cache
 
     acc = Accelerator(cpu=True)
-    base = load_base("preset:tiny")
+    base = load_base(sys.argv[1])
     encoded = []
     real = FrozenTextCache.encode_row
     FrozenTextCache.encode_row = staticmethod(lambda enc, ids, mask, i: encoded.append(i) or real(enc, ids, mask, i))
@@ -39,13 +39,13 @@ RANK = textwrap.dedent("""
 
 
 @pytest.mark.timeout(240)
-def test_two_ranks_split_the_encoding_and_both_hold_every_context(tmp_path):
+def test_two_ranks_split_the_encoding_and_both_hold_every_context(tmp_path, tiny_base_path):
     import subprocess
 
     script = tmp_path / "rank.py"
     script.write_text(RANK)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCEL / "cpu_2ranks.yaml"),
-           "--main_process_port", str(free_port()), str(script)]
+           "--main_process_port", str(free_port()), str(script), tiny_base_path]  # built once, before the ranks start
     proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")),
