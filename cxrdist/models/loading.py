@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 
 from cxrdist.errors import ModelError
-from cxrdist.models.presets import PRESETS, save_preset
+from cxrdist.models.presets import PRESETS, PRESETS_REVISION, save_preset
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,8 @@ def preset_folder(name: str) -> Path:
     import diffusers
     import transformers
 
-    folder = cache_dir() / "presets" / f"{name}-d{diffusers.__version__}-t{transformers.__version__}"
+    versions = f"r{PRESETS_REVISION}-d{diffusers.__version__}-t{transformers.__version__}"
+    folder = cache_dir() / "presets" / f"{name}-{versions}"
     if not (folder / "model_index.json").exists():
         log.info("building preset '%s' into %s", name, folder)
         save_preset(name, folder)

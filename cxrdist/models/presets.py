@@ -24,6 +24,9 @@ import torch
 from cxrdist.errors import ModelError
 
 CLIP_MAX_LENGTH = 77
+# Part of a built preset's cache folder name: raise it whenever a preset's architecture or weights change, so a
+# folder built by an earlier version is never taken for the current preset (2: the tiny UNets have 2 heads).
+PRESETS_REVISION = 2
 
 
 @dataclass(frozen=True)
