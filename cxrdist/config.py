@@ -143,6 +143,13 @@ class TrainConfig:
     caption_dropout: float = 0.1  # share of prompts replaced by "" so classifier-free guidance is trained
     noise_offset: float = 0.0
     snr_gamma: float = 0.0  # min-SNR-gamma weighting; 0 = off
+    # Timestep sampling (diffusers' SDXL scripts, SimpleTuner): none = uniform; later / earlier = the noisiest /
+    # least noisy `portion` of the schedule drawn `multiplier` times as often; range = timesteps [begin, end).
+    timestep_bias: str = "none"  # none | later | earlier | range
+    timestep_bias_multiplier: float = 1.0
+    timestep_bias_portion: float = 0.25
+    timestep_bias_begin: int = 0
+    timestep_bias_end: int = 1000
     checkpoint_every: int = 0  # optimizer steps between accelerate save_state; 0 = end of epoch only
     keep_last: int = 2
     log_every: int = 10
@@ -173,6 +180,12 @@ class TrainConfig:
         _require(self.nonfinite_loss in ("stop", "skip"), "train.nonfinite_loss", "stop or skip")
         _require(self.report_to in REPORT_TO, "train.report_to", "tensorboard, wandb, mlflow or all")
         _require(self.ema_decay == 0.0 or 0.0 < self.ema_decay < 1.0, "train.ema_decay", "0 (off) or in (0, 1)")
+        _require(self.timestep_bias in ("none", "later", "earlier", "range"), "train.timestep_bias",
+                 "none, later, earlier or range")
+        _require(self.timestep_bias_multiplier > 0, "train.timestep_bias_multiplier", "> 0")
+        _require(0.0 < self.timestep_bias_portion <= 1.0, "train.timestep_bias_portion", "in (0, 1]")
+        _require(0 <= self.timestep_bias_begin < self.timestep_bias_end, "train.timestep_bias_begin/end",
+                 "0 <= begin < end")
 
 
 @dataclass

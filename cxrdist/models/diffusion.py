@@ -125,10 +125,38 @@ SNR_WEIGHTS: dict[str, Callable] = {
 }
 
 
-class DiffusionObjective:
-    """Noising, targets and the (optionally min-SNR weighted) MSE loss of the base's training schedule."""
+TIMESTEP_BIASES = ("none", "later", "earlier", "range")
 
-    def __init__(self, scheduler_config: dict, noise_offset: float = 0.0, snr_gamma: float = 0.0):
+
+def timestep_weights(num_timesteps: int, bias: str = "none", multiplier: float = 1.0, portion: float = 0.25,
+                     begin: int = 0, end: int = 0) -> torch.Tensor | None:
+    """Relative sampling weight of each training timestep, as diffusers' SDXL scripts and SimpleTuner bias them:
+    "later" multiplies the weight of the noisiest `portion` of the schedule by `multiplier`, "earlier" that of the
+    least noisy portion, "range" that of timesteps [begin, end). None for "none" (uniform) or a multiplier of 1."""
+    if bias == "none" or multiplier == 1.0:
+        return None
+    weights = torch.ones(num_timesteps)
+    count = max(1, round(num_timesteps * portion))
+    if bias == "later":
+        weights[num_timesteps - count:] *= multiplier
+    elif bias == "earlier":
+        weights[:count] *= multiplier
+    elif bias == "range":
+        if not 0 <= begin < end <= num_timesteps:
+            raise ModelError(f"train.timestep_bias_begin/end = {begin}/{end} must satisfy 0 <= begin < end <= "
+                             f"{num_timesteps} (the base scheduler's num_train_timesteps)")
+        weights[begin:end] *= multiplier
+    else:
+        raise ModelError(f"train.timestep_bias '{bias}' is not one of {', '.join(TIMESTEP_BIASES)}")
+    return weights
+
+
+class DiffusionObjective:
+    """Noising, targets and the (optionally min-SNR weighted) MSE loss of the base's training schedule.
+    Timesteps are drawn uniformly, or by `timestep_weights` (see there) when given."""
+
+    def __init__(self, scheduler_config: dict, noise_offset: float = 0.0, snr_gamma: float = 0.0,
+                 timestep_weighting: Callable[[int], torch.Tensor | None] | None = None):
         from diffusers import DDPMScheduler
 
         self.scheduler = DDPMScheduler.from_config(scheduler_config)
@@ -139,6 +167,7 @@ class DiffusionObjective:
         self.num_timesteps = int(self.scheduler.config.num_train_timesteps)
         self.noise_offset = noise_offset
         self.snr_gamma = snr_gamma
+        self.timestep_weights = timestep_weighting(self.num_timesteps) if timestep_weighting else None
 
     def sample_noise(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
         """fp32 noise of `shape` on the generator's device (the trainer draws on the CPU, then moves it)."""
@@ -150,6 +179,9 @@ class DiffusionObjective:
         return noise
 
     def sample_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        if self.timestep_weights is not None:
+            weights = self.timestep_weights.to(generator.device)
+            return torch.multinomial(weights, n, replacement=True, generator=generator).long()
         return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=generator.device).long()
 
     def noisy_inputs(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):

@@ -13,6 +13,7 @@ exports, the rank-agreement check, validation forward passes -- runs on every ra
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import math
@@ -28,7 +29,8 @@ from cxrdist.config import Config
 from cxrdist.data.latents import check_cached_latents, latents_info
 from cxrdist.errors import ConfigError, CxrdistError, DataError, report_now
 from cxrdist.fileio import write_json_atomic
-from cxrdist.models.diffusion import BatchEncoder, DiffusionObjective, LoraDiffusionModel, to_device
+from cxrdist.models.diffusion import (BatchEncoder, DiffusionObjective, LoraDiffusionModel, timestep_weights,
+                                      to_device)
 from cxrdist.models.loading import load_base
 from cxrdist.models.lora import attach_lora, count_parameters, lora_parameters, tensors_digest
 from cxrdist.progress import progress_meter
@@ -129,7 +131,10 @@ class Trainer:
         self.model, self.optimizer, self.lr_scheduler = acc.prepare(model, optimizer, scheduler)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.group_names = [g.get("name", GROUP_NAMES[i]) for i, g in enumerate(self.optimizer.param_groups)]
-        self.objective = DiffusionObjective(self.base.scheduler_config, cfg.train.noise_offset, cfg.train.snr_gamma)
+        t = cfg.train
+        bias = functools.partial(timestep_weights, bias=t.timestep_bias, multiplier=t.timestep_bias_multiplier,
+                                 portion=t.timestep_bias_portion, begin=t.timestep_bias_begin, end=t.timestep_bias_end)
+        self.objective = DiffusionObjective(self.base.scheduler_config, t.noise_offset, t.snr_gamma, bias)
         self.encoder = BatchEncoder(self.base.vae, self.base.tokenizer, cfg.data.prompt_template,
                                     cfg.train.caption_dropout, use_cached=self._use_cached_latents())
         self.stopper = EarlyStopper(cfg.eval.metric, cfg.eval.mode, cfg.eval.patience, cfg.eval.min_delta)

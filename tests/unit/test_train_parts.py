@@ -102,6 +102,34 @@ def test_noise_offset_changes_per_channel_means_only_when_set():
     assert plain.mean(dim=(2, 3)).std() < 0.1 < offset.mean(dim=(2, 3)).std()
 
 
+def test_timestep_bias_draws_the_chosen_part_of_the_schedule_more_often():
+    import functools
+
+    from cxrdist.errors import ModelError
+    from cxrdist.models.diffusion import DiffusionObjective, timestep_weights
+
+    conf = {"num_train_timesteps": 1000, "prediction_type": "epsilon"}
+
+    def draws(**bias):
+        weighting = functools.partial(timestep_weights, **bias) if bias else None
+        obj = DiffusionObjective(conf, timestep_weighting=weighting)
+        g = torch.Generator().manual_seed(0)
+        return torch.cat([obj.sample_timesteps(1, g) for _ in range(4000)])
+
+    uniform = draws()
+    assert torch.equal(uniform, draws(bias="later", multiplier=1.0))  # a multiplier of 1 is the uniform draw
+    assert 0.2 < (uniform >= 750).float().mean() < 0.3
+    later = draws(bias="later", multiplier=3.0, portion=0.25)  # 3 x 0.25 / (3 x 0.25 + 0.75) = 0.5
+    assert 0.46 < (later >= 750).float().mean() < 0.54 and later.min() >= 0 and later.max() <= 999
+    earlier = draws(bias="earlier", multiplier=3.0, portion=0.25)
+    assert 0.46 < (earlier < 250).float().mean() < 0.54
+    ranged = draws(bias="range", multiplier=5.0, begin=200, end=400)  # 5 x 0.2 / (5 x 0.2 + 0.8) = 0.56
+    assert 0.52 < ((ranged >= 200) & (ranged < 400)).float().mean() < 0.6
+    with pytest.raises(ModelError, match="timestep_bias_begin/end = 200/1200.*num_train_timesteps"):
+        DiffusionObjective(conf, timestep_weighting=functools.partial(
+            timestep_weights, bias="range", multiplier=2.0, begin=200, end=1200))
+
+
 def test_resume_refuses_a_checkpoint_of_another_config_naming_the_keys(tmp_path):
     import json
 
