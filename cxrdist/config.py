@@ -60,18 +60,27 @@ METRIC_MODES = {"val_loss": "min", "ssim": "max", "psnr": "max", "mse": "min", "
 class DataConfig:
     """Where the shards are and how samples become model inputs."""
 
-    shards: str = "shards/phantom"  # a shard set folder written by `cxrdist shard` (has index.json)
+    # a shard set written by `cxrdist shard` (has index.json): a folder, a URL of any fsspec protocol, or a
+    # webdataset "pipe:" command with {} for the file name (cxrdist.data.storage)
+    shards: str = "shards/phantom"
     image_size: int = 64  # must equal the shard set's size; checked at load time
     prompt_template: str = "{report}"  # applied exactly once, at training and at sampling
-    num_workers: int = 0  # DataLoader workers per rank reading shards
+    # DataLoader workers per rank: they split the decoding, but each reads the rank's whole share of the tar bytes
+    # (the stream order must not depend on the worker count), so reads grow with it
+    num_workers: int = 0
     shuffle_buffer: int = 256  # webdataset sample shuffle buffer
     augment: bool = False  # mild rotation / crop / contrast jitter; never a horizontal flip
     max_train_samples: int = 0  # 0 = all; small values make quick experiments and tests
+    # How ranks share an epoch (cxrdist.data.loader): "shards" = each rank reads only its contiguous 1/world of
+    # the epoch's shards; "samples" = every rank reads every shard and keeps every world-th sample, so N ranks x
+    # batch b get exactly the batches of one process with batch N*b, at N times the reads.
+    rank_split: str = "shards"  # shards | samples
 
     def __post_init__(self) -> None:
         _require(self.image_size >= 8 and self.image_size % 8 == 0, "data.image_size", "a multiple of 8, >= 8")
         _require("{report}" in self.prompt_template, "data.prompt_template", "a string containing {report}")
         _require(self.num_workers >= 0, "data.num_workers", ">= 0")
+        _require(self.rank_split in ("shards", "samples"), "data.rank_split", "shards or samples")
 
 
 @dataclass
@@ -158,6 +167,9 @@ class TrainConfig:
     run_name: str = ""  # "" = derived from config hash and fold
     export_zip: bool = False
     collective_timeout_s: int = 600  # ranks waiting longer than this on a dead peer fail loudly
+    # how long a rank waits to see the probe file rank 0 writes into the run folder (NFS-style caching) before
+    # the run stops because the folder is not shared by every node
+    shared_folder_wait_s: float = 30.0
     allow_tf32: bool = True
     text_cache_size: int = 0  # with a frozen text encoder: remember this many reports' contexts (0 = off)
     use_cached_latents: bool = True  # train on shard latents (from `cxrdist shard cache-latents`) when present
@@ -177,6 +189,7 @@ class TrainConfig:
         _require(self.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision", "no, fp16 or bf16")
         _require(0.0 <= self.caption_dropout < 1.0, "train.caption_dropout", "in [0, 1)")
         _require(self.keep_last >= 1, "train.keep_last", ">= 1")
+        _require(self.shared_folder_wait_s >= 0, "train.shared_folder_wait_s", ">= 0")
         _require(self.nonfinite_loss in ("stop", "skip"), "train.nonfinite_loss", "stop or skip")
         _require(self.report_to in REPORT_TO, "train.report_to", "tensorboard, wandb, mlflow or all")
         _require(self.ema_decay == 0.0 or 0.0 < self.ema_decay < 1.0, "train.ema_decay", "0 (off) or in (0, 1)")
@@ -206,7 +219,10 @@ class EvalConfig:
     scheduler: str = "dpm++"
     guidance: float = 4.0
     # Training-issue additions:
-    max_eval_samples: int = 0  # 0 = the whole validation fold / test split for the loss; >0 caps it (quick runs)
+    # The validation loss (and the test split's) is taken on the first N samples of the split, encoded once and
+    # kept in memory with fixed noise: 2,048 x 5 timesteps is a steady early-stopping signal, where a whole
+    # MIMIC-size fold would hold gigabytes and cost hundreds of thousands of forward passes. 0 = the whole split.
+    max_eval_samples: int = 2048
     min_delta: float = 0.0  # an evaluation must beat the best by more than this to count as an improvement
     run_test: bool = True  # after training, evaluate the best checkpoint on the held-out test split
 

@@ -22,11 +22,10 @@ def cache_latents_cmd(shards_dir, pretrained, vae_dtype, batch_size) -> None:
     """Store each sample's VAE latents (latents.npy) in its shard and the VAE fingerprint in index.json."""
     import torch
 
-    from cxrdist.data.index import load_index
-    from cxrdist.data.latents import cache_latents
+    from cxrdist.data.latents import cache_latents, writable_index
     from cxrdist.models.loading import load_vae
 
-    load_index(shards_dir)  # a missing or damaged shard set fails before the VAE loads
+    writable_index(shards_dir)  # a missing, damaged or remote shard set fails before the VAE loads
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vae = load_vae(pretrained, vae_dtype=vae_dtype).to(device)
     info = cache_latents(shards_dir, vae, base=pretrained, vae_dtype=vae_dtype, batch_size=batch_size)

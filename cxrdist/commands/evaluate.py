@@ -13,7 +13,8 @@ from cxrdist.cli_options import config_options, friendly_errors
               help="Adapter folder/.zip, training checkpoint (checkpoints/step_N) or full pipeline folder "
                    "(repeat to compare models side by side).")
 @click.option("--base", default=None, help="Override the base recorded in an adapter.")
-@click.option("--shards", required=True, type=click.Path(file_okay=False), help="Shard set with index.json.")
+@click.option("--shards", required=True, type=click.Path(file_okay=False),
+              help="Shard set with index.json: a folder, a URL or a pipe: command.")
 @click.option("--split", default="test", show_default=True, help="test, or foldK.")
 @click.option("--max-samples", default=200, show_default=True, type=int, help="First N reports of the split (0 = all).")
 @click.option("--steps", default=None, type=int, help="Sampling steps (default: sample.steps).")

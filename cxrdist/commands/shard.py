@@ -159,5 +159,7 @@ def inspect_cmd(shards_dir, verify, preview, no_preview, split, n) -> None:
             raise DataError(f"{len(problems)} of {n_shards} shards failed verification: rebuild the shard set")
         click.echo(f"verified    {n_shards} shards: all sha256 match index.json")
     if not no_preview:
-        path = preview_grid(index, preview or os.path.join(shards_dir, "preview.png"), n=n, split=split)
+        # a remote shard set's preview goes to the current folder unless --preview says where
+        default = "preview.png" if index.remote else os.path.join(shards_dir, "preview.png")
+        path = preview_grid(index, preview or default, n=n, split=split)
         click.echo(f"preview     {path}")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from cxrdist.data import storage
 from cxrdist.errors import DataError
 from cxrdist.fileio import sha256_file, write_json_atomic
 
@@ -36,7 +37,7 @@ def shard_name(split: str, number: int) -> str:
 
 @dataclass
 class ShardIndex:
-    root: Path
+    root: str  # the shard set's location: a folder, a URL or a pipe: command (cxrdist.data.storage)
     format_version: int
     source: str
     image_size: int
@@ -50,6 +51,10 @@ class ShardIndex:
     counts: dict[str, Any] = field(default_factory=dict)
     rejects: dict[str, int] = field(default_factory=dict)
     source_summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def remote(self) -> bool:
+        return storage.is_remote(self.root)
 
     @property
     def fold_names(self) -> list[str]:
@@ -72,28 +77,38 @@ class ShardIndex:
                 f"rebuild the shards with --size {image_size} or set data.image_size={self.image_size}")
 
     def shards(self, splits: Iterable[str]) -> list[dict[str, Any]]:
-        """Shard entries of the given splits, in index order, each with an added absolute `path`."""
+        """Shard entries of the given splits, in index order, each with an added `path` (its location)."""
         out = []
         for split in splits:
             for entry in self.splits[self.check_split(split)]["shards"]:
-                out.append({**entry, "split": split, "path": str(self.root / entry["name"])})
+                out.append({**entry, "split": split, "path": storage.member(self.root, entry["name"])})
         return out
 
     def count(self, splits: Iterable[str]) -> int:
         return sum(int(self.splits[self.check_split(s)]["count"]) for s in splits)
 
 
-def load_index(shards_dir: str | os.PathLike) -> ShardIndex:
-    """Read and sanity-check `<shards_dir>/index.json`; DataError naming the file and the fix otherwise."""
-    root = Path(shards_dir)
-    path = root / INDEX_NAME
-    if not path.is_file():
-        hint = " (an interrupted build: rerun it with --resume)" if (root / PARTS_DIR).is_dir() else ""
+def _read_index(shards_dir: str | os.PathLike) -> tuple[str, dict[str, Any]]:
+    """(location of index.json, its parsed content); DataError naming the file and the fix otherwise."""
+    path = storage.member(shards_dir, INDEX_NAME)
+    if not storage.is_remote(shards_dir) and not Path(path).is_file():
+        parts = Path(storage.member(shards_dir, PARTS_DIR))
+        hint = " (an interrupted build: rerun it with --resume)" if parts.is_dir() else ""
         raise DataError(f"{path} not found{hint}: build the shard set with `cxrdist shard ...` first")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path} is unreadable ({exc}): rebuild the shard set with `cxrdist shard ...`") from None
+        return path, json.loads(storage.read_bytes(path).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path} is unreadable ({exc}): check data.shards, or rebuild the shard set with "
+                        "`cxrdist shard ...`") from None
+
+
+def load_index(shards_dir: str | os.PathLike) -> ShardIndex:
+    """Read and sanity-check `<shards_dir>/index.json` (a folder, URL or pipe: command); DataError naming the file
+    and the fix otherwise."""
+    root = str(shards_dir) if storage.is_remote(shards_dir) else str(Path(shards_dir))
+    path, data = _read_index(root)
+    if not isinstance(data, dict):
+        raise DataError(f"{path} is not a shard set index (not a JSON object): rebuild the shard set")
     version = data.get("format_version")
     if version != FORMAT_VERSION:
         raise DataError(f"{path} has format version {version}, this cxrdist reads {FORMAT_VERSION}: "
@@ -120,15 +135,8 @@ def verify_checksums(index: ShardIndex | str | os.PathLike, splits: Optional[Ite
         index = load_index(index)
     problems = []
     for entry in index.shards(list(splits) if splits is not None else list(index.splits)):
-        path = Path(entry["path"])
-        if not path.is_file():
-            problem = f"{path} is missing: rebuild the shard set (or restore the file)"
-        elif "bytes" in entry and path.stat().st_size != entry["bytes"]:
-            problem = (f"{path} has {path.stat().st_size} bytes, index.json says {entry['bytes']}: "
-                       "the file is damaged; rebuild the shard set")
-        elif full and sha256_file(path) != entry["sha256"]:
-            problem = f"{path} checksum mismatch with index.json: the file is damaged; rebuild the shard set"
-        else:
+        problem = _remote_problem(entry, full) if index.remote else _local_problem(entry, full)
+        if problem is None:
             continue
         if raise_on_error:
             raise DataError(problem)
@@ -136,12 +144,41 @@ def verify_checksums(index: ShardIndex | str | os.PathLike, splits: Optional[Ite
     return problems
 
 
+def _local_problem(entry: dict[str, Any], full: bool) -> str | None:
+    path = Path(entry["path"])
+    if not path.is_file():
+        return f"{path} is missing: rebuild the shard set (or restore the file)"
+    if "bytes" in entry and path.stat().st_size != entry["bytes"]:
+        return (f"{path} has {path.stat().st_size} bytes, index.json says {entry['bytes']}: "
+                "the file is damaged; rebuild the shard set")
+    if full and sha256_file(path) != entry["sha256"]:
+        return f"{path} checksum mismatch with index.json: the file is damaged; rebuild the shard set"
+    return None
+
+
+def _remote_problem(entry: dict[str, Any], full: bool) -> str | None:
+    """A remote shard is streamed whole to hash it: there is no cheap size-only check that works for every
+    protocol, so `full` makes no difference."""
+    try:
+        digest, size = storage.sha256_stream(entry["path"])
+    except DataError as exc:
+        return str(exc)
+    if "bytes" in entry and size != entry["bytes"]:
+        return f"{entry['path']} has {size} bytes, index.json says {entry['bytes']}: upload the shard set again"
+    if digest != entry["sha256"]:
+        return f"{entry['path']} checksum mismatch with index.json: upload the shard set again"
+    return None
+
+
 _VERIFIED: dict[tuple[str, int, int], str] = {}
 
 
-def verify_once(index: ShardIndex, splits: Iterable[str]) -> None:
-    """verify_checksums, but each file is hashed once per process (loaders are rebuilt every epoch)."""
+def verify_once(index: ShardIndex, splits: Iterable[str], only: Optional[set[str]] = None) -> None:
+    """verify_checksums, but each file is hashed once per process (loaders are rebuilt every epoch); with `only`,
+    just the shards of those paths (what one rank reads)."""
     for entry in index.shards(splits):
+        if only is not None and entry["path"] not in only:
+            continue
         path = Path(entry["path"])
         try:
             stat = path.stat()
@@ -156,9 +193,10 @@ def verify_once(index: ShardIndex, splits: Iterable[str]) -> None:
 
 
 def latents_record(shards_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """index.json's record of the latents the shards carry, or None (no latents, or no index.json)."""
-    path = Path(shards_dir) / INDEX_NAME
-    return json.loads(path.read_text(encoding="utf-8")).get(LATENTS_KEY) if path.exists() else None
+    """index.json's record of the latents the shards carry, or None (no latents, or no local index.json)."""
+    if not storage.is_remote(shards_dir) and not Path(storage.member(shards_dir, INDEX_NAME)).exists():
+        return None
+    return _read_index(shards_dir)[1].get(LATENTS_KEY)
 
 
 def record_latents(shards_dir: str | os.PathLike, rewritten: dict[str, dict[str, Any]], record: dict[str, Any]) -> None:

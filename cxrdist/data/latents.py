@@ -83,12 +83,21 @@ def _encode(vae, pngs: list[bytes], device) -> list[bytes]:
     return out
 
 
+def writable_index(shards_dir: str | os.PathLike):
+    """The index of a shard set that latents can be written into: a local one (DataError for a URL)."""
+    index = load_index(shards_dir)
+    if index.remote:
+        raise DataError(f"{shards_dir}: cache-latents rewrites the shards, so it needs a local shard set: run it "
+                        "before uploading, or on a local copy")
+    return index
+
+
 def cache_latents(shards_dir: str | os.PathLike, vae, *, base: str, vae_dtype: str = "fp32", batch_size: int = 32,
                   progress: bool = True) -> dict[str, Any]:
     """Add the latents of `vae` (already on its device, in eval mode) to every shard; `base` and `vae_dtype` are
     recorded with them. Returns the latents record plus shard and sample counts."""
+    index = writable_index(shards_dir)
     root = Path(shards_dir)
-    index = load_index(root)
     device = next(vae.parameters()).device
     staged: list[tuple[Path, Path, dict]] = []
     samples: list = []

@@ -7,13 +7,18 @@ Batch format (both loaders): a dict with
     keys          list[str]
     latents       float32 tensor B x C x h x w, only when the shards carry `latents.npy`
 
-How samples are split, and why not at shard level: `split_by_node` gives each rank whole shards, so when
-shard counts (or sizes) do not divide evenly, ranks get different numbers of batches and DDP hangs at the
-first collective of the rank that still has data. Here every reader walks the same epoch-ordered shard list,
-keeps the samples whose global position falls to its rank (position % world_size), and the train loader
-stops each rank after exactly `batches_per_epoch` batches. Within a rank, DataLoader workers take positions
-round-robin, which is the order DataLoader itself merges them back in, so the stream is the same for any
-`num_workers`. Raw tar bytes are cheap to read; only the kept samples are decoded.
+How an epoch is split over the ranks. Every rank builds the same epoch-ordered shard list (shuffled by
+(seed, epoch)) and counts samples along it with the per-shard counts of index.json. With data.rank_split =
+"shards" (the default) rank r keeps the r-th of `world_size` equal, contiguous ranges of that sequence, so it
+opens only the shards its range overlaps and reads about 1/world of the bytes (plus the head of at most one
+shard it starts inside). With "samples" every rank reads every shard and keeps the positions that fall to it
+(position % world_size): N ranks x batch b then see exactly the batches of one process with batch N*b, at N
+times the reads. Either way every rank keeps the same number of samples and the train loader stops each rank
+after exactly `batches_per_epoch` batches: `split_by_node` (whole shards per rank) would give ranks different
+numbers of batches when shard counts or sizes do not divide evenly, and DDP hangs at the first collective of
+the rank that still has data. Within a rank, DataLoader workers take positions round-robin, which is the order
+DataLoader itself merges them back in, so the stream is the same for any `num_workers`. Only the kept samples
+are decoded.
 """
 from __future__ import annotations
 
@@ -24,18 +29,22 @@ import os
 import random
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Any, Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from cxrdist.data import storage
 from cxrdist.data.imageio import to_model_range
 from cxrdist.data.index import TEST_SPLIT, ShardIndex, load_index, verify_once
 from cxrdist.errors import DataError
 
-__all__ = ["train_loader", "eval_loader", "batches_per_epoch", "train_reports", "ShardLoader"]
+__all__ = ["train_loader", "eval_loader", "batches_per_epoch", "train_reports", "ShardLoader", "RANK_SPLITS"]
+
+RANK_SPLITS = ("shards", "samples")
 
 
 def _train_splits(index: ShardIndex, fold: int) -> list[str]:
@@ -68,13 +77,58 @@ def batches_per_epoch(shards_dir, fold: int, *, batch_size: int, world_size: int
     return _train_count(index, fold, max_samples) // max(1, world_size) // batch_size
 
 
+class Piece(NamedTuple):
+    """Samples [first, end) of the shard at `path`, which holds `count` samples."""
+
+    path: str
+    first: int
+    end: int
+    count: int
+
+
+def rank_pieces(shards: list[tuple[str, int]], start: int, stop: int) -> list[Piece]:
+    """The parts of the shards that overlap positions [start, stop) of the sequence `shards` (path, count) spell
+    out, in order. Shards outside the range are never opened."""
+    pieces, offset = [], 0
+    for path, count in shards:
+        first, end = max(start - offset, 0), min(stop - offset, count)
+        if first < end:
+            pieces.append(Piece(path, first, end, count))
+        offset += count
+    return pieces
+
+
+def shard_samples(piece: Piece, check: Optional[tuple[str, Optional[int]]] = None) -> Iterator[dict]:
+    """The raw samples (webdataset dicts of member bytes) of one piece, streamed from wherever the shard lives.
+    Reading stops at `piece.end`; `check` = (sha256, bytes) hashes a shard read to its end (storage.CheckedStream)."""
+    stream = storage.open_stream(piece.path)
+    if check is not None:
+        stream = storage.CheckedStream(stream, piece.path, *check)
+    try:
+        samples = group_by_keys(tar_file_expander(iter([{"url": piece.path, "stream": stream}])))
+        yield from islice(samples, piece.first, piece.end)
+        if check is not None and piece.end == piece.count:
+            stream.finish()
+    finally:
+        stream.close()
+
+
+def _share(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rank `rank`'s range of `total` positions split into `world_size` contiguous parts whose sizes differ by at
+    most 1, the larger ones first (as position % world_size would share them)."""
+    base, extra = divmod(total, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
 @dataclass
 class _Stream:
-    """One rank's view of an epoch: which shards, in which order, and which positions to keep."""
+    """One rank's view of an epoch: which parts of which shards, in which order, and which positions to keep."""
 
-    shards: list[tuple[str, int]]
+    pieces: list[Piece]  # what this rank reads, in order (rank_pieces)
     rank: int
-    world_size: int
+    stride: int  # keep every stride-th sample read (world_size for rank_split="samples", else 1) ...
+    offset: int  # ... starting at this one
     take: int  # rank-level samples to keep (after shuffling)
     skip: int  # rank-level samples dropped before decoding (resume inside an epoch)
     image_size: int
@@ -82,7 +136,7 @@ class _Stream:
     shuffle_buffer: int = 0
     shuffle_seed: Optional[int] = None
     augment_seed: Optional[int] = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    checks: dict[str, tuple[str, Optional[int]]] = field(default_factory=dict)  # remote path -> (sha256, bytes)
 
 
 class _SampleStream(torch.utils.data.IterableDataset):
@@ -95,10 +149,9 @@ class _SampleStream(torch.utils.data.IterableDataset):
     def _rank_raw(self) -> Iterator[dict]:
         s = self.stream
         position = 0
-        read = wds.tarfile_to_samples()
-        for path, count in s.shards:
-            for sample in islice(read(iter([{"url": path}])), count):
-                if position % s.world_size == s.rank:
+        for piece in s.pieces:
+            for sample in shard_samples(piece, s.checks.get(piece.path)):
+                if position % s.stride == s.offset:
                     yield sample
                 position += 1
 
@@ -119,7 +172,7 @@ class _SampleStream(torch.utils.data.IterableDataset):
                 continue
             yield decode_sample(sample, s, position)
         if kept < s.take:
-            where = os.path.dirname(s.shards[0][0]) if s.shards else "the shard set"
+            where = os.path.dirname(s.pieces[0].path) if s.pieces else "the shard set"
             raise DataError(f"shards in {where} hold fewer samples than index.json says: "
                             "check them with `cxrdist shard inspect --verify`")
 
@@ -140,8 +193,12 @@ def decode_sample(sample: dict, stream: _Stream, position: int) -> dict:
         pixels = augment(pixels, torch.Generator().manual_seed(stream.augment_seed * 1_000_003 + position))
     if stream.channels == 3:
         pixels = pixels.expand(3, -1, -1).contiguous()
-    out = {"pixel_values": pixels, "prompt": sample["txt"].decode("utf-8"), "key": key,
-           "meta": json.loads(sample["json"].decode("utf-8"))}
+    try:
+        prompt, meta = sample["txt"].decode("utf-8"), json.loads(sample["json"].decode("utf-8"))
+    except (KeyError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{sample.get('__url__')}: sample {key} has no readable report or metadata "
+                        f"({type(exc).__name__}): verify the shards with `cxrdist shard inspect --verify`") from None
+    out = {"pixel_values": pixels, "prompt": prompt, "key": key, "meta": meta}
     if "latents.npy" in sample:
         out["latents"] = torch.from_numpy(np.load(io.BytesIO(sample["latents.npy"])).astype(np.float32))
     return out
@@ -189,54 +246,74 @@ class ShardLoader:
         yield from wds.batched(self.batch_size, collation_fn=collate, partial=not self.drop_last)(samples)
 
 
-def _open(shards_dir, splits: list[str], index: ShardIndex, image_size: int, channels: int) -> None:
+def _check_request(index: ShardIndex, image_size: int, channels: int, rank: int, world_size: int) -> None:
     index.check_image_size(image_size)
     if channels not in (1, 3):
         raise DataError(f"channels must be 1 or 3, got {channels}: set the model's in_channels accordingly")
-    verify_once(index, splits)
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is outside world size {world_size}")
+
+
+def _checks(index: ShardIndex, splits: list[str], pieces: list[Piece]) -> dict[str, tuple[str, Optional[int]]]:
+    """Check the shards this rank opens, not every shard of the split: local ones are hashed up front (each once
+    per process); remote ones are returned as path -> (sha256, bytes), to be hashed as they stream in."""
+    mine = {piece.path for piece in pieces}
+    if not index.remote:
+        verify_once(index, splits, only=mine)
+        return {}
+    return {e["path"]: (e["sha256"], e.get("bytes")) for e in index.shards(splits) if e["path"] in mine}
 
 
 def train_loader(shards_dir, fold: int, *, batch_size: int, image_size: int, channels: int = 1, seed: int = 0,
                  epoch: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                  shuffle_buffer: int = 256, max_samples: int = 0, augment: bool = False,
-                 start_batch: int = 0) -> ShardLoader:
-    """Shuffled batches of every fold except `fold`; exactly batches_per_epoch(...) batches on every rank."""
+                 start_batch: int = 0, rank_split: str = "shards") -> ShardLoader:
+    """Shuffled batches of every fold except `fold`; exactly batches_per_epoch(...) batches on every rank.
+    `rank_split` is how the epoch is shared out (module docstring): "shards" or "samples"."""
+    if rank_split not in RANK_SPLITS:
+        raise DataError(f"data.rank_split={rank_split!r}: use one of {', '.join(RANK_SPLITS)}")
     index = load_index(shards_dir)
     splits = _train_splits(index, fold)
-    _open(shards_dir, splits, index, image_size, channels)
-    if not 0 <= rank < world_size:
-        raise DataError(f"rank {rank} is outside world size {world_size}")
-    n_batches = _train_count(index, fold, max_samples) // world_size // batch_size
+    _check_request(index, image_size, channels, rank, world_size)
+    total = _train_count(index, fold, max_samples)
+    n_batches = total // world_size // batch_size
     if n_batches == 0:
-        raise DataError(f"{index.root}: the training folds (all but fold {fold}) hold "
-                        f"{_train_count(index, fold, max_samples)} samples, fewer than batch_size x world_size = "
-                        f"{batch_size * world_size}: lower train.batch_size or raise data.max_train_samples")
+        raise DataError(f"{index.root}: the training folds (all but fold {fold}) hold {total} samples, fewer than "
+                        f"batch_size x world_size = {batch_size * world_size}: lower train.batch_size or raise "
+                        "data.max_train_samples")
     shards = _capped_shards(index, splits, max_samples)
     order_seed = (seed * 1_000_003 + epoch) & 0xFFFFFFFF
-    random.Random(order_seed).shuffle(shards)  # same on all ranks: the position split stays disjoint
+    random.Random(order_seed).shuffle(shards)  # same on all ranks: the rank ranges stay disjoint
+    if rank_split == "samples":
+        pieces, stride, offset = rank_pieces(shards, 0, total), world_size, rank
+    else:
+        per_rank = total // world_size
+        pieces, stride, offset = rank_pieces(shards, rank * per_rank, (rank + 1) * per_rank), 1, 0
     start_batch = min(max(0, start_batch), n_batches)
-    stream = _Stream(shards=shards, rank=rank, world_size=world_size, take=n_batches * batch_size,
-                     skip=start_batch * batch_size, image_size=image_size, channels=channels,
-                     shuffle_buffer=shuffle_buffer,
+    stream = _Stream(pieces=pieces, checks=_checks(index, splits, pieces), rank=rank, stride=stride, offset=offset,
+                     take=n_batches * batch_size, skip=start_batch * batch_size, image_size=image_size,
+                     channels=channels, shuffle_buffer=shuffle_buffer,
                      shuffle_seed=(order_seed * 65_537 + rank) & 0xFFFFFFFF,
                      augment_seed=((order_seed * 31 + rank) & 0xFFFFFFFF) if augment else None)
     return ShardLoader(stream, batch_size, num_workers, n_batches - start_batch, drop_last=True)
 
 
-def train_reports(shards_dir, fold: int, *, max_samples: int = 0) -> list[str]:
-    """The report of every training sample (all folds but `fold`, capped as the train loader caps them), in shard
-    order; only the text members are decoded."""
+def train_reports(shards_dir, fold: int, *, max_samples: int = 0, rank: int = 0, world_size: int = 1) -> list[str]:
+    """The reports of rank `rank`'s contiguous 1/world of the training samples (all folds but `fold`, capped as
+    the train loader caps them), in shard order, so the ranks' lists concatenated in rank order are the whole
+    split's. Each rank opens only the shards of its share; only the text members are decoded."""
     index = load_index(shards_dir)
     splits = _train_splits(index, fold)
-    verify_once(index, splits)
-    read = wds.tarfile_to_samples()
-    return [sample["txt"].decode("utf-8") for path, count in _capped_shards(index, splits, max_samples)
-            for sample in islice(read(iter([{"url": path}])), count)]
+    shards = _capped_shards(index, splits, max_samples)
+    pieces = rank_pieces(shards, *_share(sum(count for _, count in shards), rank, world_size))
+    checks = _checks(index, splits, pieces)
+    return [sample["txt"].decode("utf-8") for piece in pieces for sample in shard_samples(piece, checks.get(piece.path))]
 
 
 def eval_loader(shards_dir, split: str, *, batch_size: int, image_size: int, channels: int = 1, rank: int = 0,
                 world_size: int = 1, num_workers: int = 0, max_samples: int = 0) -> ShardLoader:
-    """`split` is "test" or "fold<k>" (an int k also works). Fixed order; each sample on exactly one rank.
+    """`split` is "test" or "fold<k>" (an int k also works). Fixed order; each sample on exactly one rank:
+    rank r reads the r-th of `world_size` contiguous ranges of the split, so only the shards that range overlaps.
 
     Ranks may get different counts (they differ by at most one sample, so by at most one batch): gather
     results with padding, or all_gather_object, not a fixed-shape collective.
@@ -247,15 +324,13 @@ def eval_loader(shards_dir, split: str, *, batch_size: int, image_size: int, cha
     elif split != TEST_SPLIT and split.startswith("fold") and split[4:].isdigit():
         index.check_fold(int(split[4:]))
     index.check_split(split)
-    _open(shards_dir, [split], index, image_size, channels)
-    if not 0 <= rank < world_size:
-        raise DataError(f"rank {rank} is outside world size {world_size}")
+    _check_request(index, image_size, channels, rank, world_size)
     shards = _capped_shards(index, [split], max_samples)
-    total = sum(count for _, count in shards)
-    mine = len(range(rank, total, world_size))
-    stream = _Stream(shards=shards, rank=rank, world_size=world_size, take=mine, skip=0,
-                     image_size=image_size, channels=channels)
-    return ShardLoader(stream, batch_size, num_workers, math.ceil(mine / batch_size), drop_last=False)
+    start, stop = _share(sum(count for _, count in shards), rank, world_size)
+    pieces = rank_pieces(shards, start, stop)
+    stream = _Stream(pieces=pieces, checks=_checks(index, [split], pieces), rank=rank, stride=1, offset=0,
+                     take=stop - start, skip=0, image_size=image_size, channels=channels)
+    return ShardLoader(stream, batch_size, num_workers, math.ceil((stop - start) / batch_size), drop_last=False)
 
 
 @dataclass

@@ -11,6 +11,7 @@ import tarfile
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from cxrdist.data import storage
 from cxrdist.fileio import sha256_file
 
 
@@ -40,9 +41,10 @@ def write_tar(path: Path, samples: Sequence[tuple[str, dict[str, bytes]]]) -> tu
 
 
 def read_samples(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) of a shard in file order; webdataset's key = the name up to the first dot."""
+    """(key, {ext: bytes}) of a shard in file order; webdataset's key = the name up to the first dot. `path` may be
+    any location cxrdist.data.storage opens: the tar is streamed, not read whole first."""
     current, parts = None, {}
-    with tarfile.open(path) as tar:
+    with storage.opened(str(path)) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
         for member in tar:
             if not member.isfile():
                 continue

@@ -57,7 +57,8 @@ class ShardData:
         return train_loader(d.shards, self.fold, batch_size=t.batch_size, image_size=d.image_size,
                             channels=self.channels, seed=t.seed, epoch=epoch, rank=self.rank,
                             world_size=self.world_size, num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
-                            max_samples=d.max_train_samples, augment=d.augment, start_batch=start_batch)
+                            max_samples=d.max_train_samples, augment=d.augment, start_batch=start_batch,
+                            rank_split=d.rank_split)
 
     def eval_batches(self, split: str) -> Iterable[dict]:
         from cxrdist.data.loader import eval_loader
@@ -68,10 +69,12 @@ class ShardData:
                            max_samples=self.cfg.eval.max_eval_samples)  # first N of the split, then per rank
 
     def train_reports(self) -> list[str]:
-        """Every training sample's report (as stored, no template): what the frozen-text cache is filled with."""
+        """This rank's contiguous share of the training reports (as stored, no template), in shard order: the
+        ranks' shares gathered in rank order are what the frozen-text cache is filled with."""
         from cxrdist.data.loader import train_reports
 
-        return train_reports(self.cfg.data.shards, self.fold, max_samples=self.cfg.data.max_train_samples)
+        return train_reports(self.cfg.data.shards, self.fold, max_samples=self.cfg.data.max_train_samples,
+                             rank=self.rank, world_size=self.world_size)
 
     def first_samples(self, split: str, n: int) -> Iterable[dict]:
         """The same first `n` samples of a split every time, read by one process (image metrics, grids)."""

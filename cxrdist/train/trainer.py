@@ -4,8 +4,9 @@ Reproducibility contract: the data order is a pure function of (seed, epoch) and
 caption dropout of a sample are drawn from a generator seeded with (seed, sample key, micro-step) -- not
 with its rank or its neighbours in the batch. The saved state is therefore just the optimizer step (plus
 optimizer, scheduler, adapter, adapter-EMA and early-stopping state): a run killed at any point and resumed
-from its last checkpoint ends with the same adapter (and EMA) as a run that was never interrupted, and N ranks
-x batch b train like one process with batch N*b (same samples per step, up to the order of float reductions).
+from its last checkpoint ends with the same adapter (and EMA) as a run that was never interrupted. With
+data.rank_split=samples, N ranks x batch b also train like one process with batch N*b (same samples per step, up
+to the order of float reductions); the default, "shards", gives each rank its own 1/N of the shards to read.
 
 Scale-out (DDP, DeepSpeed ZeRO-2/3; see cxrdist.train.distributed): every collective -- checkpoint saves, adapter
 exports, the rank-agreement check, validation forward passes -- runs on every rank; only rank 0 writes.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import hashlib
 import logging
 import math
@@ -107,7 +109,7 @@ class Trainer:
         self.cfg, self.fold, self.run_dir = cfg, fold, Path(run_dir)
         self.accelerator = acc = build_accelerator(cfg, self.run_dir)  # DeepSpeed settings checked here
         set_seed(cfg.train.seed)  # the same on every rank: identical fresh adapters everywhere
-        check_shared_folder(acc, self.run_dir)
+        check_shared_folder(acc, self.run_dir, cfg.train.shared_folder_wait_s)
         self.base = load_base(cfg.model.pretrained, cfg.model.revision, cfg.model.vae_dtype)
         self.data = data_factory(channels=self.base.channels, rank=acc.process_index, world_size=acc.num_processes)
         self.spec = attach_lora(self.base, cfg.lora)
@@ -366,8 +368,11 @@ class Trainer:
             log.info("text cache: %d training samples exceed train.text_cache_size=%d; contexts are encoded on "
                      "first sight", samples, cache.max_items)
             return
-        prompts = distinct_prompts(self.data.train_reports(), self.cfg.data.prompt_template,
-                                   with_empty=self.cfg.train.caption_dropout > 0)
+        from accelerate.utils import gather_object
+
+        # each rank reads the reports of its own share of the shards; together, in rank order, the whole split
+        reports = [report for share in gather_object([self.data.train_reports()]) for report in share]
+        prompts = distinct_prompts(reports, self.cfg.data.prompt_template, with_empty=self.cfg.train.caption_dropout > 0)
         prefill_text_cache(self.accelerator, cache, model.text_encoder, self.base.tokenizer, prompts)
 
     @property
@@ -515,9 +520,18 @@ class Trainer:
             raise RuntimeError(f"ranks hold different adapter EMAs after training: {report['ema_per_rank']}")
 
     def close(self) -> None:
+        """Release the fold's model, optimizer, EMA, validation set and caches, so that `--all-folds` starts each
+        fold from the memory the first one started from (the accelerator stays: the caller still asks it who is
+        the main process)."""
         # The DeepSpeed engine's teardown talks to the process group: free it while the group is up.
         self.accelerator.free_memory()
         self.logger.close()
+        for name in ("model", "optimizer", "lr_scheduler", "params", "base", "spec", "ema", "validator", "encoder",
+                     "objective", "data", "checkpointer"):
+            setattr(self, name, None)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 class Window:

@@ -161,6 +161,11 @@ class Evaluator:
         acc = self.accelerator
         self._loss_set = build_loss_set(self.data.eval_batches(self.split), self.encoder, acc.device,
                                         self.cfg.train.seed)
+        held = acc.reduce(torch.tensor([len(self._loss_set or ())], device=acc.device), reduction="sum")
+        cap = self.cfg.eval.max_eval_samples
+        log.info("%s: validation loss on %d samples over %d rank(s), held in memory (%s)", self.split,
+                 int(held.item()), acc.num_processes,
+                 f"eval.max_eval_samples={cap} caps it; 0 = the whole split" if cap else "the whole split")
         if self._loss_set is None and acc.num_processes > 1:
             self._loss_set = padding_set(self.base, self.encoder, self.cfg.data.image_size, acc.device)
         if self.n_images and self._generating_rank():

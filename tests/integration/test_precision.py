@@ -13,17 +13,14 @@ copies in its optimizer: checkpoints and exports must come from those masters, n
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from support.launching import (ACCEL, LAUNCH_TIMEOUT_S, REPO, STEP4, best_export, check_common,
-                               deepspeed_config, free_port, last_by_step, launch, max_diff, scalars,
-                               train_args)
+from support.launching import (ACCEL, LAUNCH_TIMEOUT_S, STEP4, best_export, check_common, deepspeed_config,
+                               last_by_step, launch, max_diff, rewind_to_step2, scalars, two_machines)
 from support.training import child_env
 
 # The tiny preset is built before any launch: two ranks materialising it at once collide.
@@ -219,27 +216,22 @@ def test_a_payload_planted_in_a_deepspeed_checkpoint_file_is_refused_on_every_ra
     assert not marker.exists()
 
 
-@pytest.mark.timeout(LAUNCH_TIMEOUT_S + 60)
-def test_multi_node_zero2_bf16_as_two_launchers_ends_where_one_machine_does(zero2_bf16, phantom_shards, tmp_path):
+@pytest.mark.timeout(2 * LAUNCH_TIMEOUT_S + 60)
+def test_multi_node_zero2_bf16_as_two_launchers_ends_where_one_machine_does_and_resumes(zero2_bf16, phantom_shards,
+                                                                                        tmp_path):
     """configs/accelerate/multi_node_zero2.yaml with one process per "machine": two `accelerate launch` processes
     on this host (static rendezvous on 127.0.0.1, DeepSpeed's standard multinode launcher) train exactly like the
-    one-machine ZeRO-2 bf16 run; the run folder is seen by both, so the shared-folder check passes."""
-    out, port = tmp_path / "two_machines", free_port()
-    launchers = [subprocess.Popen(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCEL / "multi_node_zero2.yaml"),
-         "--num_processes", "2", "--num_machines", "2", "--machine_rank", str(rank),
-         "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-         str(REPO / "launch" / "train.py"), *train_args(phantom_shards, out, [BF16])],
-        cwd=REPO, env=child_env(DS_ACCELERATOR="cpu"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for rank in (0, 1)]
-    try:
-        results = [subprocess.CompletedProcess(p.args, 0, *p.communicate(timeout=LAUNCH_TIMEOUT_S)) for p in launchers]
-    finally:
-        for p in launchers:
-            p.kill()
-    for p, res in zip(launchers, results):
-        res.returncode = p.wait()
-        assert res.returncode == 0, res.stderr[-3000:]
-    check_common(out, results[0], "DeepSpeed ZeRO-2")
+    one-machine ZeRO-2 bf16 run; the run folder is seen by both, so the shared-folder check passes. Rewound to its
+    step-2 checkpoint, the two launchers' `--resume latest` ends with the same adapter again."""
+    out = tmp_path / "two_machines"
+    main, other = two_machines(ACCEL / "multi_node_zero2.yaml", phantom_shards, (out, out), BF16)
+    assert other.returncode == 0, other.stderr[-3000:]
+    check_common(out, main, "DeepSpeed ZeRO-2")
     one_machine = load_file(str(zero2_bf16[0] / STEP4 / "adapter.safetensors"))
     assert max_diff(load_file(str(out / STEP4 / "adapter.safetensors")), one_machine) == 0.0  # measured 0.0
+    again = rewind_to_step2(out, tmp_path / "resumed")
+    main, other = two_machines(ACCEL / "multi_node_zero2.yaml", phantom_shards, (again, again), BF16,
+                               extra=("--resume", "latest"))
+    assert main.returncode == other.returncode == 0, (main.stderr[-3000:], other.stderr[-3000:])
+    assert "resumed from" in main.stderr and "step_00000002" in main.stderr
+    assert max_diff(load_file(str(again / STEP4 / "adapter.safetensors")), one_machine) == 0.0

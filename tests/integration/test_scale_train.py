@@ -93,10 +93,10 @@ def test_adamw8bit_with_optimizer_offload_is_refused_on_every_rank(phantom_shard
 
 @pytest.mark.timeout(2 * LAUNCH_TIMEOUT_S)
 def test_ddp_ranks_match_a_single_process_with_the_same_global_batch(phantom_shards, tmp_path):
-    """2 ranks x batch 4 vs 1 process x batch 8: same samples per step and per-sample noise, so the adapters
-    agree up to float reduction order, and the rank-reduced validation loss (all 48 validation samples,
-    each on exactly one rank) equals the one-process value."""
-    full_eval = ("eval.max_eval_samples=0",)
+    """2 ranks x batch 4 vs 1 process x batch 8: same samples per step (data.rank_split=samples) and per-sample
+    noise, so the adapters agree up to float reduction order, and the rank-reduced validation loss (all 48
+    validation samples, each on exactly one rank) equals the one-process value."""
+    full_eval = ("eval.max_eval_samples=0", "data.rank_split=samples")
     ddp = launch(ACCEL / "cpu_2ranks.yaml", phantom_shards, tmp_path / "ddp", *full_eval)
     check_common(tmp_path / "ddp", ddp, "DDP")
     one = launch(None, phantom_shards, tmp_path / "one", *full_eval, "train.batch_size=8",

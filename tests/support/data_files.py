@@ -236,3 +236,18 @@ def png_digests_by_split(out: Path, index: dict) -> dict[str, list[str]]:
                     if member.name.endswith(".png"):
                         found.setdefault(name, []).append(hashlib.sha256(tar.extractfile(member).read()).hexdigest())
     return found
+
+
+def build_uneven_shard_set(root: Path) -> Path:
+    """13 patients x 2 images at 32 px in shards of 3: 3 folds of 6 or 8 images in 2-3 uneven shards, and a test
+    split. What the loader tests split over ranks."""
+    from cxrdist.data.shard import build_shards
+    from cxrdist.data.sources.manifest import ManifestSource
+
+    build_shards(ManifestSource(make_manifest_set(root / "in", n_groups=13)), root / "out", size=32, folds=3,
+                 test_fraction=0.25, seed=0, shard_size=3, workers=1, progress=False)
+    return root / "out"
+
+
+def loader_keys(loader) -> list[str]:
+    return [key for batch in loader for key in batch["keys"]]

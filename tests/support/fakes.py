@@ -58,7 +58,9 @@ class FakeData:
             yield collate(data[:n])
 
     def train_reports(self) -> list[str]:
-        return [s["report"] for s in self.train]
+        n = len(self.train)
+        share = self.train[self.rank * n // self.world_size:(self.rank + 1) * n // self.world_size]
+        return [s["report"] for s in share]
 
 
 FAST = ["train.batch_size=4", "eval.num_metric_images=0", "eval.num_grid_prompts=0", "train.log_every=1",

@@ -48,6 +48,43 @@ def launch(config: Path | None, shards: Path, out: Path, *sets: str, extra: tupl
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def two_machines(config: Path, shards, outs: tuple[Path, Path], *sets: str, extra: tuple[str, ...] = (),
+                 env=None, timeout: int = LAUNCH_TIMEOUT_S) -> list[subprocess.CompletedProcess]:
+    """Two `accelerate launch` processes on this host as machine 0 and machine 1 of a 2-machine world (one rank
+    each, static rendezvous on 127.0.0.1), each writing to its own `outs[k]` (the same folder twice for a shared
+    filesystem). A multi-node DeepSpeed config brings `deepspeed_multinode_launcher: standard` itself."""
+    port = free_port()
+    launchers = [subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+         "--num_processes", "2", "--num_machines", "2", "--machine_rank", str(rank),
+         "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+         str(REPO / "launch" / "train.py"), *train_args(shards, outs[rank], list(sets), extra)],
+        cwd=REPO, env=env or child_env(DS_ACCELERATOR="cpu"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for rank in (0, 1)]
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in launchers]
+    finally:
+        for p in launchers:
+            p.kill()
+    return [subprocess.CompletedProcess(p.args, p.wait(), *out) for p, out in zip(launchers, outputs)]
+
+
+def rewind_to_step2(run: Path, copy: Path) -> Path:
+    """A copy of a finished 4-step run as it stood after its step-2 checkpoint: later checkpoints and what the end
+    of the run wrote are removed, so `--resume latest` continues from step 2."""
+    import shutil
+
+    shutil.copytree(run, copy)
+    fold = copy / "fold1"
+    for path in fold.iterdir():
+        if path.name not in ("checkpoints", "tensorboard"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for checkpoint in (fold / "checkpoints").iterdir():
+        if checkpoint.name != "step_00000002":
+            shutil.rmtree(checkpoint)
+    return copy
+
+
 def deepspeed_config(tmp: Path, stage: int, **zero: object) -> Path:
     """A copy of configs/accelerate/zero{stage}.yaml pointing at a DeepSpeed JSON with `zero` changed."""
     ds = json.loads((DEEPSPEED / f"zero{stage}.json").read_text())

@@ -11,24 +11,16 @@ import torch
 
 from cxrdist.data.index import sha256_file
 from cxrdist.data.loader import batches_per_epoch, eval_loader, train_loader
-from cxrdist.data.shard import build_shards, write_tar
-from cxrdist.data.sources.manifest import ManifestSource
+from cxrdist.data.shard import write_tar
 from cxrdist.errors import DataError
-from support.data_files import make_manifest_set
-
-# 13 patients x 2 images, shard_size 3: folds hold 6 or 8 images in 2-3 uneven shards
-OPTS = dict(size=32, folds=3, test_fraction=0.25, seed=0, shard_size=3, workers=1, progress=False)
-
+from support.data_files import build_uneven_shard_set, loader_keys
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("loader")
-    build_shards(ManifestSource(make_manifest_set(root / "in", n_groups=13)), root / "out", **OPTS)
-    return root / "out"
+    return build_uneven_shard_set(tmp_path_factory.mktemp("loader"))
 
 
-def _keys(loader):
-    return [key for batch in loader for key in batch["keys"]]
+_keys = loader_keys
 
 
 def _split_keys(shards, split):
@@ -51,19 +43,51 @@ def test_batch_format(shards):
     assert torch.equal(rgb["pixel_values"][:, 0], rgb["pixel_values"][:, 2])
 
 
+@pytest.mark.parametrize("rank_split", ["shards", "samples"])
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_train_every_rank_gets_exactly_batches_per_epoch(shards, world_size):
+def test_train_every_rank_gets_exactly_batches_per_epoch(shards, world_size, rank_split):
     expected = batches_per_epoch(shards, 1, batch_size=2, world_size=world_size)
     train = set(_split_keys(shards, "fold0") + _split_keys(shards, "fold2"))
     assert expected == len(train) // world_size // 2
     seen = []
     for rank in range(world_size):
-        loader = train_loader(shards, 1, batch_size=2, image_size=32, rank=rank, world_size=world_size)
+        loader = train_loader(shards, 1, batch_size=2, image_size=32, rank=rank, world_size=world_size,
+                              rank_split=rank_split)
         batches = list(loader)
         assert len(batches) == len(loader) == expected
         assert all(len(b["keys"]) == 2 for b in batches)
         seen += [k for b in batches for k in b["keys"]]
     assert len(seen) == len(set(seen)) and set(seen) <= train  # disjoint ranks, held-out fold never used
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_rank_split_shards_opens_only_the_shards_of_a_ranks_range(shards, world_size):
+    """Each rank opens the shards its contiguous 1/world of the epoch overlaps: together once over the epoch,
+    plus the head of the shard a rank starts inside; the ranges tile the epoch without overlap."""
+    index = json.loads((shards / "index.json").read_text())
+    sizes = {e["name"]: e["count"] for split in ("fold0", "fold2") for e in index["splits"][split]["shards"]}
+    total, largest = sum(sizes.values()), max(sizes.values())
+    read = []
+    for rank in range(world_size):
+        pieces = train_loader(shards, 1, batch_size=1, image_size=32, rank=rank, world_size=world_size,
+                              epoch=4).stream.pieces
+        read.append(sum(p.end for p in pieces))  # a piece is read from its shard's start to its end
+        assert sum(p.end - p.first for p in pieces) == total // world_size
+        assert read[-1] <= total // world_size + largest
+    assert sum(read) <= total + (world_size - 1) * largest
+    every = [train_loader(shards, 1, batch_size=1, image_size=32, rank=r, world_size=world_size, rank_split="samples",
+                          epoch=4).stream.pieces for r in range(world_size)]
+    assert all(sum(p.end for p in pieces) == total for pieces in every)  # "samples": every rank reads it all
+
+
+def test_rank_split_samples_gives_the_global_batches_of_one_process(shards):
+    """With rank_split="samples" (and no shuffle buffer), step k's batches of 2 ranks x 2 are one process's batch
+    of 4: what makes N ranks x batch b train like one process with batch N*b."""
+    one = [b["keys"] for b in train_loader(shards, 1, batch_size=4, image_size=32, shuffle_buffer=0, seed=3)]
+    ranks = [[b["keys"] for b in train_loader(shards, 1, batch_size=2, image_size=32, shuffle_buffer=0, seed=3,
+                                              rank=r, world_size=2, rank_split="samples")] for r in (0, 1)]
+    assert len(one) == len(ranks[0]) == len(ranks[1])
+    assert [sorted(a + b) for a, b in zip(*ranks)] == [sorted(k) for k in one]
 
 
 def test_train_order_seeded_epoch_dependent_and_worker_independent(shards):
@@ -91,7 +115,8 @@ def test_eval_fixed_order_and_max_samples(shards):
     assert _keys(eval_loader(shards, 1, batch_size=4, image_size=32, num_workers=2)) == keys
     assert _keys(eval_loader(shards, "fold1", batch_size=4, image_size=32, max_samples=3)) == keys[:3]
     parts = [_keys(eval_loader(shards, "test", batch_size=2, image_size=32, rank=r, world_size=3)) for r in range(3)]
-    assert sorted(k for p in parts for k in p) == sorted(_split_keys(shards, "test"))
+    assert [k for p in parts for k in p] == _split_keys(shards, "test")  # contiguous ranges, in order
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
 def test_clear_errors(shards, tmp_path):

@@ -203,3 +203,20 @@ def test_text_cache_prefill_on_one_rank_holds_exactly_what_cache_misses_compute(
     bounded = LoraDiffusionModel(base.unet, base.text_encoder, False, text_cache_size=2)
     assert prefill_text_cache(OneRank(), bounded.text_cache, base.text_encoder, base.tokenizer, prompts) == 2
     assert len(bounded.text_cache.store) == 2
+
+
+def test_closing_a_trainer_releases_its_model_optimizer_and_validation_set(tmp_path):
+    """What `--all-folds` relies on to start each fold from the memory the first one started from."""
+    import gc
+    import weakref
+
+    from support.fakes import make_trainer, reset_accelerate
+
+    trainer = make_trainer(tmp_path, "train.max_steps=1")
+    trainer.fit()
+    held = [weakref.ref(x) for x in (trainer.base.unet, trainer.base.text_encoder, trainer.optimizer,
+                                     trainer.validator)]
+    trainer.close()
+    reset_accelerate()
+    gc.collect()
+    assert [ref() is None for ref in held] == [True] * len(held)
