@@ -36,16 +36,47 @@ def train_args(shards: Path, out: Path, sets: list[str], extra: tuple[str, ...] 
             *[a for s in SCALE + sets for a in ("--set", s)], *extra]
 
 
-def launch(config: Path | None, shards: Path, out: Path, *sets: str, extra: tuple[str, ...] = (), env=None,
-           timeout: int = LAUNCH_TIMEOUT_S) -> subprocess.CompletedProcess:
-    """launch/train.py under `accelerate launch --config_file config` (2 ranks), or one plain process."""
+def _launch_command(config: Path | None, shards: Path, out: Path, sets: tuple[str, ...], extra: tuple[str, ...]):
     prefix = [sys.executable]
     if config is not None:
         prefix += ["-m", "accelerate.commands.launch", "--config_file", str(config),
                    "--main_process_port", str(free_port())]
-    cmd = prefix + [str(REPO / "launch" / "train.py"), *train_args(shards, out, list(sets), extra)]
+    return prefix + [str(REPO / "launch" / "train.py"), *train_args(shards, out, list(sets), extra)]
+
+
+def launch(config: Path | None, shards: Path, out: Path, *sets: str, extra: tuple[str, ...] = (), env=None,
+           timeout: int = LAUNCH_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """launch/train.py under `accelerate launch --config_file config` (2 ranks), or one plain process."""
+    cmd = _launch_command(config, shards, out, sets, extra)
     env = env or child_env(DS_ACCELERATOR="cpu")
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def launch_until(config: Path, shards: Path, out: Path, *sets: str, line_starts: str, env=None,
+                 timeout: int = LAUNCH_TIMEOUT_S) -> tuple[str | None, str]:
+    """Like `launch`, but read stderr only until a line starting with `line_starts` appears, then SIGKILL the
+    launcher's whole process group (a SIGSTOPped rank included, which the launcher would wait 30 s for).
+    Returns (that line or None, the stderr read so far)."""
+    import os
+    import signal
+    import time
+
+    proc = subprocess.Popen(_launch_command(config, shards, out, sets, ()), cwd=REPO,
+                            env=env or child_env(DS_ACCELERATOR="cpu"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline, seen, found = time.monotonic() + timeout, [], None
+    try:
+        for line in proc.stderr:
+            seen.append(line)
+            if line.startswith(line_starts):
+                found = line.rstrip("\n")
+                break
+            if time.monotonic() > deadline:
+                break
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return found, "".join(seen)
 
 
 def two_machines(config: Path, shards, outs: tuple[Path, Path], *sets: str, extra: tuple[str, ...] = (),

@@ -15,6 +15,7 @@ from cxrdist.errors import DataError
 from support.data_files import build_uneven_shard_set, loader_keys
 from support.http_shards import serve
 
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     return build_uneven_shard_set(tmp_path_factory.mktemp("remote"))
@@ -50,6 +51,24 @@ def test_http_shards_stream_the_same_batches_as_the_folder_and_each_rank_reads_i
         assert verify_checksums(url, raise_on_error=False) == []
 
 
+def test_evaluate_reads_and_shard_inspect_verifies_a_shard_set_over_http(shards, tmp_path):
+    from click.testing import CliRunner
+
+    from cxrdist.cli import main
+    from cxrdist.evaluation.runs import read_split
+
+    with serve(shards) as (url, _):
+        remote, local = read_split(url, "test", 0), read_split(str(shards), "test", 0)
+        assert remote.reports == local.reports and (remote.references == local.references).all()
+        preview = str(tmp_path / "p.png")
+        inspected = CliRunner().invoke(main, ["shard", "inspect", url, "--verify", "--preview", preview])
+        cached = CliRunner().invoke(main, ["shard", "cache-latents", url, "--pretrained", "preset:tiny"])
+    assert inspected.exit_code == 0, inspected.output
+    assert f"shard set   {url}" in inspected.output and "all sha256 match index.json" in inspected.output
+    assert (tmp_path / "p.png").is_file()
+    assert cached.exit_code != 0 and "needs a local shard set" in cached.output
+
+
 def test_a_damaged_remote_shard_is_refused_when_it_has_streamed_in(shards, tmp_path):
     copy = tmp_path / "set"
     shutil.copytree(shards, copy)
@@ -73,7 +92,7 @@ def test_missing_index_and_missing_shard_are_one_line(shards, tmp_path):
     first = json.loads((copy / "index.json").read_text())["splits"]["test"]["shards"][0]["name"]
     (copy / first).unlink()
     with serve(copy) as (url, _):
-        with pytest.raises(DataError, match=r"nothere/index.json is missing \(not found at the URL\): check data.shards"):
+        with pytest.raises(DataError, match=r"nothere/index.json is missing \(not found at the URL\): check"):
             load_index(url.replace("/set", "/nothere"))
         with pytest.raises(DataError, match=rf"{first} is missing \(not found at the URL\)") as err:
             _keys(eval_loader(url, "test", batch_size=2, image_size=32))
