@@ -163,7 +163,7 @@ class Evaluator:
                                         self.cfg.train.seed)
         held = acc.reduce(torch.tensor([len(self._loss_set or ())], device=acc.device), reduction="sum")
         cap = self.cfg.eval.max_eval_samples
-        log.info("%s: validation loss on %d samples over %d rank(s), held in memory (%s)", self.split,
+        log.info("%s: diffusion loss on %d samples over %d rank(s), held in memory (%s)", self.split,
                  int(held.item()), acc.num_processes,
                  f"eval.max_eval_samples={cap} caps it; 0 = the whole split" if cap else "the whole split")
         if self._loss_set is None and acc.num_processes > 1:
