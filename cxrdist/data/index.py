@@ -105,7 +105,7 @@ def _read_index(shards_dir: str | os.PathLike) -> tuple[str, dict[str, Any]]:
 def load_index(shards_dir: str | os.PathLike) -> ShardIndex:
     """Read and sanity-check `<shards_dir>/index.json` (a folder, URL or pipe: command); DataError naming the file
     and the fix otherwise."""
-    root = str(shards_dir) if storage.is_remote(shards_dir) else str(Path(shards_dir))
+    root = str(shards_dir) if storage.is_remote(shards_dir) else str(Path(storage.local_path(shards_dir)))
     path, data = _read_index(root)
     if not isinstance(data, dict):
         raise DataError(f"{path} is not a shard set index (not a JSON object): rebuild the shard set")

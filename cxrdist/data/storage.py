@@ -30,7 +30,8 @@ def is_remote(location: str | os.PathLike) -> bool:
     return text.startswith(PIPE) or "://" in text and not text.startswith("file://")
 
 
-def _local(location: str | os.PathLike) -> str:
+def local_path(location: str | os.PathLike) -> str:
+    """A local location as a plain path (`file:///data/set` -> `/data/set`)."""
     text = str(location)
     return text[len("file://"):] if text.startswith("file://") else text
 
@@ -45,7 +46,7 @@ def member(root: str | os.PathLike, name: str) -> str:
         return text.replace("{}", name)
     if is_remote(text):
         return text.rstrip("/") + "/" + name
-    return str(Path(_local(text)) / name)
+    return str(Path(local_path(text)) / name)
 
 
 def open_stream(location: str) -> BinaryIO:
@@ -56,7 +57,7 @@ def open_stream(location: str) -> BinaryIO:
         return gopen(location, "rb")  # its close() raises when the command failed
     if not is_remote(location):
         try:
-            return open(_local(location), "rb")
+            return open(local_path(location), "rb")
         except FileNotFoundError:
             raise DataError(f"{location} is missing: rebuild the shard set (or restore the file)") from None
     import fsspec

@@ -34,6 +34,12 @@ def test_member_locations_of_each_kind():
         storage.member("pipe:cat /data/a/index.json", "index.json")
 
 
+def test_a_file_url_is_the_folder(shards):
+    assert load_index(f"file://{shards}").root == str(shards) and not storage.is_remote(f"file://{shards}")
+    assert _keys(eval_loader(f"file://{shards}", "test", batch_size=2, image_size=32)) == _keys(
+        eval_loader(shards, "test", batch_size=2, image_size=32))
+
+
 def test_http_shards_stream_the_same_batches_as_the_folder_and_each_rank_reads_its_share(shards):
     with serve(shards) as (url, sent):
         index = load_index(url)
