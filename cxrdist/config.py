@@ -51,6 +51,8 @@ def parse_yaml(text: str) -> Any:
 
 # Where training metrics go (train.report_to): accelerate's trackers by name, or all three.
 REPORT_TO = ("tensorboard", "wandb", "mlflow", "all")
+TIMESTEP_BIASES = ("none", "later", "earlier", "range")  # train.timestep_bias (cxrdist.models.diffusion)
+RANK_SPLITS = ("shards", "samples")  # data.rank_split (cxrdist.data.loader)
 
 # The direction in which each eval.metric improves; eval.mode "auto" (the default) takes it from here.
 METRIC_MODES = {"val_loss": "min", "ssim": "max", "psnr": "max", "mse": "min", "faithfulness": "max"}
@@ -80,7 +82,7 @@ class DataConfig:
         _require(self.image_size >= 8 and self.image_size % 8 == 0, "data.image_size", "a multiple of 8, >= 8")
         _require("{report}" in self.prompt_template, "data.prompt_template", "a string containing {report}")
         _require(self.num_workers >= 0, "data.num_workers", ">= 0")
-        _require(self.rank_split in ("shards", "samples"), "data.rank_split", "shards or samples")
+        _require(self.rank_split in RANK_SPLITS, "data.rank_split", " or ".join(RANK_SPLITS))
 
 
 @dataclass
@@ -193,8 +195,7 @@ class TrainConfig:
         _require(self.nonfinite_loss in ("stop", "skip"), "train.nonfinite_loss", "stop or skip")
         _require(self.report_to in REPORT_TO, "train.report_to", "tensorboard, wandb, mlflow or all")
         _require(self.ema_decay == 0.0 or 0.0 < self.ema_decay < 1.0, "train.ema_decay", "0 (off) or in (0, 1)")
-        _require(self.timestep_bias in ("none", "later", "earlier", "range"), "train.timestep_bias",
-                 "none, later, earlier or range")
+        _require(self.timestep_bias in TIMESTEP_BIASES, "train.timestep_bias", "none, later, earlier or range")
         _require(self.timestep_bias_multiplier > 0, "train.timestep_bias_multiplier", "> 0")
         _require(0.0 < self.timestep_bias_portion <= 1.0, "train.timestep_bias_portion", "in (0, 1]")
         _require(0 <= self.timestep_bias_begin < self.timestep_bias_end, "train.timestep_bias_begin/end",

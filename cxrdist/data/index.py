@@ -9,6 +9,7 @@ Layout of a shard set folder:
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -88,6 +89,14 @@ class ShardIndex:
         return sum(int(self.splits[self.check_split(s)]["count"]) for s in splits)
 
 
+@functools.lru_cache(maxsize=8)
+def _remote_index_bytes(location: str) -> bytes:
+    """A remote index.json, fetched once per process: the loaders reopen the index every epoch and evaluation,
+    and a local file read costs nothing where a request to object storage does. A local index is read each time
+    (cache-latents rewrites it)."""
+    return storage.read_bytes(location)
+
+
 def _read_index(shards_dir: str | os.PathLike) -> tuple[str, dict[str, Any]]:
     """(location of index.json, its parsed content); DataError naming the file and the fix otherwise."""
     path = storage.member(shards_dir, INDEX_NAME)
@@ -96,7 +105,8 @@ def _read_index(shards_dir: str | os.PathLike) -> tuple[str, dict[str, Any]]:
         hint = " (an interrupted build: rerun it with --resume)" if parts.is_dir() else ""
         raise DataError(f"{path} not found{hint}: build the shard set with `cxrdist shard ...` first")
     try:
-        return path, json.loads(storage.read_bytes(path).decode("utf-8"))
+        raw = _remote_index_bytes(path) if storage.is_remote(shards_dir) else storage.read_bytes(path)
+        return path, json.loads(raw.decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{path} is unreadable ({exc}): check data.shards, or rebuild the shard set with "
                         "`cxrdist shard ...`") from None

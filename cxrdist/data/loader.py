@@ -37,14 +37,13 @@ import webdataset as wds
 from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from cxrdist.config import RANK_SPLITS
 from cxrdist.data import storage
 from cxrdist.data.imageio import to_model_range
 from cxrdist.data.index import TEST_SPLIT, ShardIndex, load_index, verify_once
 from cxrdist.errors import DataError
 
 __all__ = ["train_loader", "eval_loader", "batches_per_epoch", "train_reports", "ShardLoader", "RANK_SPLITS"]
-
-RANK_SPLITS = ("shards", "samples")
 
 
 def _train_splits(index: ShardIndex, fold: int) -> list[str]:
@@ -307,7 +306,8 @@ def train_reports(shards_dir, fold: int, *, max_samples: int = 0, rank: int = 0,
     shards = _capped_shards(index, splits, max_samples)
     pieces = rank_pieces(shards, *_share(sum(count for _, count in shards), rank, world_size))
     checks = _checks(index, splits, pieces)
-    return [sample["txt"].decode("utf-8") for piece in pieces for sample in shard_samples(piece, checks.get(piece.path))]
+    return [sample["txt"].decode("utf-8")
+            for piece in pieces for sample in shard_samples(piece, checks.get(piece.path))]
 
 
 def eval_loader(shards_dir, split: str, *, batch_size: int, image_size: int, channels: int = 1, rank: int = 0,

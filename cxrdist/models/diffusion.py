@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from cxrdist.config import TIMESTEP_BIASES
 from cxrdist.errors import ModelError
 from cxrdist.models.text import apply_template, encode_ids, max_length, tokenize
 
@@ -123,9 +124,6 @@ SNR_WEIGHTS: dict[str, Callable] = {
     "v_prediction": lambda snr, gamma: torch.clamp(snr, max=gamma) / (snr + 1),
     "sample": lambda snr, gamma: torch.clamp(snr, max=gamma),
 }
-
-
-TIMESTEP_BIASES = ("none", "later", "earlier", "range")
 
 
 def timestep_weights(num_timesteps: int, bias: str = "none", multiplier: float = 1.0, portion: float = 0.25,

@@ -33,7 +33,8 @@ def build_overrides(overrides, pretrained, preset, shards) -> list[str]:
 @config_options
 @click.option("--pretrained", default=None, help="Base model folder or hub id (sets model.pretrained).")
 @click.option("--preset", default=None, help="Named tiny base instead, e.g. tiny (sets model.pretrained=preset:NAME).")
-@click.option("--shards", default=None, help="Shard set: a folder, a URL (https://, s3://, gs://, ...) or a pipe: command (sets data.shards).")
+@click.option("--shards", default=None,
+              help="Shard set: a folder, a URL (https://, s3://, gs://, ...) or a pipe: command (sets data.shards).")
 @click.option("--output-dir", default=None, help="Run folder (default train.output_dir/<run_name or config hash>).")
 @click.option("--resume", default=None, metavar="latest|PATH", help="Continue from the latest or a given checkpoint.")
 @click.option("--zip", "export_zip", is_flag=True, help="Also write the best model as a .zip (sets train.export_zip).")

@@ -55,6 +55,7 @@ def test_http_shards_stream_the_same_batches_as_the_folder_and_each_rank_reads_i
         assert sum(e["bytes"] for e in entries) <= train_bytes <= sum(e["bytes"] for e in entries) + max(
             e["bytes"] for e in entries)
         assert verify_checksums(url, raise_on_error=False) == []
+    assert sent["index.json"] == (shards / "index.json").stat().st_size  # fetched once, for every loader above
 
 
 def test_evaluate_reads_and_shard_inspect_verifies_a_shard_set_over_http(shards, tmp_path):
