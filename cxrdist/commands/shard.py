@@ -40,6 +40,10 @@ def _build_options(default_size: int) -> Callable:
     return decorate
 
 
+def _split_list(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
 def _run_build(source, out: str, kw: dict[str, Any]) -> None:
     from cxrdist.data.shard import build_shards
 
@@ -107,17 +111,23 @@ def iu_xray(from_dir, cache_dir, fields, parallel_downloads, out, **kw) -> None:
 @click.option("--labels-col", default=None, help="Labels column [default: labels, if present].")
 @click.option("--uid-col", default=None, help="Unique id column [default: uid, else the image file name].")
 @click.option("--label-sep", default="|", show_default=True, help="Separator of labels in one CSV cell.")
+@click.option("--sections", default=None,
+              help="Keep only these report sections, in order (e.g. findings,impression) [default: the whole text].")
+@click.option("--fallback", is_flag=True,
+              help="With --sections: the report's last paragraph when it has neither FINDINGS nor IMPRESSION.")
 @_build_options(256)
 @friendly_errors
 def manifest(manifest_file, root, image_col, group_col, text_col, text_path_col, view_col, labels_col, uid_col,
-             label_sep, out, **kw) -> None:
+             label_sep, sections, fallback, out, **kw) -> None:
     """Any CSV / TSV / JSONL of image path + report (+ group, view, labels): MIMIC-CXR, CheXpert, PadChest..."""
     from cxrdist.data.sources.manifest import ManifestColumns, ManifestSource
 
     columns = ManifestColumns(image=image_col, group=group_col, text=text_col, text_path=text_path_col,
                               view=view_col, labels=labels_col, uid=uid_col, label_sep=label_sep)
     manifest_path = Path(manifest_file).resolve()
-    _run_build(ManifestSource(manifest_path, columns, root=Path(root).resolve() if root else None), out, kw)
+    source = ManifestSource(manifest_path, columns, root=Path(root).resolve() if root else None,
+                            sections=_split_list(sections) if sections is not None else None, fallback=fallback)
+    _run_build(source, out, kw)
 
 
 @shard.command("phantom")

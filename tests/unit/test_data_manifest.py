@@ -79,3 +79,24 @@ def test_bad_manifests_give_clear_errors(tmp_path):
         list(ManifestSource(bad).records())
     with pytest.raises(DataError, match="must be .csv"):
         list(ManifestSource(write_manifest(tmp_path / "m.txt", [{"a": 1}])).records())
+
+
+def test_sections_keep_only_the_chosen_parts(tmp_path):
+    for name in ("a", "b", "c"):
+        write_png(tmp_path / f"{name}.png")
+    (tmp_path / "b.txt").write_text("FINAL REPORT\n INDICATION: ___ cough\n FINDINGS: Lungs clear.\n"
+                                    " IMPRESSION: Normal.\n", encoding="utf-8")
+    manifest = write_manifest(tmp_path / "m.csv", [
+        {"image": "a.png", "group": "1", "report": "INDICATION: pain. IMPRESSION: Small effusion.", "report_path": ""},
+        {"image": "b.png", "group": "2", "report": "", "report_path": "b.txt"},
+        {"image": "c.png", "group": "3", "report": "Portable chest.\n\nNo change.", "report_path": ""},
+    ])
+    whole = [r.prompt for r in ManifestSource(manifest).records()]
+    assert whole[0] == "INDICATION: pain. IMPRESSION: Small effusion."  # without --sections: as before
+    source = ManifestSource(manifest, sections=["findings", "impression"])
+    assert [r.prompt for r in source.records()] == ["Small effusion.", "Lungs clear. Normal."]
+    assert [(r, d) for _, r, d in source.rejected()] == [("empty_report", "no words in findings/impression")]
+    assert [r.prompt for r in ManifestSource(manifest, sections=["impression"], fallback=True).records()] == \
+        ["Small effusion.", "Normal.", "No change."]
+    with pytest.raises(DataError, match="unknown report section"):
+        ManifestSource(manifest, sections=["summary"])

@@ -20,16 +20,16 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from cxrdist.data.imageio import decode_file
+from cxrdist.data.reports import build_prompt, clean_text, has_words
 from cxrdist.data.sources.base import Record, RecordRejected
 from cxrdist.errors import DataError
 
+# clean_text and has_words are imported from here by older callers: the shared parser (cxrdist.data.reports)
+__all__ = ["IUReport", "IUXraySource", "build_prompt", "clean_text", "has_words", "parse_report"]
 SECTIONS = ("findings", "impression", "indication", "comparison")
 DEFAULT_FIELDS = ("findings", "impression")  # INDICATION is not visible in an image, so off by default
 REPORTS_FOLDER = "ecgen-radiology"
 
-_DEID = re.compile(r"X{3,}")  # de-identification placeholders ("XXXX"), also glued to words: "x-XXXX"
-_SPACE_BEFORE_PUNCT = re.compile(r"\s+([.,;:!?])")
-_REPEATED_PUNCT = re.compile(r"([.,;:!?])(?:\s*[.,;:!?])+")
 _UNSAFE_KEY = re.compile(r"[^A-Za-z0-9_-]")
 
 
@@ -40,25 +40,6 @@ class IUReport:
     sections: dict[str, str] = field(default_factory=dict)  # lower-case label -> raw text
     images: list[str] = field(default_factory=list)  # parentImage ids, in document order
     mesh: list[str] = field(default_factory=list)  # <MeSH><major> terms, e.g. "Pleural Effusion/left/small"
-
-
-def clean_text(text: str) -> str:
-    """Drop XXXX placeholders, collapse whitespace, tidy the punctuation the removal leaves behind."""
-    text = _DEID.sub(" ", text)
-    text = " ".join(text.split())
-    text = _SPACE_BEFORE_PUNCT.sub(r"\1", text)
-    text = _REPEATED_PUNCT.sub(r"\1", text)
-    return text.lstrip(" .,;:!?").strip()
-
-
-def has_words(text: str) -> bool:
-    return re.search(r"[A-Za-z]{2,}", text) is not None
-
-
-def build_prompt(sections: dict[str, str], fields: Sequence[str] = DEFAULT_FIELDS) -> str:
-    """The chosen sections, cleaned, in the order given, joined by a space; "" when none has words."""
-    parts = [clean_text(sections.get(name, "")) for name in fields]
-    return " ".join(part for part in parts if has_words(part))
 
 
 def parse_report(path: str | Path) -> IUReport:

@@ -21,17 +21,16 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
 from cxrdist.data.imageio import decode_file
+from cxrdist.data.reports import check_sections, clean_text, has_words, report_prompt
 from cxrdist.data.sources.base import Record, RecordRejected
-from cxrdist.data.sources.iu_xray import clean_text, has_words
 from cxrdist.errors import DataError
 
 _UNSAFE_KEY = re.compile(r"[^A-Za-z0-9_-]")
-_UNDERSCORE_DEID = re.compile(r"_{3,}")  # MIMIC writes "___" where a name or date was removed
 # The longest real radiology reports are a few KiB; 256 KiB leaves a wide margin and still stops a manifest
 # from pulling a log file, a database dump or /dev/zero into every sample's text.
 MAX_REPORT_BYTES = 256 * 1024
@@ -144,13 +143,17 @@ class ManifestSource:
     name = "manifest"
 
     def __init__(self, manifest: str | Path, columns: ManifestColumns | None = None,
-                 root: str | Path | None = None) -> None:
+                 root: str | Path | None = None, sections: Optional[Sequence[str]] = None,
+                 fallback: bool = False) -> None:
         self.manifest = Path(manifest)
         if not self.manifest.is_file():
             raise DataError(f"manifest {self.manifest} not found: pass an existing CSV or JSONL file")
         self.columns = columns or ManifestColumns()
         self.root = Path(root) if root else self.manifest.parent
         self.confined = root is not None  # an explicit root confines absolute paths too (see module docstring)
+        # None: the whole report text is the prompt; else only these sections (cxrdist.data.reports)
+        self.sections = check_sections(sections) if sections is not None else None
+        self.fallback = fallback
         self._rejected: list[tuple[str, str, str]] = []
         self._summary = {"rows": 0, "records": 0}
 
@@ -203,8 +206,9 @@ class ManifestSource:
         text = str(text or "")
         if len(text.encode("utf-8")) > MAX_REPORT_BYTES:  # the same cap for text given inline (JSONL has no limit)
             raise RecordRejected("report_too_large", f"report text over {MAX_REPORT_BYTES // 1024} KiB")
-        text = _UNDERSCORE_DEID.sub(" ", text)
-        return clean_text(text)
+        if self.sections:
+            return report_prompt(text, self.sections, self.fallback)
+        return clean_text(text)  # the whole text, de-identification markers ("___", "XXXX") removed
 
     @staticmethod
     def _report_file(report_file: Path) -> str:
@@ -257,7 +261,8 @@ class ManifestSource:
                 self._rejected.append((where, exc.reason, exc.detail))
                 continue
             if not has_words(prompt):
-                self._rejected.append((where, "empty_report", "no report text"))
+                what = f"no words in {'/'.join(self.sections)}" if self.sections else "no report text"
+                self._rejected.append((where, "empty_report", what))
                 continue
             base = str(row.get(cols["uid"]) or "") if cols["uid"] else ""
             uid = _UNSAFE_KEY.sub("_", base or Path(image).stem) or f"row{line}"
