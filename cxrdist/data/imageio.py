@@ -5,12 +5,18 @@ their full bit depth until `encode_png` quantises. A file that cannot be decoded
 `RecordRejected` with a stable reason key, so the builder counts it instead of crashing or inventing pixels.
 The same holds for images that decode but carry no picture (constant, tiny, or a DICOM whose rescale or
 window tags flatten it): `check_pixels`, which the builder runs on every loaded image, rejects them.
+
+Fast JPEG ingest: when the caller says what the image becomes (`fit=(size, mode)`), a JPEG much larger than that
+is decoded at a reduced DCT scale (PIL `draft()`, 1/2, 1/4 or 1/8), never below `DRAFT_MARGIN` x the fitted size,
+so the final Lanczos resize still does the anti-aliasing. A 2,500 px MIMIC-CXR-JPG film bound for 256 px is
+decoded at 1/4 scale. Such pixels are a `ReducedPixels` array whose `original_shape` is the file's.
 """
 from __future__ import annotations
 
 import io
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -24,6 +30,8 @@ BIT_DEPTHS = (8, 16)
 _PIL_FULL_SCALE = {"L": 255.0, "I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I": 65535.0, "1": 1.0}
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
+# A JPEG is decoded at a reduced DCT scale only down to this multiple of its fitted size (see module docstring).
+DRAFT_MARGIN = 2
 
 # Below 16 px a side there is no anatomy left to learn from; the smallest shard size is 8, so such an image
 # would be upsampled into a blur (or a thumbnail/icon got into the export).
@@ -43,24 +51,53 @@ def _looks_like_dicom(path: Path) -> bool:
         return False
 
 
-def decode_file(path: str | Path) -> np.ndarray:
-    """Decode PNG / JPEG / TIFF (8 or 16 bit) or DICOM to float32 [0, 1], shape (H, W)."""
+class ReducedPixels(np.ndarray):
+    """Pixels of a JPEG decoded at a reduced DCT scale; `original_shape` is the (H, W) stored in the file."""
+
+    original_shape: tuple[int, int]
+
+
+def original_shape(pixels: np.ndarray) -> tuple[int, int]:
+    """The (H, W) of the file the pixels came from, also when they were decoded at a reduced scale."""
+    return tuple(getattr(pixels, "original_shape", pixels.shape))
+
+
+def decode_file(path: str | Path, fit: Optional[tuple[int, str]] = None) -> np.ndarray:
+    """Decode PNG / JPEG / TIFF (8 or 16 bit) or DICOM to float32 [0, 1], shape (H, W).
+
+    `fit=(size, resize mode)` says the caller will `resize_square` to that size: a large JPEG then decodes at a
+    reduced DCT scale (see the module docstring). Other formats ignore it.
+    """
     path = Path(path)
     if not path.is_file():
         raise RecordRejected("missing_image", str(path))
     if path.suffix.lower() in DICOM_SUFFIXES or _looks_like_dicom(path):
         return decode_dicom(path)
-    return _decode_pil(path)
+    return _decode_pil(path, fit)
 
 
-def decode_bytes(data: bytes) -> np.ndarray:
+def decode_bytes(data: bytes, fit: Optional[tuple[int, str]] = None) -> np.ndarray:
     """Decode an encoded image held in memory (PNG / JPEG / TIFF) to float32 [0, 1]."""
-    return _decode_pil(io.BytesIO(data))
+    return _decode_pil(io.BytesIO(data), fit)
 
 
-def _decode_pil(src) -> np.ndarray:
+def _draft(image: Image.Image, fit: tuple[int, str]) -> Optional[tuple[int, int]]:
+    """Ask the JPEG decoder for a reduced scale that keeps DRAFT_MARGIN x the fitted size; the file's (H, W)
+    when it took one, else None."""
+    size, mode = fit
+    width, height = image.size
+    new_h, new_w = fit_size(height, width, size, mode)
+    wanted = (DRAFT_MARGIN * new_w, DRAFT_MARGIN * new_h)
+    if wanted[0] * 2 > width or wanted[1] * 2 > height:
+        return None  # not even a 1/2 scale would keep the margin
+    image.draft(image.mode, wanted)
+    return (height, width) if image.size != (width, height) else None
+
+
+def _decode_pil(src, fit: Optional[tuple[int, str]] = None) -> np.ndarray:
     try:
         with Image.open(src) as image:
+            reduced_from = _draft(image, fit) if fit is not None and image.format == "JPEG" else None
             image.load()  # forces the full decode here, so truncated files fail now and not later
             if image.mode not in _PIL_FULL_SCALE:
                 image = image.convert("L")
@@ -74,6 +111,9 @@ def _decode_pil(src) -> np.ndarray:
         full_scale = float(pixels.max())  # 32-bit integer images: scale by their own range
     out = pixels.astype(np.float32)
     out *= np.float32(1.0 / full_scale)
+    if reduced_from is not None:
+        out = out.view(ReducedPixels)
+        out.original_shape = reduced_from
     return out
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import inspect
 import json
 import logging
 import multiprocessing
@@ -35,7 +36,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-from cxrdist.data.imageio import BIT_DEPTHS, RESIZE_MODES, check_pixels, encode_png, resize_square
+import numpy as np
+
+from cxrdist.data.imageio import (BIT_DEPTHS, RESIZE_MODES, check_pixels, encode_png, original_shape,
+                                  resize_square)
 from cxrdist.data.index import (FORMAT_VERSION, INDEX_NAME, PARTS_DIR, REJECTS_NAME, TEST_SPLIT, fold_name,
                                 shard_name)
 from cxrdist.data.sources.base import Record, RecordRejected
@@ -123,16 +127,28 @@ def plan_tasks(records: Sequence[Record], assignment: dict[str, str], options: S
 _WORKER: dict[str, Any] = {}
 
 
+def _takes_fit(load: Callable) -> bool:
+    """Whether a source's load() accepts `fit=(size, mode)`, the hint that lets large JPEGs decode downscaled."""
+    try:
+        return "fit" in inspect.signature(load).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _init_worker(source, size: int, resize_mode: str, bit_depth: int) -> None:
-    _WORKER.update(source=source, size=size, resize_mode=resize_mode, bit_depth=bit_depth)
+    _WORKER.update(source=source, size=size, resize_mode=resize_mode, bit_depth=bit_depth,
+                   fit=(size, resize_mode) if _takes_fit(source.load) else None)
 
 
 def _process(item: tuple[Record, str]) -> tuple[str, Optional[dict[str, bytes]], str, str]:
     """(uid, sample or None, reject reason, detail). Never raises for a bad input."""
     record, split = item
     try:
-        pixels = check_pixels(_WORKER["source"].load(record), record.uid)
-        original = list(pixels.shape)
+        fit = _WORKER["fit"]
+        loaded = _WORKER["source"].load(record, fit=fit) if fit else _WORKER["source"].load(record)
+        original = list(original_shape(loaded)) if isinstance(loaded, np.ndarray) else None
+        pixels = check_pixels(loaded, record.uid)
+        original = original or list(pixels.shape)
         pixels = resize_square(pixels, _WORKER["size"], _WORKER["resize_mode"])
         png = encode_png(pixels, _WORKER["bit_depth"])
     except RecordRejected as exc:

@@ -42,7 +42,10 @@ class Source(Protocol):
         ...
 
     def load(self, record: Record) -> np.ndarray:
-        """Pixels as a 2-D float32 array in [0, 1], full bit depth kept (quantised only when encoding)."""
+        """Pixels as a 2-D float32 array in [0, 1], full bit depth kept (quantised only when encoding).
+
+        A source may also accept `fit=(size, resize mode)`: what the builder will resize the pixels to. Passing
+        it on to `imageio.decode_file` lets a large JPEG decode at a reduced DCT scale (fast JPEG ingest)."""
         ...
 
     def rejected(self) -> list[tuple[str, str, str]]:

@@ -176,5 +176,5 @@ class IUXraySource:
         keys = ("reports_seen", "reports_used", "images_listed", "images_found", "images_missing")
         return {key: int(self._summary[key]) for key in keys}
 
-    def load(self, record: Record) -> np.ndarray:
-        return decode_file(record.source_path)
+    def load(self, record: Record, fit: Optional[tuple[int, str]] = None) -> np.ndarray:
+        return decode_file(record.source_path, fit)

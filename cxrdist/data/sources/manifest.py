@@ -281,5 +281,5 @@ class ManifestSource:
     def summary(self) -> dict[str, int]:
         return dict(self._summary)
 
-    def load(self, record: Record) -> np.ndarray:
-        return decode_file(record.source_path)
+    def load(self, record: Record, fit: Optional[tuple[int, str]] = None) -> np.ndarray:
+        return decode_file(record.source_path, fit)
