@@ -67,6 +67,7 @@ class ShardOptions:
     resume: bool = False
     progress: bool = True
     max_reject_fraction: float = 0.5  # more rejects than this share of the inputs fails the build
+    official_split: bool = False  # the source's test split (Record.split) replaces --test-fraction
 
     def __post_init__(self) -> None:
         checks = [
@@ -89,22 +90,47 @@ class ShardOptions:
         data = asdict(self)
         for key in ("workers", "resume", "progress", "max_reject_fraction"):
             data.pop(key)
+        if not data["official_split"]:
+            data.pop("official_split")  # plans and indexes written before the option existed still match
         return data
 
 
-def assign_splits(groups: Sequence[str], folds: int, test_fraction: float, seed: int) -> dict[str, str]:
-    """group -> split name. Sorted then seeded shuffle: the same groups and seed always give the same split."""
+def assign_splits(groups: Sequence[str], folds: int, test_fraction: float, seed: int,
+                  test_groups: Optional[set[str]] = None) -> dict[str, str]:
+    """group -> split name. Sorted then seeded shuffle: the same groups and seed always give the same split.
+
+    With `test_groups` (an official split) those groups are the test split and `test_fraction` is not used;
+    the folds are drawn from the other groups as before.
+    """
     ordered = sorted(set(groups))
-    random.Random(seed).shuffle(ordered)
-    n_test = int(round(test_fraction * len(ordered)))
-    split = {group: TEST_SPLIT for group in ordered[:n_test]}
-    for i, group in enumerate(ordered[n_test:]):
+    if test_groups is None:
+        random.Random(seed).shuffle(ordered)
+        n_test = int(round(test_fraction * len(ordered)))
+        test, rest = ordered[:n_test], ordered[n_test:]
+    else:
+        test = [group for group in ordered if group in test_groups]
+        rest = [group for group in ordered if group not in test_groups]
+        random.Random(seed).shuffle(rest)
+    split = {group: TEST_SPLIT for group in test}
+    for i, group in enumerate(rest):
         split[group] = fold_name(i % folds)
     return split
 
 
 def split_names(options: ShardOptions) -> list[str]:
-    return ([TEST_SPLIT] if options.test_fraction > 0 else []) + [fold_name(k) for k in range(options.folds)]
+    has_test = options.test_fraction > 0 or options.official_split
+    return ([TEST_SPLIT] if has_test else []) + [fold_name(k) for k in range(options.folds)]
+
+
+def _official_test_groups(records: Sequence[Record]) -> set[str]:
+    """Groups with an image in the official test split. A group (patient) with images on both sides goes to
+    test whole: splitting it would put one patient in test and in training."""
+    groups = {r.group for r in records if r.split == TEST_SPLIT}
+    moved = sum(1 for r in records if r.group in groups and r.split != TEST_SPLIT)
+    if moved:
+        log.warning("%d images outside the official test split belong to patients (groups) inside it: they go "
+                    "to the test split too, so no patient is in both", moved)
+    return groups
 
 
 @dataclass
@@ -434,6 +460,9 @@ def _check_groups(assignment: dict[str, str], options: ShardOptions) -> None:
     """Fail before anything is written when there are too few groups to give every split one."""
     filled = Counter(assignment.values())
     empty = [name for name in split_names(options) if not filled[name]]
+    if options.official_split and TEST_SPLIT in empty:
+        raise DataError("no input is in the official test split (or every one was rejected): add the test "
+                        "images, or draw a test split from --test-fraction with --no-official-split")
     if empty:
         raise DataError(f"{len(assignment)} groups leave split {', '.join(empty)} empty (--test-fraction "
                         f"{options.test_fraction:g}, --folds {options.folds}): lower --folds or "
@@ -508,6 +537,8 @@ def build_shards(source, out_dir: str | os.PathLike, options: Optional[ShardOpti
     options = options or ShardOptions()
     if overrides:
         options = ShardOptions(**{**asdict(options), **overrides})
+    if getattr(source, "official_split", False) and not options.official_split:
+        options = ShardOptions(**{**asdict(options), "official_split": True})
     out = Path(out_dir)
     started = time.perf_counter()
     workers = options.workers or os.cpu_count() or 1
@@ -519,7 +550,9 @@ def build_shards(source, out_dir: str | os.PathLike, options: Optional[ShardOpti
                         f"({len(listing_rejects)} rejected: {top_reasons(listing_rejects) or 'none'}): "
                         "check the inputs")
     # the one place records meet their split: duplicates are gone, so an image can sit in one split only
-    assignment = assign_splits([r.group for r in records], options.folds, options.test_fraction, options.seed)
+    test_groups = _official_test_groups(records) if options.official_split else None
+    assignment = assign_splits([r.group for r in records], options.folds, options.test_fraction, options.seed,
+                               test_groups)
     _check_groups(assignment, options)
     tasks = plan_tasks(records, assignment, options)
     plan = _plan_record(source, records, assignment, options)

@@ -32,6 +32,10 @@ class Record:
     source: str = ""  # source name, e.g. "iu-xray", "manifest", "phantom"
     source_path: str = ""  # where the pixels come from (file path, or a description for generated images)
     extra: dict[str, Any] = field(default_factory=dict)  # source-specific, JSON-serialisable (e.g. phantom geometry)
+    # "test" when the data set's official split holds this image out; read only from a source whose
+    # `official_split` is true: then the builder puts every group with such a record in the test split and
+    # draws the folds from the rest (--test-fraction is not used)
+    split: str = ""
 
 
 class Source(Protocol):
