@@ -73,7 +73,7 @@ def _echo_build_summary(out: Path, index: dict) -> None:
 
 @click.group()
 def shard() -> None:
-    """Build WebDataset shard sets (iu-xray, manifest, phantom) and inspect them."""
+    """Build WebDataset shard sets (iu-xray, mimic-cxr, manifest, phantom) and inspect them."""
 
 
 @shard.command("iu-xray")
@@ -127,6 +127,54 @@ def manifest(manifest_file, root, image_col, group_col, text_col, text_path_col,
     manifest_path = Path(manifest_file).resolve()
     source = ManifestSource(manifest_path, columns, root=Path(root).resolve() if root else None,
                             sections=_split_list(sections) if sections is not None else None, fallback=fallback)
+    _run_build(source, out, kw)
+
+
+def _report_options(func: Callable) -> Callable:
+    """--views, --sections, --fallback, --official-split, --uncertain: used by mimic-cxr."""
+    options = [
+        click.option("--views", default="PA,AP", show_default=True,
+                     help="Views to keep (PA, AP, LATERAL, LL, ...; 'frontal' = PA,AP, 'lateral' = LATERAL,LL, "
+                          "'all')."),
+        click.option("--sections", default="findings,impression", show_default=True,
+                     help="Report sections that make the prompt, in order (findings, impression, indication, "
+                          "comparison, technique, examination, wet_read, addendum)."),
+        click.option("--fallback", is_flag=True,
+                     help="Use the report's last paragraph when it has neither FINDINGS nor IMPRESSION."),
+        click.option("--official-split/--no-official-split", default=True, show_default=True,
+                     help="The data set's own held-out images are the test split and the rest is drawn into "
+                          "patient-level folds (--test-fraction is then not used)."),
+        click.option("--uncertain", type=click.Choice(["drop", "positive", "negative", "uncertain"]), default="drop",
+                     show_default=True, help="What a -1.0 (uncertain) CheXpert label becomes: left out, a positive "
+                                             "label, a negative one (sample JSON extra.negative_labels), or "
+                                             "'Label/uncertain'."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@shard.command("mimic-cxr")
+@click.option("--root", required=True, type=click.Path(file_okay=False),
+              help="MIMIC-CXR-JPG (or MIMIC-CXR DICOM) folder: files/ and the mimic-cxr-2.0.0-*.csv.gz tables.")
+@click.option("--reports", type=click.Path(), default=None,
+              help="mimic-cxr-reports.zip or its extracted folder [default: <root>/mimic-cxr-reports.zip, else "
+                   "sSTUDY.txt files under <root>/files].")
+@_report_options
+@click.option("--labeler", type=click.Choice(["auto", "chexpert", "negbio", "none"]), default="auto",
+              show_default=True, help="Label table: -chexpert, else -negbio (auto).")
+@click.option("--layout", type=click.Choice(["auto", "jpg", "dicom"]), default="auto", show_default=True,
+              help="jpg: the metadata table and .jpg files; dicom: cxr-record-list.csv.gz and .dcm files.")
+@_build_options(256)
+@friendly_errors
+def mimic_cxr(root, reports, views, sections, fallback, official_split, uncertain, labeler, layout, out,
+              **kw) -> None:
+    """MIMIC-CXR-JPG / MIMIC-CXR (PhysioNet credentialed access): images, reports zip, split and labels."""
+    from cxrdist.data.sources.mimic_cxr import MimicCXRSource
+
+    source = MimicCXRSource(Path(root).resolve(), reports=Path(reports).resolve() if reports else None,
+                            views=views, sections=_split_list(sections), fallback=fallback,
+                            official_split=official_split, uncertain=uncertain, labeler=labeler, layout=layout)
     _run_build(source, out, kw)
 
 

@@ -26,9 +26,10 @@ What the parser does with it:
   that text, headed parts included, is section `addendum`, so an addendum's own IMPRESSION does not merge into
   the report's.
 - De-identification markers are removed: `___` (MIMIC) and `XXXX` (IU), also glued to words (`x-XXXX`).
-- The fallback for reports with neither FINDINGS nor IMPRESSION is the last paragraph of the report body (not
-  of the wet read, an addendum or an INDICATION / COMPARISON / TECHNIQUE / EXAMINATION section), as the
-  MIMIC-CXR reference splitter does.
+- The fallback for reports with neither FINDINGS nor IMPRESSION is the last paragraph of the report body, as the
+  MIMIC-CXR reference splitter does; but not the wet read, an addendum, or the first paragraph of an INDICATION /
+  COMPARISON / TECHNIQUE / EXAMINATION section (a later paragraph there, after a blank line, is unheaded body
+  text and is taken).
 """
 from __future__ import annotations
 
@@ -173,10 +174,11 @@ def _last_paragraph(parts: Sequence[tuple[str, str]]) -> str:
     for name, body in reversed(parts):
         if not has_words(clean_text(body)):
             continue
-        if name in _NOT_DESCRIPTIVE:
-            return ""  # the report ends in a section that does not describe the image: no fallback
         paragraphs = [p for p in _PARAGRAPH.split(body) if has_words(clean_text(p))]
-        return paragraphs[-1].strip() if paragraphs else ""
+        if name in _NOT_DESCRIPTIVE and len(paragraphs) < 2:
+            return ""  # the report ends in a section that does not describe the image: no fallback
+        # (a paragraph after a blank line below COMPARISON: etc. is unheaded body text, and is taken)
+        return paragraphs[-1].strip()
     return ""
 
 

@@ -118,6 +118,7 @@ def test_fallback_takes_the_last_descriptive_paragraph_only():
         "No change in the left effusion."
     assert report_prompt("Portable chest.\n\nNo change.") == ""  # fallback off
     assert report_prompt("EXAMINATION: Chest.\nCOMPARISON: ___.", fallback=True) == ""
+    assert report_prompt("COMPARISON: None.\n\nLungs are clear.", fallback=True) == "Lungs are clear."
     assert report_prompt("FINDINGS: Clear.\n\nSomething else.", fallback=True) == "Clear. Something else."
 
 

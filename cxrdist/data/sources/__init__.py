@@ -9,6 +9,7 @@ from cxrdist.errors import DataError
 SOURCES: dict[str, str] = {
     "iu-xray": "cxrdist.data.sources.iu_xray:IUXraySource",
     "manifest": "cxrdist.data.sources.manifest:ManifestSource",
+    "mimic-cxr": "cxrdist.data.sources.mimic_cxr:MimicCXRSource",
     "phantom": "cxrdist.data.sources.phantom:PhantomSource",
 }
 
