@@ -73,7 +73,7 @@ def _echo_build_summary(out: Path, index: dict) -> None:
 
 @click.group()
 def shard() -> None:
-    """Build WebDataset shard sets (iu-xray, mimic-cxr, manifest, phantom) and inspect them."""
+    """Build WebDataset shard sets (iu-xray, mimic-cxr, chexpert-plus, manifest, phantom) and inspect them."""
 
 
 @shard.command("iu-xray")
@@ -131,7 +131,7 @@ def manifest(manifest_file, root, image_col, group_col, text_col, text_path_col,
 
 
 def _report_options(func: Callable) -> Callable:
-    """--views, --sections, --fallback, --official-split, --uncertain: used by mimic-cxr."""
+    """--views, --sections, --fallback, --official-split, --uncertain: shared by mimic-cxr and chexpert-plus."""
     options = [
         click.option("--views", default="PA,AP", show_default=True,
                      help="Views to keep (PA, AP, LATERAL, LL, ...; 'frontal' = PA,AP, 'lateral' = LATERAL,LL, "
@@ -175,6 +175,28 @@ def mimic_cxr(root, reports, views, sections, fallback, official_split, uncertai
     source = MimicCXRSource(Path(root).resolve(), reports=Path(reports).resolve() if reports else None,
                             views=views, sections=_split_list(sections), fallback=fallback,
                             official_split=official_split, uncertain=uncertain, labeler=labeler, layout=layout)
+    _run_build(source, out, kw)
+
+
+@shard.command("chexpert-plus")
+@click.option("--root", required=True, type=click.Path(file_okay=False),
+              help="Folder the CSV's image paths are relative to (PNG/ and DICOM/ subfolders are found too).")
+@click.option("--csv", "csv_file", required=True, type=click.Path(dir_okay=False),
+              help="df_chexpert_plus_*.csv (path_to_image, frontal_lateral, ap_pa, deid_patient_id, section_*, "
+                   "split).")
+@click.option("--image-format", type=click.Choice(["png", "dicom"]), default="png", show_default=True,
+              help="Read path_to_image (PNG) or path_to_dcm (DICOM).")
+@_report_options
+@_build_options(256)
+@friendly_errors
+def chexpert_plus(root, csv_file, image_format, views, sections, fallback, official_split, uncertain, out,
+                  **kw) -> None:
+    """CheXpert Plus (Stanford AIMI): image-report pairs from its CSV, split column honoured."""
+    from cxrdist.data.sources.chexpert_plus import CheXpertPlusSource
+
+    source = CheXpertPlusSource(Path(root).resolve(), Path(csv_file).resolve(), image_format=image_format,
+                                views=views, sections=_split_list(sections), fallback=fallback,
+                                official_split=official_split, uncertain=uncertain)
     _run_build(source, out, kw)
 
 

@@ -198,3 +198,42 @@ def expected_prompt(number: int, study: str) -> str:
             f"Right lower lobe opacity in study {study}. Pneumonia.", "",
             f"No acute cardiopulmonary process in study {study}."][number % len(TEMPLATES)]
 
+
+CHEXPERT_PLUS_COLUMNS = ["path_to_image", "path_to_dcm", "frontal_lateral", "ap_pa", "deid_patient_id",
+                         "patient_report_date_order", "report", "section_narrative", "section_clinical_history",
+                         "section_history", "section_comparison", "section_technique", "section_procedure_comments",
+                         "section_findings", "section_impression", "section_end_of_impression", "section_summary",
+                         "section_accession_number", "age", "sex", "race", "ethnicity", "interpreter_needed",
+                         "insurance_type", "recent_bmi", "deceased", "split"]
+
+
+def make_chexpert_plus_tree(root: Path, n_patients: int = 8, *, valid_patients: Sequence[int] = (0, 1),
+                            dicom: bool = False, missing: Sequence[str] = (), size: tuple[int, int] = (64, 48)) -> Path:
+    """PNG/<split>/patientNNNNN/study1/view1_frontal.png + view2_lateral.png (and DICOM/... .dcm when `dicom`),
+    and df_chexpert_plus_240401.csv. The table names the PNGs with the .jpg suffix of the original CheXpert paths.
+    Patients in `valid_patients` are split `valid`. Every fourth patient's report has only a free-text `report`
+    (sections empty) ending in a descriptive paragraph. Returns the table's path."""
+    rows = []
+    for i in range(n_patients):
+        split = "valid" if i in valid_patients else "train"
+        patient = f"patient{i:05d}"
+        for v, (side, projection) in enumerate((("Frontal", "PA" if i % 2 else "AP"), ("Lateral", ""))):
+            name = f"{split}/{patient}/study1/view{v + 1}_{side.lower()}"
+            if name not in missing:
+                png = root / "PNG" / f"{name}.png"
+                png.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(np.rint(gradient(*size, seed=i * 2 + v) * 255).astype(np.uint8)).save(png)
+                if dicom:
+                    values = np.rint(gradient(*size, seed=i * 2 + v) * 4000).astype(np.uint16)
+                    write_dicom(root / "DICOM" / f"{name}.dcm", values)
+            free_text_only = i % 4 == 3
+            findings = "" if free_text_only else f"Heart size normal for patient {i}. No ___ effusion."
+            impression = "" if free_text_only else "No acute disease."
+            report = (f"NARRATIVE:\nCHEST 2 VIEWS\n\nCOMPARISON: None.\n\nMild cardiomegaly in patient {i}."
+                      if free_text_only else f"FINDINGS: {findings}\nIMPRESSION: {impression}")
+            rows.append({"path_to_image": f"{name}.jpg", "path_to_dcm": f"{name}.dcm", "frontal_lateral": side,
+                         "ap_pa": projection, "deid_patient_id": patient, "patient_report_date_order": "1",
+                         "report": report, "section_findings": findings, "section_impression": impression,
+                         "section_clinical_history": f"Cough, patient {i}.", "split": split})
+    return write_table(root / "df_chexpert_plus_240401.csv", CHEXPERT_PLUS_COLUMNS,
+                       [{k: row.get(k, "") for k in CHEXPERT_PLUS_COLUMNS} for row in rows])

@@ -10,6 +10,7 @@ SOURCES: dict[str, str] = {
     "iu-xray": "cxrdist.data.sources.iu_xray:IUXraySource",
     "manifest": "cxrdist.data.sources.manifest:ManifestSource",
     "mimic-cxr": "cxrdist.data.sources.mimic_cxr:MimicCXRSource",
+    "chexpert-plus": "cxrdist.data.sources.chexpert_plus:CheXpertPlusSource",
     "phantom": "cxrdist.data.sources.phantom:PhantomSource",
 }
 
