@@ -7,9 +7,11 @@ The same holds for images that decode but carry no picture (constant, tiny, or a
 window tags flatten it): `check_pixels`, which the builder runs on every loaded image, rejects them.
 
 Fast JPEG ingest: when the caller says what the image becomes (`fit=(size, mode)`), a JPEG much larger than that
-is decoded at a reduced DCT scale (PIL `draft()`, 1/2, 1/4 or 1/8), never below `DRAFT_MARGIN` x the fitted size,
-so the final Lanczos resize still does the anti-aliasing. A 2,500 px MIMIC-CXR-JPG film bound for 256 px is
-decoded at 1/4 scale. Such pixels are a `ReducedPixels` array whose `original_shape` is the file's.
+is decoded at a reduced DCT scale (PIL `draft()`, 1/2, 1/4 or 1/8): the smallest one whose output is still at
+least `DRAFT_MARGIN` x the fitted size on both sides; the Lanczos resize then brings it to the fitted size. A
+2,500 x 3,050 px MIMIC-CXR-JPG film bound for 256 px is decoded at 1/8 scale (313 x 382 px), for 512 px at 1/4.
+Such pixels are a `ReducedPixels` array whose `original_shape` is the file's, and `resize_square` fits from that
+shape, so the final image has the full decode's geometry to the pixel.
 """
 from __future__ import annotations
 
@@ -31,7 +33,13 @@ _PIL_FULL_SCALE = {"L": 255.0, "I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 # A JPEG is decoded at a reduced DCT scale only down to this multiple of its fitted size (see module docstring).
-DRAFT_MARGIN = 2
+# 1, not 2: DCT-domain scaling keeps the low-frequency coefficients of each 8x8 block, so it is itself a low-pass
+# filter, and the Lanczos step that follows has little aliasing left to remove. benchmarks/jpeg_ingest.py runs
+# both floors side by side on 2,500 px films (three runs on a loaded machine, benchmarks/RESULTS.md): at 256 px,
+# >= 2x the fit (1/4 scale) gave 1.96-2.11x the full decode + resize (1.66x in an earlier run) at 57 dB PSNR,
+# >= 1x the fit (1/8 scale) 2.14-2.31x at 48 dB; at 512 px 2.14-2.47x at 68 dB against 2.98-3.16x at 52 dB.
+# Only 1x meets the 2x target in every run, well within the 40 dB tolerance.
+DRAFT_MARGIN = 1
 
 # Below 16 px a side there is no anatomy left to learn from; the smallest shard size is 8, so such an image
 # would be upsampled into a blur (or a thumbnail/icon got into the export).
@@ -82,15 +90,15 @@ def decode_bytes(data: bytes, fit: Optional[tuple[int, str]] = None) -> np.ndarr
 
 
 def _draft(image: Image.Image, fit: tuple[int, str]) -> Optional[tuple[int, int]]:
-    """Ask the JPEG decoder for a reduced scale that keeps DRAFT_MARGIN x the fitted size; the file's (H, W)
-    when it took one, else None."""
+    """Ask the JPEG decoder for the smallest DCT scale whose output keeps DRAFT_MARGIN x the fitted size; the
+    file's (H, W) when it took one, else None."""
     size, mode = fit
     width, height = image.size
     new_h, new_w = fit_size(height, width, size, mode)
     wanted = (DRAFT_MARGIN * new_w, DRAFT_MARGIN * new_h)
     if wanted[0] * 2 > width or wanted[1] * 2 > height:
         return None  # not even a 1/2 scale would keep the margin
-    image.draft(image.mode, wanted)
+    image.draft(image.mode, wanted)  # PIL picks the largest of 1/2, 1/4, 1/8 that still gives >= wanted
     return (height, width) if image.size != (width, height) else None
 
 
@@ -214,9 +222,10 @@ def resize_square(pixels: np.ndarray, size: int, mode: str = "pad") -> np.ndarra
     """Aspect-preserving resize to size x size, then black padding or a centre crop. Never flips."""
     if mode not in RESIZE_MODES:
         raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
-    height, width = pixels.shape
-    new_h, new_w = fit_size(height, width, size, mode)
-    if (new_h, new_w) != (height, width):
+    # The fit comes from the file's shape: a reduced decode (ceil(side / scale) px) can round to a fitted size one
+    # pixel off the full decode's, which would shift the padding or crop and every edge with it.
+    new_h, new_w = fit_size(*original_shape(pixels), size, mode)
+    if (new_h, new_w) != pixels.shape:
         image = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32))
         # reducing_gap first box-reduces by an integer factor, then Lanczos: same quality, ~6x faster on
         # 2000x2500 inputs than Lanczos over the full image.
