@@ -17,8 +17,9 @@ def _build_options(default_size: int) -> Callable:
                          help="Folder for the shard set (index.json, rejects.jsonl, <split>-NNNNNN.tar)."),
             click.option("--size", default=default_size, show_default=True, help="Square image side in pixels."),
             click.option("--folds", default=5, show_default=True, help="Cross-validation folds of the non-test part."),
-            click.option("--test-fraction", default=0.2, show_default=True,
-                         help="Share of groups (patients / reports) held out as the test split."),
+            click.option("--test-fraction", type=float, default=None,
+                         help="Share of groups (patients / reports) held out as the test split [default: 0.2; "
+                              "refused with --official-split, which uses the data set's own]."),
             click.option("--seed", default=0, show_default=True, help="Seed of the group-level split."),
             click.option("--shard-size", default=1000, show_default=True, help="Samples per tar file."),
             click.option("--workers", default=0, show_default=True, help="Preprocessing processes (0 = all cores)."),
@@ -143,7 +144,7 @@ def _report_options(func: Callable) -> Callable:
                      help="Use the report's last paragraph when it has neither FINDINGS nor IMPRESSION."),
         click.option("--official-split/--no-official-split", default=True, show_default=True,
                      help="The data set's own held-out images are the test split and the rest is drawn into "
-                          "patient-level folds (--test-fraction is then not used)."),
+                          "patient-level folds (--test-fraction is then refused)."),
         click.option("--uncertain", type=click.Choice(["drop", "positive", "negative", "uncertain"]), default="drop",
                      show_default=True, help="What a -1.0 (uncertain) CheXpert label becomes: left out, a positive "
                                              "label, a negative one (sample JSON extra.negative_labels), or "

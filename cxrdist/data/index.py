@@ -46,7 +46,7 @@ class ShardIndex:
     bit_depth: int
     folds: int
     seed: int
-    test_fraction: float
+    test_fraction: Optional[float]  # None: the data set's official test split (options.official_split)
     splits: dict[str, dict[str, Any]]  # name -> {count, groups, shards: [{name, count, sha256, bytes}], labels}
     options: dict[str, Any] = field(default_factory=dict)
     counts: dict[str, Any] = field(default_factory=dict)
@@ -112,6 +112,10 @@ def _read_index(shards_dir: str | os.PathLike) -> tuple[str, dict[str, Any]]:
                         "`cxrdist shard ...`") from None
 
 
+def _optional_float(value: Any) -> Optional[float]:
+    return None if value is None else float(value)
+
+
 def load_index(shards_dir: str | os.PathLike) -> ShardIndex:
     """Read and sanity-check `<shards_dir>/index.json` (a folder, URL or pipe: command); DataError naming the file
     and the fix otherwise."""
@@ -127,7 +131,7 @@ def load_index(shards_dir: str | os.PathLike) -> ShardIndex:
         return ShardIndex(root=root, format_version=version, source=data["source"],
                           image_size=int(data["image_size"]), channels=int(data["channels"]),
                           bit_depth=int(data["bit_depth"]), folds=int(data["folds"]), seed=int(data["seed"]),
-                          test_fraction=float(data["test_fraction"]), splits=data["splits"],
+                          test_fraction=_optional_float(data["test_fraction"]), splits=data["splits"],
                           options=data.get("options", {}), counts=data.get("counts", {}),
                           rejects=data.get("rejects", {}), source_summary=data.get("source_summary", {}))
     except (KeyError, TypeError, ValueError) as exc:

@@ -21,7 +21,9 @@ def summary_lines(index: ShardIndex, top_labels: int = 8) -> list[str]:
         f"shard set   {index.root}",
         f"source      {index.source}   images {index.image_size}x{index.image_size}, {index.channels} channel, "
         f"{index.bit_depth}-bit PNG, resize {index.options.get('resize_mode', '?')}",
-        f"splits      seed {index.seed}, test fraction {index.test_fraction}, {index.folds} folds",
+        f"splits      seed {index.seed}, "
+        + ("official test split" if index.test_fraction is None else f"test fraction {index.test_fraction}")
+        + f", {index.folds} folds",
         f"samples     {counts.get('written', 0)} written of {counts.get('records', 0)} records, "
         f"{counts.get('rejected', 0)} rejected",
     ]

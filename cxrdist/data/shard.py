@@ -54,11 +54,16 @@ LOCK_NAME = ".cxrdist-build.lock"
 DUPLICATE_PATH, DUPLICATE_CONTENT = "duplicate_path", "duplicate_content"
 
 
+DEFAULT_TEST_FRACTION = 0.2
+OFFICIAL_TEST_FRACTION = ("--test-fraction does not apply with --official-split: the data set's own test split is "
+                          "used; pass --no-official-split to draw a test split by patient")
+
+
 @dataclass
 class ShardOptions:
     size: int = 256
     folds: int = 5
-    test_fraction: float = 0.2
+    test_fraction: Optional[float] = None  # None: DEFAULT_TEST_FRACTION, or nothing drawn with official_split
     seed: int = 0
     shard_size: int = 1000
     workers: int = 0  # 0 = all cores
@@ -70,10 +75,12 @@ class ShardOptions:
     official_split: bool = False  # the source's test split (Record.split) replaces --test-fraction
 
     def __post_init__(self) -> None:
+        if self.official_split and self.test_fraction is not None:
+            raise InputError(OFFICIAL_TEST_FRACTION)  # it would be silently ignored
         checks = [
             (self.size >= 8 and self.size % 8 == 0, "--size", "a multiple of 8, >= 8"),
             (self.folds >= 1, "--folds", ">= 1"),
-            (0.0 <= self.test_fraction < 1.0, "--test-fraction", "in [0, 1)"),
+            (self.test_fraction is None or 0.0 <= self.test_fraction < 1.0, "--test-fraction", "in [0, 1)"),
             (self.shard_size >= 1, "--shard-size", ">= 1"),
             (self.workers >= 0, "--workers", ">= 0 (0 = all cores)"),
             (self.resize_mode in RESIZE_MODES, "--resize", " or ".join(RESIZE_MODES)),
@@ -85,9 +92,16 @@ class ShardOptions:
             if not ok:
                 raise InputError(f"{name} must be {wanted}")
 
+    @property
+    def drawn_test_fraction(self) -> Optional[float]:
+        """The share of groups drawn into the test split; None with the official split (nothing is drawn)."""
+        if self.official_split:
+            return None
+        return DEFAULT_TEST_FRACTION if self.test_fraction is None else self.test_fraction
+
     def plan_key(self) -> dict[str, Any]:
         """The options that shape the output; a resumed build must match them."""
-        data = asdict(self)
+        data = {**asdict(self), "test_fraction": self.drawn_test_fraction}
         for key in ("workers", "resume", "progress", "max_reject_fraction"):
             data.pop(key)
         if not data["official_split"]:
@@ -95,7 +109,7 @@ class ShardOptions:
         return data
 
 
-def assign_splits(groups: Sequence[str], folds: int, test_fraction: float, seed: int,
+def assign_splits(groups: Sequence[str], folds: int, test_fraction: Optional[float], seed: int,
                   test_groups: Optional[set[str]] = None) -> dict[str, str]:
     """group -> split name. Sorted then seeded shuffle: the same groups and seed always give the same split.
 
@@ -118,7 +132,7 @@ def assign_splits(groups: Sequence[str], folds: int, test_fraction: float, seed:
 
 
 def split_names(options: ShardOptions) -> list[str]:
-    has_test = options.test_fraction > 0 or options.official_split
+    has_test = options.official_split or options.drawn_test_fraction > 0
     return ([TEST_SPLIT] if has_test else []) + [fold_name(k) for k in range(options.folds)]
 
 
@@ -465,7 +479,7 @@ def _check_groups(assignment: dict[str, str], options: ShardOptions) -> None:
                         "images, or draw a test split from --test-fraction with --no-official-split")
     if empty:
         raise DataError(f"{len(assignment)} groups leave split {', '.join(empty)} empty (--test-fraction "
-                        f"{options.test_fraction:g}, --folds {options.folds}): lower --folds or "
+                        f"{options.drawn_test_fraction:g}, --folds {options.folds}): lower --folds or "
                         "--test-fraction, or add inputs")
 
 
@@ -531,8 +545,9 @@ def build_shards(source, out_dir: str | os.PathLike, options: Optional[ShardOpti
     """Build (or with resume=True, finish) a shard set; returns the index written to out_dir/index.json.
 
     `overrides` are ShardOptions fields (size, folds, test_fraction, seed, shard_size, workers,
-    resize_mode, bit_depth, resume, progress, max_reject_fraction). Raises DataError (BuildRejected when
-    the result is unusable: then no index.json is written and this build's shards are removed).
+    resize_mode, bit_depth, resume, progress, max_reject_fraction). A source with `official_split` sets it,
+    and then refuses a test_fraction. Raises DataError (BuildRejected when the result is unusable: then no
+    index.json is written and this build's shards are removed).
     """
     options = options or ShardOptions()
     if overrides:
@@ -551,8 +566,8 @@ def build_shards(source, out_dir: str | os.PathLike, options: Optional[ShardOpti
                         "check the inputs")
     # the one place records meet their split: duplicates are gone, so an image can sit in one split only
     test_groups = _official_test_groups(records) if options.official_split else None
-    assignment = assign_splits([r.group for r in records], options.folds, options.test_fraction, options.seed,
-                               test_groups)
+    assignment = assign_splits([r.group for r in records], options.folds, options.drawn_test_fraction,
+                               options.seed, test_groups)
     _check_groups(assignment, options)
     tasks = plan_tasks(records, assignment, options)
     plan = _plan_record(source, records, assignment, options)
@@ -661,7 +676,8 @@ def _write_index(out: Path, source, options: ShardOptions, splits: dict[str, dic
     index = {
         "format_version": FORMAT_VERSION, "source": getattr(source, "name", "unknown"),
         "image_size": options.size, "channels": 1, "bit_depth": options.bit_depth, "folds": options.folds,
-        "seed": options.seed, "test_fraction": options.test_fraction, "options": options.plan_key(),
+        # null with the official split: no fraction was drawn (options.official_split says which split was used)
+        "seed": options.seed, "test_fraction": options.drawn_test_fraction, "options": options.plan_key(),
         "splits": splits,
         "counts": {"records": len(records), "written": sum(s["count"] for s in splits.values()),
                    "rejected": len(rejects),

@@ -29,6 +29,23 @@ def test_mimic_cxr_command(tmp_path):
     assert code == 1 and "unknown report section" in output
 
 
+def test_test_fraction_is_refused_with_the_official_split(tmp_path):
+    root = make_mimic_tree(tmp_path / "mimic")
+    table = make_chexpert_plus_tree(tmp_path / "cp")
+    for command in (["mimic-cxr", "--root", root], ["chexpert-plus", "--root", table.parent, "--csv", table]):
+        out = tmp_path / f"out-{command[0]}"
+        code, output = _run("shard", *command, "--out", out, "--test-fraction", 0.2, "--workers", 1)
+        assert code == 1 and len(output.strip().splitlines()) == 1, output
+        assert "--test-fraction does not apply with --official-split" in output and "--no-official-split" in output
+        assert not (out / "index.json").exists()
+    out = tmp_path / "drawn"
+    code, output = _run("shard", "mimic-cxr", "--root", root, "--out", out, "--no-official-split", "--test-fraction",
+                        0.5, "--size", 32, "--folds", 2, "--workers", 1)
+    assert code == 0, output
+    index = json.loads((out / "index.json").read_text())
+    assert index["test_fraction"] == 0.5 and "official_split" not in index["options"]
+
+
 def test_chexpert_plus_command(tmp_path):
     table = make_chexpert_plus_tree(tmp_path / "cp")
     out = tmp_path / "out"

@@ -7,11 +7,12 @@ import json
 
 import pytest
 
-from cxrdist.data.index import verify_checksums
+from cxrdist.data.index import load_index, verify_checksums
+from cxrdist.data.inspect import summary_lines
 from cxrdist.data.shard import build_shards
 from cxrdist.data.sources import source_class
 from cxrdist.data.sources.mimic_cxr import MimicCXRSource
-from cxrdist.errors import DataError
+from cxrdist.errors import DataError, InputError
 from support.data_files import tar_metas
 from support.mimic_files import dicom_id, expected_prompt, make_mimic_tree, study_id, subject_id
 
@@ -77,7 +78,10 @@ def test_uncertain_labels_policy(tree, policy, labels, negative):
 
 def test_official_split_and_patient_level_folds(tree, tmp_path):
     out = tmp_path / "out"
-    index = build_shards(MimicCXRSource(tree), out, test_fraction=0.5, **OPTS)  # test_fraction is not used
+    with pytest.raises(InputError, match="--test-fraction does not apply with --official-split.*"
+                                         "--no-official-split"):
+        build_shards(MimicCXRSource(tree), out, test_fraction=0.5, **OPTS)  # it would go unused
+    index = build_shards(MimicCXRSource(tree), out, **OPTS)
     metas = _metas(out)
     by_split: dict[str, set] = {}
     for meta in metas:
@@ -91,6 +95,11 @@ def test_official_split_and_patient_level_folds(tree, tmp_path):
     assert index["source_summary"]["split"] == "official" and verify_checksums(out) == []
     drawn = build_shards(MimicCXRSource(tree, official_split=False), tmp_path / "drawn", test_fraction=0.34, **OPTS)
     assert "official_split" not in drawn["options"] and drawn["splits"]["test"]["groups"] == 3
+    # index.json claims no test fraction it did not draw, and reads back
+    assert index["test_fraction"] is None and index["options"]["test_fraction"] is None
+    assert drawn["test_fraction"] == 0.34 and load_index(tmp_path / "drawn").test_fraction == 0.34
+    assert load_index(out).test_fraction is None
+    assert "official test split" in "\n".join(summary_lines(load_index(out)))
 
 
 def test_subject_in_both_official_splits_goes_to_test_whole(tmp_path):
