@@ -7,6 +7,15 @@ tree stays quick, each with its own noise so no two files are byte-copies. Print
 and the parallel efficiency (rate with N workers / (N x rate with 1 worker)), all from one run.
 
     python benchmarks/mimic_scale.py [--n 20000] [--workers 2] [--size 256] [--height 1248]
+
+`--list-only --rows 377000` measures memory instead: it writes only the tables and the reports zip (empty image
+files, so nothing is decoded), every view kept (`--views all`: one record per row, as many as MIMIC-CXR-JPG has
+images), findings about `--report-chars` long (MIMIC's FINDINGS + IMPRESSION run to a few hundred characters),
+then lists the records with the builder's own `_collect_records` and prints the peak RSS
+(resource.getrusage) and the bytes per record, and how much of that is prompt text. The tree is written by a
+forked child, so the peak is the listing's alone.
+
+    python benchmarks/mimic_scale.py --list-only [--rows 377000] [--report-chars 600]
 """
 from __future__ import annotations
 
@@ -62,6 +71,106 @@ def build_tree(root: Path, n_images: int, height: int) -> Path:
     return root
 
 
+FINDINGS = ("The lungs are clear without focal consolidation, effusion or pneumothorax. The cardiomediastinal "
+            "silhouette is within normal limits. Mild degenerative changes of the thoracic spine. ")
+
+
+def build_tables(root: Path, n_rows: int, report_chars: int) -> Path:
+    """The tables and reports zip of `n_rows` images (two views per study, two studies per subject), and an empty
+    file per image: what listing reads, without pixels."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from support.mimic_files import (LABEL_COLUMNS, METADATA_COLUMNS, dicom_id, study_id, subject_id,
+                                     write_table)
+
+    meta, split, labels = [], [], []
+    root.mkdir(parents=True, exist_ok=True)
+    body = (FINDINGS * (report_chars // len(FINDINGS) + 1))[:report_chars]
+    with zipfile.ZipFile(root / "mimic-cxr-reports.zip", "w") as reports:
+        for number in range(max(1, n_rows // 2)):
+            i, k = number // 2, number % 2
+            subject, study = subject_id(i), study_id(i, k)
+            folder = root / f"files/p{subject[:2]}/p{subject}/s{study}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for view in ("PA", "LATERAL"):
+                dicom = dicom_id(subject, study, view)
+                (folder / f"{dicom}.jpg").touch()
+                meta.append({"dicom_id": dicom, "subject_id": subject, "study_id": study, "ViewPosition": view,
+                             "Rows": 3050, "Columns": 2500})
+                split.append({"dicom_id": dicom, "study_id": study, "subject_id": subject,
+                              "split": "test" if i % 10 == 0 else "train"})
+            reports.writestr(f"files/p{subject[:2]}/p{subject}/s{study}.txt",
+                             f" FINDINGS:\n\n Study {study}. {body}\n\n IMPRESSION:\n\n No acute process.\n")
+            labels.append({"subject_id": subject, "study_id": study,
+                           "Cardiomegaly": "1.0" if number % 2 else "-1.0"})
+    write_table(root / "mimic-cxr-2.0.0-metadata.csv.gz", METADATA_COLUMNS, meta)
+    write_table(root / "mimic-cxr-2.0.0-split.csv.gz", ["dicom_id", "study_id", "subject_id", "split"], split)
+    write_table(root / "mimic-cxr-2.0.0-chexpert.csv.gz", LABEL_COLUMNS, labels)
+    return root
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def list_memory(rows: int, report_chars: int) -> None:
+    import multiprocessing
+    import sys
+
+    from cxrdist.data.shard import _collect_records
+    from cxrdist.data.sources.mimic_cxr import MimicCXRSource
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "mimic-cxr-jpg"
+        started = time.perf_counter()
+        child = multiprocessing.get_context("fork").Process(target=build_tables, args=(root, rows, report_chars))
+        child.start()
+        child.join()
+        if child.exitcode != 0:
+            raise SystemExit(f"writing the tables failed (exit code {child.exitcode})")
+        print(f"tables, reports zip and {rows} empty image files written in {time.perf_counter() - started:.0f} s")
+        before = _peak_rss_bytes()
+        started = time.perf_counter()
+        records, rejects = _collect_records(MimicCXRSource(root, views="all"))
+        seconds = time.perf_counter() - started
+        peak = _peak_rss_bytes()
+        prompts = {id(r.prompt): r.prompt for r in records}  # a study's images share one prompt string
+        prompt_bytes = sum(sys.getsizeof(p) for p in prompts.values())
+        n = len(records)
+        print(f"listed {n} records ({len(rejects)} rejected) in {seconds:.1f} s")
+        print(f"peak RSS {peak / 2**20:.0f} MiB (before listing {before / 2**20:.0f} MiB, "
+              f"+{(peak - before) / 2**20:.0f} MiB); {(peak - before) / max(n, 1):.0f} bytes per record, of which "
+              f"prompt text {prompt_bytes / max(n, 1):.0f} ({len(prompts)} distinct prompts, "
+              f"{sum(len(p) for p in prompts.values()) / max(len(prompts), 1):.0f} characters on average)")
+        print_breakdown(records[:20000])
+
+
+def print_breakdown(records: list) -> None:
+    """Bytes per record by field (sys.getsizeof, strings shared between fields counted in each)."""
+    import sys
+
+    size = sys.getsizeof
+
+    def deep(value) -> int:
+        return size(value) + (sum(size(x) for x in value) if isinstance(value, list) else 0)
+
+    parts = {
+        "Record object + __dict__": sum(size(r) + size(r.__dict__) for r in records),
+        "uid, group, view strings": sum(size(r.uid) + size(r.group) + size(r.view) for r in records),
+        "source_path": sum(size(r.source_path) for r in records),
+        "labels list": sum(deep(r.labels) for r in records),
+        "extra dict and values": sum(size(r.extra) + sum(deep(v) for v in r.extra.values()) for r in records),
+        "prompt (one per study)": sum(size(p) for p in {id(r.prompt): r.prompt for r in records}.values()),
+    }
+    n = max(len(records), 1)
+    print(f"per record, counted on {len(records)} records: "
+          + ", ".join(f"{name} {total / n:.0f}" for name, total in parts.items())
+          + f"; sum {sum(parts.values()) / n:.0f} bytes")
+
+
 def shard_rate(root: Path, out: Path, size: int, workers: int) -> tuple[float, float, int]:
     """(images/s of the whole build, seconds spent listing records, images written)."""
     from cxrdist.data.shard import build_shards
@@ -79,11 +188,27 @@ def shard_rate(root: Path, out: Path, size: int, workers: int) -> tuple[float, f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=20000, help="images in the tree (half frontal)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--height", type=int, default=1248)
+    shard_flags = {"n": 20000, "workers": os.cpu_count() or 1, "size": 256, "height": 1248}
+    list_flags = {"rows": 377000, "report_chars": 600}
+    parser.add_argument("--n", type=int, help="images in the tree (half frontal) [20000]")
+    parser.add_argument("--workers", type=int, help="[all cores]")
+    parser.add_argument("--size", type=int, help="[256]")
+    parser.add_argument("--height", type=int, help="[1248]")
+    parser.add_argument("--list-only", action="store_true",
+                        help="measure the memory of listing --rows records (tables only, no images)")
+    parser.add_argument("--rows", type=int, help="with --list-only: metadata rows (images) [377000]")
+    parser.add_argument("--report-chars", type=int, help="with --list-only: findings length [600]")
     args = parser.parse_args()
+    unused = list_flags if not args.list_only else shard_flags
+    given = [f"--{name.replace('_', '-')}" for name in unused if getattr(args, name) is not None]
+    if given:
+        verb = "does" if len(given) == 1 else "do"
+        parser.error(f"{', '.join(given)} {verb} not apply {'with' if args.list_only else 'without'} --list-only")
+    for name, default in {**shard_flags, **list_flags}.items():
+        setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
+    if args.list_only:
+        list_memory(args.rows, args.report_chars)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         root = build_tree(Path(tmp) / "mimic-cxr-jpg", args.n, args.height)
