@@ -34,7 +34,7 @@ class Record:
     extra: dict[str, Any] = field(default_factory=dict)  # source-specific, JSON-serialisable (e.g. phantom geometry)
     # "test" when the data set's official split holds this image out; read only from a source whose
     # `official_split` is true: then the builder puts every group with such a record in the test split and
-    # draws the folds from the rest (--test-fraction is not used)
+    # draws the folds from the rest (a test_fraction is refused)
     split: str = ""
 
 
