@@ -55,7 +55,11 @@ TIMESTEP_BIASES = ("none", "later", "earlier", "range")  # train.timestep_bias (
 RANK_SPLITS = ("shards", "samples")  # data.rank_split (cxrdist.data.loader)
 
 # The direction in which each eval.metric improves; eval.mode "auto" (the default) takes it from here.
-METRIC_MODES = {"val_loss": "min", "ssim": "max", "psnr": "max", "mse": "min", "faithfulness": "max"}
+METRIC_MODES = {"val_loss": "min", "ssim": "max", "psnr": "max", "mse": "min", "faithfulness": "max", "fid": "min",
+                "kid": "min"}
+# What eval.metrics may add at each validation (cxrdist.metrics.distribution / .memorization), on the generated
+# eval.num_metric_images and the same number of the split's real images.
+SET_METRICS = ("fid", "kid", "prdc", "memorization")
 
 
 @dataclass
@@ -207,7 +211,7 @@ class EvalConfig:
     k_folds: int = 0  # folds the shard set must have (checked against index.json); 0 = whatever it has
     eval_every_epochs: int = 1
     eval_every_steps: int = 0  # 0 = use eval_every_epochs
-    metric: str = "val_loss"  # val_loss | ssim | psnr | mse | faithfulness
+    metric: str = "val_loss"  # val_loss | ssim | psnr | mse | faithfulness | fid | kid (METRIC_MODES)
     mode: str = "auto"  # auto (the metric's direction, METRIC_MODES) | min | max; always min or max once built
     patience: int = 3  # evaluations without improvement before stopping; 0 = never stop early
     val_loss_timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
@@ -226,6 +230,11 @@ class EvalConfig:
     max_eval_samples: int = 2048
     min_delta: float = 0.0  # an evaluation must beat the best by more than this to count as an improvement
     run_test: bool = True  # after training, evaluate the best checkpoint on the held-out test split
+    # Set metrics at every validation, logged as val/fid, val/kid, val/precision ..., val/memorization_flagged:
+    # any of SET_METRICS, on eval.num_metric_images images and `eval.features` (cxrdist.metrics.features).
+    metrics: list[str] = field(default_factory=list)
+    features: str = "pixels"
+    memorization_pool: int = 2048  # training images the audit searches (the first N of the training folds)
 
     # Fields worked out from others in __post_init__. A merge starts them again from these values unless it sets
     # them itself: the built mode always equals the metric's direction, so keeping it would make
@@ -240,6 +249,12 @@ class EvalConfig:
         _require_sampler("eval", "inference_steps", self.inference_steps, self.scheduler)
         _require(self.patience >= 0, "eval.patience", ">= 0")
         _require(self.k_folds == 0 or self.k_folds >= 2, "eval.k_folds", "0 (the shard set's folds) or >= 2")
+        _require(set(self.metrics) <= set(SET_METRICS), "eval.metrics", f"a list of {', '.join(SET_METRICS)}")
+        if self.metric in ("fid", "kid") and self.metric not in self.metrics:
+            self.metrics = [*self.metrics, self.metric]  # early stopping on it computes it
+        _require(not self.metrics or self.num_metric_images >= 16, "eval.num_metric_images",
+                 ">= 16 when eval.metrics is set (FID / KID / precision need a set of images; 128+ is better)")
+        _require(self.memorization_pool >= 1, "eval.memorization_pool", ">= 1")
 
 
 # The samplers of `cxrdist sample`, validation and `cxrdist evaluate`: name -> (diffusers scheduler class, its

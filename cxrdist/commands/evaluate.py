@@ -1,4 +1,5 @@
-"""`cxrdist evaluate`: text faithfulness, SSIM/PSNR and diversity of a model on a shard split."""
+"""`cxrdist evaluate`: text faithfulness, image and distribution metrics, a memorization audit and classifier
+agreement of one or more models on a shard split, as JSON and a self-contained HTML report."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,31 +22,54 @@ from cxrdist.cli_options import config_options, friendly_errors
 @click.option("--scheduler", default=None, help="Sampler (default: sample.scheduler).")
 @click.option("--guidance", default=None, type=float, help="Guidance scale (default: sample.guidance).")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--metrics", "metrics", default="faithfulness,image,diversity", show_default=True,
+              help="Comma list of faithfulness, image, diversity, fid, kid, prdc, memorization, classifier; or all.")
+@click.option("--features", default="pixels", show_default=True,
+              help="Features for fid/kid/prdc/memorization: pixels[:SIDE], inception, txv:WEIGHTS, "
+                   "raddino:PATH_OR_HUB_ID.")
+@click.option("--classifier", "classifier_name", default="reader", show_default=True,
+              help="For --metrics classifier: reader (phantoms) or txv:WEIGHTS.")
+@click.option("--bootstrap", default=50, show_default=True, type=click.IntRange(0, 10_000),
+              help="FID resamples for its standard error and 95% interval.")
+@click.option("--memorization-pool", default=10_000, show_default=True, type=click.IntRange(0),
+              help="Training images the memorization audit searches (first N of the training folds; 0 = all).")
+@click.option("--memorization-quantile", default=0.99, show_default=True, type=click.FloatRange(0.5, 1, max_open=True),
+              help="Threshold = this quantile of the split's real images' nearest-training SSIM.")
 @click.option("--out", "out_json", default=None, type=click.Path(dir_okay=False), help="Write results as JSON here.")
+@click.option("--report", "report_html", default=None, type=click.Path(dir_okay=False),
+              help="Write a self-contained HTML report here.")
 @config_options
 @friendly_errors
-def evaluate(model_paths, base, shards, split, max_samples, steps, scheduler, guidance, seed, out_json, config,
+def evaluate(model_paths, base, shards, split, max_samples, steps, scheduler, guidance, seed, metrics, features,
+             classifier_name, bootstrap, memorization_pool, memorization_quantile, out_json, report_html, config,
              overrides) -> None:
-    """Generate one image per report of a split and score how well the images follow the text."""
+    """Generate one image per report of a split and score the images: against their text, and as a set against
+    the split's real images and the training images."""
     from cxrdist.config import load_config
     from cxrdist.errors import InputError
-    from cxrdist.evaluation.runs import EvaluateOptions, evaluate_model_path, format_table
+    from cxrdist.evaluation.runs import EvaluateOptions, format_table, parse_metrics, run_model_path
     from cxrdist.logging_utils import setup_logging
 
     setup_logging()
     if max_samples < 0:
         raise InputError("--max-samples must be >= 0 (0 = the whole split)")
-    if out_json and Path(out_json).is_dir():
-        raise InputError(f"--out {out_json} is a directory: give a .json file path")
+    for flag, target in (("--out", out_json), ("--report", report_html)):
+        if target and Path(target).is_dir():
+            raise InputError(f"{flag} {target} is a directory: give a file path")
     cfg = load_config(config, overrides)
     opts = EvaluateOptions(split=split, max_samples=max_samples, steps=steps or cfg.sample.steps,
                            scheduler=scheduler or cfg.sample.scheduler,
                            guidance=cfg.sample.guidance if guidance is None else guidance, seed=seed,
-                           batch_size=cfg.sample.batch_size)
-    results = {}
-    for path in model_paths:
-        results[path] = evaluate_model_path(path, shards, opts, base_override=base)
+                           batch_size=cfg.sample.batch_size, metrics=parse_metrics(metrics), features=features,
+                           classifier=classifier_name, bootstrap=bootstrap, memorization_pool=memorization_pool,
+                           memorization_quantile=memorization_quantile)
+    evaluated = {path: run_model_path(path, shards, opts, base_override=base) for path in model_paths}
+    results = {path: ev.result for path, ev in evaluated.items()}
     click.echo(format_table(results))
+    if report_html:
+        from cxrdist.evaluation.report import write_report
+
+        click.echo(f"report written to {write_report(evaluated, report_html)}")
     if out_json:
         from cxrdist.fileio import write_json_atomic
 

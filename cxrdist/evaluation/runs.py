@@ -1,29 +1,59 @@
-"""Evaluate a model on a shard split: does each generated image follow its report?
+"""Evaluate a model on a shard split: does each generated image follow its report, and do the images, as a
+set, look like the split's real ones without copying training images?
 
 For every report of the split (or the first `max_samples`, in the split's fixed order) one image is
-generated with a fixed seed. The analytic reader measures each attribute of the generated image and the
-share that matches the report's labels is the text faithfulness (per attribute and macro-averaged), shown
-next to the chance level of the same labels. SSIM / PSNR / MSE against the paired real image and a
-within-prompt diversity (several seeds of the same report) complete the picture.
+generated with a fixed seed. Then, by `metrics` (METRICS; "all" = every one):
+- `faithfulness`: the analytic phantom reader measures each attribute of the generated image; the share that
+  matches the report's labels, per attribute and macro-averaged, next to the chance level of the same labels;
+- `image`: SSIM / PSNR / MSE against the paired real image (a perfect generator does not reproduce it: this
+  says little beyond "same kind of image");
+- `diversity`: within-prompt similarity of several seeds of the same report;
+- `fid`, `kid`, `prdc`: distribution metrics between the split's real images and the generated ones, on the
+  features `--features` names (cxrdist.metrics.features, cxrdist.metrics.distribution);
+- `memorization`: each generated image's nearest training image, flagged above a threshold calibrated on the
+  split's real images (cxrdist.metrics.memorization);
+- `classifier`: per-finding AUROC of a classifier on the generated images against the reports' labels
+  (cxrdist.metrics.classifier).
+The split, the training pool and their features are read and computed once per process, so several models
+compare on the same references.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from cxrdist.data.index import load_index
 from cxrdist.data.loader import SplitImages, eval_loader, read_split_images
-from cxrdist.errors import DataError
+from cxrdist.errors import DataError, InputError
 from cxrdist.metrics.faithfulness import chance_level, faithfulness
 from cxrdist.metrics.image import diversity, image_metrics
 from cxrdist.sampling.loading import load_for_sampling
 from cxrdist.sampling.pipeline import SampleSettings, generate_images
 
 log = logging.getLogger(__name__)
+
+METRICS = ("faithfulness", "image", "diversity", "fid", "kid", "prdc", "memorization", "classifier")
+DEFAULT_METRICS = ("faithfulness", "image", "diversity")
+DISTRIBUTION = ("fid", "kid", "prdc")
+PRDC_KEYS = ("precision", "recall", "density", "coverage")
+
+
+def parse_metrics(text: str) -> tuple[str, ...]:
+    """`--metrics` ("fid,kid,memorization", "all") -> the names, in METRICS order; InputError for an unknown one."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if names == ["all"]:
+        return METRICS
+    unknown = [n for n in names if n not in METRICS]
+    if unknown or not names:
+        raise InputError(f"--metrics {text!r}: unknown {', '.join(unknown) or '(empty)'}; choose from "
+                         f"{', '.join(METRICS)} or all")
+    return tuple(n for n in METRICS if n in names)
 
 
 @dataclass
@@ -37,6 +67,14 @@ class EvaluateOptions:
     batch_size: int = 32
     diversity_prompts: int = 8  # reports sampled with several seeds for the diversity measure
     diversity_seeds: int = 4
+    metrics: tuple[str, ...] = DEFAULT_METRICS
+    features: str = "pixels"  # cxrdist.metrics.features spec for fid / kid / prdc / memorization
+    classifier: str = "reader"  # cxrdist.metrics.classifier name
+    bootstrap: int = 50  # FID resamples for its standard error and interval
+    nearest_k: int = 5  # precision / recall / density / coverage neighbourhoods
+    memorization_pool: int = 10_000  # training images searched, the first N of the training splits (0 = all)
+    memorization_quantile: float = 0.99  # of the real images' nearest-training SSIM: the flagging threshold
+    memorization_threshold: float | None = None  # fixed threshold instead of calibrating
 
 
 def read_split(shards: str, split: str, max_samples: int) -> SplitImages:
@@ -48,9 +86,92 @@ def read_split(shards: str, split: str, max_samples: int) -> SplitImages:
     return data
 
 
-def evaluate_model(base, template: str, shards: str, opts: EvaluateOptions, progress: bool = True) -> dict[str, Any]:
-    """Generate, read and score. `base` has any adapter already attached; `template` is applied once."""
-    data = read_split(shards, opts.split, opts.max_samples)
+def training_splits(shards: str, split: str) -> list[str]:
+    """The splits a model evaluated on `split` may have trained on: every fold but `split` (never test)."""
+    return [s for s in load_index(shards).fold_names if s != split]
+
+
+def read_training_pool(shards: str, split: str, limit: int) -> np.ndarray:
+    """Training images for the memorization audit: the first `limit` of the training splits (0 = all)."""
+    index = load_index(shards)
+    splits = training_splits(shards, split)
+    if not splits:
+        raise DataError(f"{shards} has no training folds besides {split}: the memorization audit needs some")
+    images, left = [], limit or None
+    for name in splits:
+        if left is not None and left <= 0:
+            break
+        part = read_split_images(eval_loader(shards, name, batch_size=64, image_size=index.image_size, channels=1,
+                                             max_samples=left or 0))
+        if part is not None:
+            images.append(part.references)
+            left = None if left is None else left - len(part.references)
+    pool = np.concatenate(images) if images else np.zeros((0, index.image_size, index.image_size), np.float32)
+    total = index.count(splits)
+    log.info("memorization pool: %d of %d training images (%s)%s", len(pool), total, ", ".join(splits),
+             "" if len(pool) == total else " - raise --memorization-pool to search more")
+    return pool
+
+
+def _as_batch(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(images, dtype=np.float32))[:, None]
+
+
+@dataclass
+class References:
+    """What every model of one evaluation is compared with, computed once."""
+
+    data: SplitImages
+    feature_name: str = ""
+    real_features: torch.Tensor | None = None
+    pool: np.ndarray | None = None
+    pool_features: torch.Tensor | None = None
+    heldout_nearest: dict[str, torch.Tensor] | None = None
+    extractor: Any = field(default=None, repr=False)
+
+
+@functools.lru_cache(maxsize=2)
+def _references(shards: str, split: str, max_samples: int, features: str | None, pool_limit: int | None) -> References:
+    refs = References(read_split(shards, split, max_samples))
+    if features is not None:
+        from cxrdist.metrics.features import FeatureError, feature_extractor
+
+        try:
+            refs.extractor = feature_extractor(features)
+        except FeatureError as err:
+            raise InputError(str(err)) from None
+        refs.feature_name = refs.extractor.name
+        refs.real_features = refs.extractor(_as_batch(refs.data.references))
+    if pool_limit is not None:
+        from cxrdist.metrics.memorization import nearest_training
+
+        refs.pool = read_training_pool(shards, split, pool_limit)
+        refs.pool_features = refs.extractor(_as_batch(refs.pool))
+        refs.heldout_nearest = nearest_training(_as_batch(refs.data.references), refs.real_features,
+                                                _as_batch(refs.pool), refs.pool_features)
+    return refs
+
+
+def references_for(shards: str, opts: EvaluateOptions) -> References:
+    wants = set(opts.metrics)
+    features = opts.features if wants & {*DISTRIBUTION, "memorization"} else None
+    pool = opts.memorization_pool if "memorization" in wants else None
+    return _references(shards, opts.split, opts.max_samples, features, pool)
+
+
+@dataclass
+class Evaluated:
+    """One model's scores (JSON-ready) and the images behind them, for the report."""
+
+    result: dict[str, Any]
+    generated: np.ndarray
+    references: References
+
+
+def run_evaluation(base, template: str, shards: str, opts: EvaluateOptions, progress: bool = True) -> Evaluated:
+    """Generate, then score by `opts.metrics`. `base` has any adapter already attached; `template` is applied once."""
+    refs = references_for(shards, opts)
+    data = refs.data
     settings = SampleSettings(steps=opts.steps, scheduler=opts.scheduler, guidance=opts.guidance,
                               batch_size=opts.batch_size)
     n = len(data.reports)
@@ -58,25 +179,71 @@ def evaluate_model(base, template: str, shards: str, opts: EvaluateOptions, prog
     images = generate_images(base, data.reports, settings, template=template,
                              seeds=[opts.seed + i for i in range(n)], progress=progress)
     seconds = time.perf_counter() - started
-    result: dict[str, Any] = {
-        "split": opts.split,
-        "samples": n,
-        "faithfulness": faithfulness(list(images), data.labels),
-        "chance": chance_level(data.labels),
-        "image_metrics": image_metrics(images, data.references),
-        "seconds_generating": round(seconds, 2),
-        "images_per_second": round(n / seconds, 3) if seconds else None,
-        "options": asdict(opts),
-    }
-    result["diversity"] = within_prompt_diversity(base, data.reports, template, settings, opts, diversity)
-    return result
+    result: dict[str, Any] = {"split": opts.split, "samples": n, "seconds_generating": round(seconds, 2),
+                              "images_per_second": round(n / seconds, 3) if seconds else None,
+                              "options": asdict(opts)}
+    wants = set(opts.metrics)
+    scoring = time.perf_counter()
+    if "faithfulness" in wants:
+        result["faithfulness"] = faithfulness(list(images), data.labels)
+        result["chance"] = chance_level(data.labels)
+    if "image" in wants:
+        result["image_metrics"] = image_metrics(images, data.references)
+    generated_features = refs.extractor(_as_batch(images)) if refs.extractor is not None else None
+    if wants & set(DISTRIBUTION):
+        result.update(_distribution(refs, generated_features, opts))
+    if "memorization" in wants:
+        from cxrdist.metrics.memorization import memorization_audit, nearest_training
+
+        nearest = nearest_training(_as_batch(images), generated_features, _as_batch(refs.pool), refs.pool_features)
+        result["memorization"] = memorization_audit(nearest, refs.heldout_nearest, opts.memorization_quantile,
+                                                    opts.memorization_threshold)
+        result["memorization"]["features"] = refs.feature_name
+    if "classifier" in wants:
+        from cxrdist.metrics.classifier import classifier, classifier_agreement
+
+        try:
+            clf = classifier(opts.classifier)
+        except ValueError as err:
+            raise InputError(str(err)) from None
+        result["classifier"] = classifier_agreement(clf, images, data.references, data.labels)
+    if "diversity" in wants:
+        result["diversity"] = within_prompt_diversity(base, data.reports, template, settings, opts, diversity)
+    result["seconds_scoring"] = round(time.perf_counter() - scoring, 2)
+    return Evaluated(result, images, refs)
+
+
+def _distribution(refs: References, generated: torch.Tensor, opts: EvaluateOptions) -> dict[str, Any]:
+    from cxrdist.metrics.distribution import distribution_metrics
+
+    wants = set(opts.metrics)
+    full = distribution_metrics(refs.real_features, generated, refs.feature_name, k=opts.nearest_k,
+                                bootstrap=opts.bootstrap if "fid" in wants else 0, seed=opts.seed)
+    keep = {"distribution"}
+    if "fid" in wants:
+        keep |= {"fid", "fid_se", "fid_ci95"}
+    if "kid" in wants:
+        keep |= {"kid", "kid_std"}
+    if "prdc" in wants:
+        keep |= {*PRDC_KEYS, *(f"{k}_se" for k in PRDC_KEYS)}
+    return {k: v for k, v in full.items() if k in keep}
+
+
+def evaluate_model(base, template: str, shards: str, opts: EvaluateOptions, progress: bool = True) -> dict[str, Any]:
+    """The JSON-ready scores of `run_evaluation`."""
+    return run_evaluation(base, template, shards, opts, progress).result
 
 
 def evaluate_model_path(model_path: str, shards: str, opts: EvaluateOptions, base_override: str | None = None,
                         progress: bool = True) -> dict[str, Any]:
     """Load whatever `cxrdist sample --model-path` takes and evaluate it with its own prompt template."""
+    return run_model_path(model_path, shards, opts, base_override, progress).result
+
+
+def run_model_path(model_path: str, shards: str, opts: EvaluateOptions, base_override: str | None = None,
+                   progress: bool = True) -> Evaluated:
     model, meta = load_for_sampling(model_path, base_override=base_override)
-    return evaluate_model(model, (meta or {}).get("prompt_template", "{report}"), shards, opts, progress)
+    return run_evaluation(model, (meta or {}).get("prompt_template", "{report}"), shards, opts, progress)
 
 
 def within_prompt_diversity(base, reports: list[str], template: str, settings, opts: EvaluateOptions, measure) -> float | None:
@@ -90,22 +257,50 @@ def within_prompt_diversity(base, reports: list[str], template: str, settings, o
     return float(np.mean([measure(list(images[i * s : (i + 1) * s])) for i in range(k)]))
 
 
+def _cell(value: Any, digits: int) -> str:
+    return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _with_error(value: Any, error: Any, digits: int) -> str:
+    return _cell(value, digits) + ("" if error is None else f" +-{_cell(error, digits)}")
+
+
 def format_table(results: dict[str, dict[str, Any]]) -> str:
-    """Rows = attributes (+ macro, image metrics), columns = models; chance from the first model's labels."""
+    """Rows = what was measured (attributes and macro, image metrics, distribution metrics with their standard
+    error, memorization, classifier AUROC), columns = models; chance from the first model's labels."""
     names = list(results)
     first = results[names[0]]
-    attributes = [a for a in first["faithfulness"] if a != "macro"]
-    width = max(12, *(len(n) for n in names))
-    lines = [f"{'':<22}{'chance':>8}" + "".join(f"{n:>{width + 2}}" for n in names)]
-    for attr in attributes + ["macro"]:
-        chance = first["chance"].get(attr)
-        row = f"{attr:<22}{(f'{chance:.3f}' if chance is not None else '-'):>8}"
-        row += "".join(f"{results[n]['faithfulness'].get(attr, float('nan')):>{width + 2}.3f}" for n in names)
-        lines.append(row)
-    for metric in ("ssim", "psnr", "mse"):
-        row = f"{metric:<22}{'':>8}" + "".join(f"{results[n]['image_metrics'][metric]:>{width + 2}.4f}" for n in names)
-        lines.append(row)
-    row = f"{'diversity (ssim)':<22}{'':>8}"
-    row += "".join(f"{(results[n]['diversity'] if results[n]['diversity'] is not None else float('nan')):>{width + 2}.4f}" for n in names)
-    lines.append(row)
+    width = max(14, *(len(n) for n in names))
+    lines = [f"{'':<24}{'chance':>8}" + "".join(f"{n:>{width + 2}}" for n in names)]
+
+    def row(label: str, cells: list[str], chance: str = "") -> None:
+        lines.append(f"{label:<24}{chance:>8}" + "".join(f"{c:>{width + 2}}" for c in cells))
+
+    if "faithfulness" in first:
+        for attr in [a for a in first["faithfulness"] if a != "macro"] + ["macro"]:
+            row(attr, [_cell(results[n]["faithfulness"].get(attr), 3) for n in names],
+                _cell(first["chance"].get(attr), 3))
+    if "image_metrics" in first:
+        for metric in ("ssim", "psnr", "mse"):
+            row(metric, [_cell(results[n]["image_metrics"][metric], 4) for n in names])
+    if "diversity" in first:
+        row("diversity (ssim)", [_cell(results[n]["diversity"], 4) for n in names])
+    for key, error, digits in (("fid", "fid_se", 3), ("kid", "kid_std", 5), *((k, f"{k}_se", 3) for k in PRDC_KEYS)):
+        if key in first:
+            row(key, [_with_error(results[n].get(key), results[n].get(error), digits) for n in names])
+    if "distribution" in first:
+        d = first["distribution"]
+        lines.append(f"  (features {d['features']}, {d['n_real']} real vs {d['n_generated']} generated images)")
+    if "memorization" in first:
+        row("memorized share", [_with_error(results[n]["memorization"]["flagged_fraction"],
+                                            results[n]["memorization"]["flagged_fraction_se"], 3) for n in names])
+        row("  threshold (ssim)", [_cell(results[n]["memorization"]["threshold"], 3) for n in names])
+    if "classifier" in first:
+        for finding in first["classifier"]["findings"]:
+            cells = [_with_error(results[n]["classifier"]["findings"][finding]["generated"]["auroc"],
+                                 results[n]["classifier"]["findings"][finding]["generated"]["se"], 3) for n in names]
+            real = first["classifier"]["findings"][finding].get("real", {})
+            row(f"AUROC {finding}"[:24], cells)
+            if real.get("auroc") is not None:  # the same real images for every model
+                row("  on the real images", [_with_error(real["auroc"], real["se"], 3)])
     return "\n".join(lines)

@@ -43,7 +43,7 @@ PICKLE_SUFFIXES = (".bin", ".pkl", ".pt", ".pth")
 # Keys that may change between a run and its resumption: where things go and how verbose, not what is trained.
 RESUME_MAY_DIFFER = ("train.output_dir", "train.run_name", "train.log_every", "train.report_to", "train.export_zip",
                      "train.collective_timeout_s", "train.shared_folder_wait_s", "eval.prompts_file", "data.num_workers",
-                     "sample", "pretrain")
+                     "eval.metrics", "eval.features", "eval.memorization_pool", "sample", "pretrain")
 
 
 def _unwrap(model):

@@ -29,6 +29,8 @@ class TrainData(Protocol):
 
     def train_reports(self) -> list[str]: ...
 
+    def training_splits(self) -> list[str]: ...
+
 
 class ShardData:
     """A shard set seen from one rank: fold `fold` held out for validation, the rest for training."""
@@ -75,6 +77,10 @@ class ShardData:
 
         return train_reports(self.cfg.data.shards, self.fold, max_samples=self.cfg.data.max_train_samples,
                              rank=self.rank, world_size=self.world_size)
+
+    def training_splits(self) -> list[str]:
+        """The folds this run trains on: every fold but the held-out one."""
+        return [s for s in self.index.fold_names if s != self.val_split]
 
     def first_samples(self, split: str, n: int) -> Iterable[dict]:
         """The same first `n` samples of a split every time, read by one process (image metrics, grids)."""

@@ -5,6 +5,9 @@
 (b) the original project's image metrics (MSE, SSIM, PSNR, data range 1.0) between images generated with
     the fast sampler and the ground truth for the same reports, on a fixed subset; `faithfulness` on
     phantom data.
+    `eval.metrics` adds set metrics on the same images: FID, KID, precision / recall / density / coverage
+    against the subset's real images, and the memorization audit against the first `eval.memorization_pool`
+    training images (features and pool read once per run).
 (c) a grid of images for fixed validation prompts.
 (b) and (c) run on the main process with the live modules; the numbers are broadcast so every rank takes
 the same early-stopping decision. Under ZeRO-3 the modules hold only parameter partitions that are gathered
@@ -122,14 +125,55 @@ def generate(base, reports: list[str], cfg: Config, dtype: torch.dtype, seed: in
                            device=next(base.unet.parameters()).device, dtype=dtype)
 
 
-def image_scores(cfg: Config, generated: np.ndarray, subset: SplitImages) -> dict[str, float]:
+def image_scores(cfg: Config, generated: np.ndarray, subset: SplitImages,
+                 references: "SetReferences | None" = None) -> dict[str, float]:
     from cxrdist.metrics.image import \
         image_metrics  # torchmetrics: ~2 s to import, paid only when scoring images
 
     scores = {k: float(v) for k, v in image_metrics(generated, subset.references).items() if k in IMAGE_METRICS}
     if cfg.eval.metric == "faithfulness":
         scores["faithfulness"] = float(faithfulness(generated, subset.labels)["macro"])
+    if references is not None:
+        scores.update(references.scores(generated))
     return scores
+
+
+def _batch(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(images, dtype=np.float32))[:, None]
+
+
+class SetReferences:
+    """The real side of eval.metrics, computed once: features of the validation subset's real images, and for
+    the memorization audit the training pool, its features and the real images' nearest-training SSIM."""
+
+    def __init__(self, cfg: Config, real: np.ndarray, pool: np.ndarray | None):
+        from cxrdist.metrics.features import feature_extractor
+
+        self.wants = set(cfg.eval.metrics)
+        self.extractor = feature_extractor(cfg.eval.features)
+        self.real_features = self.extractor(_batch(real))
+        self.pool, self.pool_features, self.heldout = None, None, None
+        if pool is not None:
+            from cxrdist.metrics.memorization import nearest_training
+
+            self.pool, self.pool_features = _batch(pool), self.extractor(_batch(pool))
+            self.heldout = nearest_training(_batch(real), self.real_features, self.pool, self.pool_features)
+
+    def scores(self, generated: np.ndarray) -> dict[str, float]:
+        from cxrdist.metrics.distribution import distribution_metrics
+        from cxrdist.metrics.memorization import memorization_audit, nearest_training
+
+        features = self.extractor(_batch(generated))
+        out: dict[str, float] = {}
+        if self.wants & {"fid", "kid", "prdc"}:
+            full = distribution_metrics(self.real_features, features, self.extractor.name, bootstrap=0)
+            names = [n for n in ("fid", "kid") if n in self.wants]
+            names += ["precision", "recall", "density", "coverage"] if "prdc" in self.wants else []
+            out.update({n: float(full[n]) for n in names})
+        if self.pool is not None:
+            nearest = nearest_training(_batch(generated), features, self.pool, self.pool_features)
+            out["memorization_flagged"] = float(memorization_audit(nearest, self.heldout)["flagged_fraction"])
+        return out
 
 
 class Evaluator:
@@ -141,7 +185,16 @@ class Evaluator:
         self.encoder, self.objective, self.base, self.dtype = encoder, objective, base, dtype
         self._loss_set: LossSet | None = None
         self._subset: SplitImages | None = None
+        self._set_references: SetReferences | None = None
         self._loaded = False
+        if cfg.eval.metrics:  # a bad eval.features fails here, before training
+            from cxrdist.errors import ConfigError
+            from cxrdist.metrics.features import FeatureError, feature_extractor
+
+            try:
+                feature_extractor(cfg.eval.features)
+            except FeatureError as err:
+                raise ConfigError(f"eval.features: {err}") from None
         # Grid prompts from eval.prompts_file (read now: a bad file fails before training), else the split's own.
         self.grid_prompts = read_prompts((), cfg.eval.prompts_file) if cfg.eval.prompts_file else None
         split_grid = 0 if self.grid_prompts else cfg.eval.num_grid_prompts
@@ -170,7 +223,24 @@ class Evaluator:
             self._loss_set = padding_set(self.base, self.encoder, self.cfg.data.image_size, acc.device)
         if self.n_images and self._generating_rank():
             self._subset = read_split_images(self.data.first_samples(self.split, self.n_images))
+        if self.cfg.eval.metrics and self._subset is not None and acc.is_main_process:
+            real = self._subset.references[: self.cfg.eval.num_metric_images]
+            pool = self._training_pool() if "memorization" in self.cfg.eval.metrics else None
+            self._set_references = SetReferences(self.cfg, real, pool)
         self._loaded = True
+
+    def _training_pool(self) -> np.ndarray:
+        """The first eval.memorization_pool images of the training folds (every fold but the held-out one)."""
+        left, parts = self.cfg.eval.memorization_pool, []
+        for split in self.data.training_splits():
+            if left <= 0:
+                break
+            part = read_split_images(self.data.first_samples(split, left))
+            if part is not None:
+                parts.append(part.references)
+                left -= len(part.references)
+        log.info("memorization audit: %d training images searched", sum(len(p) for p in parts))
+        return np.concatenate(parts)
 
     def _generating_rank(self) -> bool:
         """Rank 0 generates; under ZeRO-3 every rank does (layer calls gather partitions collectively)."""
@@ -194,7 +264,7 @@ class Evaluator:
                 if self.cfg.eval.num_metric_images and self.accelerator.is_main_process:
                     n = self.cfg.eval.num_metric_images
                     part = SplitImages(self._subset.reports[:n], self._subset.references[:n], self._subset.labels[:n])
-                    scores = image_scores(self.cfg, images[:n], part)
+                    scores = image_scores(self.cfg, images[:n], part, self._set_references)
                 if not self.grid_prompts and self.cfg.eval.num_grid_prompts:
                     grid = images[: self.cfg.eval.num_grid_prompts]
             if self.grid_prompts and self._generating_rank():

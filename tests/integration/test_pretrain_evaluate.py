@@ -68,3 +68,33 @@ def test_evaluate_rejects_an_unknown_split(pretrained_base, phantom_shards):
     result = CliRunner().invoke(main, ["evaluate", "--model-path", str(pretrained_base), "--shards",
                                        str(phantom_shards), "--split", "fold9", "--max-samples", "2"])
     assert result.exit_code == 1 and "fold 9 is out of range" in result.output
+
+
+def test_evaluate_all_metrics_writes_json_keys_and_a_self_contained_report(pretrained_base, phantom_shards, tmp_path):
+    out, report = tmp_path / "eval.json", tmp_path / "report.html"
+    args = ["evaluate", "--model-path", str(pretrained_base), "--shards", str(phantom_shards), "--split", "test",
+            "--max-samples", "12", "--steps", "2", "--metrics", "all", "--bootstrap", "5", "--out", str(out),
+            "--report", str(report), "--set", "sample.batch_size=12"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())[str(pretrained_base)]
+    for key in ("fid", "kid", "precision", "recall", "density", "coverage"):
+        assert math.isfinite(data[key]), key
+    assert data["fid_ci95"][0] <= data["fid_ci95"][1] and data["kid_std"] >= 0
+    assert data["distribution"]["n_real"] == data["distribution"]["n_generated"] == 12
+    memo = data["memorization"]
+    assert 0 <= memo["flagged_fraction"] <= 1 and memo["calibration"]["heldout_images"] == 12
+    assert memo["nearest"] and {"generated", "training", "ssim", "cosine", "flagged"} <= set(memo["nearest"][0])
+    assert data["classifier"]["classifier"] == "reader" and "Cardiomegaly" in data["classifier"]["findings"]
+    assert "fid" in result.output and "memorized share" in result.output
+    page = report.read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.count("data:image/png;base64,") >= 12
+    assert "closest generated-training pairs" in page and "src=\"http" not in page  # nothing to fetch
+
+
+def test_evaluate_names_the_bad_metric_or_features(pretrained_base, phantom_shards):
+    base = ["evaluate", "--model-path", str(pretrained_base), "--shards", str(phantom_shards), "--max-samples", "6"]
+    result = CliRunner().invoke(main, [*base, "--metrics", "fid,lpips"])
+    assert result.exit_code == 1 and "lpips" in result.output and "choose from" in result.output
+    result = CliRunner().invoke(main, [*base, "--metrics", "fid", "--features", "vgg", "--steps", "2"])
+    assert result.exit_code == 1 and "--features 'vgg' is not known" in result.output

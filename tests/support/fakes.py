@@ -52,8 +52,11 @@ class FakeData:
         for i in range(0, len(mine), self.batch_size):
             yield collate(mine[i:i + self.batch_size])
 
+    def training_splits(self) -> list[str]:
+        return ["train"]
+
     def first_samples(self, split: str, n: int):
-        data = self.test if split == "test" else self.val
+        data = {"test": self.test, "train": self.train}.get(split, self.val)
         if n:
             yield collate(data[:n])
 
