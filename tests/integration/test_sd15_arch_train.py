@@ -9,7 +9,9 @@ layers), the SDPA attention processors, UNet + CLIP gradient checkpointing and b
   * every LoRA B tensor (zero at the start) is non-zero in the step-1 checkpoint for both the UNet and the
     text encoder, stored in fp32: gradients went through the checkpointed layers of both models;
   * only adapters were trained and saved: the checkpoint holds exactly the logged trainable parameters, all
-    `lora_` tensors, and the base model's weight files on disk have the same sha256 before and after.
+    `lora_` tensors, and the base model's weight files on disk have the same sha256 before and after (the
+    "before" digests are taken while the child trains; size, mtime and inode from before the launch make any
+    write during that time show).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -47,6 +50,12 @@ def weight_digests(folder: Path) -> dict[str, str]:
     return out
 
 
+def weight_stats(folder: Path) -> dict[str, tuple[int, int, int]]:
+    """(size, mtime in ns, inode) of every weight file: an in-place write or a replaced file changes them."""
+    return {path.relative_to(folder).as_posix(): (path.stat().st_size, path.stat().st_mtime_ns, path.stat().st_ino)
+            for path in sorted(folder.rglob("*.safetensors"))}
+
+
 @pytest.mark.timeout(1500)
 def test_sd15_architecture_trains_lora_only_in_bf16_with_checkpointing(phantom_shards, tmp_path):
     # Materialise the preset (~4 GB, ~1 min) in its own process so the pytest process never holds it.
@@ -55,12 +64,18 @@ def test_sd15_architecture_trains_lora_only_in_bf16_with_checkpointing(phantom_s
                            timeout=900)
     assert built.returncode == 0, built.stderr[-3000:]
     base = Path(built.stdout.strip().splitlines()[-1])
-    before = weight_digests(base)
-    assert {"unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"} <= before.keys()
+    stats = weight_stats(base)
+    assert {"unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"} <= stats.keys()
     try:
         args = ["--fold", "1", "--shards", str(phantom_shards), "--output-dir", str(tmp_path / "run"),
                 *[a for s in SETS for a in ("--set", s)]]
-        res = launch_train(args, timeout=1200)
+        # The 4 GB are hashed on the other core while the child trains (one thread there): a write by the child
+        # before the hash reaches it changes `stats`, checked below with the digests after the run.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            hashing = pool.submit(weight_digests, base)
+            res = launch_train(args, timeout=1200)
+            before = hashing.result()
+        assert before.keys() == stats.keys()
         log = res.stdout + res.stderr
         assert res.returncode == 0, log[-4000:]
 
@@ -92,6 +107,6 @@ def test_sd15_architecture_trains_lora_only_in_bf16_with_checkpointing(phantom_s
         assert sum(v.numel() for v in tensors.values()) == trainable
         run_bytes = sum(p.stat().st_size for p in run_dir.rglob("*") if p.is_file())
         assert run_bytes < 100 * 2**20, f"run folder holds {run_bytes / 2**20:.0f} MiB: base weights were saved?"
-        assert weight_digests(base) == before
+        assert weight_stats(base) == stats and weight_digests(base) == before
     finally:
         shutil.rmtree(base, ignore_errors=True)  # 4 GB in the session cache that no other test uses
