@@ -9,7 +9,9 @@ One table, every row scored against the same real images (the first --samples of
 features (--features, default the offline `pixels`):
 - `real: training folds`: as many real images from the training folds: the floor of FID, what a perfect
   generator scores; they ARE training images, so the audit must flag all of them;
-- `base`, `adapter`, `memorizer`: one image per test report, the same seeds;
+- `base`, `adapter`, `memorizer`: one image per test report, the same seeds; `memorizer, its training reports`:
+  the memorizer prompted with its own N training reports in turn (--memorizer-train FOLD:N), as an extraction
+  attack would;
 - `adapter, shuffled reports`: the adapter on the same reports in a shuffled order; the marginal distribution of
   reports is unchanged, so FID should barely move (FID does not see text), while faithfulness falls;
 - `noise`: uniform noise images, the ceiling.
@@ -61,6 +63,8 @@ def main() -> None:
     p.add_argument("--base", required=True)
     p.add_argument("--adapter", default=None)
     p.add_argument("--memorizer", default=None)
+    p.add_argument("--memorizer-train", default="0:8", help="FOLD:N of the memorizer's run (data.max_train_samples=N "
+                   "on fold FOLD): it is also prompted with those N training reports, the classic extraction test")
     p.add_argument("--samples", type=int, default=512)
     p.add_argument("--features", default="pixels")
     p.add_argument("--pool", type=int, default=0, help="training images searched by the audit (0 = all)")
@@ -89,7 +93,13 @@ def main() -> None:
         shuffled = generate(args.adapter, [real.reports[i] for i in order], args)
         rows["adapter, shuffled reports"] = shuffled[np.argsort(order)]  # image i now belongs to report i
     if args.memorizer:
+        from cxrdist.data.loader import train_reports
+
         rows["memorizer"] = generate(args.memorizer, real.reports, args)
+        fold, count = (int(x) for x in args.memorizer_train.split(":"))
+        own = train_reports(args.shards, fold, max_samples=count)
+        rows["memorizer, its training reports"] = generate(args.memorizer, [own[i % len(own)] for i in range(n)],
+                                                           args)
     rows["noise"] = np.random.default_rng(1).random(real.references.shape).astype(np.float32)
 
     table = {}
@@ -98,7 +108,8 @@ def main() -> None:
         dist = distribution_metrics(real_f, feats, extract.name, bootstrap=args.bootstrap)
         audit = memorization_audit(nearest_training(batch(images), feats, batch(pool), pool_f), heldout,
                                    threshold=threshold)
-        macro = faithfulness(list(images), real.labels)["macro"]
+        # faithfulness needs the test reports' own images; the training-report row has other prompts
+        macro = float("nan") if "training reports" in name else faithfulness(list(images), real.labels)["macro"]
         table[name] = {**{k: dist[k] for k in ("fid", "fid_se", "kid", "kid_std", "precision", "recall", "density",
                                                 "coverage")},
                        "memorized": audit["flagged_fraction"], "median_nearest_ssim": audit["median_nearest_ssim"],
