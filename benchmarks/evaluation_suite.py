@@ -73,10 +73,19 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--bootstrap", type=int, default=50)
     p.add_argument("--time", action="store_true", help="also time faithfulness-only against every metric")
+    p.add_argument("--time-only", action="store_true", help="only the timing, no table")
     p.add_argument("--out", default=None, help="write the table as JSON here")
     args = p.parse_args()
     setup_logging()
 
+    table, threshold = ({}, None) if args.time_only else rank_table(args)
+    timing = time_evaluations(args) if args.time or args.time_only else None
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump({"threshold": threshold, "rows": table, "timing": timing, "args": vars(args)}, handle, indent=2)
+
+
+def rank_table(args) -> tuple[dict, float]:
     real = read_split(args.shards, "test", args.samples)
     pool = read_training_pool(args.shards, "test", args.pool)
     extract = feature_extractor(args.features)
@@ -124,26 +133,25 @@ def main() -> None:
               f"{r['precision']:>7.3f}{r['recall']:>7.3f}{r['density']:>7.3f}{r['coverage']:>7.3f}"
               f"{r['memorized']:>10.3f}{r['median_nearest_ssim']:>8.3f}{r['faithfulness_macro']:>7.3f}")
 
-    timing = None
-    if args.time:
-        from cxrdist.models.loading import load_base
+    return table, threshold
 
-        base = load_base(args.base)
-        opts = EvaluateOptions(split="test", max_samples=args.samples, steps=args.steps, guidance=args.guidance,
-                               metrics=("faithfulness",), features=args.features, bootstrap=args.bootstrap,
-                               memorization_pool=args.pool)
-        seconds = {}
-        for label, metrics in (("faithfulness", ("faithfulness",)), ("all", METRICS)):
-            run_opts = dataclasses.replace(opts, metrics=metrics)
-            started = time.perf_counter()
-            run_evaluation(base, "{report}", args.shards, run_opts, progress=False)
-            seconds[label] = time.perf_counter() - started
-        timing = {**seconds, "ratio": seconds["all"] / seconds["faithfulness"]}
-        print(f"\nevaluation of {n} reports on the base: faithfulness only {seconds['faithfulness']:.1f} s, every "
-              f"metric {seconds['all']:.1f} s: {timing['ratio']:.2f}x (each reads what it needs: the split; the pool)")
-    if args.out:
-        with open(args.out, "w") as handle:
-            json.dump({"threshold": threshold, "rows": table, "timing": timing, "args": vars(args)}, handle, indent=2)
+
+def time_evaluations(args) -> dict:
+    """Wall time of run_evaluation on the base with --metrics faithfulness, then with every metric."""
+    from cxrdist.models.loading import load_base
+
+    base = load_base(args.base)
+    opts = EvaluateOptions(split="test", max_samples=args.samples, steps=args.steps, guidance=args.guidance,
+                           features=args.features, bootstrap=args.bootstrap, memorization_pool=args.pool)
+    seconds = {}
+    for label, metrics in (("faithfulness", ("faithfulness",)), ("all", METRICS)):
+        started = time.perf_counter()
+        run_evaluation(base, "{report}", args.shards, dataclasses.replace(opts, metrics=metrics), progress=False)
+        seconds[label] = time.perf_counter() - started
+    timing = {**seconds, "ratio": seconds["all"] / seconds["faithfulness"]}
+    print(f"\nevaluation of {args.samples} reports on the base: faithfulness only {seconds['faithfulness']:.1f} s, "
+          f"every metric {seconds['all']:.1f} s: {timing['ratio']:.2f}x (each reads what it needs)")
+    return timing
 
 
 if __name__ == "__main__":
