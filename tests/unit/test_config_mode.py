@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from cxrdist.config import (METRIC_MODES, Config, EvalConfig, config_from_dict, diff_configs, load_config,
+from cxrdist.config import (METRIC_MODES, SET_METRICS, Config, EvalConfig, config_from_dict, diff_configs, load_config,
                             load_yaml)
 from cxrdist.errors import ConfigError
 from cxrdist.train.early_stop import EarlyStopper
@@ -57,7 +57,8 @@ def test_bad_mode_is_refused():
 
 @pytest.mark.parametrize("metric", list(METRIC_MODES))
 def test_resolved_mode_round_trips_with_the_same_hash(tmp_path, metric):
-    cfg = load_config("demo", [f"eval.metric={metric}"])
+    sets = ["eval.num_metric_images=16"] if metric in SET_METRICS else []  # FID / KID need a set of images
+    cfg = load_config("demo", [f"eval.metric={metric}", *sets])
     saved = load_yaml(cfg.save(tmp_path / "config.yaml"))
     assert saved["eval"]["mode"] == METRIC_MODES[metric]
     again = config_from_dict(saved)
