@@ -34,20 +34,15 @@ import json
 import time
 
 import numpy as np
-import torch
 
 from cxrdist.evaluation.runs import METRICS, EvaluateOptions, read_split, read_training_pool, run_evaluation
 from cxrdist.logging_utils import setup_logging
 from cxrdist.metrics.distribution import distribution_metrics
 from cxrdist.metrics.faithfulness import faithfulness
-from cxrdist.metrics.features import feature_extractor
+from cxrdist.metrics.features import feature_extractor, image_batch as batch
 from cxrdist.metrics.memorization import calibrated_threshold, memorization_audit, nearest_training
 from cxrdist.sampling.loading import load_for_sampling
 from cxrdist.sampling.pipeline import SampleSettings, generate_images
-
-
-def batch(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(images, dtype=np.float32))[:, None]
 
 
 def generate(model_path: str, reports: list[str], args) -> np.ndarray:

@@ -32,6 +32,7 @@ from cxrdist.data.index import load_index
 from cxrdist.data.loader import SplitImages, eval_loader, read_split_images
 from cxrdist.errors import DataError, InputError
 from cxrdist.metrics.faithfulness import chance_level, faithfulness
+from cxrdist.metrics.features import image_batch
 from cxrdist.metrics.image import diversity, image_metrics
 from cxrdist.sampling.loading import load_for_sampling
 from cxrdist.sampling.pipeline import SampleSettings, generate_images
@@ -113,10 +114,6 @@ def read_training_pool(shards: str, split: str, limit: int) -> np.ndarray:
     return pool
 
 
-def _as_batch(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(images, dtype=np.float32))[:, None]
-
-
 @dataclass
 class References:
     """What every model of one evaluation is compared with, computed once."""
@@ -125,6 +122,7 @@ class References:
     feature_name: str = ""
     real_features: torch.Tensor | None = None
     pool: np.ndarray | None = None
+    pool_batch: torch.Tensor | None = None  # the pool as the (N, 1, H, W) batch the audit searches
     pool_features: torch.Tensor | None = None
     heldout_nearest: dict[str, torch.Tensor] | None = None
     extractor: Any = field(default=None, repr=False)
@@ -141,14 +139,15 @@ def _references(shards: str, split: str, max_samples: int, features: str | None,
         except FeatureError as err:
             raise InputError(str(err)) from None
         refs.feature_name = refs.extractor.name
-        refs.real_features = refs.extractor(_as_batch(refs.data.references))
+        refs.real_features = refs.extractor(image_batch(refs.data.references))
     if pool_limit is not None:
         from cxrdist.metrics.memorization import nearest_training
 
         refs.pool = read_training_pool(shards, split, pool_limit)
-        refs.pool_features = refs.extractor(_as_batch(refs.pool))
-        refs.heldout_nearest = nearest_training(_as_batch(refs.data.references), refs.real_features,
-                                                _as_batch(refs.pool), refs.pool_features)
+        refs.pool_batch = image_batch(refs.pool)
+        refs.pool_features = refs.extractor(refs.pool_batch)
+        refs.heldout_nearest = nearest_training(image_batch(refs.data.references), refs.real_features,
+                                                refs.pool_batch, refs.pool_features)
     return refs
 
 
@@ -189,13 +188,14 @@ def run_evaluation(base, template: str, shards: str, opts: EvaluateOptions, prog
         result["chance"] = chance_level(data.labels)
     if "image" in wants:
         result["image_metrics"] = image_metrics(images, data.references)
-    generated_features = refs.extractor(_as_batch(images)) if refs.extractor is not None else None
+    generated = image_batch(images)
+    generated_features = refs.extractor(generated) if refs.extractor is not None else None
     if wants & set(DISTRIBUTION):
         result.update(_distribution(refs, generated_features, opts))
     if "memorization" in wants:
         from cxrdist.metrics.memorization import memorization_audit, nearest_training
 
-        nearest = nearest_training(_as_batch(images), generated_features, _as_batch(refs.pool), refs.pool_features)
+        nearest = nearest_training(generated, generated_features, refs.pool_batch, refs.pool_features)
         result["memorization"] = memorization_audit(nearest, refs.heldout_nearest, opts.memorization_quantile,
                                                     opts.memorization_threshold)
         result["memorization"]["features"] = refs.feature_name

@@ -46,6 +46,11 @@ class FeatureExtractor:
         return torch.cat(parts) if parts else torch.zeros(0, 0, dtype=torch.float64)
 
 
+def image_batch(images) -> torch.Tensor:
+    """(N, H, W) grayscale images in [0, 1] (numpy or torch) -> the (N, 1, H, W) float32 batch extractors take."""
+    return torch.as_tensor(images, dtype=torch.float32)[:, None]
+
+
 def _need(package: str, pip_name: str, what: str):
     import importlib
 

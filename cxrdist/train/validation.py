@@ -138,32 +138,31 @@ def image_scores(cfg: Config, generated: np.ndarray, subset: SplitImages,
     return scores
 
 
-def _batch(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(images, dtype=np.float32))[:, None]
-
-
 class SetReferences:
     """The real side of eval.metrics, computed once: features of the validation subset's real images, and for
     the memorization audit the training pool, its features and the real images' nearest-training SSIM."""
 
     def __init__(self, cfg: Config, real: np.ndarray, pool: np.ndarray | None):
-        from cxrdist.metrics.features import feature_extractor
+        from cxrdist.metrics.features import feature_extractor, image_batch
 
         self.wants = set(cfg.eval.metrics)
         self.extractor = feature_extractor(cfg.eval.features)
-        self.real_features = self.extractor(_batch(real))
+        self.real_features = self.extractor(image_batch(real))
         self.pool, self.pool_features, self.heldout = None, None, None
         if pool is not None:
             from cxrdist.metrics.memorization import nearest_training
 
-            self.pool, self.pool_features = _batch(pool), self.extractor(_batch(pool))
-            self.heldout = nearest_training(_batch(real), self.real_features, self.pool, self.pool_features)
+            self.pool = image_batch(pool)
+            self.pool_features = self.extractor(self.pool)
+            self.heldout = nearest_training(image_batch(real), self.real_features, self.pool, self.pool_features)
 
     def scores(self, generated: np.ndarray) -> dict[str, float]:
         from cxrdist.metrics.distribution import distribution_metrics
+        from cxrdist.metrics.features import image_batch
         from cxrdist.metrics.memorization import memorization_audit, nearest_training
 
-        features = self.extractor(_batch(generated))
+        batch = image_batch(generated)
+        features = self.extractor(batch)
         out: dict[str, float] = {}
         if self.wants & {"fid", "kid", "prdc"}:
             full = distribution_metrics(self.real_features, features, self.extractor.name, bootstrap=0)
@@ -171,7 +170,7 @@ class SetReferences:
             names += ["precision", "recall", "density", "coverage"] if "prdc" in self.wants else []
             out.update({n: float(full[n]) for n in names})
         if self.pool is not None:
-            nearest = nearest_training(_batch(generated), features, self.pool, self.pool_features)
+            nearest = nearest_training(batch, features, self.pool, self.pool_features)
             out["memorization_flagged"] = float(memorization_audit(nearest, self.heldout)["flagged_fraction"])
         return out
 
