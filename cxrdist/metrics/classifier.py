@@ -73,21 +73,15 @@ TXV_NAMES = {"Cardiomegaly": "Cardiomegaly", "Pleural Effusion": "Effusion", "Pn
 
 
 def txv_classifier(weights: str) -> Classifier:
-    try:
-        import torchxrayvision as xrv
-    except ImportError:
-        raise ValueError(f"--classifier txv:{weights} needs the torchxrayvision package: "
-                         "pip install torchxrayvision") from None
-    import torch.nn.functional as F
+    from cxrdist.metrics.features import load_txv, txv_input
 
-    net = xrv.models.get_model(weights).eval()
+    net = load_txv(weights, f"--classifier txv:{weights}")
     columns = {ours: net.pathologies.index(theirs) for ours, theirs in TXV_NAMES.items() if theirs in net.pathologies}
     findings = tuple(columns)
 
     @torch.no_grad()
     def scores(images: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.asarray(images, dtype=np.float32))[:, None]
-        x = F.interpolate(x, size=(224, 224), mode="area") * 2048.0 - 1024.0
+        x = txv_input(torch.from_numpy(np.asarray(images, dtype=np.float32))[:, None])
         out = torch.cat([net(x[i : i + 32]) for i in range(0, len(x), 32)]).numpy()
         return out[:, [columns[f] for f in findings]]
 

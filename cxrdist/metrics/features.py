@@ -52,12 +52,13 @@ def image_batch(images) -> torch.Tensor:
 
 
 def _need(package: str, pip_name: str, what: str):
+    """Import `package`; FeatureError naming the flag (`what`) and the pip command when it is missing."""
     import importlib
 
     try:
         return importlib.import_module(package)
     except ImportError:
-        raise FeatureError(f"--features {what} needs the {pip_name} package: pip install {pip_name}") from None
+        raise FeatureError(f"{what} needs the {pip_name} package: pip install {pip_name}") from None
 
 
 def pixel_features(side: int = PIXEL_SIDE) -> FeatureExtractor:
@@ -68,7 +69,7 @@ def pixel_features(side: int = PIXEL_SIDE) -> FeatureExtractor:
 
 
 def inception_features() -> FeatureExtractor:
-    _need("torch_fidelity", "torch-fidelity", "inception")
+    _need("torch_fidelity", "torch-fidelity", "--features inception")
     from torchmetrics.image.fid import NoTrainInceptionV3
 
     try:
@@ -84,19 +85,23 @@ def inception_features() -> FeatureExtractor:
     return FeatureExtractor("inception", embed)
 
 
-def txv_features(weights: str) -> FeatureExtractor:
-    xrv = _need("torchxrayvision", "torchxrayvision", f"txv:{weights}")
+def load_txv(weights: str, option: str):
+    """A torchxrayvision model in eval mode; FeatureError naming `option` (the flag that asked) otherwise."""
+    xrv = _need("torchxrayvision", "torchxrayvision", option)
     try:
-        net = xrv.models.get_model(weights).eval()
+        return xrv.models.get_model(weights).eval()
     except Exception as err:
-        raise FeatureError(f"--features txv:{weights}: torchxrayvision could not load these weights ({err})") from None
+        raise FeatureError(f"{option}: torchxrayvision could not load the weights {weights!r} ({err})") from None
 
-    def embed(x: torch.Tensor) -> torch.Tensor:
-        # torchxrayvision's input convention: one channel, 224 px, values in [-1024, 1024].
-        scaled = F.interpolate(x, size=(224, 224), mode="area") * 2048.0 - 1024.0
-        return net.features2(scaled)
 
-    return FeatureExtractor(f"txv:{weights}", embed)
+def txv_input(x: torch.Tensor) -> torch.Tensor:
+    """(N, 1, H, W) in [0, 1] -> torchxrayvision's input convention: one channel, 224 px, values in [-1024, 1024]."""
+    return F.interpolate(x, size=(224, 224), mode="area") * 2048.0 - 1024.0
+
+
+def txv_features(weights: str) -> FeatureExtractor:
+    net = load_txv(weights, f"--features txv:{weights}")
+    return FeatureExtractor(f"txv:{weights}", lambda x: net.features2(txv_input(x)))
 
 
 # DINOv2's (and RAD-DINO's) ImageNet normalisation, used when the folder brings no image processor.
@@ -104,7 +109,7 @@ _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def raddino_features(source: str) -> FeatureExtractor:
-    transformers = _need("transformers", "transformers", f"raddino:{source}")
+    transformers = _need("transformers", "transformers", f"--features raddino:{source}")
     try:
         net = transformers.AutoModel.from_pretrained(source).eval()
     except Exception as err:
