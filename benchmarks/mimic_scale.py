@@ -8,12 +8,13 @@ and the parallel efficiency (rate with N workers / (N x rate with 1 worker)), al
 
     python benchmarks/mimic_scale.py [--n 20000] [--workers 2] [--size 256] [--height 1248]
 
-`--list-only --rows 377000` measures memory instead: it writes only the tables and the reports zip (empty image
-files, so nothing is decoded), every view kept (`--views all`: one record per row, as many as MIMIC-CXR-JPG has
+`--list-only --rows 377000` measures memory instead: it writes only the tables and the reports zip (tiny image
+files holding their own id, so nothing is decoded and none are byte-copies), every view kept (`--views all`: one record per row, as many as MIMIC-CXR-JPG has
 images), findings about `--report-chars` long (MIMIC's FINDINGS + IMPRESSION run to a few hundred characters),
-then lists the records with the builder's own `_collect_records` and prints the peak RSS
-(resource.getrusage) and the bytes per record, and how much of that is prompt text. The tree is written by a
-forked child, so the peak is the listing's alone.
+then reads the source as a build does (cxrdist.data.listing: a first reading keeps one key per record, a
+second streams the Records into shards, here without decoding) and prints the peak RSS (resource.getrusage)
+after each reading and the bytes per record. The tree is written by a forked child, so the peak is the
+build's record handling alone.
 
     python benchmarks/mimic_scale.py --list-only [--rows 377000] [--report-chars 600]
 """
@@ -76,7 +77,7 @@ FINDINGS = ("The lungs are clear without focal consolidation, effusion or pneumo
 
 
 def build_tables(root: Path, n_rows: int, report_chars: int) -> Path:
-    """The tables and reports zip of `n_rows` images (two views per study, two studies per subject), and an empty
+    """The tables and reports zip of `n_rows` images (two views per study, two studies per subject), and a tiny
     file per image: what listing reads, without pixels."""
     import sys
 
@@ -95,7 +96,7 @@ def build_tables(root: Path, n_rows: int, report_chars: int) -> Path:
             folder.mkdir(parents=True, exist_ok=True)
             for view in ("PA", "LATERAL"):
                 dicom = dicom_id(subject, study, view)
-                (folder / f"{dicom}.jpg").touch()
+                (folder / f"{dicom}.jpg").write_text(dicom)  # distinct bytes: no duplicate_content
                 meta.append({"dicom_id": dicom, "subject_id": subject, "study_id": study, "ViewPosition": view,
                              "Rows": 3050, "Columns": 2500})
                 split.append({"dicom_id": dicom, "study_id": study, "subject_id": subject,
@@ -120,7 +121,8 @@ def list_memory(rows: int, report_chars: int) -> None:
     import multiprocessing
     import sys
 
-    from cxrdist.data.shard import _collect_records
+    from cxrdist.data.listing import list_records
+    from cxrdist.data.shard import ShardOptions, assign_splits, filled_shards
     from cxrdist.data.sources.mimic_cxr import MimicCXRSource
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -131,44 +133,29 @@ def list_memory(rows: int, report_chars: int) -> None:
         child.join()
         if child.exitcode != 0:
             raise SystemExit(f"writing the tables failed (exit code {child.exitcode})")
-        print(f"tables, reports zip and {rows} empty image files written in {time.perf_counter() - started:.0f} s")
+        print(f"tables, reports zip and {rows} tiny image files written in {time.perf_counter() - started:.0f} s")
+        source = MimicCXRSource(root, views="all")
         before = _peak_rss_bytes()
         started = time.perf_counter()
-        records, rejects = _collect_records(MimicCXRSource(root, views="all"))
-        seconds = time.perf_counter() - started
+        listing = list_records(source, workers=1)
+        listed_in = time.perf_counter() - started
+        after_listing = _peak_rss_bytes()
+        n = len(listing.keys)
+        print(f"first reading: {n} record keys ({len(listing.rejects)} rejected) in {listed_in:.1f} s, peak RSS "
+              f"{after_listing / 2**20:.0f} MiB (+{(after_listing - before) / 2**20:.0f} MiB, "
+              f"{(after_listing - before) / max(n, 1):.0f} bytes per record; a key alone is "
+              f"{sum(sys.getsizeof(k) + sum(sys.getsizeof(x) for x in k) for k in listing.keys[:20000]) / min(n, 20000):.0f})")
+        options = ShardOptions(folds=5, official_split=True, shard_size=1000)
+        assignment = assign_splits([k.group for k in listing.keys], options.folds, None, options.seed,
+                                   {k.group for k in listing.keys if k.split == "test"})
+        started = time.perf_counter()
+        shards = streamed = 0
+        for _, records in filled_shards(listing.stream(source), assignment, options):
+            shards, streamed = shards + 1, streamed + len(records)
         peak = _peak_rss_bytes()
-        prompts = {id(r.prompt): r.prompt for r in records}  # a study's images share one prompt string
-        prompt_bytes = sum(sys.getsizeof(p) for p in prompts.values())
-        n = len(records)
-        print(f"listed {n} records ({len(rejects)} rejected) in {seconds:.1f} s")
-        print(f"peak RSS {peak / 2**20:.0f} MiB (before listing {before / 2**20:.0f} MiB, "
-              f"+{(peak - before) / 2**20:.0f} MiB); {(peak - before) / max(n, 1):.0f} bytes per record, of which "
-              f"prompt text {prompt_bytes / max(n, 1):.0f} ({len(prompts)} distinct prompts, "
-              f"{sum(len(p) for p in prompts.values()) / max(len(prompts), 1):.0f} characters on average)")
-        print_breakdown(records[:20000])
-
-
-def print_breakdown(records: list) -> None:
-    """Bytes per record by field (sys.getsizeof, strings shared between fields counted in each)."""
-    import sys
-
-    size = sys.getsizeof
-
-    def deep(value) -> int:
-        return size(value) + (sum(size(x) for x in value) if isinstance(value, list) else 0)
-
-    parts = {
-        "Record object + __dict__": sum(size(r) + size(r.__dict__) for r in records),
-        "uid, group, view strings": sum(size(r.uid) + size(r.group) + size(r.view) for r in records),
-        "source_path": sum(size(r.source_path) for r in records),
-        "labels list": sum(deep(r.labels) for r in records),
-        "extra dict and values": sum(size(r.extra) + sum(deep(v) for v in r.extra.values()) for r in records),
-        "prompt (one per study)": sum(size(p) for p in {id(r.prompt): r.prompt for r in records}.values()),
-    }
-    n = max(len(records), 1)
-    print(f"per record, counted on {len(records)} records: "
-          + ", ".join(f"{name} {total / n:.0f}" for name, total in parts.items())
-          + f"; sum {sum(parts.values()) / n:.0f} bytes")
+        print(f"second reading: {streamed} records in {shards} shards of {options.shard_size} (no images) in "
+              f"{time.perf_counter() - started:.1f} s, peak RSS {peak / 2**20:.0f} MiB "
+              f"(+{(peak - before) / 2**20:.0f} MiB over the whole build's record handling)")
 
 
 def shard_rate(root: Path, out: Path, size: int, workers: int) -> tuple[float, float, int]:

@@ -10,6 +10,9 @@ Pipeline (img2dataset-like): reader (source.records / source.load) -> resizer (i
 - One build per folder: `.cxrdist-build.lock` holds the builder's PID while it runs.
 - A build whose result is unusable (an empty split, or more rejects than --max-reject-fraction) fails and
   removes what it wrote, so the corrected rerun starts in a clean folder.
+- The source is read twice (listing.py): once for the keys that decide splits and duplicates, once to fill
+  the shards, which are written as they fill. No more than a shard per split and two shards in the pool
+  are held, so a source of any length streams.
 - Images are spread over the worker pool one by one (not shard by shard) so that two cores stay busy even
   when a split has a single shard; results come back in order, so output is independent of `workers`.
 - Same inputs + seed -> byte-identical shards: tar headers carry fixed mtime/owner/mode, members are
@@ -19,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import inspect
 import json
 import logging
@@ -27,11 +29,9 @@ import multiprocessing
 import os
 import random
 import socket
-import stat as stat_mode
 import sys
 import time
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter, deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -42,6 +42,8 @@ from cxrdist.data.imageio import (BIT_DEPTHS, RESIZE_MODES, check_pixels, encode
                                   resize_square)
 from cxrdist.data.index import (FORMAT_VERSION, INDEX_NAME, PARTS_DIR, REJECTS_NAME, TEST_SPLIT, fold_name,
                                 shard_name)
+from cxrdist.data.listing import (DUPLICATE_CONTENT, DUPLICATE_PATH, Listing, RecordKey, SourceChanged,
+                                  list_records)
 from cxrdist.data.sources.base import Record, RecordRejected
 from cxrdist.data.tars import write_tar
 from cxrdist.errors import DataError, InputError
@@ -51,7 +53,6 @@ from cxrdist.progress import progress_meter
 log = logging.getLogger(__name__)
 PLAN_NAME = "plan.json"
 LOCK_NAME = ".cxrdist-build.lock"
-DUPLICATE_PATH, DUPLICATE_CONTENT = "duplicate_path", "duplicate_content"
 
 
 DEFAULT_TEST_FRACTION = 0.2
@@ -136,7 +137,7 @@ def split_names(options: ShardOptions) -> list[str]:
     return ([TEST_SPLIT] if has_test else []) + [fold_name(k) for k in range(options.folds)]
 
 
-def _official_test_groups(records: Sequence[Record]) -> set[str]:
+def _official_test_groups(records: Sequence[RecordKey]) -> set[str]:
     """Groups with an image in the official test split. A group (patient) with images on both sides goes to
     test whole: splitting it would put one patient in test and in training."""
     groups = {r.group for r in records if r.split == TEST_SPLIT}
@@ -151,16 +152,34 @@ def _official_test_groups(records: Sequence[Record]) -> set[str]:
 class ShardTask:
     split: str
     name: str
-    records: list[Record]
+    count: int  # records planned for it (rejects among them are only known once it is written)
 
 
-def plan_tasks(records: Sequence[Record], assignment: dict[str, str], options: ShardOptions) -> list[ShardTask]:
+def plan_tasks(records: Sequence[RecordKey], assignment: dict[str, str], options: ShardOptions) -> list[ShardTask]:
+    """Every shard of the build, split by split: a split's records in source order, `shard_size` a shard."""
+    members = Counter(assignment[r.group] for r in records)
     tasks = []
     for split in split_names(options):
-        members = [r for r in records if assignment[r.group] == split]
-        for number, start in enumerate(range(0, len(members), options.shard_size)):
-            tasks.append(ShardTask(split, shard_name(split, number), members[start:start + options.shard_size]))
+        for number, start in enumerate(range(0, members[split], options.shard_size)):
+            tasks.append(ShardTask(split, shard_name(split, number), min(options.shard_size, members[split] - start)))
     return tasks
+
+
+def filled_shards(records: Iterator[Record], assignment: dict[str, str],
+                  options: ShardOptions) -> Iterator[tuple[str, list[Record]]]:
+    """(shard name, its records) as each shard fills up, from the records in source order; the same shards
+    as plan_tasks, in the order they complete. One shard's worth of records per split is held at a time."""
+    filling: dict[str, list[Record]] = {split: [] for split in split_names(options)}
+    numbers = Counter()
+    for record in records:
+        split = assignment[record.group]
+        filling[split].append(record)
+        if len(filling[split]) == options.shard_size:
+            yield shard_name(split, numbers[split]), filling[split]
+            filling[split], numbers[split] = [], numbers[split] + 1
+    for split, rest in filling.items():
+        if rest:
+            yield shard_name(split, numbers[split]), rest
 
 
 # ---- worker side -------------------------------------------------------------------------------------------
@@ -208,10 +227,11 @@ def _stats_path(out: Path, name: str) -> Path:
     return out / PARTS_DIR / (name[: -len(".tar")] + ".json")
 
 
-def _write_shard(out: Path, task: ShardTask, results: list[tuple], started: float) -> dict[str, Any]:
+def _write_shard(out: Path, task: ShardTask, records: Sequence[Record], results: list[tuple],
+                 started: float) -> dict[str, Any]:
     samples = [(uid, sample) for uid, sample, _, _ in results if sample is not None]
     digest, size = write_tar(out / task.name, samples)
-    by_uid = {r.uid: r for r in task.records}
+    by_uid = {r.uid: r for r in records}
     labels = Counter(label for uid, _ in samples for label in by_uid[uid].labels)
     views = Counter(by_uid[uid].view or "unknown" for uid, _ in samples)
     stats = {
@@ -227,13 +247,10 @@ def _write_shard(out: Path, task: ShardTask, results: list[tuple], started: floa
     return stats
 
 
-def _plan_record(source, records: Sequence[Record], assignment: dict[str, str], options: ShardOptions) -> dict:
-    digest = hashlib.sha256()
-    for r in records:
-        digest.update(json.dumps([r.uid, r.group, assignment[r.group], r.prompt, r.source_path, r.labels,
-                                  r.view]).encode("utf-8"))
-    return {"format_version": FORMAT_VERSION, "source": getattr(source, "name", "unknown"),
-            "options": options.plan_key(), "records": len(records), "records_sha256": digest.hexdigest()}
+def _plan_record(listing: Listing, options: ShardOptions) -> dict:
+    """What a resumed build must match. The split is not in it: the records and options decide it."""
+    return {"format_version": FORMAT_VERSION, "source": listing.source_name, "options": options.plan_key(),
+            "records": len(listing.keys), "records_sha256": listing.sha256}
 
 
 def _make_writable(out: Path) -> None:
@@ -265,94 +282,6 @@ def _prepare_out(out: Path, plan: dict, options: ShardOptions) -> bool:
         leftover.unlink()
     write_json_atomic(plan_path, plan)
     return bool(previous)
-
-
-# ---- duplicates --------------------------------------------------------------------------------------------
-# A manifest may list one file under two group ids, and a collection may hold a byte-copy of an image under
-# another name and patient: either puts one image in two splits (test and a training fold). So the whole
-# source is checked before the split, and the first record in source order keeps the image.
-def _path_key(source_path: str) -> str:
-    """The file a record reads, links and `..` resolved; a generated record's descriptor as it is."""
-    return os.path.realpath(source_path) if os.path.lexists(source_path) else os.path.normpath(source_path)
-
-
-def _regular_size(path: str) -> Optional[int]:
-    try:
-        info = os.stat(path)
-    except (OSError, ValueError):
-        return None
-    return info.st_size if stat_mode.S_ISREG(info.st_mode) else None
-
-
-def _digest_or_none(path: str) -> Optional[str]:
-    try:
-        return sha256_file(path)
-    except OSError:
-        return None  # vanished or unreadable: loading the record rejects it with the reason
-
-
-def _threaded(func: Callable[[Any], Any], items: Sequence[Any], workers: int) -> list[Any]:
-    """[func(x) for x in items] on `workers` threads, in order. Threads, not processes: stat, file reads and
-    hashlib release the GIL and nothing needs pickling; one slice per thread, not one future per item."""
-    if workers <= 1 or len(items) < 2:
-        return [func(item) for item in items]
-    step = -(-len(items) // workers)
-    slices = [items[start:start + step] for start in range(0, len(items), step)]
-    with ThreadPoolExecutor(max_workers=len(slices)) as pool:
-        parts = pool.map(lambda part: [func(item) for item in part], slices)
-        return [result for part in parts for result in part]
-
-
-def _content_digests(paths: Sequence[str], workers: int) -> tuple[dict[str, str], int]:
-    """(path -> sha256 of the files that share their size with another file, number of existing files).
-
-    Only files of equal size can be byte-copies, so the others are never read here: on a large collection
-    that spares reading most of it twice.
-    """
-    sizes = {path: size for path, size in zip(paths, _threaded(_regular_size, paths, workers))
-             if size is not None}
-    same_size = Counter(sizes.values())
-    candidates = [path for path, size in sizes.items() if same_size[size] > 1]
-    digests = dict(zip(candidates, _threaded(_digest_or_none, candidates, workers)))
-    return {path: digest for path, digest in digests.items() if digest}, len(sizes)
-
-
-def _duplicate_reject(record: Record, kept: Record, reason: str) -> dict[str, Any]:
-    what = "file" if reason == DUPLICATE_PATH else "bytes"
-    return {"id": record.uid, "reason": reason, "source_path": record.source_path, "kept": kept.uid,
-            "detail": f"same {what} as {kept.uid} (group {kept.group}), which is kept; this one was in group "
-                      f"{record.group}"}
-
-
-def drop_duplicates(records: Sequence[Record], workers: int = 1) -> tuple[list[Record], list[dict], dict]:
-    """(kept records, rejects, counts): one record per resolved path, then one per file content (sha256).
-
-    Records without a file (generated in memory, like the phantoms) are compared by their descriptor only:
-    their pixels come from the source's own seed and index, not from a file that can be copied or listed
-    twice, and hashing their pixels would mean generating every image twice. counts["without_file"] says
-    how many records were not compared by content.
-    """
-    keys = _threaded(lambda r: _path_key(r.source_path) if r.source_path else "", records, workers)
-    kept, rejects, by_path = [], [], {}
-    for record, key in zip(records, keys):
-        if key and key in by_path:
-            rejects.append(_duplicate_reject(record, by_path[key], DUPLICATE_PATH))
-            continue
-        by_path.setdefault(key, record)
-        kept.append((record, key))
-    digests, n_files = _content_digests([key for _, key in kept if key], workers)
-    unique, by_digest = [], {}
-    for record, key in kept:
-        digest = digests.get(key)
-        if digest and digest in by_digest:
-            rejects.append(_duplicate_reject(record, by_digest[digest], DUPLICATE_CONTENT))
-            continue
-        by_digest.setdefault(digest, record)
-        unique.append(record)
-    reasons = Counter(r["reason"] for r in rejects)
-    counts = {DUPLICATE_PATH: reasons[DUPLICATE_PATH], DUPLICATE_CONTENT: reasons[DUPLICATE_CONTENT],
-              "files": n_files, "files_hashed": len(digests), "without_file": len(kept) - n_files}
-    return unique, rejects, counts
 
 
 # ---- one build per folder ----------------------------------------------------------------------------------
@@ -512,38 +441,20 @@ def _roll_back(out: Path, written: Sequence[str], plan_is_new: bool) -> None:
             (out / PARTS_DIR).rmdir()  # only when empty
 
 
-def _pool_results(items: list[tuple[Record, str]], source, options: ShardOptions, workers: int) -> Iterator:
+@contextlib.contextmanager
+def _worker_pool(source, options: ShardOptions, workers: int) -> Iterator[Callable[[list], Iterator]]:
+    """A function that turns (record, split) items into _process results, in order, lazily."""
     args = (source, options.size, options.resize_mode, options.bit_depth)
-    if workers <= 1 or len(items) <= 1:
+    if workers <= 1:
         _init_worker(*args)  # in-process: no pickling, no IPC, so one worker costs nothing extra
-        yield from map(_process, items)
+        yield lambda items: map(_process, items)
         return
     # fork starts in milliseconds, but a parent that has imported torch holds OpenMP threads a forked
     # child can deadlock on: then spawn (slower start, each worker imports numpy/PIL afresh).
     use_fork = "torch" not in sys.modules and "fork" in multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if use_fork else "spawn")
-    chunk = max(1, min(16, len(items) // (workers * 8)))
     with context.Pool(workers, initializer=_init_worker, initargs=args) as pool:
-        yield from pool.imap(_process, items, chunksize=chunk)
-
-
-def _collect_records(source) -> tuple[list[Record], list[dict]]:
-    """Every usable record of the source, held in one list, and the listing rejects.
-
-    The sources stream their rows, but this list holds every Record with its prompt: 377,000 MIMIC-CXR-JPG rows
-    take about 735 MiB (2,045 bytes a record, 342 of them prompt text, shared by a study's images;
-    `benchmarks/mimic_scale.py --list-only`, benchmarks/RESULTS.md).
-    """
-    records, rejects, seen = [], [], set()
-    for record in source.records():
-        if record.uid in seen or not record.uid or "." in record.uid:
-            rejects.append({"id": record.uid, "reason": "bad_uid", "source_path": record.source_path,
-                            "detail": "duplicate uid" if record.uid in seen else "empty uid or contains '.'"})
-            continue
-        seen.add(record.uid)
-        records.append(record)
-    listed = [{"id": ident, "reason": reason, "detail": detail} for ident, reason, detail in source.rejected()]
-    return records, listed + rejects
+        yield lambda items: pool.imap(_process, items, chunksize=max(1, min(16, len(items) // (workers * 8))))
 
 
 def build_shards(source, out_dir: str | os.PathLike, options: Optional[ShardOptions] = None,
@@ -563,42 +474,37 @@ def build_shards(source, out_dir: str | os.PathLike, options: Optional[ShardOpti
     out = Path(out_dir)
     started = time.perf_counter()
     workers = options.workers or os.cpu_count() or 1
-    records, listing_rejects = _collect_records(source)
-    records, duplicates, dedupe = drop_duplicates(records, workers)
-    listing_rejects += duplicates
-    if not records:
-        raise DataError(f"source {getattr(source, 'name', '?')} produced no usable records "
-                        f"({len(listing_rejects)} rejected: {top_reasons(listing_rejects) or 'none'}): "
+    listing = list_records(source, workers)
+    if not listing.keys:
+        raise DataError(f"source {listing.source_name} produced no usable records "
+                        f"({len(listing.rejects)} rejected: {top_reasons(listing.rejects) or 'none'}): "
                         "check the inputs")
     # the one place records meet their split: duplicates are gone, so an image can sit in one split only
-    test_groups = _official_test_groups(records) if options.official_split else None
-    assignment = assign_splits([r.group for r in records], options.folds, options.drawn_test_fraction,
+    test_groups = _official_test_groups(listing.keys) if options.official_split else None
+    assignment = assign_splits([r.group for r in listing.keys], options.folds, options.drawn_test_fraction,
                                options.seed, test_groups)
     _check_groups(assignment, options)
-    tasks = plan_tasks(records, assignment, options)
-    plan = _plan_record(source, records, assignment, options)
+    tasks = plan_tasks(listing.keys, assignment, options)
     _make_writable(out)
     with build_lock(out):
-        index, run = _build_locked(source, out, records, tasks, plan, options, listing_rejects, dedupe,
-                                   workers)
+        index, run = _build_locked(source, out, listing, assignment, tasks, options, workers)
     elapsed = time.perf_counter() - started
     # "run" is returned for the summary line but not stored: index.json depends on inputs and options only
     return {**index, "run": {**run, "seconds": round(elapsed, 2), "workers": workers,
                              "images_per_second": round(run["processed"] / elapsed, 2) if elapsed > 0 else 0.0}}
 
 
-def _build_locked(source, out: Path, records: list[Record], tasks: list[ShardTask], plan: dict,
-                  options: ShardOptions, listing_rejects: list[dict], dedupe: dict,
-                  workers: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    resuming = _prepare_out(out, plan, options)
+def _build_locked(source, out: Path, listing: Listing, assignment: dict[str, str], tasks: list[ShardTask],
+                  options: ShardOptions, workers: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    resuming = _prepare_out(out, _plan_record(listing, options), options)
     done, damaged = _kept_shards(out, tasks) if resuming else (set(), [])
     todo = [t for t in tasks if t.name not in done]
     if todo:  # index.json means "complete", which the set is not while shards are (re)written
         (out / INDEX_NAME).unlink(missing_ok=True)
-    log.info("%d records in %d shards (%d kept, %d damaged ones rebuilt), %d workers", len(records),
+    log.info("%d records in %d shards (%d kept, %d damaged ones rebuilt), %d workers", len(listing.keys),
              len(tasks), len(done), len(damaged), workers)
-    inputs = len(records) + len(listing_rejects)
-    rejects = list(listing_rejects) + [r for t in tasks if t.name in done
+    inputs = len(listing.keys) + len(listing.rejects)
+    rejects = list(listing.rejects) + [r for t in tasks if t.name in done
                                        for r in _read_stats(out, t.name)["rejects"]]
     written: list[str] = []
 
@@ -609,45 +515,61 @@ def _build_locked(source, out: Path, records: list[Record], tasks: list[ShardTas
 
     try:
         _check_rejects(out, rejects, inputs, options)
-        _write_tasks(source, out, todo, options, workers, after_shard)
-        splits, rejects = _gather(out, tasks, options, listing_rejects)
+        _write_tasks(source, out, listing, assignment, todo, options, workers, after_shard)
+        splits, rejects = _gather(out, tasks, options, listing.rejects)
         _check_splits(out, splits, rejects)
     except BuildRejected:
         _roll_back(out, written, plan_is_new=not resuming)
         _write_rejects(out, rejects)
         raise
-    index = _write_index(out, source, options, splits, rejects, records, dedupe)
-    processed = sum(len(t.records) for t in todo)
+    except SourceChanged:  # what was written follows a split drawn from other records
+        _roll_back(out, written, plan_is_new=not resuming)
+        raise
+    index = _write_index(out, source, options, splits, rejects, len(listing.keys), listing.dedupe)
+    processed = sum(t.count for t in todo)
     return index, {"processed": processed, "shards_written": len(todo), "shards_resumed": len(done),
                    "shards_rebuilt": len(damaged)}
 
 
-def _write_tasks(source, out: Path, todo: list[ShardTask], options: ShardOptions, workers: int,
-                 on_shard: Callable[[dict[str, Any]], None]) -> None:
-    """Process and write the shards of `todo` in order; `on_shard(stats)` after each one."""
-    items = [(record, task.split) for task in todo for record in task.records]
-    bar = progress_meter(len(items), unit="img", desc=f"shard {out.name}", disable=not options.progress)
-    results = _pool_results(items, source, options, workers)
+def _write_tasks(source, out: Path, listing: Listing, assignment: dict[str, str], todo: list[ShardTask],
+                 options: ShardOptions, workers: int, on_shard: Callable[[dict[str, Any]], None]) -> None:
+    """Process and write the shards of `todo` as the second reading of the source fills them; `on_shard(stats)`
+    after each one. Two shards are in the pool at a time, so the workers never wait for the writer and at most
+    two shards' images are in memory."""
+    wanted = {task.name: task for task in todo}
+    bar = progress_meter(sum(t.count for t in todo), unit="img", desc=f"shard {out.name}",
+                         disable=not options.progress)
     written = rejected = 0
+
+    def finish(task: ShardTask, records: list[Record], results: Iterator, started: float) -> None:
+        nonlocal written, rejected
+        batch = []
+        for result in results:
+            batch.append(result)
+            bar.update(1)
+        stats = _write_shard(out, task, records, batch, started)
+        written, rejected = written + stats["count"], rejected + len(stats["rejects"])
+        bar.set_postfix(written=written, rejected=rejected)
+        on_shard(stats)
+
     try:
-        with bar:  # a failure leaves no closing progress line after the last one
-            for task in todo:
-                shard_started = time.perf_counter()
-                batch = []
-                for _ in task.records:
-                    batch.append(next(results))
-                    bar.update(1)
-                stats = _write_shard(out, task, batch, shard_started)
-                written, rejected = written + stats["count"], rejected + len(stats["rejects"])
-                bar.set_postfix(written=written, rejected=rejected)
-                on_shard(stats)
+        with bar, _worker_pool(source, options, workers) as run:  # a failure leaves no closing progress line
+            in_pool: deque = deque()
+            for name, records in filled_shards(listing.stream(source), assignment, options):
+                task = wanted.get(name)
+                if task is None:  # kept from the interrupted build
+                    continue
+                in_pool.append((task, records, run([(record, task.split) for record in records]),
+                                time.perf_counter()))
+                if len(in_pool) > 1:
+                    finish(*in_pool.popleft())
+            while in_pool:
+                finish(*in_pool.popleft())
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise DataError(f"disk full while writing {out}: free space and rerun with --resume "
                             f"(completed shards are kept)") from None
         raise
-    finally:
-        results.close()  # stops the pool when a write failed half-way
 
 
 def _gather(out: Path, tasks: list[ShardTask], options: ShardOptions,
@@ -677,7 +599,7 @@ def _write_rejects(out: Path, rejects: Sequence[dict]) -> None:
 
 
 def _write_index(out: Path, source, options: ShardOptions, splits: dict[str, dict[str, Any]],
-                 rejects: list[dict], records: list[Record], dedupe: dict) -> dict[str, Any]:
+                 rejects: list[dict], records: int, dedupe: dict) -> dict[str, Any]:
     summary = getattr(source, "summary", None)
     index = {
         "format_version": FORMAT_VERSION, "source": getattr(source, "name", "unknown"),
@@ -685,7 +607,7 @@ def _write_index(out: Path, source, options: ShardOptions, splits: dict[str, dic
         # null with the official split: no fraction was drawn (options.official_split says which split was used)
         "seed": options.seed, "test_fraction": options.drawn_test_fraction, "options": options.plan_key(),
         "splits": splits,
-        "counts": {"records": len(records), "written": sum(s["count"] for s in splits.values()),
+        "counts": {"records": records, "written": sum(s["count"] for s in splits.values()),
                    "rejected": len(rejects),
                    "duplicates": dedupe[DUPLICATE_PATH] + dedupe[DUPLICATE_CONTENT]},
         "rejects": dict(sorted(Counter(r["reason"] for r in rejects).items())),

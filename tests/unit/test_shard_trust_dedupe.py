@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from cxrdist.data.shard import build_shards, drop_duplicates
+from cxrdist.data.listing import drop_duplicates
+from cxrdist.data.shard import build_shards
 from cxrdist.data.sources.base import Record
 from cxrdist.data.sources.manifest import ManifestSource
 from support.data_files import DEDUPE_OPTS, leaky_manifest, png_digests_by_split, write_png
