@@ -9,10 +9,11 @@ and the parallel efficiency (rate with N workers / (N x rate with 1 worker)), al
     python benchmarks/mimic_scale.py [--n 20000] [--workers 2] [--size 256] [--height 1248]
 
 `--list-only --rows 377000` measures memory instead: it writes only the tables and the reports zip (tiny image
-files holding their own id, so nothing is decoded and none are byte-copies), every view kept (`--views all`: one record per row, as many as MIMIC-CXR-JPG has
-images), findings about `--report-chars` long (MIMIC's FINDINGS + IMPRESSION run to a few hundred characters),
-then reads the source as a build does (cxrdist.data.listing: a first reading keeps one key per record, a
-second streams the Records into shards, here without decoding) and prints the peak RSS (resource.getrusage)
+files holding their own id, so nothing is decoded and none are byte-copies), every view kept (`--views all`:
+one record per row, as many as MIMIC-CXR-JPG has images), findings about `--report-chars` long (MIMIC's
+FINDINGS + IMPRESSION run to a few hundred characters), then reads the source as a build does
+(cxrdist.data.listing: a first reading keeps one key per record, a second streams the Records into shards,
+here without decoding) and prints the peak RSS (resource.getrusage)
 after each reading and the bytes per record. The tree is written by a forked child, so the peak is the
 build's record handling alone.
 
@@ -141,10 +142,11 @@ def list_memory(rows: int, report_chars: int) -> None:
         listed_in = time.perf_counter() - started
         after_listing = _peak_rss_bytes()
         n = len(listing.keys)
+        sampled = listing.keys[:20000]
+        key_bytes = sum(sys.getsizeof(k) + sum(sys.getsizeof(x) for x in k) for k in sampled) / max(len(sampled), 1)
         print(f"first reading: {n} record keys ({len(listing.rejects)} rejected) in {listed_in:.1f} s, peak RSS "
               f"{after_listing / 2**20:.0f} MiB (+{(after_listing - before) / 2**20:.0f} MiB, "
-              f"{(after_listing - before) / max(n, 1):.0f} bytes per record; a key alone is "
-              f"{sum(sys.getsizeof(k) + sum(sys.getsizeof(x) for x in k) for k in listing.keys[:20000]) / min(n, 20000):.0f})")
+              f"{(after_listing - before) / max(n, 1):.0f} bytes per record; a key alone is {key_bytes:.0f})")
         options = ShardOptions(folds=5, official_split=True, shard_size=1000)
         assignment = assign_splits([k.group for k in listing.keys], options.folds, None, options.seed,
                                    {k.group for k in listing.keys if k.split == "test"})

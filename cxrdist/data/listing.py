@@ -30,6 +30,8 @@ DUPLICATE_PATH, DUPLICATE_CONTENT = "duplicate_path", "duplicate_content"
 
 class SourceChanged(DataError):
     """The second reading of a source differs from the first, from which the split was drawn."""
+
+
 # what list_records decided about each record the source yielded, by position (one byte a record)
 _BAD_UID, _DUPLICATE, _KEPT = 0, 1, 2
 
