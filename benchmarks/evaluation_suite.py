@@ -7,8 +7,8 @@ evaluation cost next to faithfulness alone?
 
 One table, every row scored against the same real images (the first --samples of the test split) on the same
 features (--features, default the offline `pixels`):
-- `real: training folds`: as many real images from the training folds: the floor of FID, what a perfect
-  generator scores; they ARE training images, so the audit must flag all of them;
+- `training images, drawn`: as many training images, encoded and decoded by the base's VAE: what a model that
+  memorized them draws, so the audit must flag all of them; their FID is the floor the VAE allows;
 - `base`, `adapter`, `memorizer`: one image per test report, the same seeds; `memorizer, its training reports`:
   the memorizer prompted with its own N training reports in turn (--memorizer-train FOLD:N), as an extraction
   attack would;
@@ -16,12 +16,15 @@ features (--features, default the offline `pixels`):
   reports is unchanged, so FID should barely move (FID does not see text), while faithfulness falls;
 - `noise`: uniform noise images, the ceiling.
 The memorization columns use one threshold, calibrated on the test split's real images (their nearest-training
-SSIM, quantile --quantile) against the first --pool images of the training folds.
+SSIM, quantile --quantile) against the first --pool images of the training folds, both as the base's VAE draws
+them (encoded and decoded), as `cxrdist evaluate` does.
 
 The memorizer is an adapter trained long on 8 training images, e.g.
     accelerate launch --config_file configs/accelerate/cpu_2ranks.yaml launch/train.py --config demo --fold 0 \
         --shards shards/phantom --output-dir runs/memorize --set data.max_train_samples=8 train.batch_size=4 \
         --set train.max_steps=600 train.caption_dropout=0 eval.run_test=false
+Trained without caption dropout, it has no unconditional branch that classifier-free guidance could use:
+--memorizer-guidance (default --guidance) samples its rows, 1 being how an extraction attack would sample it.
 
 --time also runs `run_evaluation` twice on the base, with --metrics faithfulness and with every metric, and prints
 the ratio of their wall times (the issue's budget: at most 3x).
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import time
 
@@ -40,14 +44,16 @@ from cxrdist.logging_utils import setup_logging
 from cxrdist.metrics.distribution import distribution_metrics
 from cxrdist.metrics.faithfulness import faithfulness
 from cxrdist.metrics.features import feature_extractor, image_batch as batch
-from cxrdist.metrics.memorization import calibrated_threshold, memorization_audit, nearest_training
+from cxrdist.metrics.memorization import AuditSide, calibrated_threshold, memorization_audit
+from cxrdist.models.loading import load_base
 from cxrdist.sampling.loading import load_for_sampling
-from cxrdist.sampling.pipeline import SampleSettings, generate_images
+from cxrdist.sampling.pipeline import SampleSettings, as_drawn, generate_images
 
 
-def generate(model_path: str, reports: list[str], args) -> np.ndarray:
+def generate(model_path: str, reports: list[str], args, guidance: float | None = None) -> np.ndarray:
     model, meta = load_for_sampling(model_path)
-    settings = SampleSettings(steps=args.steps, scheduler="dpm++", guidance=args.guidance, batch_size=32)
+    guidance = args.guidance if guidance is None else guidance
+    settings = SampleSettings(steps=args.steps, scheduler="dpm++", guidance=guidance, batch_size=32)
     return generate_images(model, reports, settings, template=(meta or {}).get("prompt_template", "{report}"),
                            seeds=list(range(len(reports))))
 
@@ -66,6 +72,7 @@ def main() -> None:
     p.add_argument("--quantile", type=float, default=0.99)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--memorizer-guidance", type=float, default=None, help="guidance of the memorizer rows [--guidance]")
     p.add_argument("--bootstrap", type=int, default=50)
     p.add_argument("--time", action="store_true", help="also time faithfulness-only against every metric")
     p.add_argument("--time-only", action="store_true", help="only the timing, no table")
@@ -84,12 +91,14 @@ def rank_table(args) -> tuple[dict, float]:
     real = read_split(args.shards, "test", args.samples)
     pool = read_training_pool(args.shards, "test", args.pool)
     extract = feature_extractor(args.features)
-    real_f, pool_f = extract(batch(real.references)), extract(batch(pool))
-    heldout = nearest_training(batch(real.references), real_f, batch(pool), pool_f)
-    threshold = calibrated_threshold(heldout["ssim"], args.quantile)
+    real_f = extract(batch(real.references))
+    base = load_base(args.base)
+    side = AuditSide.build(extract, real.references, pool, functools.partial(as_drawn, base))
+    threshold = calibrated_threshold(side.heldout["ssim"], args.quantile)
     n = len(real.reports)
 
-    rows: dict[str, np.ndarray] = {"real: training folds": pool[-n:]}  # the pool's end: not the first N searched
+    # the last N of the pool as its VAE draws them: what a model that memorized them would draw
+    rows: dict[str, np.ndarray] = {"training images, drawn": as_drawn(base, pool[-n:])}
     rows["base"] = generate(args.base, real.reports, args)
     if args.adapter:
         rows["adapter"] = generate(args.adapter, real.reports, args)
@@ -99,19 +108,18 @@ def rank_table(args) -> tuple[dict, float]:
     if args.memorizer:
         from cxrdist.data.loader import train_reports
 
-        rows["memorizer"] = generate(args.memorizer, real.reports, args)
+        rows["memorizer"] = generate(args.memorizer, real.reports, args, args.memorizer_guidance)
         fold, count = (int(x) for x in args.memorizer_train.split(":"))
         own = train_reports(args.shards, fold, max_samples=count)
         rows["memorizer, its training reports"] = generate(args.memorizer, [own[i % len(own)] for i in range(n)],
-                                                           args)
+                                                           args, args.memorizer_guidance)
     rows["noise"] = np.random.default_rng(1).random(real.references.shape).astype(np.float32)
 
     table = {}
     for name, images in rows.items():
         feats = extract(batch(images))
         dist = distribution_metrics(real_f, feats, extract.name, bootstrap=args.bootstrap)
-        audit = memorization_audit(nearest_training(batch(images), feats, batch(pool), pool_f), heldout,
-                                   threshold=threshold)
+        audit = memorization_audit(side.nearest(batch(images), feats), side.heldout, threshold=threshold)
         # faithfulness needs the test reports' own images; the training-report row has other prompts
         macro = float("nan") if "training reports" in name else faithfulness(list(images), real.labels)["macro"]
         table[name] = {**{k: dist[k] for k in ("fid", "fid_se", "kid", "kid_std", "precision", "recall", "density",

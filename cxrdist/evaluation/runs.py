@@ -11,11 +11,11 @@ generated with a fixed seed. Then, by `metrics` (METRICS; "all" = every one):
 - `fid`, `kid`, `prdc`: distribution metrics between the split's real images and the generated ones, on the
   features `--features` names (cxrdist.metrics.features, cxrdist.metrics.distribution);
 - `memorization`: each generated image's nearest training image, flagged above a threshold calibrated on the
-  split's real images (cxrdist.metrics.memorization);
+  split's real images, training and real images both as the model's VAE draws them (cxrdist.metrics.memorization);
 - `classifier`: per-finding AUROC of a classifier on the generated images against the reports' labels
   (cxrdist.metrics.classifier).
-The split, the training pool and their features are read and computed once per process, so several models
-compare on the same references.
+The split, the training pool and their features are read and computed once per process (the pool as drawn
+once per base), so several models compare on the same references.
 """
 from __future__ import annotations
 
@@ -34,8 +34,9 @@ from cxrdist.errors import DataError, InputError
 from cxrdist.metrics.faithfulness import chance_level, faithfulness
 from cxrdist.metrics.features import image_batch
 from cxrdist.metrics.image import diversity, image_metrics
+from cxrdist.metrics.memorization import AuditSide
 from cxrdist.sampling.loading import load_for_sampling
-from cxrdist.sampling.pipeline import SampleSettings, generate_images
+from cxrdist.sampling.pipeline import SampleSettings, as_drawn, generate_images
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +122,17 @@ class References:
     data: SplitImages
     feature_name: str = ""
     real_features: torch.Tensor | None = None
-    pool: np.ndarray | None = None
-    pool_batch: torch.Tensor | None = None  # the pool as the (N, 1, H, W) batch the audit searches
-    pool_features: torch.Tensor | None = None
-    heldout_nearest: dict[str, torch.Tensor] | None = None
+    pool: np.ndarray | None = None  # the training images searched, as they are (the report shows these)
     extractor: Any = field(default=None, repr=False)
+    # the audit's side per VAE (base fingerprint): models of one base share their VAE and so the drawn pool
+    audits: dict[str, AuditSide] = field(default_factory=dict, repr=False)
+
+    def audit_side(self, base) -> AuditSide:
+        key = f"{base.fingerprint}:{base.vae.dtype}"
+        if key not in self.audits:
+            self.audits[key] = AuditSide.build(self.extractor, self.data.references, self.pool,
+                                               functools.partial(as_drawn, base))
+        return self.audits[key]
 
 
 @functools.lru_cache(maxsize=2)
@@ -141,13 +148,7 @@ def _references(shards: str, split: str, max_samples: int, features: str | None,
         refs.feature_name = refs.extractor.name
         refs.real_features = refs.extractor(image_batch(refs.data.references))
     if pool_limit is not None:
-        from cxrdist.metrics.memorization import nearest_training
-
         refs.pool = read_training_pool(shards, split, pool_limit)
-        refs.pool_batch = image_batch(refs.pool)
-        refs.pool_features = refs.extractor(refs.pool_batch)
-        refs.heldout_nearest = nearest_training(image_batch(refs.data.references), refs.real_features,
-                                                refs.pool_batch, refs.pool_features)
     return refs
 
 
@@ -193,11 +194,11 @@ def run_evaluation(base, template: str, shards: str, opts: EvaluateOptions, prog
     if wants & set(DISTRIBUTION):
         result.update(_distribution(refs, generated_features, opts))
     if "memorization" in wants:
-        from cxrdist.metrics.memorization import memorization_audit, nearest_training
+        from cxrdist.metrics.memorization import memorization_audit
 
-        nearest = nearest_training(generated, generated_features, refs.pool_batch, refs.pool_features)
-        result["memorization"] = memorization_audit(nearest, refs.heldout_nearest, opts.memorization_quantile,
-                                                    opts.memorization_threshold)
+        side = refs.audit_side(base)
+        result["memorization"] = memorization_audit(side.nearest(generated, generated_features), side.heldout,
+                                                    opts.memorization_quantile, opts.memorization_threshold)
         result["memorization"]["features"] = refs.feature_name
     if "classifier" in wants:
         from cxrdist.metrics.classifier import classifier, classifier_agreement

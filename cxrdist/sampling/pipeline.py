@@ -162,6 +162,23 @@ def _decode(base: BaseModel, latents: torch.Tensor) -> np.ndarray:
     return pixels.cpu().numpy().astype(np.float32)
 
 
+@torch.no_grad()
+def as_drawn(base: BaseModel, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Grayscale images in [0, 1] as this model's VAE gives them back: encoded to the posterior mean, then decoded
+    as the sampler decodes. No sample can be closer to a training image than this; the memorization audit
+    compares samples with training images drawn so (the VAE's own loss would hide a copy)."""
+    vae = base.vae
+    device = next(vae.parameters()).device
+    scaling, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
+    out = np.empty(np.shape(images), dtype=np.float32)
+    for start in range(0, len(images), batch_size):
+        pixels = torch.as_tensor(np.asarray(images[start:start + batch_size]), dtype=torch.float32, device=device)
+        pixels = (pixels * 2 - 1)[:, None].expand(-1, base.channels, -1, -1).to(vae.dtype)
+        raw = vae.encode(pixels).latent_dist.mode().float()
+        out[start:start + batch_size] = _decode(base, (raw - shift) * scaling)
+    return out
+
+
 def _embed_unique(base: BaseModel, prompts: list[str]) -> torch.Tensor:
     """Encode each distinct prompt once (one truncation warning per prompt), then index per image."""
     unique = list(dict.fromkeys(prompts))

@@ -142,24 +142,25 @@ class SetReferences:
     """The real side of eval.metrics, computed once: features of the validation subset's real images, and for
     the memorization audit the training pool, its features and the real images' nearest-training SSIM."""
 
-    def __init__(self, cfg: Config, real: np.ndarray, pool: np.ndarray | None):
+    def __init__(self, cfg: Config, real: np.ndarray, pool: np.ndarray | None, base):
         from cxrdist.metrics.features import feature_extractor, image_batch
 
         self.wants = set(cfg.eval.metrics)
         self.extractor = feature_extractor(cfg.eval.features)
         self.real_features = self.extractor(image_batch(real))
-        self.pool, self.pool_features, self.heldout = None, None, None
-        if pool is not None:
-            from cxrdist.metrics.memorization import nearest_training
+        self.audit = None
+        if pool is not None:  # the base's VAE is frozen: the pool as it draws it is the same at every validation
+            import functools
 
-            self.pool = image_batch(pool)
-            self.pool_features = self.extractor(self.pool)
-            self.heldout = nearest_training(image_batch(real), self.real_features, self.pool, self.pool_features)
+            from cxrdist.metrics.memorization import AuditSide
+            from cxrdist.sampling.pipeline import as_drawn
+
+            self.audit = AuditSide.build(self.extractor, real, pool, functools.partial(as_drawn, base))
 
     def scores(self, generated: np.ndarray) -> dict[str, float]:
         from cxrdist.metrics.distribution import distribution_metrics
         from cxrdist.metrics.features import image_batch
-        from cxrdist.metrics.memorization import memorization_audit, nearest_training
+        from cxrdist.metrics.memorization import memorization_audit
 
         batch = image_batch(generated)
         features = self.extractor(batch)
@@ -169,9 +170,9 @@ class SetReferences:
             names = [n for n in ("fid", "kid") if n in self.wants]
             names += ["precision", "recall", "density", "coverage"] if "prdc" in self.wants else []
             out.update({n: float(full[n]) for n in names})
-        if self.pool is not None:
-            nearest = nearest_training(batch, features, self.pool, self.pool_features)
-            out["memorization_flagged"] = float(memorization_audit(nearest, self.heldout)["flagged_fraction"])
+        if self.audit is not None:
+            audit = memorization_audit(self.audit.nearest(batch, features), self.audit.heldout)
+            out["memorization_flagged"] = float(audit["flagged_fraction"])
         return out
 
 
@@ -225,7 +226,7 @@ class Evaluator:
         if self.cfg.eval.metrics and self._subset is not None and acc.is_main_process:
             real = self._subset.references[: self.cfg.eval.num_metric_images]
             pool = self._training_pool() if "memorization" in self.cfg.eval.metrics else None
-            self._set_references = SetReferences(self.cfg, real, pool)
+            self._set_references = SetReferences(self.cfg, real, pool, self.base)
         self._loaded = True
 
     def _training_pool(self) -> np.ndarray:

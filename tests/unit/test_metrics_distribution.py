@@ -3,7 +3,9 @@ are known: a shifted copy has FID = |shift|^2, PRDC equals a literal reading of 
 training images are flagged and unrelated images are not, a perfect score has AUROC 1."""
 from __future__ import annotations
 
+import functools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from cxrdist.data.sources.phantom import draw_study
 from cxrdist.data.sources.phantom_reports import findings_labels
 from cxrdist.metrics.classifier import auroc, classifier, classifier_agreement, targets_from_labels
 from cxrdist.metrics.distribution import distribution_metrics, frechet_distance, kernel_distance, prdc
-from cxrdist.metrics.features import FeatureError, feature_extractor
+from cxrdist.metrics.features import FeatureError, feature_extractor, image_batch
 from cxrdist.metrics.memorization import calibrated_threshold, memorization_audit, nearest_training
 
 
@@ -188,3 +190,28 @@ def test_targets_from_labels_know_unknowns():
     assert targets[2].tolist() == [0.0, 0.0, 1.0]
     assert all(math.isnan(v) for v in targets[3])  # a study without labels says nothing
     assert math.isnan(targets[4][0]) and targets[4][1] == 0.0
+
+
+def test_samples_that_decode_training_latents_are_flagged_against_the_pool_as_the_vae_draws_it():
+    """A sample is a decoded latent: a perfect copy is the training image's decoded latent. The audit compares
+    samples with the pool and the held-out images as the model's VAE draws them (benchmarks/RESULTS.md has the
+    4,000-image case where comparing with the originals missed a memorizer's copies)."""
+    from cxrdist.metrics.memorization import AuditSide
+    from cxrdist.models.loading import load_base
+    from cxrdist.sampling.pipeline import as_drawn
+
+    base = load_base(str(Path(__file__).parents[2] / "models" / "phantom-base"))
+    pool, heldout, other = (phantoms(seed, n)[:, 0].numpy() for seed, n in ((1, 120), (2, 200), (3, 60)))
+    draw = functools.partial(as_drawn, base)
+    drawn_pool = draw(pool)
+    assert drawn_pool.shape == pool.shape and 0 <= drawn_pool.min() and drawn_pool.max() <= 1
+    assert np.abs(drawn_pool - pool).mean() > 0.005  # the VAE changes the image: the reason for drawing
+    extract = feature_extractor("pixels")
+    side = AuditSide.build(extract, heldout, pool, draw)
+
+    copies = image_batch(drawn_pool[:40])  # what a model that memorized 40 training latents draws
+    copied = memorization_audit(side.nearest(copies, extract(copies)), side.heldout)
+    assert copied["flagged_fraction"] == 1.0
+    assert all(p["generated"] == p["training"] for p in copied["nearest"])
+    unseen = image_batch(draw(other))  # unseen patients, drawn through the same VAE
+    assert memorization_audit(side.nearest(unseen, extract(unseen)), side.heldout)["flagged_fraction"] <= 0.05
