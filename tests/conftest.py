@@ -11,7 +11,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist (`make test` runs the unit tests on every core) the cores are shared out between the
+# workers: two workers of two threads each on two cores spin against each other and run several times slower.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))  # and in the processes tests start
 
 
 @pytest.fixture(autouse=True)
