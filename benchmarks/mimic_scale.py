@@ -33,53 +33,10 @@ import numpy as np
 from PIL import Image
 
 
-def build_tree(root: Path, n_images: int, height: int) -> Path:
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from support.mimic_files import (LABEL_COLUMNS, METADATA_COLUMNS, STANDARD, dicom_id, study_id,
-                                     subject_id, write_table)
-
-    width = int(height * 0.82)
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    bases = [0.45 + 0.3 * np.sin(xx / width * np.pi) * np.cos((yy / height - 0.5) * np.pi) * (0.8 + 0.1 * k)
-             + 0.05 * np.sin(yy / (20 + 5 * k)) for k in range(4)]
-    meta, split, labels = [], [], []
-    root.mkdir(parents=True, exist_ok=True)
-    reports = zipfile.ZipFile(root / "mimic-cxr-reports.zip", "w")
-    n_studies = max(1, n_images // 2)
-    for number in range(n_studies):
-        i, k = number // 2, number % 2
-        subject, study = subject_id(i), study_id(i, k)
-        folder = root / f"files/p{subject[:2]}/p{subject}/s{study}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for view in ("PA", "LATERAL"):
-            dicom = dicom_id(subject, study, view)
-            noise = rng.normal(0, 0.01, size=(-(-height // 8), -(-width // 8))).astype(np.float32)
-            film = bases[number % 4] + np.kron(noise, np.ones((8, 8), dtype=np.float32))[:height, :width]
-            Image.fromarray(np.rint(np.clip(film, 0, 1) * 255).astype(np.uint8)).save(folder / f"{dicom}.jpg",
-                                                                                     quality=90)
-            meta.append({"dicom_id": dicom, "subject_id": subject, "study_id": study, "ViewPosition": view,
-                         "Rows": height, "Columns": width})
-            split.append({"dicom_id": dicom, "study_id": study, "subject_id": subject,
-                          "split": "test" if i % 10 == 0 else "train"})
-        reports.writestr(f"files/p{subject[:2]}/p{subject}/s{study}.txt", STANDARD.format(study=study))
-        labels.append({"subject_id": subject, "study_id": study, "Cardiomegaly": "1.0" if number % 2 else "-1.0"})
-    reports.close()
-    write_table(root / "mimic-cxr-2.0.0-metadata.csv.gz", METADATA_COLUMNS, meta)
-    write_table(root / "mimic-cxr-2.0.0-split.csv.gz", ["dicom_id", "study_id", "subject_id", "split"], split)
-    write_table(root / "mimic-cxr-2.0.0-chexpert.csv.gz", LABEL_COLUMNS, labels)
-    return root
-
-
-FINDINGS = ("The lungs are clear without focal consolidation, effusion or pneumothorax. The cardiomediastinal "
-            "silhouette is within normal limits. Mild degenerative changes of the thoracic spine. ")
-
-
-def build_tables(root: Path, n_rows: int, report_chars: int) -> Path:
-    """The tables and reports zip of `n_rows` images (two views per study, two studies per subject), and a tiny
-    file per image: what listing reads, without pixels."""
+def write_layout(root: Path, n_images: int, image_shape: tuple[int, int], write_image, report_text) -> Path:
+    """The MIMIC-CXR-JPG layout of `n_images` (a PA and a lateral a study, two studies a subject, every tenth
+    subject in the official test split): `write_image(path, number)` writes each image file, `report_text(study)`
+    gives each study's report; the metadata, split and chexpert tables (gzip) and mimic-cxr-reports.zip."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -88,28 +45,58 @@ def build_tables(root: Path, n_rows: int, report_chars: int) -> Path:
 
     meta, split, labels = [], [], []
     root.mkdir(parents=True, exist_ok=True)
-    body = (FINDINGS * (report_chars // len(FINDINGS) + 1))[:report_chars]
     with zipfile.ZipFile(root / "mimic-cxr-reports.zip", "w") as reports:
-        for number in range(max(1, n_rows // 2)):
+        for number in range(max(1, n_images // 2)):
             i, k = number // 2, number % 2
             subject, study = subject_id(i), study_id(i, k)
             folder = root / f"files/p{subject[:2]}/p{subject}/s{study}"
             folder.mkdir(parents=True, exist_ok=True)
             for view in ("PA", "LATERAL"):
                 dicom = dicom_id(subject, study, view)
-                (folder / f"{dicom}.jpg").write_text(dicom)  # distinct bytes: no duplicate_content
+                write_image(folder / f"{dicom}.jpg", number)
                 meta.append({"dicom_id": dicom, "subject_id": subject, "study_id": study, "ViewPosition": view,
-                             "Rows": 3050, "Columns": 2500})
+                             "Rows": image_shape[0], "Columns": image_shape[1]})
                 split.append({"dicom_id": dicom, "study_id": study, "subject_id": subject,
                               "split": "test" if i % 10 == 0 else "train"})
-            reports.writestr(f"files/p{subject[:2]}/p{subject}/s{study}.txt",
-                             f" FINDINGS:\n\n Study {study}. {body}\n\n IMPRESSION:\n\n No acute process.\n")
-            labels.append({"subject_id": subject, "study_id": study,
-                           "Cardiomegaly": "1.0" if number % 2 else "-1.0"})
+            reports.writestr(f"files/p{subject[:2]}/p{subject}/s{study}.txt", report_text(study))
+            labels.append({"subject_id": subject, "study_id": study, "Cardiomegaly": "1.0" if number % 2 else "-1.0"})
     write_table(root / "mimic-cxr-2.0.0-metadata.csv.gz", METADATA_COLUMNS, meta)
     write_table(root / "mimic-cxr-2.0.0-split.csv.gz", ["dicom_id", "study_id", "subject_id", "split"], split)
     write_table(root / "mimic-cxr-2.0.0-chexpert.csv.gz", LABEL_COLUMNS, labels)
     return root
+
+
+def build_tree(root: Path, n_images: int, height: int) -> Path:
+    """Real JPEGs: a few base films, each image with its own noise so no two files are byte-copies."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from support.mimic_files import STANDARD
+
+    width = int(height * 0.82)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    bases = [0.45 + 0.3 * np.sin(xx / width * np.pi) * np.cos((yy / height - 0.5) * np.pi) * (0.8 + 0.1 * k)
+             + 0.05 * np.sin(yy / (20 + 5 * k)) for k in range(4)]
+
+    def write_film(path: Path, number: int) -> None:
+        noise = rng.normal(0, 0.01, size=(-(-height // 8), -(-width // 8))).astype(np.float32)
+        film = bases[number % 4] + np.kron(noise, np.ones((8, 8), dtype=np.float32))[:height, :width]
+        Image.fromarray(np.rint(np.clip(film, 0, 1) * 255).astype(np.uint8)).save(path, quality=90)
+
+    return write_layout(root, n_images, (height, width), write_film, lambda study: STANDARD.format(study=study))
+
+
+FINDINGS = ("The lungs are clear without focal consolidation, effusion or pneumothorax. The cardiomediastinal "
+            "silhouette is within normal limits. Mild degenerative changes of the thoracic spine. ")
+
+
+def build_tables(root: Path, n_rows: int, report_chars: int) -> Path:
+    """The tables and reports zip of `n_rows` images and a tiny file per image: what listing reads, without
+    pixels. Each file holds its own path, so none are byte-copies."""
+    body = (FINDINGS * (report_chars // len(FINDINGS) + 1))[:report_chars]
+    return write_layout(root, n_rows, (3050, 2500), lambda path, number: path.write_text(path.stem),
+                        lambda study: f" FINDINGS:\n\n Study {study}. {body}\n\n IMPRESSION:\n\n No acute process.\n")
 
 
 def _peak_rss_bytes() -> int:
