@@ -19,7 +19,7 @@ import stat as stat_mode
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence
 
 from cxrdist.data.sources.base import Record
 from cxrdist.errors import DataError
@@ -50,7 +50,7 @@ def _content_line(record: Record) -> bytes:
                        record.view, record.extra], sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")
 
 
-def _finish_digest(digest, duplicate_uids: Sequence[str]) -> str:
+def _finish_digest(digest, duplicate_uids: Iterable[str]) -> str:
     digest.update(json.dumps(sorted(duplicate_uids)).encode("utf-8"))
     return digest.hexdigest()
 
@@ -119,7 +119,7 @@ def list_records(source, workers: int = 1) -> Listing:
     for position, decision in enumerate(decisions):
         if decision == _KEPT and next(in_order).uid in dropped:
             decisions[position] = _DUPLICATE
-    return Listing(kept, listed + rejects + duplicates, dedupe, _finish_digest(digest, sorted(dropped)),
+    return Listing(kept, listed + rejects + duplicates, dedupe, _finish_digest(digest, dropped),
                    getattr(source, "name", "unknown"), decisions)
 
 

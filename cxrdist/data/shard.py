@@ -536,6 +536,8 @@ def _write_tasks(source, out: Path, listing: Listing, assignment: dict[str, str]
     """Process and write the shards of `todo` as the second reading of the source fills them; `on_shard(stats)`
     after each one. Two shards are in the pool at a time, so the workers never wait for the writer and at most
     two shards' images are in memory."""
+    if not todo:  # a resumed build whose shards are all kept: no second reading, no pool
+        return
     wanted = {task.name: task for task in todo}
     bar = progress_meter(sum(t.count for t in todo), unit="img", desc=f"shard {out.name}",
                          disable=not options.progress)

@@ -82,3 +82,10 @@ def test_a_source_that_changes_between_readings_stops_the_build_and_leaves_the_f
     assert not list((tmp_path / "out").glob("*.tar")) and not (tmp_path / "out" / "index.json").exists()
     index = build_shards(CountingSource(60), tmp_path / "out", **OPTS)  # the folder takes a fresh build
     assert index["counts"]["written"] == 60
+
+
+def test_a_resume_with_every_shard_kept_reads_the_source_once(tmp_path):
+    build_shards(CountingSource(60), tmp_path / "out", **OPTS)
+    source = CountingSource(60)
+    index = build_shards(source, tmp_path / "out", **{**OPTS, "resume": True})
+    assert source.readings == 1 and index["run"]["processed"] == 0 and index["counts"]["written"] == 60
