@@ -8,6 +8,8 @@
   model is pretrained from this preset.
 - `sd15-arch`: the Stable Diffusion 1.5 architecture with random weights, for throughput and memory
   measurements only (never for images).
+- `sd15-arch-narrow`: the same module tree with every width divided by 8 (13 M UNet parameters instead of 860 M):
+  what depends on SD's module names and structure, checked in seconds.
 
 Weights are seeded, so a preset is the same on every machine for the same library versions.
 """
@@ -135,25 +137,44 @@ def build_tiny_minilm() -> dict:
             "tokenizer": AutoTokenizer.from_pretrained(path), "scheduler": _scheduler()}
 
 
-def build_sd15_arch() -> dict:
+def _sd15_tree(width: int) -> dict:
+    """Stable Diffusion 1.5's module tree (4 UNet levels, 16 transformer blocks, a 12-layer CLIP encoder, a
+    4-level VAE) with every channel count divided by `width`: the same module names and peft targets at any width."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+    hidden = 768 // width
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=hidden, attention_head_dim=8,
+                                block_out_channels=tuple(c // width for c in (320, 640, 1280, 1280)),
+                                norm_num_groups=32 // width)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=512, layers_per_block=2,
-                        block_out_channels=(128, 256, 512, 512),
+                        block_out_channels=tuple(c // width for c in (128, 256, 512, 512)),
+                        norm_num_groups=32 // width,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-    text_config = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                 num_attention_heads=12, max_position_embeddings=CLIP_MAX_LENGTH, hidden_act="quick_gelu")
+    text_config = CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=4 * hidden,
+                                 num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=CLIP_MAX_LENGTH,
+                                 hidden_act="quick_gelu")
     return {"unet": unet, "vae": vae, "text_encoder": CLIPTextModel(text_config),
             "tokenizer": build_clip_tokenizer(), "scheduler": _scheduler()}
+
+
+def build_sd15_arch() -> dict:
+    return _sd15_tree(1)
+
+
+def build_sd15_arch_narrow() -> dict:
+    # 20 M parameters instead of 1.07 G (84 MB on disk, not 4.3 GB): what depends on SD's module names and structure
+    # (peft targets, attention processors, gradient checkpointing) is checked in seconds.
+    return _sd15_tree(8)
 
 
 PRESETS: dict[str, PresetSpec] = {
     "tiny": PresetSpec("tiny UNet + 1-channel VAE + tiny CLIP text encoder, real CLIP tokenizer (64 px)", build_tiny),
     "tiny-minilm": PresetSpec("tiny UNet + 1-channel VAE + pretrained all-MiniLM-L6-v2 encoder (64 px)", build_tiny_minilm),
     "sd15-arch": PresetSpec("Stable Diffusion 1.5 architecture, random weights (benchmarks only)", build_sd15_arch),
+    "sd15-arch-narrow": PresetSpec("the same module tree at 1/8 of every width, random weights (quick checks)",
+                                   build_sd15_arch_narrow),
 }
 
 
