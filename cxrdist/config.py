@@ -93,7 +93,7 @@ class DataConfig:
 class ModelConfig:
     """The base model: a diffusers folder or hub id, or a named preset built from a config."""
 
-    pretrained: str = "preset:tiny"  # path, hub id, or "preset:<name>" (tiny, sd15-arch)
+    pretrained: str = "preset:tiny"  # path, hub id, or "preset:<name>" (tiny, tiny-minilm, sd15-arch, sd15-arch-narrow)
     revision: Optional[str] = None
     vae_dtype: str = "fp32"  # fp32 | bf16 | fp16: the frozen VAE's weights
     gradient_checkpointing: bool = False
