@@ -61,7 +61,7 @@ def placement(images: np.ndarray, truth: list[str]) -> dict[str, float]:
 def text_probe(model, studies, batch_size: int = 200) -> float:
     """Held-out accuracy of a linear probe for the 6 zones on the "nodule" token's last-layer state."""
     reports = [s.report for s in studies]
-    ids, mask = tokenize(model.tokenizer, reports, warn=False)
+    ids, _ = tokenize(model.tokenizer, reports, warn=False)
     states = torch.cat([encode_prompts(model.tokenizer, model.text_encoder, reports[i:i + batch_size], warn=False)
                         for i in range(0, len(reports), batch_size)])
     tokens = [model.tokenizer.convert_ids_to_tokens(row) for row in ids]
@@ -107,11 +107,12 @@ def main() -> None:
     print(f"{'model':<44}{'nodule drawn':>13}{'zone':>7}{'side | drawn':>14}{'height | drawn':>16}")
     for path in args.model_path:
         model, _ = load_for_sampling(path)
+        label = path if len(path) < 44 else "..." + path[-40:]  # exports of several runs share their folder name
         if args.text_probe:
-            print(f"{Path(path).name:<44}text: zone from the 'nodule' token, held out: "
+            print(f"{label:<44}text: zone from the 'nodule' token, held out: "
                   f"{text_probe(model, probe_studies):.3f}", flush=True)
         p = placement(generate_images(model, reports, settings, seeds=list(range(len(studies)))), truth)
-        print(f"{Path(path).name:<44}{p['present']:>13.3f}{p['zone']:>7.3f}{p['side_if_present']:>14.3f}"
+        print(f"{label:<44}{p['present']:>13.3f}{p['zone']:>7.3f}{p['side_if_present']:>14.3f}"
               f"{p['height_if_present']:>16.3f}", flush=True)
 
 
