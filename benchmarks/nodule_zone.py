@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from cxrdist.data.sources.phantom import draw_study  # noqa: E402
 from cxrdist.metrics.reader import read_image  # noqa: E402
-from cxrdist.models.text import encode_prompts, tokenize  # noqa: E402
+from cxrdist.models.text import encode_ids, tokenize  # noqa: E402
 from cxrdist.sampling.loading import load_for_sampling  # noqa: E402
 from cxrdist.sampling.pipeline import SampleSettings, generate_images  # noqa: E402
 
@@ -61,8 +61,8 @@ def placement(images: np.ndarray, truth: list[str]) -> dict[str, float]:
 def text_probe(model, studies, batch_size: int = 200) -> float:
     """Held-out accuracy of a linear probe for the 6 zones on the "nodule" token's last-layer state."""
     reports = [s.report for s in studies]
-    ids, _ = tokenize(model.tokenizer, reports, warn=False)
-    states = torch.cat([encode_prompts(model.tokenizer, model.text_encoder, reports[i:i + batch_size], warn=False)
+    ids, mask = tokenize(model.tokenizer, reports, warn=False)
+    states = torch.cat([encode_ids(model.text_encoder, ids[i:i + batch_size], mask[i:i + batch_size])
                         for i in range(0, len(reports), batch_size)])
     tokens = [model.tokenizer.convert_ids_to_tokens(row) for row in ids]
     where = torch.tensor([next(i for i, t in enumerate(row) if t.startswith("nod")) for row in tokens])
