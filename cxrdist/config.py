@@ -108,6 +108,9 @@ class LoraConfig:
     unet_alpha: float = 8.0
     unet_dropout: float = 0.0
     unet_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    # UNet blocks the adapter goes into (down_blocks.N, mid_block, up_blocks.N, or down_blocks / up_blocks for a
+    # whole side); empty = every block. Blocks before the first adapted one need no backward pass.
+    unet_blocks: list[str] = field(default_factory=list)
     train_text_encoder: bool = True
     text_rank: int = 8
     text_alpha: float = 8.0

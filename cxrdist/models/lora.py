@@ -54,14 +54,36 @@ def _peft_config(rank: int, alpha: float, dropout: float, targets: list[str]):
                           target_modules=targets)
 
 
+def _matches(name: str, targets: list[str]) -> bool:
+    # peft's rule for a list of target names: the module's full name, or its last dotted components
+    return any(name == target or name.endswith("." + target) for target in targets)
+
+
+def unet_targets(unet: torch.nn.Module, cfg: LoraConfig) -> list[str]:
+    """What the UNet adapter is injected into: `lora.unet_targets` in every block or, with `lora.unet_blocks`,
+    the full names of those modules inside the named blocks only (kohya's block-wise LoRA with the other blocks'
+    weights at 0). Full names keep the adapter loadable from its stored targets alone."""
+    if not cfg.unet_blocks:
+        return list(cfg.unet_targets)
+    names = [name for name, _ in unet.named_modules() if _matches(name, cfg.unet_targets)]
+    blocks_with_targets = sorted({".".join(name.split(".")[:2]) if name.split(".")[0].endswith("blocks")
+                                  else name.split(".")[0] for name in names})
+    for block in cfg.unet_blocks:
+        if not any(name.startswith(block + ".") for name in names):
+            raise ModelError(f"lora.unet_blocks: '{block}' holds none of lora.unet_targets {cfg.unet_targets}; "
+                             f"blocks that do: {', '.join(blocks_with_targets) or 'none'}")
+    return [name for name in names if any(name.startswith(block + ".") for block in cfg.unet_blocks)]
+
+
 def attach_lora(base: BaseModel, cfg: LoraConfig) -> dict[str, Any]:
     """Inject adapters in place; return the resolved adapter description stored with checkpoints."""
     base.unet.requires_grad_(False)
     base.text_encoder.requires_grad_(False)
-    base.unet.add_adapter(_peft_config(cfg.unet_rank, cfg.unet_alpha, cfg.unet_dropout, cfg.unet_targets))
+    targets = unet_targets(base.unet, cfg)
+    base.unet.add_adapter(_peft_config(cfg.unet_rank, cfg.unet_alpha, cfg.unet_dropout, targets))
     spec: dict[str, Any] = {
         "unet": {"rank": cfg.unet_rank, "alpha": cfg.unet_alpha, "dropout": cfg.unet_dropout,
-                 "targets": list(cfg.unet_targets)},
+                 "targets": targets, **({"blocks": list(cfg.unet_blocks)} if cfg.unet_blocks else {})},
         "text_encoder": None,
     }
     if cfg.train_text_encoder:

@@ -151,3 +151,30 @@ def test_vae_fingerprint_follows_the_weights_not_the_folder(tmp_path, tiny_base_
     with torch.no_grad():
         next(moved.parameters()).add_(1e-3)
     assert vae_fingerprint(here) != vae_fingerprint(moved)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # the up block's inputs need no gradient either
+def test_block_wise_adapter_stays_in_its_blocks_skips_their_backward_and_round_trips(tmp_path, tiny_base_path):
+    base = load_base(tiny_base_path)
+    spec = attach_lora(base, LoraConfig(unet_rank=4, unet_blocks=["up_blocks"], train_text_encoder=False))
+    adapted = {name for name, _ in base.unet.named_parameters() if "lora_" in name}
+    assert adapted and all(name.startswith("up_blocks.") for name in adapted)
+    assert spec["unet"]["blocks"] == ["up_blocks"] and all(t.startswith("up_blocks.") for t in spec["unet"]["targets"])
+    # nothing before the up blocks requires a gradient, so autograd never runs the down blocks backward
+    ran_backward = []
+    base.unet.down_blocks[0].register_full_backward_hook(lambda *_: ran_backward.append("down"))
+    base.unet.up_blocks[-1].register_full_backward_hook(lambda *_: ran_backward.append("up"))
+    for param in lora_parameters(base.unet):
+        param.data.normal_(std=0.05)
+    out, _ = _forward(base)
+    out.pow(2).mean().backward()
+    assert ran_backward == ["up"]
+    folder = save_adapter(tmp_path / "adapter", *adapter_state_dicts(base.unet, base.text_encoder),
+                          adapter_metadata(base, spec, "{report}"))
+    fresh = load_base(tiny_base_path)
+    load_adapter(folder, fresh)
+    assert {name for name, _ in fresh.unet.named_parameters() if "lora_" in name} == adapted
+    with torch.no_grad():
+        assert torch.equal(_forward(fresh)[0], _forward(base)[0])
+    with pytest.raises(ModelError, match=r"lora\.unet_blocks: 'up_blocks\.7' .* blocks that do: .*mid_block"):
+        attach_lora(load_base(tiny_base_path), LoraConfig(unet_blocks=["up_blocks.7"]))
