@@ -99,7 +99,7 @@ class FoldResult:
     best_epoch: int
     stopped_early: bool
     test_metrics: dict[str, float]
-    images_per_s: float
+    images_per_s: float  # all ranks together, over the whole fit (text prefill and validations included)
 
 
 class Trainer:
@@ -502,7 +502,8 @@ class Trainer:
             log.info("wrote %s", write_zip(Path(self.state.best_path)))
         self.logger.hparams({**{f"test_{k}": v for k, v in test.items()}, "best_value": self.stopper.best or float("nan")})
         return FoldResult(self.fold, self.run_dir, self.state.step, Path(self.state.best_path) if self.state.best_path else None,
-                          self.stopper.best, self.stopper.best_epoch, self.state.stopped_early, test, window.overall_rate())
+                          self.stopper.best, self.stopper.best_epoch, self.state.stopped_early, test,
+                          window.overall_rate() * self.accelerator.num_processes)
 
     def _check_ranks_agree(self) -> None:
         """Every rank must end with the same adapter; a silent divergence would make checkpoints lie."""
