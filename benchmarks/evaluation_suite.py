@@ -2,7 +2,7 @@
 evaluation cost next to faithfulness alone?
 
     python benchmarks/evaluation_suite.py --shards shards/phantom --base models/phantom-base \
-        --adapter runs/demo/fold0/best_model_fold0_epoch12 --memorizer runs/memorize/fold0/checkpoints/step_00000600 \
+        --adapter runs/demo/fold0/best_model_fold0_epoch24 --memorizer runs/memorize/fold0/checkpoints/step_00000600 \
         --memorizer-guidance 1 --samples 512
 
 One table, every row scored against the same real images (the first --samples of the test split) on the same

@@ -10,7 +10,7 @@ phantom studies of a set that no shard set of the demo or the base uses (--seed 
    model); the reader says whether a nodule is there and in which zone, and, where one is, whether its side and
    its height are the reported ones (chance 1/2 and 1/3).
 
-    python benchmarks/nodule_zone.py --model-path runs/demo/fold0/best_model_fold0_epoch12 --text-probe
+    python benchmarks/nodule_zone.py --model-path runs/demo/fold0/best_model_fold0_epoch24 --text-probe
 """
 from __future__ import annotations
 
