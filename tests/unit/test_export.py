@@ -3,7 +3,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from cxrdist.cli import main
@@ -59,7 +58,13 @@ def test_bert_text_encoder_lora_merges_too(tmp_path):
     plain = load_base(str(merged))
     a = encode_prompts(live.tokenizer, live.text_encoder, REPORTS)
     b = encode_prompts(plain.tokenizer, plain.text_encoder, REPORTS)
-    assert torch.allclose(a, b, atol=1e-4)
+    without = load_base("preset:tiny-minilm")
+    c = encode_prompts(without.tokenizer, without.text_encoder, REPORTS)
+    # float32 rounding of merged against separate LoRA matmuls grows over the encoder's layers and differs
+    # between CPUs (1.2e-4 at a scale of 5.6 seen on one): bound it by the embeddings' size
+    scale = a.abs().max()
+    assert (a - b).abs().max() <= 1e-4 * scale
+    assert (a - c).abs().max() > 1e-2 * scale  # the adapter does change the encoder, so the bound means something
 
 
 def test_merge_refuses_pipelines_and_used_folders(tmp_path, tiny_base_path):
