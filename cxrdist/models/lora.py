@@ -66,12 +66,13 @@ def unet_targets(unet: torch.nn.Module, cfg: LoraConfig) -> list[str]:
     if not cfg.unet_blocks:
         return list(cfg.unet_targets)
     names = [name for name, _ in unet.named_modules() if _matches(name, cfg.unet_targets)]
-    blocks_with_targets = sorted({".".join(name.split(".")[:2]) if name.split(".")[0].endswith("blocks")
-                                  else name.split(".")[0] for name in names})
     for block in cfg.unet_blocks:
         if not any(name.startswith(block + ".") for name in names):
+            # "down_blocks.0.attentions..." -> "down_blocks.0", "mid_block.attentions..." -> "mid_block"
+            held = sorted({".".join(name.split(".")[:2 if name.startswith(("down_blocks.", "up_blocks.")) else 1])
+                           for name in names})
             raise ModelError(f"lora.unet_blocks: '{block}' holds none of lora.unet_targets {cfg.unet_targets}; "
-                             f"blocks that do: {', '.join(blocks_with_targets) or 'none'}")
+                             f"blocks that do: {', '.join(held) or 'none'}")
     return [name for name in names if any(name.startswith(block + ".") for block in cfg.unet_blocks)]
 
 
