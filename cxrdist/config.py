@@ -138,13 +138,16 @@ class OptimConfig:
     beta2: float = 0.999
     eps: float = 1e-8
     max_grad_norm: float = 1.0  # 0 disables clipping; applied on every optimizer step
-    scheduler: str = "cosine"  # cosine | constant | linear
+    scheduler: str = "cosine"  # cosine | constant | linear | wsd (warm-up, peak lr held, cosine decay at the end)
     warmup_steps: int = 0
+    decay_fraction: float = 0.2  # wsd only: the share of the steps after warm-up over which the lr decays to 0
 
     def __post_init__(self) -> None:
         _require_finite(self, "optim")
         _require(self.name in ("adamw", "adamw8bit"), "optim.name", "adamw or adamw8bit")
-        _require(self.scheduler in ("cosine", "constant", "linear"), "optim.scheduler", "cosine, constant or linear")
+        _require(self.scheduler in ("cosine", "constant", "linear", "wsd"), "optim.scheduler",
+                 "cosine, constant, linear or wsd")
+        _require(0 < self.decay_fraction <= 1, "optim.decay_fraction", "in (0, 1]")
         _require(self.lr_unet > 0 and self.lr_text > 0, "optim.lr_unet/lr_text", "> 0")
         _require(self.max_grad_norm >= 0, "optim.max_grad_norm", ">= 0 (0 disables clipping)")
         _require(self.warmup_steps >= 0, "optim.warmup_steps", ">= 0")

@@ -67,18 +67,38 @@ def _progress(step: int, warmup: int, total: int) -> float:
     return min(1.0, (step - warmup) / max(1, total - warmup))
 
 
-# Multiplier of the base lr after `step` optimizer steps (step 0 = the first update).
-SCHEDULES: dict[str, Callable[[int, int, int], float]] = {
-    "constant": lambda step, warmup, total: _warmup(step, warmup),
-    "linear": lambda step, warmup, total: (_warmup(step, warmup) if step < warmup
-                                           else 1.0 - _progress(step, warmup, total)),
-    "cosine": lambda step, warmup, total: (_warmup(step, warmup) if step < warmup
-                                           else 0.5 * (1.0 + math.cos(math.pi * _progress(step, warmup, total)))),
+def _cosine_decay(progress: float) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _stable_then_decay(step: int, warmup: int, total: int, decay: int) -> float:
+    """Warm-up, the peak lr held, then a cosine decay to 0 over the last `decay` steps (warmup-stable-decay, as
+    transformers' get_wsd_schedule): most of the run learns at the full rate, and the end is still annealed."""
+    if step < warmup:
+        return _warmup(step, warmup)
+    decay_start = total - decay
+    return 1.0 if step < decay_start else _cosine_decay(min(1.0, (step - decay_start) / max(1, decay)))
+
+
+# Multiplier of the base lr after `step` optimizer steps (step 0 = the first update); `decay` is the wsd
+# schedule's decay length in steps (the others ignore it).
+SCHEDULES: dict[str, Callable[[int, int, int, int], float]] = {
+    "constant": lambda step, warmup, total, decay: _warmup(step, warmup),
+    "linear": lambda step, warmup, total, decay: (_warmup(step, warmup) if step < warmup
+                                                  else 1.0 - _progress(step, warmup, total)),
+    "cosine": lambda step, warmup, total, decay: (_warmup(step, warmup) if step < warmup
+                                                  else _cosine_decay(_progress(step, warmup, total))),
+    "wsd": _stable_then_decay,
 }
 
 
-def lr_multiplier(name: str, step: int, warmup: int, total: int) -> float:
-    return SCHEDULES[name](step, warmup, total)
+def decay_steps(cfg: OptimConfig, total_steps: int) -> int:
+    """The wsd schedule's decay length: optim.decay_fraction of the steps after warm-up (at least one)."""
+    return max(1, round(cfg.decay_fraction * max(0, total_steps - cfg.warmup_steps)))
+
+
+def lr_multiplier(name: str, step: int, warmup: int, total: int, decay: int = 0) -> float:
+    return SCHEDULES[name](step, warmup, total, decay)
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
@@ -86,5 +106,6 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total
     if cfg.warmup_steps >= total_steps > 0:
         raise ConfigError(f"optim.warmup_steps={cfg.warmup_steps} is not below the {total_steps} training steps: "
                           "lower it or train longer")
+    decay = decay_steps(cfg, total_steps)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(cfg.scheduler, step, cfg.warmup_steps, total_steps))
+        optimizer, lambda step: lr_multiplier(cfg.scheduler, step, cfg.warmup_steps, total_steps, decay))

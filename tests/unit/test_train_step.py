@@ -108,6 +108,36 @@ def test_lr_follows_warmup_then_cosine_per_optimizer_step(tmp_path):
     assert 0.5 * (1 + math.cos(math.pi * 3 / 6)) == pytest.approx(lrs[5][0] / 1e-3)
 
 
+def test_wsd_holds_the_peak_then_decays_to_zero_over_the_last_fraction(tmp_path):
+    from cxrdist.train.optim import decay_steps, lr_multiplier
+
+    t = make_trainer(tmp_path, "optim.warmup_steps=2", "train.max_steps=12", "optim.scheduler=wsd",
+                     "optim.decay_fraction=0.4", "optim.lr_unet=1e-3")
+    try:
+        assert decay_steps(t.cfg.optim, 12) == 4  # 0.4 of the 10 steps after warm-up
+        lrs = [t.lr_scheduler.get_last_lr()[0]]
+        for _ in range(12):
+            run_steps(t, 1)
+            lrs.append(t.lr_scheduler.get_last_lr()[0])
+    finally:
+        t.close()
+    assert lrs == pytest.approx([1e-3 * lr_multiplier("wsd", step, 2, 12, 4) for step in range(13)])
+    assert lrs[0] < lrs[1] < lrs[2] == pytest.approx(1e-3)  # warm-up reaches the peak
+    assert lrs[2:9] == pytest.approx([1e-3] * 7)  # held through step 8 = 12 - 4
+    assert all(a > b for a, b in zip(lrs[8:], lrs[9:]))  # then decays every step ...
+    assert lrs[12] == pytest.approx(0.0, abs=1e-12)  # ... to zero at the end
+    assert lrs[10] == pytest.approx(1e-3 * 0.5)  # half-way through a cosine decay
+
+
+def test_wsd_decay_fraction_is_validated():
+    from cxrdist.config import load_config
+    from cxrdist.errors import ConfigError
+
+    for bad in ("0", "1.5", "-0.1"):
+        with pytest.raises(ConfigError, match="optim.decay_fraction"):
+            load_config(None, ["optim.scheduler=wsd", f"optim.decay_fraction={bad}"])
+
+
 def test_caption_dropout_rate_and_template_applied_once(tiny_base_path):
     from cxrdist.models.diffusion import BatchEncoder
     from cxrdist.models.loading import load_base
