@@ -6,10 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 N=${DEMO_N:-5000}
-# the demo preset (cxrdist/presets/demo.yaml) holds the default step count; DEMO_STEPS overrides it.
-STEPS=${DEMO_STEPS:-$(python -c "from cxrdist.config import load_config; print(load_config('demo').train.max_steps)")}
+# the demo preset (cxrdist/presets/demo.yaml) holds the default training and sampler step counts; DEMO_STEPS and
+# DEMO_SAMPLE_STEPS override them.
+preset() { python -c "from cxrdist.config import load_config; print(load_config('demo').$1)"; }
+STEPS=${DEMO_STEPS:-$(preset train.max_steps)}
 EVAL_SAMPLES=${DEMO_EVAL_SAMPLES:-128}
-SAMPLE_STEPS=${DEMO_SAMPLE_STEPS:-25}
+SAMPLE_STEPS=${DEMO_SAMPLE_STEPS:-$(preset sample.steps)}
 ROOT=${DEMO_ROOT:-.}
 BASE=${DEMO_BASE:-models/phantom-base}
 SHARDS="$ROOT/shards/phantom"
