@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 
 from cxrdist.evaluation.runs import EvaluateOptions, evaluate_model, format_table
@@ -33,7 +34,11 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], metavar="SCHEDULER:STEPS",
                         help="compare these instead (repeat; the first is the reference), e.g. dpm++:25")
     args = parser.parse_args()
-    variants = {v: (v.split(":")[0], int(v.split(":")[1])) for v in args.variant} if args.variant else VARIANTS
+    variants = dict(VARIANTS)
+    if args.variant:
+        if not all(re.fullmatch(r"[\w+]+:\d+", v) for v in args.variant):
+            parser.error(f"--variant takes SCHEDULER:STEPS, e.g. dpm++:25 (got {' '.join(args.variant)})")
+        variants = {v: (v.split(":")[0], int(v.split(":")[1])) for v in args.variant}
     setup_logging()
     base, meta = load_for_sampling(args.model_path)
     template = (meta or {}).get("prompt_template", "{report}")
