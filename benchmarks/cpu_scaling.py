@@ -51,7 +51,7 @@ def worker(args: argparse.Namespace) -> None:
         attach_lora(base, cfg.lora)
         model = LoraDiffusionModel(base.unet, base.text_encoder, cfg.lora.train_text_encoder)
         configure_model(model, cfg, torch.float32)
-        model, optimizer = acc.prepare(model, build_optimizer(model, cfg.optim))
+        model, optimizer = acc.prepare(model, build_optimizer(model, cfg.optim, acc.device))
         objective = DiffusionObjective(base.scheduler_config)
         g = torch.Generator().manual_seed(1000 + acc.process_index)
         size = base.image_size // base.vae_scale_factor

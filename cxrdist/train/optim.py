@@ -30,33 +30,36 @@ def param_groups(model, cfg: OptimConfig) -> list[dict]:
     return groups
 
 
-def _adamw(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+def _adamw(groups: list[dict], cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 
-def _adamw8bit(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+def _adamw8bit(groups: list[dict], cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    """bitsandbytes' AdamW8bit, after one real 8-bit step on `device`: building the optimizer runs no kernel, so a
+    library without a binary for this GPU would otherwise fail at the first training step, after the model loaded."""
     try:
-        import warnings
+        from cxrdist.env_info import adamw8bit_step
 
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*kernels-community.*")
-            import bitsandbytes as bnb
+        adamw8bit_step(device)
+        import bitsandbytes as bnb
+
         optimizer = bnb.optim.AdamW8bit(groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     except Exception as exc:  # ImportError, or a library that loads but has no kernel for this device
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"optim.name=adamw8bit needs bitsandbytes, which cannot run here ({reason}): "
-                          "`pip install bitsandbytes`, or set optim.name=adamw") from None
+        raise ConfigError(f"optim.name=adamw8bit needs bitsandbytes, which cannot run on {device} here ({reason}): "
+                          "`pip install bitsandbytes` (a build for this device), or set optim.name=adamw") from None
     return optimizer
 
 
-OPTIMIZERS: dict[str, Callable[[list[dict], OptimConfig], torch.optim.Optimizer]] = {
+OPTIMIZERS: dict[str, Callable[[list[dict], OptimConfig, torch.device], torch.optim.Optimizer]] = {
     "adamw": _adamw,
     "adamw8bit": _adamw8bit,
 }
 
 
-def build_optimizer(model, cfg: OptimConfig) -> torch.optim.Optimizer:
-    return OPTIMIZERS[cfg.name](param_groups(model, cfg), cfg)
+def build_optimizer(model, cfg: OptimConfig, device: torch.device | str) -> torch.optim.Optimizer:
+    """The optimizer over the adapter parameters; `device` is where training runs (the 8-bit one is tried there)."""
+    return OPTIMIZERS[cfg.name](param_groups(model, cfg), cfg, torch.device(device))
 
 
 def _warmup(step: int, warmup: int) -> float:

@@ -128,7 +128,7 @@ class Trainer:
             raise DataError(f"fold {fold} training data gives {self.data.batches_per_epoch()} batches per rank, fewer "
                             f"than train.grad_accum={cfg.train.grad_accum}: lower train.batch_size or grad_accum")
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
-        optimizer = build_optimizer(model, cfg.optim)
+        optimizer = build_optimizer(model, cfg.optim, acc.device)
         scheduler = build_lr_scheduler(optimizer, cfg.optim, self.total_steps)
         self.model, self.optimizer, self.lr_scheduler = acc.prepare(model, optimizer, scheduler)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
