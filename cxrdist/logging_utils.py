@@ -27,8 +27,11 @@ def quiet_dependencies() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    if not os.environ.get("CUDA_VISIBLE_DEVICES", "x") or not _cuda_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise probes and warns on every import
+    # DeepSpeed otherwise probes and warns on every import. Not in a DeepSpeed launch: there DS_ACCELERATOR is the
+    # user's own statement that a machine without CUDA is meant to train on the CPU (cxrdist.train.devices).
+    deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    if not deepspeed_launch and (not os.environ.get("CUDA_VISIBLE_DEVICES", "x") or not _cuda_available()):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def _cuda_available() -> bool:

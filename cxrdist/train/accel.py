@@ -17,6 +17,7 @@ import torch
 
 from cxrdist.config import Config
 from cxrdist.train import distributed
+from cxrdist.train.devices import check_training_device
 from cxrdist.train.tracking import log_with
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ def build_accelerator(cfg: Config, project_dir: str | Path):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
+    check_training_device()  # a GPU launch without a usable GPU stops here, before anything heavy
     trackers = log_with(cfg.train.report_to, project_dir)
     check_precision_supported(cfg.train.mixed_precision)
     if cfg.train.deterministic:

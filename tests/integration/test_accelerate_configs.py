@@ -24,7 +24,7 @@ LAUNCH_TIMEOUT_S = 240
 # Prints one JSON line per rank. The Accelerator comes from the trainer's own builder (cxrdist.train.accel), so
 # what is checked here -- world size, distributed type, backend, ZeRO stage -- is what `launch/train.py` gets.
 PROBE = """
-import json, sys, tempfile, torch
+import json, os, sys, tempfile, torch
 from cxrdist.config import load_config
 from cxrdist.train import distributed
 from cxrdist.train.accel import build_accelerator
@@ -33,7 +33,7 @@ total = torch.tensor([acc.process_index + 1.0], device=acc.device)
 if acc.num_processes > 1:
     total = acc.reduce(total, "sum")
 print("PROBE " + json.dumps({"rank": acc.process_index, "world": acc.num_processes,
-      "type": acc.distributed_type.value, "backend": acc.state.backend, "sum": total.item(),
+      "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "type": acc.distributed_type.value, "backend": acc.state.backend, "sum": total.item(),
       "zero_stage": distributed.zero_stage(acc)}), flush=True)
 acc.end_training()  # DeepSpeed on CPU sometimes aborts at exit with the process group still up
 """
@@ -78,8 +78,9 @@ def test_accelerate_config_loads_with_accelerate(name):
 
 def test_cpu_config_is_the_two_process_form_that_works():
     raw = yaml.safe_load((ACCEL / "cpu_2ranks.yaml").read_text())
-    # MULTI_CPU or `--cpu` start one process only; MULTI_GPU + use_cpu starts two.
+    # MULTI_CPU or `--cpu` start one process only; MULTI_GPU + use_cpu starts two, and the ranks see no GPU.
     assert raw["distributed_type"] == "MULTI_GPU" and raw["use_cpu"] is True and raw["num_processes"] == 2
+    assert raw["gpu_ids"] == "-1,-1"
 
 
 def test_multi_node_example_has_placeholders_for_every_node_setting():
@@ -122,15 +123,33 @@ def test_deepspeed_json_is_accepted_by_the_plugin():
 
 @pytest.mark.slow
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 30)
-@pytest.mark.parametrize("name", ["cpu_2ranks", "multi_gpu"])
-def test_ddp_configs_start_two_gloo_ranks_on_cpu(name, tmp_path):
-    if torch.cuda.is_available() and name == "cpu_2ranks":
-        pytest.skip("the CPU config is for machines without CUDA")
-    ranks = _launch(name, tmp_path)
+def test_cpu_config_starts_two_gloo_ranks_with_no_gpu_visible(tmp_path):
+    ranks = _launch("cpu_2ranks", tmp_path)
     assert [r["rank"] for r in ranks] == [0, 1]
     assert all(r["world"] == 2 and r["sum"] == 3.0 and r["zero_stage"] == 0 for r in ranks)
-    if not torch.cuda.is_available():
-        assert all(r["backend"] == "gloo" for r in ranks)
+    assert all(r["backend"] == "gloo" and r["cuda_visible_devices"] == "-1,-1" for r in ranks)  # also beside GPUs
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a usable CUDA device")
+@pytest.mark.timeout(3 * LAUNCH_TIMEOUT_S)
+@pytest.mark.parametrize("name, asks", [("single_gpu", "CUDA_VISIBLE_DEVICES=0"), ("multi_gpu", "a launch of 2 ranks"),
+                                        ("zero2", "a DeepSpeed launch without DS_ACCELERATOR=cpu")])
+def test_gpu_configs_without_a_usable_gpu_stop_in_one_line(name, asks, phantom_shards, tmp_path):
+    """The real training command under a GPU config on this CPU-only machine: every rank stops with the one line
+    naming the cause before any model loads, the launch exits non-zero, and nothing is trained or written."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    env.pop("DS_ACCELERATOR", None)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCEL / f"{name}.yaml"),
+           "--main_process_port", str(free_port()), str(ROOT / "launch" / "train.py"), "--fold", "0",
+           "--shards", str(phantom_shards), "--output-dir", str(tmp_path / "run"), "--preset", "tiny",
+           "--set", "data.image_size=64"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert errors and all(f"this run asks for a GPU ({asks}" in line for line in errors), proc.stderr[-3000:]
+    assert "CPU-only build" in errors[0] and "TORCH_SPEC=" in errors[0]
+    assert not list((tmp_path / "run").rglob("*.safetensors")) and not (tmp_path / "run" / "checkpoints").exists()
 
 
 @pytest.mark.slow
