@@ -47,7 +47,7 @@ def worker(args: argparse.Namespace) -> None:
     cfg = load_config(None, ["model.pretrained=preset:tiny", f"train.batch_size={args.batch}", "optim.name=adamw"])
     with tempfile.TemporaryDirectory() as tmp:
         acc = build_accelerator(cfg, tmp)
-        base = load_base(cfg.model.pretrained, cfg.model.revision, cfg.model.vae_dtype)
+        base = load_base(cfg.model.pretrained, cfg.model.revision, cfg.model.vae_dtype, cfg.model.variant)
         attach_lora(base, cfg.lora)
         model = LoraDiffusionModel(base.unet, base.text_encoder, cfg.lora.train_text_encoder)
         configure_model(model, cfg, torch.float32)

@@ -94,10 +94,17 @@ class ModelConfig:
     """The base model: a diffusers folder or hub id, or a named preset built from a config."""
 
     pretrained: str = "preset:tiny"  # path, hub id, or "preset:<name>" (tiny, tiny-minilm, sd15-arch, sd15-arch-narrow)
-    revision: Optional[str] = None
+    revision: Optional[str] = None  # hub branch, tag or commit of `pretrained`
+    # Weight files of a variant, e.g. fp16 for unet/diffusion_pytorch_model.fp16.safetensors (hub bases often ship
+    # only those); passed to from_pretrained for the UNet, VAE and text encoder, and recorded in adapters.
+    variant: Optional[str] = None
     vae_dtype: str = "fp32"  # fp32 | bf16 | fp16: the frozen VAE's weights
     gradient_checkpointing: bool = False
     attention: str = "sdpa"  # sdpa | default
+
+    def __post_init__(self) -> None:
+        _require(self.variant is None or re.fullmatch(r"[A-Za-z0-9_-]+", self.variant) is not None, "model.variant",
+                 "a weights variant name such as fp16 (letters, digits, - and _), or null")
 
 
 @dataclass

@@ -43,6 +43,8 @@ class BaseModel:
     source: str
     path: str  # the folder the weights came from (absolute), or the hub id
     fingerprint: str  # identifies the base; recorded in adapters and checked when they load
+    revision: str | None = None  # hub revision and weights variant it was loaded with (recorded in adapters)
+    variant: str | None = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -228,17 +230,23 @@ def _load_component(cls, path: str, subfolder: str, revision: str | None, **kwar
                          "model") from None
 
 
-def load_base(pretrained: str, revision: str | None = None, vae_dtype: str = "fp32") -> BaseModel:
-    """Load UNet, VAE, text encoder, tokenizer and the noise-schedule config of a base model, all frozen."""
+def load_base(pretrained: str, revision: str | None = None, vae_dtype: str = "fp32",
+              variant: str | None = None) -> BaseModel:
+    """Load UNet, VAE, text encoder, tokenizer and the noise-schedule config of a base model, all frozen.
+
+    `variant` picks weight files such as `diffusion_pytorch_model.fp16.safetensors` for the three networks (the
+    tokenizer and scheduler have none); a base without files of that variant is a ModelError naming the component.
+    """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # per-tensor "Loading weights" bars; hub download bars stay
     path = resolve_base_path(pretrained, revision)
-    unet = _load_component(UNet2DConditionModel, path, "unet", revision)
-    vae = _load_component(AutoencoderKL, path, "vae", revision, torch_dtype=DTYPES[vae_dtype])
-    text_encoder = _load_component(AutoModel, path, "text_encoder", revision)
+    weights = {"variant": variant} if variant else {}
+    unet = _load_component(UNet2DConditionModel, path, "unet", revision, **weights)
+    vae = _load_component(AutoencoderKL, path, "vae", revision, torch_dtype=DTYPES[vae_dtype], **weights)
+    text_encoder = _load_component(AutoModel, path, "text_encoder", revision, **weights)
     tokenizer = _load_component(AutoTokenizer, path, "tokenizer", revision)
     scheduler = _load_component(DDPMScheduler, path, "scheduler", revision)
     for module in (unet, vae, text_encoder):
@@ -246,7 +254,7 @@ def load_base(pretrained: str, revision: str | None = None, vae_dtype: str = "fp
         module.eval()
     return BaseModel(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                      scheduler_config=dict(scheduler.config), source=_recorded_source(pretrained, path), path=path,
-                     fingerprint=fingerprint(path))
+                     fingerprint=fingerprint(path), revision=revision, variant=variant)
 
 
 def load_vae(pretrained: str, revision: str | None = None, vae_dtype: str = "fp32"):

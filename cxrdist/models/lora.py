@@ -198,7 +198,8 @@ def adapter_metadata(base: BaseModel, spec: dict, prompt_template: str, config: 
     """What a checkpoint needs to be self-describing: the base, the adapter shapes, the template, the config."""
     return {
         "base": {"source": base.source, "fingerprint": base.fingerprint, "text_encoder": base.text_encoder_kind,
-                 "image_size": base.image_size, "channels": base.channels},
+                 "image_size": base.image_size, "channels": base.channels, "revision": base.revision,
+                 "variant": base.variant},
         "adapter": spec,
         "prompt_template": prompt_template,
         "config": config or {},
@@ -234,6 +235,9 @@ def _metadata_problem(data: dict) -> str | None:
         return "'base.source' is missing or not a string"
     if not isinstance(base.get("fingerprint"), str):
         return "'base.fingerprint' is missing or not a string"
+    for key in ("revision", "variant"):  # absent in adapters written before they were recorded
+        if base.get(key) is not None and not isinstance(base[key], str):
+            return f"'base.{key}' is not a string"
     if not isinstance(adapter, dict) or "unet" not in adapter or "text_encoder" not in adapter:
         return "'adapter' needs 'unet' and 'text_encoder' entries"
     if "prompt_template" in data and not isinstance(data["prompt_template"], str):

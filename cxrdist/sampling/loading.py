@@ -83,9 +83,12 @@ def _load_folder(folder: Path, base_override: str | None, vae_dtype: str) -> tup
     return loaders[kind](folder, base_override, vae_dtype)
 
 
-def _load_base_for(source: str, folder: Path, vae_dtype: str, overridden: bool) -> BaseModel:
+def _load_base_for(source: str, folder: Path, vae_dtype: str, overridden: bool, revision: str | None = None,
+                   variant: str | None = None) -> BaseModel:
+    """The base an adapter was trained on; `revision` / `variant` as recorded at training time (not for --base)."""
     try:
-        return load_base(source, vae_dtype=vae_dtype)
+        return load_base(source, revision=None if overridden else revision, vae_dtype=vae_dtype,
+                         variant=None if overridden else variant)
     except ModelError as exc:
         hint = "" if overridden else "; pass --base to load the adapter on another copy of its base"
         raise ModelError(f"base '{source}' of {folder.name} cannot be loaded: {exc}{hint}") from None
@@ -97,7 +100,8 @@ def _load_adapter_folder(folder: Path, base_override: str | None, vae_dtype: str
     if not base_override:
         _check_recorded_base(meta, folder)
     source = base_override or meta["base"]["source"]
-    base = _load_base_for(source, folder, vae_dtype, overridden=bool(base_override))
+    base = _load_base_for(source, folder, vae_dtype, overridden=bool(base_override),
+                          revision=meta["base"].get("revision"), variant=meta["base"].get("variant"))
     meta = load_adapter(folder, base)
     return base, meta
 
@@ -132,7 +136,8 @@ def _load_training_checkpoint(folder: Path, base_override: str | None, vae_dtype
     check_weights_file(folder / CHECKPOINT_ADAPTER, "the training checkpoint")
     cfg = config_from_dict(load_yaml(folder / CHECKPOINT_CONFIG))
     source = base_override or cfg.model.pretrained
-    base = _load_base_for(source, folder, vae_dtype, overridden=bool(base_override))
+    base = _load_base_for(source, folder, vae_dtype, overridden=bool(base_override), revision=cfg.model.revision,
+                          variant=cfg.model.variant)
     spec = attach_lora(base, cfg.lora)
     joint = LoraDiffusionModel(base.unet, base.text_encoder, cfg.lora.train_text_encoder)
     load_adapter_state(joint, load_file(str(folder / CHECKPOINT_ADAPTER)), folder)

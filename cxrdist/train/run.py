@@ -38,7 +38,7 @@ def preflight(cfg: Config, fold: int, run_dir: Path, resume: Optional[str]) -> N
     index = load_index(cfg.data.shards)
     index.check_fold(fold)
     index.check_image_size(cfg.data.image_size)
-    resolve_base_path(cfg.model.pretrained)
+    resolve_base_path(cfg.model.pretrained, cfg.model.revision)
     if cfg.eval.prompts_file:
         read_prompts((), cfg.eval.prompts_file)  # readable, non-empty, valid JSON lines
     if cfg.eval.metric != "val_loss" and cfg.eval.num_metric_images < 1:

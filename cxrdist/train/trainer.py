@@ -110,7 +110,7 @@ class Trainer:
         self.accelerator = acc = build_accelerator(cfg, self.run_dir)  # DeepSpeed settings checked here
         set_seed(cfg.train.seed)  # the same on every rank: identical fresh adapters everywhere
         check_shared_folder(acc, self.run_dir, cfg.train.shared_folder_wait_s)
-        self.base = load_base(cfg.model.pretrained, cfg.model.revision, cfg.model.vae_dtype)
+        self.base = load_base(cfg.model.pretrained, cfg.model.revision, cfg.model.vae_dtype, cfg.model.variant)
         self.data = data_factory(channels=self.base.channels, rank=acc.process_index, world_size=acc.num_processes)
         self.spec = attach_lora(self.base, cfg.lora)
         model = LoraDiffusionModel(self.base.unet, self.base.text_encoder, cfg.lora.train_text_encoder,

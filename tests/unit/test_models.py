@@ -178,3 +178,34 @@ def test_block_wise_adapter_stays_in_its_blocks_skips_their_backward_and_round_t
         assert torch.equal(_forward(fresh)[0], _forward(base)[0])
     with pytest.raises(ModelError, match=r"lora\.unet_blocks: 'up_blocks\.7' .* blocks that do: .*mid_block"):
         attach_lora(load_base(tiny_base_path), LoraConfig(unet_blocks=["up_blocks.7"]))
+
+
+def test_a_base_that_ships_only_variant_weights_loads_with_model_variant_and_adapters_remember_it(tmp_path,
+                                                                                                  tiny_base_path):
+    """Hub bases often ship `*.fp16.safetensors` only: `model.variant` loads them, the adapter records the variant
+    (and revision), and sampling reloads its base with them."""
+    from diffusers import StableDiffusionPipeline
+
+    from cxrdist.config import load_config
+    from cxrdist.sampling.loading import load_for_sampling
+
+    folder = tmp_path / "fp16-only"
+    StableDiffusionPipeline.from_pretrained(tiny_base_path, safety_checker=None).save_pretrained(folder, variant="fp16")
+    assert list(folder.glob("unet/*.fp16.safetensors")) and not list(folder.glob("unet/*model.safetensors"))
+    with pytest.raises(ModelError, match="cannot load unet"):
+        load_base(str(folder))
+    base = load_base(str(folder), variant="fp16")
+    assert (base.variant, base.revision) == ("fp16", None)
+    assert torch.equal(_forward(base)[0], _forward(load_base(tiny_base_path))[0])
+    spec = _trained_adapter(base)
+    expected = _forward(base)[0]
+    adapter = save_adapter(tmp_path / "adapter", *adapter_state_dicts(base.unet, base.text_encoder),
+                           adapter_metadata(base, spec, "{report}"))
+    assert json.loads((adapter / "cxrdist.json").read_text())["base"]["variant"] == "fp16"
+    reloaded, _ = load_for_sampling(adapter)
+    assert reloaded.variant == "fp16" and torch.equal(_forward(reloaded)[0], expected)
+    assert load_config(None, ["model.variant=fp16"]).model.variant == "fp16"
+    from cxrdist.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.variant"):
+        load_config(None, ["model.variant=../fp16"])
