@@ -21,6 +21,10 @@ def quiet_dependencies() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     for name in ("diffusers", "transformers", "bitsandbytes", "DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # The same notice as a log record (bitsandbytes' CPU backend logs it at import): only 4-bit CPU kernels, unused.
+    kernels_notice = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _KernelsNotice) for f in kernels_notice.filters):
+        kernels_notice.addFilter(_KernelsNotice())
     warnings.filterwarnings("ignore", message=".*will assume that the vocabulary was not modified.*")
     warnings.filterwarnings("ignore", message=".*requires torchvision.*")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -32,6 +36,11 @@ def quiet_dependencies() -> None:
     deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
     if not deepspeed_launch and (not os.environ.get("CUDA_VISIBLE_DEVICES", "x") or not _cuda_available()):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+class _KernelsNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
 
 
 def _cuda_available() -> bool:
