@@ -91,6 +91,18 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
+def memory_scalars(device: torch.device) -> dict[str, float]:
+    """Memory figures logged with every training line, in MiB. On a GPU, what decides whether a batch fits is more
+    than torch's peak allocation: the caching allocator's peak reserve (allocation + fragmentation) and the device's
+    whole use as the driver sees it (every process, the CUDA context, library workspaces)."""
+    if device.type != "cuda":
+        return {"train/peak_memory_mb": peak_memory_mb(device)}
+    free, total = torch.cuda.mem_get_info(device)
+    return {"train/peak_memory_mb": peak_memory_mb(device),
+            "train/peak_memory_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20,
+            "train/device_memory_used_mb": (total - free) / 2**20}
+
+
 class MetricsLogger:
     """One interface for the trainer: scalars, images, text, hparams, close."""
 

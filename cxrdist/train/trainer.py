@@ -45,7 +45,7 @@ from cxrdist.train.early_stop import EarlyStopper
 from cxrdist.train.ema import AdapterEMA
 from cxrdist.train.optim import GROUP_NAMES, build_lr_scheduler, build_optimizer
 from cxrdist.train.text_prefill import distinct_prompts, prefill_text_cache
-from cxrdist.train.tracking import MetricsLogger, peak_memory_mb
+from cxrdist.train.tracking import MetricsLogger, memory_scalars
 from cxrdist.train.validation import Evaluator
 
 log = logging.getLogger(__name__)
@@ -422,7 +422,7 @@ class Trainer:
         loss = acc.reduce(torch.tensor([window.mean_loss()], device=acc.device), reduction="mean").item()
         values = {"train/loss": loss, "train/grad_norm": window.last_grad_norm,
                   "train/images_per_s": window.rate() * acc.num_processes,
-                  "train/peak_memory_mb": peak_memory_mb(acc.device), "train/epoch": self.epoch,
+                  **memory_scalars(acc.device), "train/epoch": self.epoch,
                   "train/skipped_steps": self.state.skipped_steps}
         if self.loss_scale() is not None:
             values["train/loss_scale"] = self.loss_scale()

@@ -139,3 +139,21 @@ def test_the_default_run_writes_tensorboard_events_and_plain_progress_lines(tmp_
     err = capsys.readouterr().err
     steps = [line for line in err.splitlines() if line.startswith("train: ")]
     assert "\r" not in err and steps[-1].startswith("train: step 2/2 (100%)") and "done in" in steps[-1]
+
+
+def test_gpu_memory_lines_carry_the_reserve_and_the_devices_own_count(monkeypatch):
+    """On a GPU the logged memory is the allocation peak, the allocator's reserve peak and the device's whole use;
+    on the CPU the process's peak resident memory."""
+    import torch
+
+    from cxrdist.train.tracking import memory_scalars
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 10 * gib)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 12 * gib)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (9 * gib, 24 * gib))
+    assert memory_scalars(torch.device("cuda", 0)) == {"train/peak_memory_mb": 10240.0,
+                                                       "train/peak_memory_reserved_mb": 12288.0,
+                                                       "train/device_memory_used_mb": 15360.0}
+    cpu = memory_scalars(torch.device("cpu"))
+    assert list(cpu) == ["train/peak_memory_mb"] and cpu["train/peak_memory_mb"] > 10
