@@ -75,15 +75,21 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def preset_folder(name: str) -> Path:
-    """A preset's diffusers folder in the cache, written on first use (seeded, so identical everywhere)."""
+def preset_path(name: str) -> Path:
+    """Where a preset's diffusers folder lives in the cache (built or not): named by the preset, its revision and the
+    library versions that wrote it."""
     if name not in PRESETS:
         raise ModelError(f"unknown model preset '{name}': choose one of {sorted(PRESETS)}")
     import diffusers
     import transformers
 
     versions = f"r{PRESETS_REVISION}-d{diffusers.__version__}-t{transformers.__version__}"
-    folder = cache_dir() / "presets" / f"{name}-{versions}"
+    return cache_dir() / "presets" / f"{name}-{versions}"
+
+
+def preset_folder(name: str) -> Path:
+    """A preset's diffusers folder in the cache, written on first use (seeded, so identical everywhere)."""
+    folder = preset_path(name)
     if not (folder / "model_index.json").exists():
         log.info("building preset '%s' into %s", name, folder)
         save_preset(name, folder)
