@@ -8,7 +8,7 @@ STAMP := $(VENV)/.cxrdist-installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-full test-fast demo clean-venv
+.PHONY: install test test-full test-fast demo gpu-check clean-venv
 
 install: $(STAMP)
 
@@ -43,6 +43,13 @@ test-fast: install
 
 demo: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/demo.sh
+
+# The real GPU path end to end in one command (about 8 minutes on one H100/H200; the CUDA torch: see TORCH_SPEC):
+# environment, real training runs (bf16 + AdamW8bit killed and resumed, fp16, ZeRO-2 fp16), then the throughput and
+# memory sweep; results in benchmarks/out/gpu_check/<date-time>/gpu_check.md. GPU_CHECK_ARGS="--out DIR --budget S".
+# On a node without network whose Python already holds the stack: make gpu-check SKIP_INSTALL=1 PY=python3
+gpu-check: $(if $(SKIP_INSTALL),,install)
+	$(PY) scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
