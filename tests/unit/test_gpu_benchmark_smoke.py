@@ -200,3 +200,15 @@ def test_the_preset_is_found_where_the_trainer_built_it(bench, tiny_base_path, m
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setattr(bench.time, "sleep", lambda s: pytest.fail("rank 1 waited for a preset that was there"))
     bench.ensure_preset("tiny")
+
+
+def test_a_preset_that_cannot_be_built_is_one_line(bench, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "open_clip" else real_find_spec(name, *a))
+    monkeypatch.setenv("CXRDIST_CACHE", str(tmp_path / "cache"))  # nothing built there yet
+    assert bench.main(["--smoke", "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install --no-deps open-clip-torch" in err

