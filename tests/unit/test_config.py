@@ -9,8 +9,9 @@ def test_presets_carry_the_documented_values():
     assert (dev.train.epochs, dev.eval.k_folds, dev.train.batch_size, dev.data.image_size,
             dev.eval.inference_steps) == (1, 2, 8, 128, 20)
     product = load_config("product")
-    assert (product.train.epochs, product.eval.k_folds, product.train.batch_size,
-            product.data.image_size) == (100, 5, 48, 256)
+    assert (product.train.epochs, product.eval.k_folds, product.data.image_size) == (100, 5, 256)
+    # 48 images per optimizer step, as the original project's product configuration, in micro-batches an L4 holds
+    assert (product.train.batch_size, product.train.grad_accum) == (16, 3)
 
 
 def test_overrides_apply_after_preset_with_types():
