@@ -3,14 +3,11 @@ row, and the real-trainer sweep kept alive on CPU (--smoke: tiny preset, 64 px, 
 2 measured steps per variant)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_train.py"
+from support.scripts import load_script
 
 # The names torch.cuda.get_device_name() reports, and their dense bf16 peaks (TFLOP/s).
 KNOWN = {
@@ -26,17 +23,9 @@ KNOWN = {
 }
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("gpu_train_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def bench():
-    return _load()
+    return load_script("benchmarks/gpu_train.py", "gpu_train_bench")
 
 
 @pytest.mark.parametrize("name, peak", sorted(KNOWN.items()))

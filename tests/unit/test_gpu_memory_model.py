@@ -2,26 +2,20 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from cxrdist.config import load_config
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_memory_model.py"
+from support.scripts import load_script
+
 PX = 16  # the tiny VAE's 4x4 latents: shapes are all that matter to fake tensors
 
 
 @pytest.fixture(scope="module")
 def gmm():
-    spec = importlib.util.spec_from_file_location("gpu_memory_model_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/gpu_memory_model.py", "gpu_memory_model_bench")
 
 
 @pytest.fixture(scope="module")

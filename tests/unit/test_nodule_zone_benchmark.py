@@ -1,21 +1,15 @@
 """benchmarks/nodule_zone.py scores what the reader sees: real phantoms place every nodule, swapped zones none."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "nodule_zone.py"
+from support.scripts import load_script
+
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("nodule_zone_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/nodule_zone.py", "nodule_zone_bench")
 
 
 def test_placement_of_real_phantoms_and_of_wrong_zones():
