@@ -54,7 +54,7 @@ class Mode:
     phantoms: int
     fp16: str  # the precision of the "fp16" runs: fp16 on a GPU, fp32 ("no") on the CPU
     device: str  # for `cxrdist sample`
-    launch_flags: tuple[str, ...]  # added to the `accelerate launch` of the one-process (non-DeepSpeed) runs
+    launch_flags: tuple[str, ...]  # added to `accelerate launch` of the one-process, non-DeepSpeed runs
     env: tuple[tuple[str, str], ...]
     sweep: tuple[str, ...]  # benchmarks/gpu_train.py arguments besides --out and --deadline
     guide: tuple[str, ...]  # the GPU guide's rows, a second sweep ("" = none)
@@ -220,17 +220,20 @@ class Runner:
                                 "--test-fraction", "0.2", "--shard-size", "32", "--out", str(shards)], 300)
         return {"shards": str(shards), "phantoms": self.mode.phantoms, "px": self.mode.size}
 
+    def single_gpu_launch(self) -> list[str]:
+        """`accelerate launch` arguments of the one-process runs: single_gpu.yaml, plus the mode's flags (`--cpu` in
+        the smoke form; never for DeepSpeed, which accelerate would then drop without a word)."""
+        return ["--config_file", str(ACCEL / "single_gpu.yaml"), *self.mode.launch_flags]
+
     def train_command(self, name: str, launch: list[str], precision: str, resume: bool = False) -> list[str]:
-        """launch/train.py under `accelerate launch LAUNCH` (one-process launches get the mode's launch flags; a
-        DeepSpeed launch must not: `--cpu` makes accelerate drop DeepSpeed without a word)."""
+        """launch/train.py under `accelerate launch LAUNCH`, a short run of the `product` preset."""
         m = self.mode
-        one_process = "zero" not in " ".join(launch)
         sets = {"data.image_size": m.size, "train.batch_size": m.batch, "train.grad_accum": 1,
                 "train.mixed_precision": precision, "train.max_steps": 6, "train.checkpoint_every": 2,
                 "train.log_every": 1, "optim.warmup_steps": 0, "eval.eval_every_steps": 3,
                 "eval.num_metric_images": 2, "eval.num_grid_prompts": 2, "eval.inference_steps": 4,
                 "eval.max_eval_samples": 8, "data.num_workers": 0, "data.shuffle_buffer": 16}
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, *(m.launch_flags if one_process else ()),
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch,
                str(REPO / "launch" / "train.py"), "--config", "product", "--preset", m.preset, "--fold", "0",
                "--shards", str(self.out / "shards"), "--output-dir", str(self.out / "runs" / name)]
         cmd += [a for key, value in sets.items() for a in ("--set", f"{key}={value}")]
@@ -265,7 +268,7 @@ class Runner:
 
     def bf16_adamw8bit_killed_and_resumed(self) -> dict:
         name = "bf16-adamw8bit"
-        launch = ["--config_file", str(ACCEL / "single_gpu.yaml")]
+        launch = self.single_gpu_launch()
         killed = {**self.env, "CXRDIST_FAULT_KILL_AT_STEP": "3"}  # SIGKILL right after optimizer step 3
         try:
             self.run(f"{name}-killed", self.train_command(name, launch, "bf16"), self.left(), env=killed)
@@ -284,7 +287,7 @@ class Runner:
 
     def fp16_grad_scaler(self) -> dict:
         name = f"{self.mode.fp16}-adamw"
-        cmd = self.train_command(name, ["--config_file", str(ACCEL / "single_gpu.yaml")], self.mode.fp16)
+        cmd = self.train_command(name, self.single_gpu_launch(), self.mode.fp16)
         log = self.run(name, cmd + ["--set", "optim.name=adamw"], self.left())
         return {"precision": self.mode.fp16, **self.check_run(name, log)}
 
