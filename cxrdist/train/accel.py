@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from cxrdist.config import Config
-from cxrdist.train import distributed
+from cxrdist.train import deepspeed_ops, distributed
 from cxrdist.train.devices import check_training_device
 from cxrdist.train.tracking import log_with
 
@@ -47,6 +47,8 @@ def build_accelerator(cfg: Config, project_dir: str | Path):
     pg_kwargs = InitProcessGroupKwargs(backend=distributed.process_group_backend(),
                                        timeout=timedelta(seconds=cfg.train.collective_timeout_s))
     project = ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir))
+    # DeepSpeed on the CPU would JIT-build, in every rank, a comm op training never uses (cxrdist.train.deepspeed_ops).
+    deepspeed_ops.skip_shm_comm_op()
     accelerator = Accelerator(
         cpu=distributed.wants_cpu_flag(),
         mixed_precision=cfg.train.mixed_precision,
