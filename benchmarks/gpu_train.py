@@ -83,7 +83,6 @@ import math
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -98,6 +97,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from cxrdist.errors import CxrdistError  # noqa: E402  (after the repository is on the path)
+from cxrdist.processes import kill_tree  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s (the datasheets' sparse figures halved), keyed by the EXACT
 # torch.cuda.get_device_name() string. Exact, because names that share a substring differ: "NVIDIA H100 PCIe" (756)
@@ -515,11 +515,11 @@ def run_in_subprocess(job: Job, args, log_path: Path, timeout_s: float) -> dict:
     started = time.perf_counter()
     with log_path.open("w") as log:
         proc = subprocess.Popen([*prefix, str(SCRIPT), "--worker", str(job_file)], cwd=REPO, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT)
         try:
             rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the whole launch: launcher and every rank it started
+            kill_tree(proc.pid)  # the whole launch: launcher and every rank it started (each in its own session)
             proc.wait()
             why = "--deadline" if timeout_s < args.variant_timeout else "--variant-timeout"
             rc = f"killed after {timeout_s:.0f} s ({why})"

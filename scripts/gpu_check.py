@@ -40,7 +40,11 @@ from pathlib import Path
 from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 ACCEL = REPO / "configs" / "accelerate"
+
+from cxrdist.processes import kill_tree  # noqa: E402  (after the repository is on the path)
+
 REPORT = "Moderate cardiomegaly. Small left pleural effusion. No pneumothorax."
 
 
@@ -164,10 +168,12 @@ class Runner:
         with log.open("w") as handle:
             handle.write("$ " + shlex.join(cmd) + "\n")
             handle.flush()
+            proc = subprocess.Popen(cmd, cwd=REPO, env=env or self.env, stdout=handle, stderr=subprocess.STDOUT)
             try:
-                proc = subprocess.run(cmd, cwd=REPO, env=env or self.env, stdout=handle, stderr=subprocess.STDOUT,
-                                      timeout=max(1.0, timeout))
+                proc.wait(timeout=max(1.0, timeout))
             except subprocess.TimeoutExpired:
+                kill_tree(proc.pid)  # the launcher and its ranks (each in a session of its own)
+                proc.wait()
                 raise CheckFailed(f"{name} did not finish in {timeout:.0f} s (log: {log})") from None
         text = log.read_text(errors="replace")
         if proc.returncode != 0:

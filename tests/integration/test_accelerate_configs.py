@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 import yaml
 
 from support.launching import free_port
+from support.training import run_reaped
 
 ROOT = Path(__file__).resolve().parents[2]
 ACCEL = ROOT / "configs" / "accelerate"
@@ -45,7 +45,7 @@ def _launch(config: str, tmp_path: Path) -> list[dict]:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCEL / f"{config}.yaml"),
            "--main_process_port", str(free_port()), str(script)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    proc = run_reaped(cmd, env=env, timeout=LAUNCH_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Two ranks share the launcher's stdout: one rank's newline can land after the other's line, so records
     # are found by pattern, not by line.
@@ -144,7 +144,7 @@ def test_gpu_configs_without_a_usable_gpu_stop_in_one_line(name, asks, phantom_s
            "--main_process_port", str(free_port()), str(ROOT / "launch" / "train.py"), "--fold", "0",
            "--shards", str(phantom_shards), "--output-dir", str(tmp_path / "run"), "--preset", "tiny",
            "--set", "data.image_size=64"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    proc = run_reaped(cmd, env=env, timeout=LAUNCH_TIMEOUT_S)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
     assert errors and all(f"this run asks for a GPU ({asks}" in line for line in errors), proc.stderr[-3000:]

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from support.training import run_reaped
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -22,8 +23,7 @@ def test_demo_script_runs_every_step_in_short_form(tmp_path):
     # evaluate twice and keep only the last checkpoint (keep_last=1); 4 steps paid for two more evaluations.
     env = dict(os.environ, DEMO_N="150", DEMO_STEPS="2", DEMO_EVAL_SAMPLES="4", DEMO_SAMPLE_STEPS="2",
                DEMO_ROOT=str(tmp_path), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh")], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=840)
+    proc = run_reaped(["bash", str(REPO / "scripts" / "demo.sh")], env=env, timeout=840)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "outputs" / "demo"
     assert len(list((out / "samples").glob("*_s*.png"))) == 10  # 5 reports x 2 images

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from support.training import REPO, child_env
+from support.training import REPO, child_env, run_reaped
 
 pytestmark = pytest.mark.slow
 SCRIPT = REPO / "scripts" / "gpu_check.py"
@@ -23,8 +23,7 @@ SCRIPT = REPO / "scripts" / "gpu_check.py"
 @pytest.mark.timeout(900)
 def test_the_smoke_form_runs_every_step_of_the_gpu_check(tmp_path):
     out = tmp_path / "check"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out)], cwd=REPO, env=child_env(),
-                          capture_output=True, text=True, timeout=880)
+    proc = run_reaped([sys.executable, str(SCRIPT), "--smoke", "--out", str(out)], env=child_env(), timeout=880)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
     steps = {s["name"].split(" ")[0]: s for s in report["steps"]}

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 from support.launching import ACCEL, free_port
-from support.training import REPO, child_env
+from support.training import child_env, run_reaped
 
 RANK = textwrap.dedent("""
     import json, sys, torch
@@ -40,13 +40,11 @@ RANK = textwrap.dedent("""
 
 @pytest.mark.timeout(240)
 def test_two_ranks_split_the_encoding_and_both_hold_every_context(tmp_path, tiny_base_path):
-    import subprocess
-
     script = tmp_path / "rank.py"
     script.write_text(RANK)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCEL / "cpu_2ranks.yaml"),
            "--main_process_port", str(free_port()), str(script), tiny_base_path]  # built once, before the ranks start
-    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=200)
+    proc = run_reaped(cmd, env=child_env(), timeout=200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")),
                      key=lambda r: r["rank"])

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from support.launching import (ACCEL, LAUNCH_TIMEOUT_S, STEP4, check_common, free_port, max_diff,
                                rewind_to_step2, train_args, two_machines)
-from support.training import REPO, child_env
+from support.training import REPO, child_env, run_reaped
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("tiny_base_path")]
 SHIMS = REPO / "tests" / "support" / "slurm"
@@ -29,9 +29,8 @@ def submit(shards, out, *extra: str, nodes: int = 2) -> subprocess.CompletedProc
                SLURM_JOB_NUM_NODES=str(nodes), SLURM_JOB_NODELIST=f"cxr[01-{nodes:02d}]", SLURM_JOB_ID="4242",
                SLURM_GPUS_ON_NODE="1", MASTER_PORT=str(free_port()),
                ACCELERATE_CONFIG=str(ACCEL / "cpu_2ranks.yaml"))
-    return subprocess.run(["bash", str(REPO / "launch" / "slurm" / "train.sbatch"),
-                           *train_args(shards, out, [], extra)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    return run_reaped(["bash", str(REPO / "launch" / "slurm" / "train.sbatch"), *train_args(shards, out, [], extra)],
+                      env=env, timeout=LAUNCH_TIMEOUT_S)
 
 
 @pytest.mark.timeout(2 * LAUNCH_TIMEOUT_S + 60)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from support.training import REPO, child_env
+from cxrdist.processes import kill_tree
+from support.training import REPO, child_env, run_reaped
 
 ACCEL = REPO / "configs" / "accelerate"
 DEEPSPEED = REPO / "configs" / "deepspeed"
@@ -48,22 +49,19 @@ def launch(config: Path | None, shards: Path, out: Path, *sets: str, extra: tupl
            timeout: int = LAUNCH_TIMEOUT_S) -> subprocess.CompletedProcess:
     """launch/train.py under `accelerate launch --config_file config` (2 ranks), or one plain process."""
     cmd = _launch_command(config, shards, out, sets, extra)
-    env = env or child_env(DS_ACCELERATOR="cpu")
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_reaped(cmd, env=env or child_env(DS_ACCELERATOR="cpu"), timeout=timeout)
 
 
 def launch_until(config: Path, shards: Path, out: Path, *sets: str, line_starts: str, env=None,
                  timeout: int = LAUNCH_TIMEOUT_S) -> tuple[str | None, str]:
     """Like `launch`, but read stderr only until a line starting with `line_starts` appears, then SIGKILL the
-    launcher's whole process group (a SIGSTOPped rank included, which the launcher would wait 30 s for).
+    launcher and all its ranks (a SIGSTOPped rank included, which the launcher would wait 30 s for).
     Returns (that line or None, the stderr read so far)."""
-    import os
-    import signal
     import time
 
     proc = subprocess.Popen(_launch_command(config, shards, out, sets, ()), cwd=REPO,
                             env=env or child_env(DS_ACCELERATOR="cpu"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True)
     deadline, seen, found = time.monotonic() + timeout, [], None
     try:
         for line in proc.stderr:
@@ -74,7 +72,7 @@ def launch_until(config: Path, shards: Path, out: Path, *sets: str, line_starts:
             if time.monotonic() > deadline:
                 break
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         proc.wait()
     return found, "".join(seen)
 
@@ -96,7 +94,7 @@ def two_machines(config: Path, shards, outs: tuple[Path, Path], *sets: str, extr
         outputs = [p.communicate(timeout=timeout) for p in launchers]
     finally:
         for p in launchers:
-            p.kill()
+            kill_tree(p.pid)
     return [subprocess.CompletedProcess(p.args, p.wait(), *out) for p, out in zip(launchers, outputs)]
 
 

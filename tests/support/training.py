@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cxrdist.processes import kill_tree
+
 REPO = Path(__file__).resolve().parents[2]
 # Quick settings for the tiny preset: 32 training samples, batch 4 -> 8 optimizer steps per epoch.
 QUICK = ["model.pretrained=preset:tiny", "data.image_size=64", "data.max_train_samples=32", "data.shuffle_buffer=8",
@@ -21,7 +23,20 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def run_reaped(cmd: list[str], *, env: dict, timeout: float, cwd=REPO) -> subprocess.CompletedProcess:
+    """`subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)`, except that a command that outlives
+    `timeout` is killed with every process it started (launched ranks included) before TimeoutExpired is raised."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)  # the launcher and its ranks, which live in sessions of their own
+        out, err = proc.communicate()
+        raise subprocess.TimeoutExpired(cmd, timeout, output=out, stderr=err) from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def launch_train(args: list[str], *, timeout: int = 300, env: dict | None = None, launcher: list[str] | None = None):
     """Run launch/train.py in a child process (optionally under `accelerate launch ...`)."""
     cmd = (launcher or [sys.executable]) + [str(REPO / "launch" / "train.py"), *args]
-    return subprocess.run(cmd, cwd=REPO, env=env or child_env(), capture_output=True, text=True, timeout=timeout)
+    return run_reaped(cmd, env=env or child_env(), timeout=timeout)

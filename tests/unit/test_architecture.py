@@ -17,7 +17,7 @@ PACKAGE_DIR = Path(cxrdist.__file__).parent
 # dependency.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("cxrdist", "errors", "config", "fileio", "logging_utils", "progress", "env_info", "cli_options",
-                    "metrics")),
+                    "processes", "metrics")),
     ("data", ("data",)),
     ("models", ("models",)),
     ("sampling", ("sampling",)),
