@@ -201,3 +201,19 @@ def test_a_preset_that_cannot_be_built_is_one_line(bench, tmp_path, monkeypatch,
     assert bench.main(["--smoke", "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pip install --no-deps open-clip-torch" in err
+
+
+@pytest.mark.timeout(150)
+def test_a_device_without_a_peak_on_file_is_measured_with_mfu_not_available(bench, tmp_path, tiny_base_path,
+                                                                             one_thread, monkeypatch):
+    """A MIG slice (or an NVL part before it was in the table) used to stop the run with exit 2 and no row."""
+    facts = bench.device_facts()
+    monkeypatch.setattr(bench, "device_facts", lambda: {**facts, "name": "NVIDIA H100 80GB HBM3 MIG 3g.40gb"})
+    out = tmp_path / "bench"
+    assert bench.main(["--smoke", "--mixed-precision", "bf16", "--checkpointing", "off", "--optims", "adamw",
+                       "--out", str(out)]) == 0
+    data = json.loads((out / "results.json").read_text())
+    (row,) = data["rows"]
+    assert row["status"] == "ok" and row["images_per_s"] > 0 and row["mfu"] is None and row["hfu"] is None
+    assert data["meta"]["peak_tflops"] is None and "MIG 3g.40gb" in data["meta"]["peak_source"]
+    assert "MFU n/a (pass --peak-tflops)" in (out / "results.md").read_text()
