@@ -19,20 +19,16 @@ from typing import Mapping, Optional
 
 from cxrdist.env_info import cuda_unusable_reason, driver_gpu_count, visible_devices_hidden
 from cxrdist.errors import ConfigError
+from cxrdist.train.distributed import cpu_forced, launched_with_deepspeed
 
-TRUE = ("1", "true", "yes", "on")
 CUDA_INSTALL = 'TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" make install'
-
-
-def _deepspeed_launch(env: Mapping[str, str]) -> bool:
-    return env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
 
 
 def cpu_asked_for(env: Mapping[str, str] = os.environ) -> Optional[str]:
     """What says this process is meant to train on the CPU, or None."""
-    if _deepspeed_launch(env):
+    if launched_with_deepspeed(env):
         return "DS_ACCELERATOR=cpu" if env.get("DS_ACCELERATOR", "").lower() == "cpu" else None
-    if env.get("ACCELERATE_USE_CPU", "").lower() in TRUE:
+    if cpu_forced(env):
         return "ACCELERATE_USE_CPU"
     if visible_devices_hidden(env.get("CUDA_VISIBLE_DEVICES")):
         return "CUDA_VISIBLE_DEVICES"
@@ -41,7 +37,7 @@ def cpu_asked_for(env: Mapping[str, str] = os.environ) -> Optional[str]:
 
 def gpu_asked_for(env: Mapping[str, str] = os.environ) -> Optional[str]:
     """What says this process is meant to train on a GPU, or None."""
-    if _deepspeed_launch(env):
+    if launched_with_deepspeed(env):
         return "a DeepSpeed launch without DS_ACCELERATOR=cpu"
     if int(env.get("WORLD_SIZE", "1")) > 1:
         return f"a launch of {env['WORLD_SIZE']} ranks (e.g. configs/accelerate/multi_gpu.yaml)"
@@ -66,7 +62,7 @@ def check_training_device(env: Mapping[str, str] = os.environ) -> None:
     reason = cuda_unusable_reason()
     fix = (f"install a CUDA build ({CUDA_INSTALL})" if torch.version.cuda is None else
            "check `nvidia-smi` and CUDA_VISIBLE_DEVICES")
-    on_cpu = ("DS_ACCELERATOR=cpu" if _deepspeed_launch(env) else
+    on_cpu = ("DS_ACCELERATOR=cpu" if launched_with_deepspeed(env) else
               "configs/accelerate/cpu_2ranks.yaml, or ACCELERATE_USE_CPU=1")
     raise ConfigError(f"this run asks for a GPU ({wanted}), but {reason}: {fix}; to train on the CPU on purpose, "
                       f"use {on_cpu}")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -33,9 +33,20 @@ OFFLOAD_INCOMPATIBLE = {
 }
 
 
-def launched_with_deepspeed() -> bool:
+def launched_with_deepspeed(env: Mapping[str, str] = os.environ) -> bool:
     """True inside a process started by `accelerate launch` with a DeepSpeed config."""
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    return env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def cpu_forced(env: Mapping[str, str] = os.environ) -> bool:
+    """ACCELERATE_USE_CPU set true (`--cpu`, `use_cpu: true` under the one-process launcher, or by hand), read as
+    accelerate itself reads it."""
+    from accelerate.utils import str_to_bool
+
+    try:
+        return bool(str_to_bool(env.get("ACCELERATE_USE_CPU", "false")))
+    except ValueError:  # a value accelerate's own parser refuses as well
+        return False
 
 
 def wants_cpu_flag() -> bool:
@@ -54,8 +65,7 @@ def check_deepspeed_kept(accelerator: Any) -> None:
     `--cpu` is passed); the run would then differ from what was asked for in memory, checkpoints and numerics.
     """
     if launched_with_deepspeed() and deepspeed_plugin(accelerator) is None:
-        forced_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-        cause = "ACCELERATE_USE_CPU=1 is set" if forced_cpu else "accelerate did not keep its DeepSpeed plugin"
+        cause = "ACCELERATE_USE_CPU=1 is set" if cpu_forced() else "accelerate did not keep its DeepSpeed plugin"
         raise ConfigError(f"a DeepSpeed config was launched but {cause}, so accelerate would run plain DDP instead: "
                           "unset ACCELERATE_USE_CPU and drop --cpu (DeepSpeed runs on CPU with DS_ACCELERATOR=cpu), "
                           "or launch a non-DeepSpeed config such as configs/accelerate/cpu_2ranks.yaml")
