@@ -97,6 +97,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from cxrdist.errors import CxrdistError  # noqa: E402  (after the repository is on the path)
+from cxrdist.fileio import write_text_atomic  # noqa: E402
 from cxrdist.processes import kill_tree  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s (the datasheets' sparse figures halved), keyed by the EXACT
@@ -681,9 +682,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
 
 def write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def command_line(args) -> str:

@@ -43,7 +43,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 ACCEL = REPO / "configs" / "accelerate"
 
-from cxrdist.processes import kill_tree  # noqa: E402  (after the repository is on the path)
+from cxrdist.fileio import write_json_atomic, write_text_atomic  # noqa: E402  (after the repository is on the path)
+from cxrdist.processes import kill_tree  # noqa: E402
 
 REPORT = "Moderate cardiomegaly. Small left pleural effusion. No pneumothorax."
 
@@ -99,8 +100,9 @@ class Report:
         data = {"date": time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(self.started)), "command": self.command,
                 "wall_s": time.time() - self.started, "environment": self.environment,
                 "steps": [asdict(s) for s in self.steps]}
-        _write_atomic(self.out / "gpu_check.json", json.dumps(data, indent=2, default=str))
-        _write_atomic(self.out / "gpu_check.md", self.markdown(data))
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.out / "gpu_check.json", data)
+        write_text_atomic(self.out / "gpu_check.md", self.markdown(data))
 
     def markdown(self, data: dict) -> str:
         env = self.environment
@@ -131,13 +133,6 @@ def _short(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class CheckFailed(Exception):
@@ -201,7 +196,8 @@ class Runner:
     def environment(self) -> dict:
         cmd = [sys.executable, "-m", "cxrdist.cli", "info", "--json"]
         proc = subprocess.run(cmd, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=120)
-        _write_atomic(self.out / "logs" / "environment.log", f"$ {shlex.join(cmd)}\n{proc.stderr}{proc.stdout}")
+        (self.out / "logs").mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.out / "logs" / "environment.log", f"$ {shlex.join(cmd)}\n{proc.stderr}{proc.stdout}")
         if proc.returncode != 0:
             raise CheckFailed(f"cxrdist info exited {proc.returncode}: {_last_error(proc.stderr + proc.stdout)}")
         info = json.loads(proc.stdout)
