@@ -44,13 +44,11 @@ def checkpoints(run_dir: Path) -> list[Path]:
 
 def seconds_at_steps(run_dir: Path) -> dict[int, float]:
     """Training seconds at each logged step, from the wall times of TensorBoard's train/loss events."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from cxrdist.train.tracking import scalar_events
 
-    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
-    acc.Reload()
-    if "train/loss" not in acc.Tags().get("scalars", []):
+    events = scalar_events(run_dir / "tensorboard", "train/loss")
+    if not events:
         return {}
-    events = acc.Scalars("train/loss")
     first, last = events[0], events[-1]
     per_step = (last.wall_time - first.wall_time) / max(1, last.step - first.step)
     return {e.step: e.wall_time - first.wall_time + first.step * per_step for e in events}

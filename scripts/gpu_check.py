@@ -45,6 +45,7 @@ ACCEL = REPO / "configs" / "accelerate"
 
 from cxrdist.fileio import write_json_atomic, write_text_atomic  # noqa: E402  (after the repository is on the path)
 from cxrdist.processes import kill_tree  # noqa: E402
+from cxrdist.train.tracking import scalar_events  # noqa: E402
 
 REPORT = "Moderate cardiomegaly. Small left pleural effusion. No pneumothorax."
 
@@ -244,7 +245,7 @@ class Runner:
     def check_run(self, name: str, log: str) -> dict:
         """Finite training losses, finite test metrics, and a best export that `cxrdist sample` draws from."""
         fold = self.out / "runs" / name / "fold0"
-        losses = _scalars(fold / "tensorboard", "train/loss")
+        losses = [(e.step, e.value) for e in scalar_events(fold / "tensorboard", "train/loss")]
         if not losses or not all(math.isfinite(v) for _, v in losses):
             raise CheckFailed(f"{name}: training losses {losses[-3:] if losses else 'missing'} (not all finite)")
         metrics_file = fold / "test_metrics.json"
@@ -315,14 +316,6 @@ class Runner:
         if counts["failed"]:
             raise CheckFailed(f"{name}: {counts['failed']} variant(s) failed (see {out / 'results.md'})")
         return {**{k: v for k, v in counts.items() if v}, "results": str((out / "results.md").relative_to(self.out))}
-
-
-def _scalars(logdir: Path, tag: str) -> list[tuple[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return [(e.step, e.value) for e in acc.Scalars(tag)] if tag in acc.Tags().get("scalars", []) else []
 
 
 def _blank_images(folder: Path) -> Optional[str]:

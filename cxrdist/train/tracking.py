@@ -103,6 +103,16 @@ def memory_scalars(device: torch.device) -> dict[str, float]:
             "train/device_memory_used_mb": (total - free) / 2**20}
 
 
+def scalar_events(logdir: str | Path, tag: str) -> list:
+    """TensorBoard's ScalarEvents (step, wall_time, value) of `tag` in the event files under `logdir`, in the order
+    they were written; empty when the tag was never logged."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return list(acc.Scalars(tag)) if tag in acc.Tags().get("scalars", []) else []
+
+
 class MetricsLogger:
     """One interface for the trainer: scalars, images, text, hparams, close."""
 

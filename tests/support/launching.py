@@ -127,11 +127,9 @@ def deepspeed_config(tmp: Path, stage: int, **zero: object) -> Path:
 
 
 def scalars(run: Path, tag: str) -> list[tuple[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from cxrdist.train.tracking import scalar_events
 
-    acc = EventAccumulator(str(run / "fold1" / "tensorboard"), size_guidance={"scalars": 0})
-    acc.Reload()
-    return [(e.step, e.value) for e in acc.Scalars(tag)]
+    return [(e.step, e.value) for e in scalar_events(run / "fold1" / "tensorboard", tag)]
 
 
 def last_by_step(values: list[tuple[int, float]]) -> dict[int, float]:

@@ -157,3 +157,15 @@ def test_gpu_memory_lines_carry_the_reserve_and_the_devices_own_count(monkeypatc
                                                        "train/device_memory_used_mb": 15360.0}
     cpu = memory_scalars(torch.device("cpu"))
     assert list(cpu) == ["train/peak_memory_mb"] and cpu["train/peak_memory_mb"] > 10
+
+
+def test_scalar_events_read_back_in_order_and_a_missing_tag_is_empty(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from cxrdist.train.tracking import scalar_events
+
+    with SummaryWriter(str(tmp_path)) as writer:
+        for step, value in ((1, 0.5), (2, 0.25), (3, 0.125)):
+            writer.add_scalar("train/loss", value, step)
+    assert [(e.step, e.value) for e in scalar_events(tmp_path, "train/loss")] == [(1, 0.5), (2, 0.25), (3, 0.125)]
+    assert scalar_events(tmp_path, "val/val_loss") == []
