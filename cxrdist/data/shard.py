@@ -28,7 +28,6 @@ import logging
 import multiprocessing
 import os
 import random
-import socket
 import sys
 import time
 from collections import Counter, deque
@@ -48,6 +47,7 @@ from cxrdist.data.sources.base import Record, RecordRejected
 from cxrdist.data.tars import write_tar
 from cxrdist.errors import DataError, InputError
 from cxrdist.fileio import sha256_file, write_json_atomic, write_text_atomic
+from cxrdist.locks import folder_lock
 from cxrdist.progress import progress_meter
 
 log = logging.getLogger(__name__)
@@ -286,67 +286,9 @@ def _prepare_out(out: Path, plan: dict, options: ShardOptions) -> bool:
 
 # ---- one build per folder ----------------------------------------------------------------------------------
 # Two builds in one --out write and delete the same temporary names: the second must stop before touching it.
-_HELD: set[str] = set()  # locks this process holds (a lock naming our PID may be debris of an earlier life)
-
-
-def _lock_holder(lock: Path) -> Optional[str]:
-    """Who holds `lock` ("PID", "PID on HOST"), or None when its builder is gone."""
-    try:
-        text, age = lock.read_text(encoding="utf-8"), time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return None
-    fields = text.split()
-    if not fields or not fields[0].isdigit():
-        # the builder writes its PID right after creating the file: an empty one is young, or debris
-        return None if age > 60 else "unknown (its lock is being written)"
-    pid, host = int(fields[0]), fields[1] if len(fields) > 1 else socket.gethostname()
-    if host != socket.gethostname():
-        return f"{pid} on {host}"  # a process on another machine cannot be checked from here
-    if pid == os.getpid():  # a restarted container reuses PIDs: ours only if this process took it
-        return str(pid) if os.path.abspath(lock) in _HELD else None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass  # alive, another user's
-    return str(pid)
-
-
-def _create_lock(lock: Path, out: Path) -> int:
-    for _ in range(5):  # a dead builder's lock is removed, then created afresh
-        try:
-            return os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _lock_holder(lock)
-            if holder is not None:
-                raise DataError(f"{out} is being built by process {holder}: wait for that build to end or "
-                                f"choose another --out (if no build runs there, delete {lock})") from None
-            log.warning("%s: taking over the lock of a build that is no longer running", out)
-            lock.unlink(missing_ok=True)
-    raise DataError(f"cannot take the lock {lock}: other builds keep taking it; wait, or choose another "
-                    "--out")
-
-
-@contextlib.contextmanager
-def build_lock(out: Path) -> Iterator[None]:
-    """Hold `out/.cxrdist-build.lock` (created O_EXCL, our PID inside) while the body runs."""
-    lock, key = out / LOCK_NAME, os.path.abspath(out / LOCK_NAME)
-    fd = _create_lock(lock, out)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(f"{os.getpid()} {socket.gethostname()}\n")
-    except BaseException:  # a lock without a PID would hold the folder for a minute for nothing
-        lock.unlink(missing_ok=True)
-        raise
-    _HELD.add(key)
-    try:
-        yield
-    finally:
-        _HELD.discard(key)
-        with contextlib.suppress(OSError):  # remove it only while it is still ours
-            if lock.read_text(encoding="utf-8").split()[:1] == [str(os.getpid())]:
-                lock.unlink()
+def build_lock(out: Path) -> contextlib.AbstractContextManager:
+    """Hold `out/.cxrdist-build.lock` (cxrdist.locks) while the body runs."""
+    return folder_lock(out, LOCK_NAME, busy="being built", wait="that build", elsewhere="--out", error=DataError)
 
 
 # ---- which shards a resumed build keeps --------------------------------------------------------------------
