@@ -4,19 +4,56 @@ Every JSON, YAML or JSON-lines file the toolkit writes (index.json, checkpoint m
 evaluation summaries) goes through `write_text_atomic`, and single binary files (the kohya LoRA export) through
 `write_bytes_atomic`: a temporary name in the same folder, flushed and fsynced, then renamed over the target.
 A crash or a full disk leaves the previous file or none, never a torn one.
+
+Temporary names are unique to the process and recognisably ours (`temp_name`): a user's `x.tmp` beside the
+target is never overwritten or removed. Paths that come from outside (a user, a manifest, a checkpoint, a model
+folder) are checked with `check_not_special` before a library opens them: opening a FIFO blocks forever and a
+device reads without end.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import stat
+import uuid
 from pathlib import Path
 from typing import Any
+
+TEMP_SUFFIX = ".cxrdist-tmp"  # every temporary file or folder this toolkit creates ends with it
+
+
+def temp_name(path: str | os.PathLike) -> Path:
+    """A name beside `path` for writing it before the rename: unique to this process and call, ending .cxrdist-tmp."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}")
+
+
+def special_file_kind(path: str | os.PathLike) -> str | None:
+    """"a FIFO", "a character device", ... when `path` (links followed) exists and is neither a regular file nor a
+    folder; None otherwise (a missing path is the caller's own error)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def check_not_special(path: str | os.PathLike, what: str, error: type[Exception]) -> None:
+    """Raise `error` with one line when `path` is a FIFO, device or socket (opening one may block or never end)."""
+    if (kind := special_file_kind(path)) is not None:
+        raise error(f"{what} {path} is {kind}, not a regular file: point it at a file")
 
 
 def _write_atomic(path: str | os.PathLike, data: str | bytes, mode: str, **open_kwargs: Any) -> Path:
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_name(path)
     try:
         with open(tmp, mode, **open_kwargs) as handle:
             handle.write(data)
