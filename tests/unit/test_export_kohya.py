@@ -122,7 +122,7 @@ def test_kohya_key_names_alphas_and_metadata(adapter, tmp_path):
     assert meta["cxrdist_format"] == KOHYA_FORMAT and meta["cxrdist_prompt_template"] == TEMPLATE
     assert meta["cxrdist_synthetic"] == "true" and "synthetic" in meta["ss_training_comment"]
     assert meta["cxrdist_source_sha256"] == hashlib.sha256((adapter / WEIGHTS_NAME).read_bytes()).hexdigest()
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob("*.cxrdist-tmp"))
 
 
 def _edited_copy(adapter, tmp_path, edit):
@@ -154,7 +154,7 @@ def test_kohya_export_refusals(adapter, tmp_path, tiny_base_path):
     wrong_rank = _edited_copy(adapter, tmp_path, lambda m: m["adapter"]["unet"].update(rank=8))
     with pytest.raises(ModelError, match="not of rank 8 as cxrdist.json records"):
         export_kohya(wrong_rank, out)
-    assert not out.exists() and not list(tmp_path.glob("*.tmp"))  # refusals write nothing
+    assert not out.exists() and not list(tmp_path.glob("*.cxrdist-tmp"))  # refusals write nothing
 
     out.write_bytes(b"keep")
     with pytest.raises(InputError, match="already exists"):

@@ -124,7 +124,7 @@ def test_smoke_sweep_runs_the_real_trainer(bench, tmp_path, tiny_base_path, one_
     table = (out / "results.md").read_text()
     assert "| px | batch | ranks | grad ckpt | optim | status | images/s |" in table
     assert table.count("| 64 | 2 | 1 |") == 4 and meta["torch"] in table and meta["date"] in table
-    assert not list(out.glob("*.tmp"))  # written through a temporary name, then renamed
+    assert not list(out.glob("*.cxrdist-tmp"))  # written through a temporary name, then renamed
     assert "results.md" in capsys.readouterr().out.splitlines()[-1]
 
 
