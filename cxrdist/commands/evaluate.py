@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from cxrdist.cli_options import config_options, friendly_errors
+from cxrdist.commands.sample import apply_sample_flags
 
 
 @click.command()
@@ -21,7 +22,7 @@ from cxrdist.cli_options import config_options, friendly_errors
 @click.option("--steps", default=None, type=int, help="Sampling steps (default: sample.steps).")
 @click.option("--scheduler", default=None, help="Sampler (default: sample.scheduler).")
 @click.option("--guidance", default=None, type=float, help="Guidance scale (default: sample.guidance).")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int, help="Image i of the split gets seed + i.")
 @click.option("--metrics", "metrics", default="faithfulness,image,diversity", show_default=True,
               help="Comma list of faithfulness, image, diversity, fid, kid, prdc, memorization, classifier; or all.")
 @click.option("--features", default="pixels", show_default=True,
@@ -49,6 +50,7 @@ def evaluate(model_paths, base, shards, split, max_samples, steps, scheduler, gu
     from cxrdist.errors import InputError
     from cxrdist.evaluation.runs import EvaluateOptions, format_table, parse_metrics, run_model_path
     from cxrdist.logging_utils import setup_logging
+    from cxrdist.sampling.pipeline import check_seed_range
 
     setup_logging()
     if max_samples < 0:
@@ -56,10 +58,13 @@ def evaluate(model_paths, base, shards, split, max_samples, steps, scheduler, gu
     for flag, target in (("--out", out_json), ("--report", report_html)):
         if target and Path(target).is_dir():
             raise InputError(f"{flag} {target} is a directory: give a file path")
-    cfg = load_config(config, overrides)
-    opts = EvaluateOptions(split=split, max_samples=max_samples, steps=steps or cfg.sample.steps,
-                           scheduler=scheduler or cfg.sample.scheduler,
-                           guidance=cfg.sample.guidance if guidance is None else guidance, seed=seed,
+    # The sampler flags are `cxrdist sample`'s, checked by the same rules (--guidance -5, --steps 0 are refused
+    # by both), and the seed by the same range check, all before a model loads.
+    cfg = apply_sample_flags(load_config(config, overrides), {"steps": steps, "scheduler": scheduler,
+                                                              "guidance": guidance})
+    check_seed_range(seed, max(max_samples, 1), setting=None)
+    opts = EvaluateOptions(split=split, max_samples=max_samples, steps=cfg.sample.steps,
+                           scheduler=cfg.sample.scheduler, guidance=cfg.sample.guidance, seed=seed,
                            batch_size=cfg.sample.batch_size, metrics=parse_metrics(metrics), features=features,
                            classifier=classifier_name, bootstrap=bootstrap, memorization_pool=memorization_pool,
                            memorization_quantile=memorization_quantile)

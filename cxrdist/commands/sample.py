@@ -10,6 +10,15 @@ SAMPLE_FLAGS = ("num_images", "steps", "scheduler", "guidance", "negative_prompt
                 "batch_size", "device", "dtype")
 
 
+def apply_sample_flags(cfg, flags: dict):
+    """The config with the given sampler flags (--steps, --guidance, ...) set in its `sample` section, checked by
+    that section's rules: `sample` and `evaluate` take these flags through here, so they refuse the same values
+    with the same message (`'sample.guidance' must be >= 0 (--guidance)`)."""
+    from cxrdist.config import merge
+
+    return merge(cfg, {"sample": {k: v for k, v in flags.items() if k in SAMPLE_FLAGS and v is not None}})
+
+
 @click.command()
 @click.option("--model-path", required=True, metavar="PATH",
               help="LoRA checkpoint folder, a .zip of one, a training checkpoint (runs/NAME/foldK/checkpoints/step_N) "
@@ -32,20 +41,21 @@ SAMPLE_FLAGS = ("num_images", "steps", "scheduler", "guidance", "negative_prompt
 @click.option("--device", default=None, help="auto | cpu | cuda | cuda:N | mps [sample.device: auto].")
 @click.option("--dtype", default=None, help="fp32 | bf16 | fp16 [sample.dtype: fp32].")
 @click.option("--out", default=None, metavar="DIR",
-              help="New or empty folder for the images [samples/<model>-<time>]. A folder that already holds "
-                   "samples is refused.")
+              help="New or empty folder for the images [samples/<model>-<time>]; it appears complete or not at "
+                   "all. A folder that already holds samples is refused; one whose run was stopped while moving "
+                   "its files in is finished first (and then refused, saying so).")
 @config_options
 @friendly_errors
 def sample(model_path, base, descriptions, prompts_file, out, config, overrides, **flags) -> None:
     """Generate synthetic chest X-rays from report text with a LoRA checkpoint or a full pipeline."""
-    from cxrdist.config import load_config, merge
+    from cxrdist.config import load_config
     from cxrdist.logging_utils import setup_logging
     from cxrdist.sampling.output import read_prompts
     from cxrdist.sampling.run import default_out_dir, sample_to_folder
 
     setup_logging()
     cfg = load_config(config, overrides)
-    cfg = merge(cfg, {"sample": {k: v for k, v in flags.items() if k in SAMPLE_FLAGS and v is not None}})
+    cfg = apply_sample_flags(cfg, flags)
     reports = read_prompts(descriptions, prompts_file)
     summary = sample_to_folder(cfg, model_path, reports, out or default_out_dir(model_path), base_override=base)
     n = len(summary["files"])

@@ -1,7 +1,12 @@
 """Image decoding, resizing and encoding for the shard builder and the loaders.
 
 Everything in between decode and encode is a 2-D float32 array in [0, 1]: 16-bit PNG/TIFF and DICOM keep
-their full bit depth until `encode_png` quantises. A file that cannot be decoded raises
+their full bit depth until `encode_png` quantises. Integer images are scaled by their type's full scale (255,
+65535; a 32-bit integer image by its own maximum when that is larger). A floating-point image (32-bit float TIFF)
+has no full scale of its own: when its values already lie in [0, 1] they are taken as they are, otherwise it is
+windowed by its actual range (min..max, as a DICOM without a window is), so 12-bit values stored as floats keep
+their contrast instead of clipping at 255. A float image with NaN or infinite pixels, or a constant one, is
+refused with a reason: what a NaN pixel stands for cannot be known. A file that cannot be decoded raises
 `RecordRejected` with a stable reason key, so the builder counts it instead of crashing or inventing pixels.
 The same holds for images that decode but carry no picture (constant, tiny, or a DICOM whose rescale or
 window tags flatten it): `check_pixels`, which the builder runs on every loaded image, rejects them.
@@ -24,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from cxrdist.data.sources.base import RecordRejected
+from cxrdist.fileio import special_file_kind
 
 RESIZE_MODES = ("pad", "crop")
 BIT_DEPTHS = (8, 16)
@@ -77,6 +83,12 @@ def decode_file(path: str | Path, fit: Optional[tuple[int, str]] = None) -> np.n
     reduced DCT scale (see the module docstring). Other formats ignore it.
     """
     path = Path(path)
+    try:
+        kind = special_file_kind(path)
+    except ValueError:  # a NUL byte in the path: no such file can exist
+        kind = None
+    if kind is not None:  # opening a FIFO blocks forever, a device never ends
+        raise RecordRejected("missing_image", f"{path}: {kind}, not a regular file")
     if not path.is_file():
         raise RecordRejected("missing_image", str(path))
     if path.suffix.lower() in DICOM_SUFFIXES or _looks_like_dicom(path):
@@ -107,14 +119,17 @@ def _decode_pil(src, fit: Optional[tuple[int, str]] = None) -> np.ndarray:
         with Image.open(src) as image:
             reduced_from = _draft(image, fit) if fit is not None and image.format == "JPEG" else None
             image.load()  # forces the full decode here, so truncated files fail now and not later
-            if image.mode not in _PIL_FULL_SCALE:
+            # Float images are read as floats: converting them to "L" would clip every value above 255.
+            if image.mode not in _PIL_FULL_SCALE and image.mode != "F":
                 image = image.convert("L")
             pixels = np.asarray(image)
-            full_scale = _PIL_FULL_SCALE[image.mode]
+            full_scale = _PIL_FULL_SCALE.get(image.mode, 1.0)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise RecordRejected("corrupt_image", f"{src}: {exc}") from None
     if pixels.ndim != 2 or pixels.size == 0:
         raise RecordRejected("unsupported_image", f"{src}: shape {pixels.shape}")
+    if image.mode == "F":
+        return _window_float(pixels, src)
     if image.mode == "I" and pixels.max(initial=0) > 65535:
         full_scale = float(pixels.max())  # 32-bit integer images: scale by their own range
     out = pixels.astype(np.float32)
@@ -123,6 +138,23 @@ def _decode_pil(src, fit: Optional[tuple[int, str]] = None) -> np.ndarray:
         out = out.view(ReducedPixels)
         out.original_shape = reduced_from
     return out
+
+
+def _window_float(pixels: np.ndarray, src) -> np.ndarray:
+    """A floating-point image to [0, 1]: as it is when it already lies in [0, 1], else min..max (module docstring)."""
+    values = pixels.astype(np.float32)
+    finite = np.isfinite(values)
+    if not finite.all():
+        bad = int(values.size - np.count_nonzero(finite))
+        raise RecordRejected("bad_pixels", f"{src}: {bad} of {values.size} pixels are NaN or infinite in a "
+                                           "floating-point image")
+    low, high = float(values.min()), float(values.max())
+    if 0.0 <= low and high <= 1.0:
+        return values  # already in the range every decoder gives; check_pixels refuses a near-constant one
+    if not high > low:
+        raise RecordRejected("degenerate_image", f"{src}: constant floating-point image (every pixel is {low:g})")
+    # float64 for the subtraction: float32 (high - low) can overflow for values near the float32 limit.
+    return ((values.astype(np.float64) - low) / (high - low)).astype(np.float32)
 
 
 def decode_dicom(path: str | Path) -> np.ndarray:

@@ -26,6 +26,10 @@ What the parser does with it:
   that text, headed parts included, is section `addendum`, so an addendum's own IMPRESSION does not merge into
   the report's.
 - De-identification markers are removed: `___` (MIMIC) and `XXXX` (IU), also glued to words (`x-XXXX`).
+- Headings are recognised by their English names only, but text in any language and script is kept as it is: a
+  report is empty only when it holds no letter of any script (`has_words`). A report without English headings
+  (a Spanish, Russian or Chinese one) is one unheaded body: a manifest without --sections takes its whole text;
+  where sections are asked for, only the last-paragraph fallback can take it.
 - The fallback for reports with neither FINDINGS nor IMPRESSION is the last paragraph of the report body, as the
   MIMIC-CXR reference splitter does; but not the wet read, an addendum, or the first paragraph of an INDICATION /
   COMPARISON / TECHNIQUE / EXAMINATION section (a later paragraph there, after a blank line, is unheaded body
@@ -68,8 +72,9 @@ _ALIASES = {
 _NOT_DESCRIPTIVE = {"wet_read", "addendum", "indication", "comparison", "technique", "examination"}
 
 _LINE_HEADING = re.compile(r"^[ \t]*([A-Za-z][A-Za-z /&(),#-]{0,48}?)[ \t]*:", re.MULTILINE)
+# Not preceded by a letter of any script ([^\W\d_] is a letter): "ÜFINDINGS:" is one word, not a heading.
 _INLINE_HEADING = re.compile(
-    r"(?<![A-Za-z])(" + "|".join(re.escape(k.upper()) for k in sorted(_ALIASES, key=len, reverse=True))
+    r"(?<![^\W\d_])(" + "|".join(re.escape(k.upper()) for k in sorted(_ALIASES, key=len, reverse=True))
     + r")[ \t]*:")
 # After the end of a sentence a known heading counts in any case: "... normal. Impression: clear."
 _SENTENCE_HEADING = re.compile(
@@ -96,7 +101,25 @@ def clean_text(text: str) -> str:
 
 
 def has_words(text: str) -> bool:
-    return re.search(r"[A-Za-z]{2,}", text) is not None
+    """Whether the text holds a letter of any script (Unicode categories L*: Latin, Cyrillic, Greek, Arabic, CJK, ...).
+
+    Reports come in every language (PadChest is Spanish; many national data sets are not in Latin script), so
+    "empty" means no letters at all, never "no ASCII letters": digits and punctuation alone are not a report.
+    """
+    return any(char.isalpha() for char in text)
+
+
+def unicode_problem(text: str) -> str | None:
+    """Why `text` cannot be written as UTF-8 (a lone surrogate such as a JSON `"\\udcff"` escape), or None.
+
+    Python strings may hold lone surrogates (U+D800..U+DFFF); no UTF-8 file, tar member or JSON line can, so such
+    text is refused where it enters, as one record, not later in the middle of writing a shard.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"a lone surrogate U+{ord(text[exc.start]):04X} at character {exc.start}"
+    return None
 
 
 def check_sections(sections: Sequence[str], allowed: Sequence[str] = SECTIONS, option: str = "--sections") -> tuple:

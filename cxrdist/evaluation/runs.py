@@ -36,7 +36,7 @@ from cxrdist.metrics.features import image_batch
 from cxrdist.metrics.image import diversity, image_metrics
 from cxrdist.metrics.memorization import AuditSide
 from cxrdist.sampling.loading import load_for_sampling
-from cxrdist.sampling.pipeline import SampleSettings, as_drawn, generate_images
+from cxrdist.sampling.pipeline import NonFiniteSample, SampleSettings, as_drawn, generate_images
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +244,10 @@ def evaluate_model_path(model_path: str, shards: str, opts: EvaluateOptions, bas
 def run_model_path(model_path: str, shards: str, opts: EvaluateOptions, base_override: str | None = None,
                    progress: bool = True) -> Evaluated:
     model, meta = load_for_sampling(model_path, base_override=base_override)
-    return run_evaluation(model, (meta or {}).get("prompt_template", "{report}"), shards, opts, progress)
+    try:
+        return run_evaluation(model, (meta or {}).get("prompt_template", "{report}"), shards, opts, progress)
+    except NonFiniteSample as exc:  # the index within the call, the seed names which image it was
+        raise exc.naming(str(model_path), exc.index) from None
 
 
 def within_prompt_diversity(base, reports: list[str], template: str, settings, opts: EvaluateOptions, measure) -> float | None:

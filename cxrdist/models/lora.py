@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 
 from cxrdist.config import LoraConfig
 from cxrdist.errors import ModelError
+from cxrdist.fileio import check_not_special, temp_name
 from cxrdist.models.loading import BaseModel
 
 log = logging.getLogger(__name__)
@@ -178,18 +180,22 @@ def save_adapter(out_dir: str | Path, unet_sd: dict, text_sd: dict | None, metad
     out = Path(out_dir)
     if out.exists():
         raise ModelError(f"{out} already exists: adapters are never overwritten, choose another folder")
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    spec = metadata["adapter"]
-    StableDiffusionPipeline.save_lora_weights(
-        tmp, unet_lora_layers=unet_sd, text_encoder_lora_layers=text_sd, safe_serialization=True,
-        unet_lora_adapter_metadata=_peft_metadata(spec["unet"]),
-        text_encoder_lora_adapter_metadata=_peft_metadata(spec["text_encoder"]),
-    )
-    (tmp / METADATA_NAME).write_text(json.dumps({"format": ADAPTER_FORMAT, **metadata}, indent=2, default=str))
-    tmp.rename(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(out)  # unique to this process: a user's `X.partial` folder is never touched
+    try:
+        tmp.mkdir()
+        spec = metadata["adapter"]
+        StableDiffusionPipeline.save_lora_weights(
+            tmp, unet_lora_layers=unet_sd, text_encoder_lora_layers=text_sd, safe_serialization=True,
+            unet_lora_adapter_metadata=_peft_metadata(spec["unet"]),
+            text_encoder_lora_adapter_metadata=_peft_metadata(spec["text_encoder"]),
+        )
+        (tmp / METADATA_NAME).write_text(json.dumps({"format": ADAPTER_FORMAT, **metadata}, indent=2, default=str),
+                                         encoding="utf-8")
+        tmp.rename(out)  # fails rather than replace a folder that appeared meanwhile (unless it is empty)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # only the folder this call created
+        raise
     return out
 
 
@@ -213,6 +219,7 @@ def read_adapter_metadata(folder: str | Path) -> dict:
     path = Path(folder) / METADATA_NAME
     if not path.exists():
         raise ModelError(f"{folder} has no {METADATA_NAME}: not a cxrdist adapter folder")
+    check_not_special(path, "adapter metadata", ModelError)  # reading a FIFO would block forever
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -252,10 +259,19 @@ def _metadata_problem(data: dict) -> str | None:
             return f"'adapter.{part}.rank' is not a positive integer"
         if not isinstance(spec.get("alpha"), (int, float)) or isinstance(spec.get("alpha"), bool):
             return f"'adapter.{part}.alpha' is not a number"
+        if not _finite(spec["alpha"]):  # JSON as Python reads it allows NaN, Infinity and 400-digit integers
+            return f"'adapter.{part}.alpha' is not a finite number"
         targets = spec.get("targets")
         if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
             return f"'adapter.{part}.targets' is not a list of module names"
     return None
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def split_prefixed(state: dict) -> tuple[dict, dict]:

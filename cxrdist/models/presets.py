@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from cxrdist.errors import ModelError
+from cxrdist.fileio import temp_name
 
 CLIP_MAX_LENGTH = 77
 # Part of a built preset's cache folder name: raise it whenever a preset's architecture or weights change, so a
@@ -190,26 +191,29 @@ def save_preset(name: str, out: str | Path) -> Path:
     Several processes may build the same preset at once (every rank of a first run): each writes its own
     temporary folder, the first rename wins, and the others find the finished folder and drop theirs.
     """
-    import os
     import shutil
 
     from diffusers import StableDiffusionPipeline
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ModelError(f"{out} is a file, not a folder: choose another --out")
     if out.exists() and any(out.iterdir()):
         raise ModelError(f"{out} exists and is not empty: choose another --out or delete it")
     parts = build_preset(name)
     pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    tmp = out.with_name(f"{out.name}.{os.getpid()}.partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "cxrdist_preset.txt").write_text(f"{name}: {PRESETS[name].description}\n")
     out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(out)  # unique per process and call: never a user's folder, never another rank's
     try:
-        tmp.rename(out)  # replaces an empty folder; fails if another process already put a finished one there
-    except OSError:
-        shutil.rmtree(tmp)
-        if not (out / "model_index.json").exists():
-            raise
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "cxrdist_preset.txt").write_text(f"{name}: {PRESETS[name].description}\n")
+        try:
+            tmp.rename(out)  # replaces an empty folder; fails if another process already put a finished one there
+        except OSError:
+            if not (out / "model_index.json").exists():
+                raise
+            shutil.rmtree(tmp)  # another process won the race: its folder stays, ours goes
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # only the temporary folder this call created
+        raise
     return out

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from cxrdist.config import config_from_dict, load_yaml
 from cxrdist.errors import InputError, ModelError
 from cxrdist.models.diffusion import LoraDiffusionModel
-from cxrdist.models.loading import PRESET_PREFIX, BaseModel, check_weights_file, fingerprint, load_base
+from cxrdist.models.loading import (PICKLED_WEIGHTS, PRESET_PREFIX, BaseModel, check_model_files, check_weights_file,
+                                    fingerprint, load_base)
 from cxrdist.models.lora import (CHECKPOINT_ADAPTER, CHECKPOINT_CONFIG, CHECKPOINT_MARKER, METADATA_NAME,
                                  WEIGHTS_NAME, adapter_metadata, attach_lora, load_adapter,
                                  load_adapter_state, read_adapter_metadata)
@@ -38,6 +39,8 @@ def load_for_sampling(model_path: str | Path, base_override: str | None = None,
                          "or a diffusers pipeline folder")
     if not _readable(path):
         raise ModelError(f"model path '{model_path}' is not readable: check its permissions")
+    # A FIFO or device, as --model-path or anywhere inside the folder, would block or never end when opened.
+    check_model_files(path, "model path" if not path.is_dir() else "model folder")
     if path.is_dir():
         return _load_folder(path, base_override, vae_dtype)
     with tempfile.TemporaryDirectory(prefix="cxrdist-zip-") as tmp:
@@ -76,6 +79,10 @@ def _load_folder(folder: Path, base_override: str | None, vae_dtype: str) -> tup
     kind = _kind(folder)
     loaders = {"adapter": _load_adapter_folder, "pipeline": _load_pipeline_folder,
                "diffusers-lora": _load_diffusers_lora, "training-checkpoint": _load_training_checkpoint}
+    pickled = sorted(p for p in folder.glob("pytorch_lora_weights*") if p.suffix in PICKLED_WEIGHTS)
+    if kind is None and pickled:
+        raise ModelError(f"{pickled[0]} is a pickled LoRA weights file, which cxrdist does not load (unpickling can "
+                         "run code): convert it to pytorch_lora_weights.safetensors")
     if kind is None:
         raise ModelError(f"{folder} is not a model: expected a LoRA checkpoint folder (cxrdist.json), a "
                          "training checkpoint (checkpoints/step_N), a diffusers pipeline folder "
@@ -165,11 +172,13 @@ def _load_diffusers_lora(folder: Path, base_override: str | None, vae_dtype: str
     if not base_override:
         raise ModelError(f"{folder} is a diffusers LoRA without cxrdist.json, so its base is unknown: "
                          "pass --base PATH_OR_PRESET")
+    check_weights_file(folder / WEIGHTS_NAME, "the LoRA")  # before the base: it fails in ms, not after loading
     base = _load_base_for(base_override, folder, vae_dtype, overridden=True)
     pipe = assemble_pipeline(base, build_scheduler("ddpm", base.scheduler_config))
     try:
-        pipe.load_lora_weights(str(folder))
-    except (ValueError, RuntimeError, KeyError) as exc:
+        # weight_name: the file that was checked, never a pickled fallback diffusers might look for
+        pipe.load_lora_weights(str(folder), weight_name=WEIGHTS_NAME)
+    except (ValueError, RuntimeError, KeyError, OSError) as exc:
         raise ModelError(f"LoRA {folder} does not fit base '{base.source}': {str(exc).splitlines()[0]}") from None
     for module in (base.unet, base.text_encoder):
         module.requires_grad_(False)

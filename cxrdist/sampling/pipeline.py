@@ -6,6 +6,10 @@ modules that are already loaded (no weight copies, never a safety checker: it bl
 hands it precomputed conditioning from `cxrdist.models.text.encode_prompts`, so CLIP and BERT-style text
 encoders go through the same code. Loading a model for sampling is `cxrdist.sampling.loading`; a whole
 `cxrdist sample` run is `cxrdist.sampling.run`.
+
+A sample whose latents or decoded pixels hold NaN or inf is an error (`NonFiniteSample`), not an image: clamping
+and the uint8 conversion would turn it into a plausible-looking black or white square. It means damaged weights
+(an adapter with an absurd alpha, a diverged run) or an overflow at half precision.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import numpy as np
 import torch
 
 from cxrdist.config import SCHEDULERS, sampler_problem
-from cxrdist.errors import InputError
+from cxrdist.errors import InputError, ModelError
 from cxrdist.models.loading import BaseModel
 from cxrdist.models.text import apply_template, encode_prompts
 from cxrdist.progress import progress_meter
@@ -30,6 +34,26 @@ log = logging.getLogger(__name__)
 # torch.Generator.manual_seed takes up to 2**64 - 1, numpy and PNG metadata readers want a signed 64-bit int:
 # seeds live in 0..2**63 - 1 so every tool reading a sample's seed back can reproduce it.
 SEED_MAX = 2**63 - 1
+
+
+class NonFiniteSample(ModelError):
+    """Image `index` of a generate_images call came out as NaN/inf (its latents or its decoded pixels)."""
+
+    def __init__(self, index: int, seed: int, stage: str, base: str, dtype: torch.dtype, model: str | None = None,
+                 prompt: int | None = None) -> None:
+        self.index, self.seed, self.stage, self.base, self.dtype = index, seed, stage, base, dtype
+        self.model, self.prompt = model, prompt
+        source = f"model '{model}' on base '{base}'" if model else f"base '{base}'"
+        which = f"prompt {index if prompt is None else prompt} (image {index}, seed {seed})"
+        precision = "" if dtype == torch.float32 else \
+            f"; or {str(dtype).removeprefix('torch.')} overflowed: try --dtype fp32"
+        super().__init__(f"{which} came out as NaN/inf {stage} from {source}, so nothing was written: its weights "
+                         f"are damaged or diverged (check the adapter's weights and the alpha in its cxrdist.json)"
+                         f"{precision}")
+
+    def naming(self, model: str, prompt: int) -> "NonFiniteSample":
+        """The same error, naming the model path the user gave and the index of their prompt."""
+        return NonFiniteSample(self.index, self.seed, self.stage, self.base, self.dtype, model, prompt)
 
 
 @dataclass
@@ -89,11 +113,13 @@ def _seed_ok(seed) -> bool:
     return isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and 0 <= int(seed) <= SEED_MAX
 
 
-def check_seed_range(first: int, count: int) -> None:
-    """Refuse a run whose seeds (first, first + 1, ..., first + count - 1) leave 0..SEED_MAX, before loading."""
+def check_seed_range(first: int, count: int, setting: str | None = "sample.seed") -> None:
+    """Refuse a run whose seeds (first, first + 1, ..., first + count - 1) leave 0..SEED_MAX, before loading.
+    `setting`: the config key the seed came from, named in the message (None: the flag only)."""
     if not (_seed_ok(first) and _seed_ok(first + max(count, 1) - 1)):
+        where = f" ({setting})" if setting else ""
         raise InputError(f"--seed {first} is out of range: image i gets seed + i, so seed must be in "
-                         f"0..{SEED_MAX - max(count, 1) + 1} for {count} image(s) (sample.seed)")
+                         f"0..{SEED_MAX - max(count, 1) + 1} for {count} image(s){where}")
 
 
 @contextlib.contextmanager
@@ -150,16 +176,30 @@ def _initial_noise(seeds: list[int], shape: tuple[int, ...]) -> tuple[torch.Tens
     return noise, generators
 
 
-def _decode(base: BaseModel, latents: torch.Tensor) -> np.ndarray:
-    """Latents -> grayscale float32 images in [0, 1]; 3-channel VAEs are averaged over channels."""
+def _decode_raw(base: BaseModel, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> the VAE's output in float32, before any clamping (N x C x H x W, about [-1, 1])."""
     vae = base.vae
     latents = latents.to(vae.dtype) / vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None)
     if shift:
         latents = latents + shift
-    pixels = vae.decode(latents, return_dict=False)[0].float()
+    return vae.decode(latents, return_dict=False)[0].float()
+
+
+def _to_gray(pixels: torch.Tensor) -> np.ndarray:
+    """VAE output -> grayscale float32 images in [0, 1]; 3-channel VAEs are averaged over channels."""
     pixels = (pixels / 2 + 0.5).clamp(0, 1).mean(dim=1)
     return pixels.cpu().numpy().astype(np.float32)
+
+
+def _decode(base: BaseModel, latents: torch.Tensor) -> np.ndarray:
+    return _to_gray(_decode_raw(base, latents))
+
+
+def _first_nonfinite(tensor: torch.Tensor) -> int | None:
+    """The first image (index along dim 0) holding a NaN or inf, or None."""
+    bad = ~torch.isfinite(tensor.reshape(tensor.shape[0], -1)).all(dim=1)
+    return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None
 
 
 @torch.no_grad()
@@ -196,7 +236,8 @@ def generate_images(base: BaseModel, reports: list[str], settings: SampleSetting
     Image i depends only on (reports[i], seeds[i], settings), not on which other images share its batch.
     `template` is applied exactly once here; pass raw report text. Works with adapters attached; the
     modules' train/eval flags and devices are restored on return, requires_grad is never touched.
-    `dtype` other than float32 runs under autocast (weights are not cast).
+    `dtype` other than float32 runs under autocast (weights are not cast). An image whose latents or decoded
+    pixels are not finite raises NonFiniteSample (nothing is returned).
     """
     reports = list(reports)
     seeds = list(seeds)
@@ -226,5 +267,13 @@ def generate_images(base: BaseModel, reports: list[str], settings: SampleSetting
                            guidance_scale=settings.guidance, generator=generators,
                            latents=noise.to(device, cond.dtype), output_type="latent",
                            callback_on_step_end=tick).images
-            out[batch.start:batch.stop] = _decode(base, latents)
+            # Checked before the clamp and the uint8 conversion, which would hide NaN/inf as black or white.
+            bad, stage = _first_nonfinite(latents), "in its latents"
+            if bad is None:
+                pixels = _decode_raw(base, latents)
+                bad, stage = _first_nonfinite(pixels), "in its decoded pixels"
+            if bad is not None:
+                index = batch.start + bad
+                raise NonFiniteSample(index, int(seeds[index]), stage, base.source, dtype)
+            out[batch.start:batch.stop] = _to_gray(pixels)
     return out

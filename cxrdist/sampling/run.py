@@ -11,7 +11,7 @@ from cxrdist.models.loading import DTYPES
 from cxrdist.models.text import apply_template
 from cxrdist.sampling.loading import load_for_sampling
 from cxrdist.sampling.output import check_output_dir, write_samples
-from cxrdist.sampling.pipeline import SampleSettings, check_seed_range, generate_images
+from cxrdist.sampling.pipeline import NonFiniteSample, SampleSettings, check_seed_range, generate_images
 
 
 def resolve_device(name: str) -> torch.device:
@@ -54,8 +54,11 @@ def sample_to_folder(cfg, model_path: str | Path, reports: list[str], out_dir: s
     seeds = [cfg.sample.seed + i for i in range(len(expanded))]
     settings = SampleSettings.from_config(cfg.sample)
     start = time.perf_counter()
-    images = generate_images(base, expanded, settings, template=template, seeds=seeds, device=device,
-                             dtype=dtype, progress=True)
+    try:
+        images = generate_images(base, expanded, settings, template=template, seeds=seeds, device=device,
+                                 dtype=dtype, progress=True)
+    except NonFiniteSample as exc:  # raised before anything is written: name what the user passed
+        raise exc.naming(str(model_path), exc.index // cfg.sample.num_images) from None
     seconds = time.perf_counter() - start
     common = {"negative_prompt": settings.negative_prompt, "steps": settings.steps, "scheduler": settings.scheduler,
               "guidance": settings.guidance, "height": int(images.shape[1]), "width": int(images.shape[2]),

@@ -28,6 +28,7 @@ from cxrdist.data.sources.base import Record
 from cxrdist.data.sources.tables import (CHEXPERT_LABELS, FRONTAL_VIEWS, SAFE_ID, check_policy,
                                          chexpert_labels, parse_views, read_table, view_wanted)
 from cxrdist.errors import DataError
+from cxrdist.fileio import check_not_special
 
 # Our section name -> the CheXpert Plus columns that hold it, the first non-empty one wins.
 SECTION_COLUMNS = {"findings": ("section_findings",), "impression": ("section_impression",),
@@ -50,6 +51,7 @@ class CheXpertPlusSource:
         if not self.root.is_dir():
             raise DataError(f"CheXpert Plus root {self.root} is not a folder: pass the folder the table's image "
                             "paths are relative to with --root")
+        check_not_special(self.table, "CheXpert Plus table", DataError)  # a FIFO would block the read forever
         if not self.table.is_file():
             raise DataError(f"CheXpert Plus table {self.table} not found: pass df_chexpert_plus_*.csv with --csv")
         if image_format not in ("png", "dicom"):

@@ -10,12 +10,18 @@ A manifest is data from somebody else, so it may not make us read arbitrary loca
 - without one, relative paths may not climb out of the manifest's folder (`../x` is refused; checked on the
   normalised path, so a symlinked image folder inside it keeps working). Absolute paths stay allowed, as
   before (only relative paths were ever resolved against a base): pass `--root` to confine them too.
-A path that breaks these rules, a report file over `MAX_REPORT_BYTES` or one that is not UTF-8 is a
-counted reject (rejects.jsonl), never a crash and never silently repaired.
+A path that breaks these rules, a report file over `MAX_REPORT_BYTES` or one that is not UTF-8, a FIFO or device
+where a file should be, or a cell that is not valid Unicode text (a JSON `"\\udcff"` escape) is a counted reject
+(rejects.jsonl), never a crash, a hang or a silent repair. Report text in any language and script is kept.
+
+A manifest whose header names a column twice (two `report` columns; a JSONL object with a key twice) is refused
+as a whole: which one was meant cannot be known, and taking the last one silently trains on the wrong text. So
+is a manifest that is not UTF-8 (one line naming the first bad line).
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import re
@@ -26,9 +32,10 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 
 from cxrdist.data.imageio import decode_file
-from cxrdist.data.reports import check_sections, clean_text, has_words, report_prompt
+from cxrdist.data.reports import check_sections, clean_text, has_words, report_prompt, unicode_problem
 from cxrdist.data.sources.base import Record, RecordRejected
 from cxrdist.errors import DataError
+from cxrdist.fileio import check_not_special, special_file_kind
 
 _UNSAFE_KEY = re.compile(r"[^A-Za-z0-9_-]")
 # The longest real radiology reports are a few KiB; 256 KiB leaves a wide margin and still stops a manifest
@@ -87,6 +94,11 @@ def _read_csv(path: Path, delimiter: str) -> tuple[list[str], Iterator[tuple[int
     except (UnicodeDecodeError, csv.Error) as exc:
         handle.close()
         raise _not_utf8(path) if isinstance(exc, UnicodeDecodeError) else _csv_error(path, 1, exc) from None
+    try:
+        _check_unique_columns(path, header)
+    except DataError:
+        handle.close()
+        raise
 
     def csv_rows():
         with handle:
@@ -99,6 +111,32 @@ def _read_csv(path: Path, delimiter: str) -> tuple[list[str], Iterator[tuple[int
                 raise _csv_error(path, reader.line_num, exc) from None
 
     return header, csv_rows()
+
+
+def _check_unique_columns(path: Path, header: list[str]) -> None:
+    """Refuse a header that names a column twice: csv.DictReader would silently keep the last one's value."""
+    seen: dict[str, int] = {}
+    for number, name in enumerate(header, start=1):
+        if not name.strip():
+            continue  # unnamed columns (trailing separators of a spreadsheet export) are never read
+        if name in seen:
+            raise DataError(f"{path} has two columns named {name!r} (columns {seen[name]} and {number}): rename "
+                            "or remove one, so it is clear which one to read")
+        seen[name] = number
+
+
+def _unique_keys(path: Path, number: int):
+    """json.loads object hook refusing an object that holds a key twice (json keeps the last one silently)."""
+    def build(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        row: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in row:
+                raise DataError(f"{path}:{number} has the key {key!r} twice: remove one, so it is clear which one "
+                                "to read")
+            row[key] = value
+        return row
+
+    return build
 
 
 def _csv_error(path: Path, line: int, exc: csv.Error) -> DataError:
@@ -120,7 +158,7 @@ def _read_jsonl(path: Path) -> tuple[list[str], Iterator[tuple[int, dict[str, An
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(line, object_pairs_hook=_unique_keys(path, number))
         except (ValueError, RecursionError) as exc:  # JSONDecodeError, a 4300+ digit integer, absurd nesting
             problem = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc).split(";")[0][:80]
             raise DataError(f"{path}:{number} is not valid JSON ({problem}): fix or remove that line") from None
@@ -129,6 +167,15 @@ def _read_jsonl(path: Path) -> tuple[list[str], Iterator[tuple[int, dict[str, An
         rows.append((number, row))
     header = sorted({key for _, row in rows for key in row})
     return header, iter(rows)
+
+
+def _group_key(group: str) -> str:
+    """A patient id as a safe key. Ids in other scripts ("张伟", "Иванов") would all become underscores and merge
+    different patients into one group, so a non-ASCII id keeps a digest of itself."""
+    key = _UNSAFE_KEY.sub("_", group)
+    if not group.isascii():
+        key = f"{key}-{hashlib.sha256(group.encode('utf-8')).hexdigest()[:12]}"
+    return key
 
 
 def _unused_key(candidate: str, taken: set[str]) -> str:
@@ -146,6 +193,7 @@ class ManifestSource:
                  root: str | Path | None = None, sections: Optional[Sequence[str]] = None,
                  fallback: bool = False) -> None:
         self.manifest = Path(manifest)
+        check_not_special(self.manifest, "manifest", DataError)  # a FIFO would block the read forever
         if not self.manifest.is_file():
             raise DataError(f"manifest {self.manifest} not found: pass an existing CSV or JSONL file")
         self.columns = columns or ManifestColumns()
@@ -214,12 +262,15 @@ class ManifestSource:
     def _report_file(report_file: Path) -> str:
         """A report file's text: a regular UTF-8 file of at most MAX_REPORT_BYTES, else RecordRejected."""
         try:
-            if not report_file.is_file():  # a folder, a FIFO or /dev/zero would hang or fail on read
+            if (kind := special_file_kind(report_file)) is not None:  # a FIFO would block, /dev/zero never end
+                raise RecordRejected("missing_report", f"{report_file}: {kind}, not a regular file")
+            if not report_file.is_file():
                 raise RecordRejected("missing_report", f"{report_file}: not a regular file")
             with open(report_file, "rb") as handle:
                 data = handle.read(MAX_REPORT_BYTES + 1)  # never more than the cap, whatever stat says
-        except OSError as exc:
-            raise RecordRejected("missing_report", f"{report_file}: {exc.strerror or exc}") from None
+        except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+            raise RecordRejected("missing_report", f"{report_file}: {getattr(exc, 'strerror', None) or exc}") \
+                from None
         if len(data) > MAX_REPORT_BYTES:
             raise RecordRejected("report_too_large", f"{report_file}: over {MAX_REPORT_BYTES // 1024} KiB")
         try:
@@ -228,6 +279,25 @@ class ManifestSource:
             # Replacing bad bytes with U+FFFD would put invented characters into training text.
             raise RecordRejected("undecodable_report", f"{report_file}: not UTF-8 text (byte offset "
                                                        f"{exc.start}): re-save it as UTF-8") from None
+
+    @staticmethod
+    def _check_unicode(row: dict, cols: dict) -> None:
+        """RecordRejected when a cell this row is read from holds text no UTF-8 file can (see `unicode_problem`):
+        JSON may spell a lone surrogate as an escape; it would fail only later, while writing the shard."""
+        for key, column in cols.items():
+            if column is None:
+                continue
+            value = row.get(column)
+            texts = value if isinstance(value, list) else [value]
+            for text in texts:
+                problem = unicode_problem(text) if isinstance(text, str) else None
+                if problem is None:
+                    continue
+                if key in ("text", "text_path"):
+                    what = "report" if key == "text" else "report file path"
+                    raise RecordRejected("undecodable_report", f"{what} (column {column!r}) is not valid Unicode "
+                                                               f"text: {problem}")
+                raise RecordRejected("bad_row", f"column {column!r} is not valid Unicode text: {problem}")
 
     def _labels(self, value: Any) -> list[str]:
         if value is None or value == "":
@@ -250,6 +320,11 @@ class ManifestSource:
         for line, row in rows:
             self._summary["rows"] += 1
             where = f"{self.manifest.name}:{line}"
+            try:
+                self._check_unicode(row, cols)
+            except RecordRejected as exc:
+                self._rejected.append((where, exc.reason, exc.detail))
+                continue
             image, group = str(row.get(cols["image"]) or "").strip(), str(row.get(cols["group"]) or "").strip()
             if not image or not group:
                 self._rejected.append((where, "bad_row", f"empty {cols['image'] if not image else cols['group']}"))
@@ -270,7 +345,7 @@ class ManifestSource:
                 uid = _unused_key(f"{uid}_r{line}", seen)
             seen.add(uid)
             self._summary["records"] += 1
-            yield Record(uid=uid, group=_UNSAFE_KEY.sub("_", group), prompt=prompt,
+            yield Record(uid=uid, group=_group_key(group), prompt=prompt,
                          labels=self._labels(row.get(cols["labels"]) if cols["labels"] else None),
                          view=str(row.get(cols["view"]) or "").strip().upper() if cols["view"] else "",
                          source=self.name, source_path=str(image_path), extra={"row": line})

@@ -32,6 +32,7 @@ from cxrdist.data.sources.manifest import MAX_REPORT_BYTES
 from cxrdist.data.sources.tables import (CHEXPERT_LABELS, FRONTAL_VIEWS, SAFE_ID, check_policy,
                                          chexpert_labels, find_table, parse_views, read_table, view_wanted)
 from cxrdist.errors import DataError
+from cxrdist.fileio import check_not_special, special_file_kind
 
 PREFIX = "mimic-cxr-2.0.0"
 METADATA, SPLIT, CHEXPERT, NEGBIO = (f"{PREFIX}-metadata", f"{PREFIX}-split", f"{PREFIX}-chexpert",
@@ -100,6 +101,8 @@ class ReportStore:
                 raise RecordRejected("missing_report", f"{name} in {self.location}: {exc}") from None
         else:
             path = self.location / name
+            if (kind := special_file_kind(path)) is not None:  # a FIFO would block the read forever
+                raise RecordRejected("missing_report", f"{path}: {kind}, not a regular file")
             try:
                 with open(path, "rb") as handle:
                     data = handle.read(MAX_REPORT_BYTES + 1)
@@ -174,6 +177,7 @@ class MimicCXRSource:
             location = Path(reports)
             if not location.exists():
                 raise DataError(f"--reports {location} does not exist: pass {REPORTS_ZIP} or its extracted folder")
+            check_not_special(location, "--reports", DataError)  # opened as a zip, a FIFO would block forever
             return location
         zipped = self.root / REPORTS_ZIP
         return zipped if zipped.is_file() else self.root  # the DICOM release keeps sSTUDY.txt beside sSTUDY/

@@ -44,8 +44,9 @@ def find_table(root: Path, stem: str) -> Optional[Path]:
 def read_table(path: Path, required: Sequence[str] = ()) -> tuple[list[str], Iterator[tuple[int, dict[str, str]]]]:
     """(header, iterator of (line number, row)) of a CSV, gzip-compressed when it ends in .gz.
 
-    A missing required column is a DataError before any row is read; a damaged gzip, bytes that are not UTF-8
-    or broken CSV quoting are DataErrors naming the file and line, raised while the rows are read.
+    A missing required column or one named twice is a DataError before any row is read; a damaged gzip, bytes
+    that are not UTF-8 or broken CSV quoting are DataErrors naming the file and line, raised while the rows are
+    read.
     """
     opener = gzip.open if path.suffix == ".gz" else open
     try:
@@ -55,6 +56,10 @@ def read_table(path: Path, required: Sequence[str] = ()) -> tuple[list[str], Ite
     except (OSError, EOFError, zlib.error, UnicodeDecodeError, csv.Error) as exc:
         raise _table_error(path, 1, exc) from None
     reader.fieldnames = header
+    repeated = next((name for i, name in enumerate(header) if name and name in header[:i]), None)
+    if repeated is not None:  # csv.DictReader would silently keep the last column of that name
+        handle.close()
+        raise DataError(f"{path} has two columns named {repeated!r}: pass the file as published, or remove one")
     missing = [name for name in required if name not in header]
     if missing:
         handle.close()
