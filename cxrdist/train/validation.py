@@ -26,11 +26,12 @@ import numpy as np
 import torch
 
 from cxrdist.config import Config
+from cxrdist.errors import ModelError, report_now
 from cxrdist.data.loader import SplitImages, read_split_images
 from cxrdist.metrics.faithfulness import faithfulness
 from cxrdist.models.diffusion import BatchEncoder, DiffusionObjective
 from cxrdist.sampling.output import read_prompts
-from cxrdist.sampling.pipeline import SampleSettings, generate_images
+from cxrdist.sampling.pipeline import NonFiniteSample, SampleSettings, generate_images
 from cxrdist.train.distributed import zero_stage
 
 log = logging.getLogger(__name__)
@@ -258,21 +259,31 @@ class Evaluator:
             metrics = {"val_loss": diffusion_loss(model, self.objective, self._loss_set,
                                                   self.cfg.eval.val_loss_timesteps, self.cfg.train.batch_size,
                                                   self.accelerator)}
-            images, grid, scores = None, None, {}
-            if self.n_images and self._generating_rank() and self._subset is not None:
-                images = generate(self.base, self._subset.reports, self.cfg, self.dtype, self.cfg.train.seed)
-                if self.cfg.eval.num_metric_images and self.accelerator.is_main_process:
-                    n = self.cfg.eval.num_metric_images
-                    part = SplitImages(self._subset.reports[:n], self._subset.references[:n], self._subset.labels[:n])
-                    scores = image_scores(self.cfg, images[:n], part, self._set_references)
-                if not self.grid_prompts and self.cfg.eval.num_grid_prompts:
-                    grid = images[: self.cfg.eval.num_grid_prompts]
-            if self.grid_prompts and self._generating_rank():
-                # The same seeds at every evaluation: grids of one run differ only by what the adapter learned.
-                grid = generate(self.base, self.grid_prompts, self.cfg, self.dtype, self.cfg.train.seed)
-            shared = [scores]
+            images, grid, scores, diverged = None, None, {}, None
+            try:
+                if self.n_images and self._generating_rank() and self._subset is not None:
+                    images = generate(self.base, self._subset.reports, self.cfg, self.dtype, self.cfg.train.seed)
+                    if self.cfg.eval.num_metric_images and self.accelerator.is_main_process:
+                        n = self.cfg.eval.num_metric_images
+                        part = SplitImages(self._subset.reports[:n], self._subset.references[:n],
+                                           self._subset.labels[:n])
+                        scores = image_scores(self.cfg, images[:n], part, self._set_references)
+                    if not self.grid_prompts and self.cfg.eval.num_grid_prompts:
+                        grid = images[: self.cfg.eval.num_grid_prompts]
+                if self.grid_prompts and self._generating_rank():
+                    # The same seeds at every evaluation: grids of one run differ only by what the adapter learned.
+                    grid = generate(self.base, self.grid_prompts, self.cfg, self.dtype, self.cfg.train.seed)
+            except NonFiniteSample as exc:
+                # raised on the generating rank only: the others learn it from the broadcast below instead of
+                # waiting there for a rank that left
+                diverged = (f"validation image {exc.index} (seed {exc.seed}) came out as NaN/inf {exc.stage}: the "
+                            "adapter diverged; lower optim.lr_unet, set optim.max_grad_norm, or train in "
+                            "train.mixed_precision=no to find where it overflows")
+            shared = [scores, diverged]
             if self.accelerator.num_processes > 1:
                 broadcast_object_list(shared, from_process=0)
+            if shared[1] is not None:  # rank 0's view, so every rank stops at this same point
+                raise report_now(ModelError(shared[1]))
             metrics.update(shared[0])
             if not self.accelerator.is_main_process:
                 grid = None

@@ -54,3 +54,20 @@ def test_bad_set_metric_settings_are_refused_before_training(tmp_path):
     assert load_config(None, ["eval.metric=kid", "eval.num_metric_images=16"]).eval.metrics == ["kid"]
     with pytest.raises(ConfigError, match="eval.features"):
         make_trainer(tmp_path / "run", "eval.metrics=[fid]", "eval.num_metric_images=16", "eval.features=vgg")
+
+
+def test_validation_images_that_come_out_nan_stop_the_run_in_one_line(tmp_path, monkeypatch):
+    from cxrdist.errors import ModelError
+    from cxrdist.sampling.pipeline import NonFiniteSample
+
+    trainer = make_trainer(tmp_path / "run", *SET, n_train=24, n_val=16)
+
+    def diverged(base, reports, cfg, dtype, seed):
+        raise NonFiniteSample(3, seed + 3, "in the latents", "preset:tiny", dtype)
+
+    monkeypatch.setattr(validation, "generate", diverged)
+    with pytest.raises(ModelError, match=r"validation image 3 \(seed 3\) came out as NaN/inf in the latents: the "
+                                         r"adapter diverged; lower optim.lr_unet") as caught:
+        trainer.validator.run(trainer.model)
+    assert caught.value.reported  # printed at once: a launcher may stop this rank before the CLI could
+    trainer.close()
