@@ -19,18 +19,26 @@ from cxrdist.commands.shard import shard
 @click.option("--batch-size", default=32, show_default=True)
 @friendly_errors
 def cache_latents_cmd(shards_dir, pretrained, vae_dtype, batch_size) -> None:
-    """Store each sample's VAE latents (latents.npy) in its shard and the VAE fingerprint in index.json."""
+    """Store each sample's VAE latents (latents.npy) in its shard and the VAE fingerprint in index.json.
+
+    The shards are swapped in all together once every one is written; a run that was stopped while swapping
+    them in is finished by running this again (or by `cxrdist shard ... --resume`)."""
     import torch
 
-    from cxrdist.data.latents import cache_latents, writable_index
+    from cxrdist.data.latents import cache_latents, check_can_cache
     from cxrdist.models.loading import load_vae
 
-    writable_index(shards_dir)  # a missing, damaged or remote shard set fails before the VAE loads
+    check_can_cache(shards_dir)  # a missing, remote, read-only or busy set fails before the VAE loads
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vae = load_vae(pretrained, vae_dtype=vae_dtype).to(device)
     info = cache_latents(shards_dir, vae, base=pretrained, vae_dtype=vae_dtype, batch_size=batch_size)
-    click.echo(f"cached latents {info['shape']} for {info['samples']} samples in {info['shards']} shards of "
-               f"{shards_dir} (VAE {info['vae_fingerprint']} from {pretrained})")
+    if info["finished_swap"]:
+        same = "" if info["encoded"] else f" (latents {info['shape']} of this VAE, {info['vae_fingerprint']})"
+        click.echo(f"finished the stopped cache-latents of {shards_dir}: all {info['finished_swap']} shards with "
+                   f"latents swapped in and index.json updated{same}")
+    if info["encoded"]:
+        click.echo(f"cached latents {info['shape']} for {info['samples']} samples in {info['shards']} shards of "
+                   f"{shards_dir} (VAE {info['vae_fingerprint']} from {pretrained})")
 
 
 __all__ = ["shard", "cache_latents_cmd"]

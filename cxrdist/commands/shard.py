@@ -29,7 +29,8 @@ def _build_options(default_size: int) -> Callable:
                          help="PNG bit depth in the shards."),
             click.option("--resume", is_flag=True,
                          help="Continue an interrupted build in --out (kept shards are re-checked by size and "
-                              "sha256; damaged ones are rebuilt)."),
+                              "sha256; damaged ones are rebuilt). A finished set is left as it is, cached latents "
+                              "included, and a stopped cache-latents swap is finished first."),
             click.option("--max-reject-fraction", default=0.5, show_default=True, type=click.FloatRange(0, 1),
                          help="Fail (exit 1, no index.json, this build's shards removed) when more than this "
                               "share of the inputs is rejected; a build with an empty split always fails."),
@@ -56,12 +57,22 @@ def _run_build(source, out: str, kw: dict[str, Any]) -> None:
 def _echo_build_summary(out: Path, index: dict) -> None:
     run, counts = index["run"], index["counts"]
     n_shards = sum(len(s["shards"]) for s in index["splits"].values())
-    click.echo(f"{counts['written']} samples in {n_shards} shards at {out} "
-               f"({counts['rejected']} rejected); this run processed {run['processed']} images in "
-               f"{run['seconds']:.1f} s ({run['images_per_second']:.1f} img/s, {run['workers']} workers"
-               + (f", {run['shards_resumed']} shards kept from before" if run["shards_resumed"] else "")
-               + (f", {run['shards_rebuilt']} damaged shards rebuilt" if run.get("shards_rebuilt") else "")
-               + ")")
+    if run.get("latents_swap_finished"):
+        click.echo(f"finished the stopped cache-latents of {out} first: all {run['latents_swap_finished']} shards "
+                   "with latents swapped in and index.json updated")
+    if run.get("already_complete"):
+        click.echo(f"{out} is already complete: {counts['written']} samples in {n_shards} shards, every one matching "
+                   "index.json; nothing was rebuilt")
+    else:
+        click.echo(f"{counts['written']} samples in {n_shards} shards at {out} "
+                   f"({counts['rejected']} rejected); this run processed {run['processed']} images in "
+                   f"{run['seconds']:.1f} s ({run['images_per_second']:.1f} img/s, {run['workers']} workers"
+                   + (f", {run['shards_resumed']} shards kept from before" if run["shards_resumed"] else "")
+                   + (f", {run['shards_rebuilt']} damaged shards rebuilt" if run.get("shards_rebuilt") else "")
+                   + ")")
+    if run.get("latents_dropped"):
+        click.echo(f"the rebuilt shards carry no latents, so index.json no longer records any: rerun `cxrdist shard "
+                   f"cache-latents {out} --pretrained <base>` to train on cached latents")
     click.echo("splits: " + ", ".join(f"{name} {s['count']} ({s['groups']} groups)"
                                       for name, s in index["splits"].items()))
     if index.get("source_summary"):

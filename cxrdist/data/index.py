@@ -6,19 +6,23 @@ Layout of a shard set folder:
     test-000000.tar     shards per split (test, fold0 .. fold{K-1}), `shard_size` samples each
     .parts/             per-shard stats (the resume markers) and the build plan
     .cxrdist-build.lock the running builder's PID (only while a build runs)
+
+An index.json may come from anywhere (a URL, a copied folder): load_index holds every name in it to what the
+builder writes before any location is built from one (see _check_names).
 """
 from __future__ import annotations
 
 import functools
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from cxrdist.data import storage
 from cxrdist.errors import DataError
-from cxrdist.fileio import sha256_file, write_json_atomic
+from cxrdist.fileio import check_not_special, sha256_file, special_file_kind, write_json_atomic
 
 FORMAT_VERSION = 1
 INDEX_NAME = "index.json"
@@ -26,6 +30,9 @@ REJECTS_NAME = "rejects.jsonl"
 PARTS_DIR = ".parts"
 TEST_SPLIT = "test"
 LATENTS_KEY = "latents"  # index.json's record of cached latents (cxrdist.data.latents)
+SHARD_NUMBER = re.compile(r"[0-9]{6,}")  # shard_name's number: ASCII digits (\d would take any script's)
+SHA256 = re.compile(r"[0-9a-f]{64}")
+VAE_FINGERPRINT = re.compile(r"[0-9a-f]{16}")
 
 
 def fold_name(fold: int) -> str:
@@ -52,6 +59,7 @@ class ShardIndex:
     counts: dict[str, Any] = field(default_factory=dict)
     rejects: dict[str, int] = field(default_factory=dict)
     source_summary: dict[str, Any] = field(default_factory=dict)
+    latents: Optional[dict[str, Any]] = None  # the latents record (cxrdist.data.latents), when the shards carry them
 
     @property
     def remote(self) -> bool:
@@ -94,26 +102,91 @@ def _remote_index_bytes(location: str) -> bytes:
     """A remote index.json, fetched once per process: the loaders reopen the index every epoch and evaluation,
     and a local file read costs nothing where a request to object storage does. A local index is read each time
     (cache-latents rewrites it)."""
-    return storage.read_bytes(location)
+    return _index_bytes(location)
 
 
 def _read_index(shards_dir: str | os.PathLike) -> tuple[str, dict[str, Any]]:
     """(location of index.json, its parsed content); DataError naming the file and the fix otherwise."""
     path = storage.member(shards_dir, INDEX_NAME)
-    if not storage.is_remote(shards_dir) and not Path(path).is_file():
-        parts = Path(storage.member(shards_dir, PARTS_DIR))
-        hint = " (an interrupted build: rerun it with --resume)" if parts.is_dir() else ""
-        raise DataError(f"{path} not found{hint}: build the shard set with `cxrdist shard ...` first")
+    if not storage.is_remote(shards_dir):
+        check_not_special(path, "index file", DataError)
+        if not Path(path).is_file():
+            parts = Path(storage.member(shards_dir, PARTS_DIR))
+            hint = " (an interrupted build: rerun it with --resume)" if parts.is_dir() else ""
+            raise DataError(f"{path} not found{hint}: build the shard set with `cxrdist shard ...` first")
     try:
-        raw = _remote_index_bytes(path) if storage.is_remote(shards_dir) else storage.read_bytes(path)
+        raw = _remote_index_bytes(path) if storage.is_remote(shards_dir) else _index_bytes(path)
         return path, json.loads(raw.decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path} is unreadable ({exc}): check data.shards, or rebuild the shard set with "
-                        "`cxrdist shard ...`") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: JSON, or a huge number
+        raise DataError(f"{path} is unreadable ({type(exc).__name__}: {storage.safe_text(exc)}): check data.shards, "
+                        "or rebuild the shard set with `cxrdist shard ...`") from None
+
+
+def _index_bytes(location: str) -> bytes:
+    return storage.read_bytes(location, storage.MAX_INDEX_BYTES,
+                              f"an index.json holds at most {storage.MAX_INDEX_BYTES >> 20} MiB: check that the "
+                              "location is a shard set")
 
 
 def _optional_float(value: Any) -> Optional[float]:
     return None if value is None else float(value)
+
+
+def _shown(value: Any) -> str:
+    """A value from index.json as an error line shows it: quoted and escaped (repr), and short."""
+    text = repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_names(path: str, index: ShardIndex) -> None:
+    """Every split and shard entry is what the builder writes: splits test and fold0..fold{K-1}, shard names
+    <split>-NNNNNN.tar with a sha256 and a size. Shard locations (a path, a URL, a pipe: command run by a shell)
+    are built from these names, so anything else is refused before one is built."""
+    def bad(what: str) -> DataError:
+        return DataError(f"{path}: {what}: this is not an index the shard builder wrote; rebuild the shard set")
+
+    if not isinstance(index.splits, dict) or not 1 <= index.folds <= len(index.splits):
+        raise bad(f"{index.folds} folds and splits {_shown(index.splits)}")
+    allowed = {TEST_SPLIT, *index.fold_names}
+    seen: set[str] = set()
+    for split, entry in index.splits.items():
+        if split not in allowed:
+            raise bad(f"split {_shown(split)} is neither {TEST_SPLIT} nor fold0..fold{index.folds - 1}")
+        if not isinstance(entry, dict) or not _count(entry.get("count")) or not isinstance(entry.get("shards"), list) \
+                or not _count(entry.get("groups", 0)) or not isinstance(entry.get("labels", {}), dict):
+            raise bad(f"split {split} has no count and shard list, or a bad groups or labels field")
+        for shard in entry["shards"]:
+            name = shard.get("name") if isinstance(shard, dict) else None
+            if not (isinstance(name, str) and name.startswith(f"{split}-") and name.endswith(".tar")
+                    and SHARD_NUMBER.fullmatch(name[len(split) + 1:-len(".tar")])):
+                raise bad(f"split {split} names shard {_shown(name if name is not None else shard)}, not "
+                          f"{split}-NNNNNN.tar")
+            if name in seen:
+                raise bad(f"shard {name} is listed twice")
+            seen.add(name)
+            if not (_count(shard.get("count")) and _count(shard.get("bytes"))
+                    and isinstance(shard.get("sha256"), str) and SHA256.fullmatch(shard["sha256"])):
+                raise bad(f"shard {name} has no sample count, size and sha256")
+
+
+def _check_fields(path: str, index: ShardIndex) -> None:
+    """The free-form parts are of the types their readers expect; the latents record's fingerprint is the hex that
+    cache-latents writes (an error line quotes it)."""
+    for name in ("options", "counts", "rejects", "source_summary"):
+        if not isinstance(getattr(index, name), dict):
+            raise DataError(f"{path}: {name} is not a JSON object: rebuild the shard set")
+    if not isinstance(index.source, str):
+        raise DataError(f"{path}: source is not a string: rebuild the shard set")
+    latents = index.latents
+    if latents is not None and not (
+            isinstance(latents, dict) and isinstance(latents.get("vae_fingerprint"), str)
+            and VAE_FINGERPRINT.fullmatch(latents["vae_fingerprint"]) and isinstance(latents.get("base"), str)):
+        raise DataError(f"{path}: the {LATENTS_KEY} record {_shown(latents)} is not one cache-latents writes: rerun "
+                        "`cxrdist shard cache-latents`")
 
 
 def load_index(shards_dir: str | os.PathLike) -> ShardIndex:
@@ -125,17 +198,32 @@ def load_index(shards_dir: str | os.PathLike) -> ShardIndex:
         raise DataError(f"{path} is not a shard set index (not a JSON object): rebuild the shard set")
     version = data.get("format_version")
     if version != FORMAT_VERSION:
-        raise DataError(f"{path} has format version {version}, this cxrdist reads {FORMAT_VERSION}: "
+        raise DataError(f"{path} has format version {_shown(version)}, this cxrdist reads {FORMAT_VERSION}: "
                         "rebuild the shard set with this version")
     try:
-        return ShardIndex(root=root, format_version=version, source=data["source"],
-                          image_size=int(data["image_size"]), channels=int(data["channels"]),
-                          bit_depth=int(data["bit_depth"]), folds=int(data["folds"]), seed=int(data["seed"]),
-                          test_fraction=_optional_float(data["test_fraction"]), splits=data["splits"],
-                          options=data.get("options", {}), counts=data.get("counts", {}),
-                          rejects=data.get("rejects", {}), source_summary=data.get("source_summary", {}))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise DataError(f"{path} is missing or has a bad field ({exc}): rebuild the shard set") from None
+        index = ShardIndex(root=root, format_version=version, source=data["source"],
+                           image_size=int(data["image_size"]), channels=int(data["channels"]),
+                           bit_depth=int(data["bit_depth"]), folds=int(data["folds"]), seed=int(data["seed"]),
+                           test_fraction=_optional_float(data["test_fraction"]), splits=data["splits"],
+                           options=data.get("options", {}), counts=data.get("counts", {}),
+                           rejects=data.get("rejects", {}), source_summary=data.get("source_summary", {}),
+                           latents=data.get(LATENTS_KEY))
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        raise DataError(f"{path} is missing or has a bad field ({type(exc).__name__}: {_shown(str(exc))}): rebuild "
+                        "the shard set") from None
+    _check_names(path, index)
+    _check_fields(path, index)
+    return index
+
+
+def _refuse_pending_latents_swap(index: ShardIndex) -> None:
+    """A cache-latents stopped mid-swap leaves shards that index.json does not describe yet: say how to finish it
+    rather than calling the shards damaged. (load_index itself must not refuse: the rerun that finishes the swap
+    reads the index first.)"""
+    from cxrdist.data.latents import interrupted_swap_message
+
+    if (message := interrupted_swap_message(index.root)) is not None:
+        raise DataError(message)
 
 
 def verify_checksums(index: ShardIndex | str | os.PathLike, splits: Optional[Iterable[str]] = None, *,
@@ -147,6 +235,7 @@ def verify_checksums(index: ShardIndex | str | os.PathLike, splits: Optional[Ite
     """
     if not isinstance(index, ShardIndex):
         index = load_index(index)
+    _refuse_pending_latents_swap(index)
     problems = []
     for entry in index.shards(list(splits) if splits is not None else list(index.splits)):
         problem = _remote_problem(entry, full) if index.remote else _local_problem(entry, full)
@@ -158,8 +247,17 @@ def verify_checksums(index: ShardIndex | str | os.PathLike, splits: Optional[Ite
     return problems
 
 
+def _special_shard(path: Path) -> str | None:
+    """What is wrong with a shard path that is a FIFO, device or socket: never opened (a FIFO blocks the open, a
+    device never ends). None for anything else."""
+    kind = special_file_kind(path)
+    return None if kind is None else f"{path} is {kind}, not a shard file: restore the shard (or rebuild the shard set)"
+
+
 def _local_problem(entry: dict[str, Any], full: bool) -> str | None:
     path = Path(entry["path"])
+    if (problem := _special_shard(path)) is not None:
+        return problem
     if not path.is_file():
         return f"{path} is missing: rebuild the shard set (or restore the file)"
     if "bytes" in entry and path.stat().st_size != entry["bytes"]:
@@ -174,7 +272,7 @@ def _remote_problem(entry: dict[str, Any], full: bool) -> str | None:
     """A remote shard is streamed whole to hash it: there is no cheap size-only check that works for every
     protocol, so `full` makes no difference."""
     try:
-        digest, size = storage.sha256_stream(entry["path"])
+        digest, size = storage.sha256_stream(entry["path"], entry.get("bytes"))
     except DataError as exc:
         return str(exc)
     if "bytes" in entry and size != entry["bytes"]:
@@ -190,10 +288,13 @@ _VERIFIED: dict[tuple[str, int, int], str] = {}
 def verify_once(index: ShardIndex, splits: Iterable[str], only: Optional[set[str]] = None) -> None:
     """verify_checksums, but each file is hashed once per process (loaders are rebuilt every epoch); with `only`,
     just the shards of those paths (what one rank reads)."""
+    _refuse_pending_latents_swap(index)
     for entry in index.shards(splits):
         if only is not None and entry["path"] not in only:
             continue
         path = Path(entry["path"])
+        if (problem := _special_shard(path)) is not None:
+            raise DataError(problem)
         try:
             stat = path.stat()
         except OSError:
@@ -210,7 +311,7 @@ def latents_record(shards_dir: str | os.PathLike) -> dict[str, Any] | None:
     """index.json's record of the latents the shards carry, or None (no latents, or no local index.json)."""
     if not storage.is_remote(shards_dir) and not Path(storage.member(shards_dir, INDEX_NAME)).exists():
         return None
-    return _read_index(shards_dir)[1].get(LATENTS_KEY)
+    return load_index(shards_dir).latents
 
 
 def record_latents(shards_dir: str | os.PathLike, rewritten: dict[str, dict[str, Any]], record: dict[str, Any]) -> None:

@@ -1,7 +1,9 @@
 """`cxrdist shard inspect`: the index summary in words, checksum verification, a preview grid with prompts."""
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import textwrap
 from collections import Counter
 from pathlib import Path
@@ -11,34 +13,38 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from cxrdist.data.index import TEST_SPLIT, ShardIndex
+from cxrdist.data.storage import safe_text
 from cxrdist.data.tars import read_samples
 from cxrdist.errors import DataError
+from cxrdist.fileio import temp_name
 
 
 def summary_lines(index: ShardIndex, top_labels: int = 8) -> list[str]:
-    counts = index.counts
+    """The index in words. Every text index.json holds goes through safe_text: it came with the shard set, and a
+    control character or escape sequence in it must reach the terminal as visible text."""
+    counts, s = index.counts, safe_text
     lines = [
-        f"shard set   {index.root}",
-        f"source      {index.source}   images {index.image_size}x{index.image_size}, {index.channels} channel, "
-        f"{index.bit_depth}-bit PNG, resize {index.options.get('resize_mode', '?')}",
+        f"shard set   {s(index.root)}",
+        f"source      {s(index.source)}   images {index.image_size}x{index.image_size}, {index.channels} channel, "
+        f"{index.bit_depth}-bit PNG, resize {s(index.options.get('resize_mode', '?'))}",
         f"splits      seed {index.seed}, "
         + ("official test split" if index.test_fraction is None else f"test fraction {index.test_fraction}")
         + f", {index.folds} folds",
-        f"samples     {counts.get('written', 0)} written of {counts.get('records', 0)} records, "
-        f"{counts.get('rejected', 0)} rejected",
+        f"samples     {s(counts.get('written', 0))} written of {s(counts.get('records', 0))} records, "
+        f"{s(counts.get('rejected', 0))} rejected",
     ]
     for name, split in index.splits.items():
-        lines.append(f"  {name:<8} {split['count']:>7} samples  {split.get('groups', 0):>6} groups  "
+        lines.append(f"  {s(name):<8} {split['count']:>7} samples  {split.get('groups', 0):>6} groups  "
                      f"{len(split['shards']):>4} shards")
     if index.rejects:
-        lines.append("rejects     " + ", ".join(f"{reason} {n}" for reason, n in index.rejects.items()))
+        lines.append("rejects     " + ", ".join(f"{s(reason)} {s(n)}" for reason, n in index.rejects.items()))
     if index.source_summary:
-        lines.append("source      " + ", ".join(f"{k} {v}" for k, v in index.source_summary.items()))
+        lines.append("source      " + ", ".join(f"{s(k)} {s(v)}" for k, v in index.source_summary.items()))
     labels: Counter = Counter()
     for split in index.splits.values():
-        labels.update(split.get("labels", {}))
+        labels.update({k: v for k, v in split.get("labels", {}).items() if isinstance(v, int)})
     if labels:
-        lines.append("labels      " + ", ".join(f"{k} {v}" for k, v in labels.most_common(top_labels)))
+        lines.append("labels      " + ", ".join(f"{s(k)} {v}" for k, v in labels.most_common(top_labels)))
     return lines
 
 
@@ -46,11 +52,17 @@ def first_samples(index: ShardIndex, split: str, n: int) -> list[tuple[np.ndarra
     """(pixels uint8, prompt) of the first n samples of `split` in shard order."""
     out: list[tuple[np.ndarray, str]] = []
     for entry in index.shards([split]):
-        for _, sample in read_samples(entry["path"]):
-            array = np.asarray(Image.open(io.BytesIO(sample["png"])))
+        for key, sample in read_samples(entry["path"]):
+            try:
+                with Image.open(io.BytesIO(sample["png"])) as image:
+                    array = np.asarray(image)
+            except Exception as exc:  # no png member, or one PIL cannot read
+                raise DataError(f"{entry['path']}: sample {safe_text(key)} has no readable png member "
+                                f"({type(exc).__name__}): verify the shards with `cxrdist shard inspect --verify`"
+                                ) from None
             if array.dtype == np.uint16:
                 array = (array // 257).astype(np.uint8)
-            out.append((array, sample.get("txt", b"").decode("utf-8")))
+            out.append((array, sample.get("txt", b"").decode("utf-8", errors="replace")))
             if len(out) == n:
                 return out
     return out
@@ -76,8 +88,14 @@ def preview_grid(index: ShardIndex, out_path: str | Path, *, n: int = 16, split:
         for k, line in enumerate(lines):
             draw.text((x + 3, y + cell + 2 + k * line_height), line, fill=0, font=font)
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    canvas.save(tmp, format="PNG")
-    tmp.replace(out_path)
+    tmp = temp_name(out_path)
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        canvas.save(tmp, format="PNG")
+        os.replace(tmp, out_path)
+    except OSError as exc:  # a read-only mount, a full disk, no permission
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise DataError(f"cannot write the preview {out_path} ({exc.strerror or exc}): {out_path.parent} is not "
+                        "writable; pass --preview <a writable path>, or --no-preview") from None
     return out_path

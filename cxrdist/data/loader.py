@@ -35,12 +35,12 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from cxrdist.config import RANK_SPLITS
 from cxrdist.data import storage
 from cxrdist.data.imageio import to_model_range
 from cxrdist.data.index import TEST_SPLIT, ShardIndex, load_index, verify_once
+from cxrdist.data.tars import tar_samples
 from cxrdist.errors import DataError
 
 __all__ = ["train_loader", "eval_loader", "batches_per_epoch", "train_reports", "ShardLoader", "RANK_SPLITS"]
@@ -99,17 +99,24 @@ def rank_pieces(shards: list[tuple[str, int]], start: int, stop: int) -> list[Pi
 
 def shard_samples(piece: Piece, check: Optional[tuple[str, Optional[int]]] = None) -> Iterator[dict]:
     """The raw samples (webdataset dicts of member bytes) of one piece, streamed from wherever the shard lives.
-    Reading stops at `piece.end`; `check` = (sha256, bytes) hashes a shard read to its end (storage.CheckedStream)."""
-    stream = storage.open_stream(piece.path)
-    if check is not None:
-        stream = storage.CheckedStream(stream, piece.path, *check)
+    Reading stops at `piece.end`; `check` = (sha256, bytes) stops the stream at that size and hashes a shard read
+    to its end (storage.open_checked)."""
+    stream = storage.open_checked(piece.path, *check) if check is not None else storage.open_stream(piece.path)
     try:
-        samples = group_by_keys(tar_file_expander(iter([{"url": piece.path, "stream": stream}])))
-        yield from islice(samples, piece.first, piece.end)
+        for key, parts in islice(tar_samples(stream, piece.path), piece.first, piece.end):
+            yield {**parts, "__key__": key, "__url__": piece.path}
         if check is not None and piece.end == piece.count:
             stream.finish()
     finally:
         stream.close()
+
+
+def _member(sample: dict, ext: str) -> bytes:
+    """The sample's `ext` member; DataError naming the shard and the sample when it has none."""
+    if ext not in sample:
+        raise DataError(f"{sample.get('__url__')}: sample {storage.safe_text(sample['__key__'])} has no {ext} member: "
+                        "the shard is damaged or not one of this set; rebuild the shard set")
+    return sample[ext]
 
 
 def _share(total: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -178,14 +185,16 @@ class _SampleStream(torch.utils.data.IterableDataset):
 
 def decode_sample(sample: dict, stream: _Stream, position: int) -> dict:
     key = sample["__key__"]
+    png = _member(sample, "png")
     try:
-        with Image.open(io.BytesIO(sample["png"])) as image:
+        with Image.open(io.BytesIO(png)) as image:
             array = np.asarray(image)
     except Exception as exc:
-        raise DataError(f"{sample.get('__url__')}: sample {key} has an unreadable PNG ({exc}): "
+        raise DataError(f"{sample.get('__url__')}: sample {storage.safe_text(key)} has an unreadable PNG "
+                        f"({storage.safe_text(exc)}): "
                         "verify the shards with `cxrdist shard inspect --verify`") from None
     if array.shape != (stream.image_size, stream.image_size):
-        raise DataError(f"{sample.get('__url__')}: sample {key} is {array.shape}, expected "
+        raise DataError(f"{sample.get('__url__')}: sample {storage.safe_text(key)} is {array.shape}, expected "
                         f"{stream.image_size}x{stream.image_size}: rebuild the shards with --size {stream.image_size}")
     pixels = torch.from_numpy(to_model_range(array)).unsqueeze(0)
     if stream.augment_seed is not None:
@@ -194,13 +203,34 @@ def decode_sample(sample: dict, stream: _Stream, position: int) -> dict:
         pixels = pixels.expand(3, -1, -1).contiguous()
     try:
         prompt, meta = sample["txt"].decode("utf-8"), json.loads(sample["json"].decode("utf-8"))
-    except (KeyError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{sample.get('__url__')}: sample {key} has no readable report or metadata "
-                        f"({type(exc).__name__}): verify the shards with `cxrdist shard inspect --verify`") from None
+    except (KeyError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise DataError(f"{sample.get('__url__')}: sample {storage.safe_text(key)} has no readable report or "
+                        f"metadata ({type(exc).__name__}): verify the shards with `cxrdist shard inspect --verify`"
+                        ) from None
     out = {"pixel_values": pixels, "prompt": prompt, "key": key, "meta": meta}
     if "latents.npy" in sample:
-        out["latents"] = torch.from_numpy(np.load(io.BytesIO(sample["latents.npy"])).astype(np.float32))
+        out["latents"] = torch.from_numpy(_latents(sample))
     return out
+
+
+def _latents(sample: dict) -> np.ndarray:
+    """The sample's cached latents as float32. Never unpickled (a pickle in a shard would run code when loaded),
+    and the header is checked against the bytes there are first: numpy allocates what the header claims."""
+    data = sample["latents.npy"]
+    try:
+        buffer = io.BytesIO(data)
+        major, _ = np.lib.format.read_magic(buffer)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(buffer)
+        if dtype.kind not in "fiu":
+            raise ValueError(f"dtype {dtype}, not numbers")
+        if math.prod(shape) * dtype.itemsize > len(data) - buffer.tell():
+            raise ValueError(f"its header claims {shape} {dtype}, more than the bytes it has")
+        return np.load(io.BytesIO(data), allow_pickle=False).astype(np.float32)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataError(f"{sample.get('__url__')}: sample {storage.safe_text(sample['__key__'])} has unreadable "
+                        f"latents ({storage.safe_text(exc)}): rebuild the latents with `cxrdist shard cache-latents`"
+                        ) from None
 
 
 def augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -306,8 +336,12 @@ def train_reports(shards_dir, fold: int, *, max_samples: int = 0, rank: int = 0,
     shards = _capped_shards(index, splits, max_samples)
     pieces = rank_pieces(shards, *_share(sum(count for _, count in shards), rank, world_size))
     checks = _checks(index, splits, pieces)
-    return [sample["txt"].decode("utf-8")
-            for piece in pieces for sample in shard_samples(piece, checks.get(piece.path))]
+    try:
+        return [_member(sample, "txt").decode("utf-8")
+                for piece in pieces for sample in shard_samples(piece, checks.get(piece.path))]
+    except UnicodeDecodeError:
+        raise DataError(f"{index.root}: a report in the training folds is not UTF-8 text: verify the shards with "
+                        "`cxrdist shard inspect --verify`") from None
 
 
 def eval_loader(shards_dir, split: str, *, batch_size: int, image_size: int, channels: int = 1, rank: int = 0,

@@ -2,12 +2,17 @@
 
 Pipeline (img2dataset-like): reader (source.records / source.load) -> resizer (imageio) -> writer (tar).
 - Splits are drawn per group (patient / report) from the seed: a test split and K folds of the rest.
-- One task = one shard: a shard is written under `<name>.tmp`, renamed when complete, then its stats file
-  `.parts/<name>.json` is written; that file is the resume marker. `--resume` keeps a shard only when its
-  size and sha256 still match its stats, and rebuilds it otherwise.
+- One task = one shard: a shard is written under a temporary name of this process (cxrdist.fileio.temp_name),
+  renamed when complete, then its stats file `.parts/<name>.json` is written; that file is the resume marker.
+  `--resume` keeps a shard only when its size and sha256 still match its stats (or the latents-era digest
+  index.json records for it, after cache-latents), and rebuilds it otherwise. A resumed set that is already
+  complete (index.json of the same plan, every shard matching it) is left alone.
+- Only what the builder writes is ever removed: its own temporary names for the planned shards and its files,
+  never a user's `*.tmp` beside them.
 - An image sits in one split only: records that read the same file, or a byte-copy of an earlier file, are
   rejected (duplicate_path / duplicate_content) before the split, keeping the first in source order.
-- One build per folder: `.cxrdist-build.lock` holds the builder's PID while it runs.
+- One build per folder: `.cxrdist-build.lock` holds the builder's PID while it runs; cache-latents takes the
+  same lock, so a build and a cache-latents never change one set at once.
 - A build whose result is unusable (an empty split, or more rejects than --max-reject-fraction) fails and
   removes what it wrote, so the corrected rerun starts in a clean folder.
 - The source is read twice (listing.py): once for the keys that decide splits and duplicates, once to fill
@@ -28,6 +33,7 @@ import logging
 import multiprocessing
 import os
 import random
+import re
 import sys
 import time
 from collections import Counter, deque
@@ -39,14 +45,14 @@ import numpy as np
 
 from cxrdist.data.imageio import (BIT_DEPTHS, RESIZE_MODES, check_pixels, encode_png, original_shape,
                                   resize_square)
-from cxrdist.data.index import (FORMAT_VERSION, INDEX_NAME, PARTS_DIR, REJECTS_NAME, TEST_SPLIT, fold_name,
-                                shard_name)
+from cxrdist.data.index import (FORMAT_VERSION, INDEX_NAME, LATENTS_KEY, PARTS_DIR, REJECTS_NAME, TEST_SPLIT,
+                                fold_name, shard_name)
 from cxrdist.data.listing import (DUPLICATE_CONTENT, DUPLICATE_PATH, Listing, RecordKey, SourceChanged,
                                   list_records)
 from cxrdist.data.sources.base import Record, RecordRejected
 from cxrdist.data.tars import write_tar
 from cxrdist.errors import DataError, InputError
-from cxrdist.fileio import sha256_file, write_json_atomic, write_text_atomic
+from cxrdist.fileio import TEMP_SUFFIX, sha256_file, temp_name, write_json_atomic, write_text_atomic
 from cxrdist.locks import folder_lock
 from cxrdist.progress import progress_meter
 
@@ -223,8 +229,31 @@ def _process(item: tuple[Record, str]) -> tuple[str, Optional[dict[str, bytes]],
 
 
 # ---- writer side -------------------------------------------------------------------------------------------
-def _stats_path(out: Path, name: str) -> Path:
+def stats_path(out: Path, name: str) -> Path:
+    """`.parts/<shard stem>.json`: a shard's stats, the resume marker (cache-latents keeps its digest current)."""
     return out / PARTS_DIR / (name[: -len(".tar")] + ".json")
+
+
+def temporaries_of(path: Path) -> list[Path]:
+    """The temporary names cxrdist.fileio.temp_name gives `path` (`.<name>.<pid>-<hex>.cxrdist-tmp`) that exist
+    beside it: what a killed writer of exactly that file left, and nothing a user named."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[0-9]+-[0-9a-f]{{8}}{re.escape(TEMP_SUFFIX)}")
+    try:
+        return [entry for entry in path.parent.iterdir() if pattern.fullmatch(entry.name)]
+    except FileNotFoundError:
+        return []
+
+
+def _remove_our_temporaries(out: Path, tasks: Sequence[ShardTask]) -> None:
+    """Half-written files of a killed build of this plan: the temporary names of its planned shards, their stats,
+    the plan, index.json and rejects.jsonl. Called under the folder's lock, so no live writer owns them."""
+    targets = [out / task.name for task in tasks] + [stats_path(out, task.name) for task in tasks]
+    targets += [out / INDEX_NAME, out / REJECTS_NAME, out / PARTS_DIR / PLAN_NAME]
+    for task in tasks:
+        (out / (task.name + ".tmp")).unlink(missing_ok=True)  # what earlier versions wrote a shard under
+    for target in targets:
+        for leftover in temporaries_of(target):
+            leftover.unlink(missing_ok=True)
 
 
 def _write_shard(out: Path, task: ShardTask, records: Sequence[Record], results: list[tuple],
@@ -243,7 +272,7 @@ def _write_shard(out: Path, task: ShardTask, records: Sequence[Record], results:
                     for uid, sample, reason, detail in results if sample is None],
         "seconds": round(time.perf_counter() - started, 3),
     }
-    write_json_atomic(_stats_path(out, task.name), stats)
+    write_json_atomic(stats_path(out, task.name), stats)
     return stats
 
 
@@ -256,15 +285,16 @@ def _plan_record(listing: Listing, options: ShardOptions) -> dict:
 def _make_writable(out: Path) -> None:
     try:
         (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
-        probe = out / PARTS_DIR / f".write-test-{os.getpid()}"  # per process: a second build may probe too
+        probe = temp_name(out / PARTS_DIR / "write-test")  # per process: a second build may probe too
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
         raise InputError(f"cannot write to {out} ({exc.strerror or exc}): choose a writable --out") from None
 
 
-def _prepare_out(out: Path, plan: dict, options: ShardOptions) -> bool:
-    """Check the folder may take this build and record its plan; True when it continues the same plan."""
+def _prepare_out(out: Path, plan: dict, options: ShardOptions, tasks: Sequence[ShardTask]) -> bool:
+    """Check the folder may take this build, remove what a killed build of it left half-written, and record its
+    plan; True when it continues the same plan."""
     plan_path = out / PARTS_DIR / PLAN_NAME
     previous: dict = {}
     if plan_path.is_file() or (out / INDEX_NAME).is_file():
@@ -278,57 +308,113 @@ def _prepare_out(out: Path, plan: dict, options: ShardOptions) -> bool:
             what = f"options {', '.join(changed)}" if changed else "the input records"
             raise DataError(f"cannot resume {out}: {what} differ from the interrupted build; rerun with the "
                             "same inputs and options, or build into an empty folder")
-    for leftover in out.glob("*.tmp"):  # half-written shards of a killed build: never trusted
-        leftover.unlink()
+    _remove_our_temporaries(out, tasks)
     write_json_atomic(plan_path, plan)
     return bool(previous)
 
 
 # ---- one build per folder ----------------------------------------------------------------------------------
-# Two builds in one --out write and delete the same temporary names: the second must stop before touching it.
-def build_lock(out: Path) -> contextlib.AbstractContextManager:
-    """Hold `out/.cxrdist-build.lock` (cxrdist.locks) while the body runs."""
-    return folder_lock(out, LOCK_NAME, busy="being built", wait="that build", elsewhere="--out", error=DataError)
+# Two builds in one --out write and delete the same temporary names, and a cache-latents rewrites the shards a
+# build is checking: whichever comes second must stop before touching the folder.
+def build_lock(out: Path, elsewhere: str = "--out") -> contextlib.AbstractContextManager:
+    """Hold `out/.cxrdist-build.lock` (cxrdist.locks) while the body runs: taken by a build and by cache-latents."""
+    return folder_lock(out, LOCK_NAME, busy="in use", wait="that shard build or cache-latents",
+                       elsewhere=elsewhere, error=DataError)
 
 
 # ---- which shards a resumed build keeps --------------------------------------------------------------------
 def _read_stats(out: Path, name: str) -> dict[str, Any]:
-    return json.loads(_stats_path(out, name).read_text(encoding="utf-8"))
+    return json.loads(stats_path(out, name).read_text(encoding="utf-8"))
 
 
-def _shard_problem(out: Path, task: ShardTask) -> Optional[str]:
-    """None when the shard may be kept, "" when it was never completed, else what is wrong with it."""
+def _shard_problem(out: Path, task: ShardTask, latents_era: dict[str, dict]) -> Optional[str]:
+    """None when the shard may be kept, "" when it was never completed, else what is wrong with it.
+
+    A shard that cache-latents rewrote no longer matches the stats its build wrote, but matches the digest
+    index.json records for it beside the latents: that shard is kept, and its stats brought up to date."""
     tar = out / task.name
-    if not _stats_path(out, task.name).is_file():
+    if not stats_path(out, task.name).is_file():
         return ""
     try:
         stats = _read_stats(out, task.name)
     except (OSError, ValueError):
         return "its stats file is unreadable"
+    if not isinstance(stats, dict):
+        return "its stats file is unreadable"
     if not tar.is_file():
         return "the shard file is missing"
     if stats.get("name") != task.name or stats.get("split") != task.split:
         return "its stats belong to another shard"
-    if tar.stat().st_size != stats.get("bytes"):
-        return f"it has {tar.stat().st_size} bytes, its stats say {stats.get('bytes')}"
-    if sha256_file(tar) != stats.get("sha256"):
-        return "its sha256 differs from its stats"
-    return None
+    size, digest = tar.stat().st_size, None
+    if size == stats.get("bytes"):
+        digest = sha256_file(tar)
+        if digest == stats.get("sha256"):
+            return None
+    era = latents_era.get(task.name, {})
+    if size == era.get("bytes") and (digest or sha256_file(tar)) == era.get("sha256"):
+        write_json_atomic(stats_path(out, task.name), {**stats, "sha256": era["sha256"], "bytes": era["bytes"]})
+        return None
+    if size != stats.get("bytes"):
+        return f"it has {size} bytes, its stats say {stats.get('bytes')}"
+    return "its sha256 differs from its stats"
 
 
-def _kept_shards(out: Path, tasks: Sequence[ShardTask]) -> tuple[set[str], list[str]]:
+def _kept_shards(out: Path, tasks: Sequence[ShardTask],
+                 latents_era: dict[str, dict]) -> tuple[set[str], list[str]]:
     """(shards kept as they are, damaged shards to rebuild): a kept shard is re-checked, never trusted."""
     kept, damaged = set(), []
     for task in tasks:
-        problem = _shard_problem(out, task)
+        problem = _shard_problem(out, task, latents_era)
         if problem is None:
             kept.add(task.name)
             continue
         if problem:
             log.warning("%s: %s; rebuilding it", out / task.name, problem)
             damaged.append(task.name)
-        _stats_path(out, task.name).unlink(missing_ok=True)  # an interrupted rebuild must not trust it either
+        stats_path(out, task.name).unlink(missing_ok=True)  # an interrupted rebuild must not trust it either
     return kept, damaged
+
+
+def _previous_index(out: Path) -> dict[str, Any]:
+    """index.json as the folder holds it (a finished set, perhaps with cached latents), or {}."""
+    try:
+        data = json.loads((out / INDEX_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _index_shards(index: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every shard entry of an index.json's splits; [] when they are not the lists the builder writes."""
+    splits = index.get("splits")
+    if not isinstance(splits, dict):
+        return []
+    entries = [shard for split in splits.values() if isinstance(split, dict)
+               for shard in (split.get("shards") if isinstance(split.get("shards"), list) else [])]
+    return [entry for entry in entries if isinstance(entry, dict)]
+
+
+def _already_complete(out: Path, previous: dict[str, Any], tasks: Sequence[ShardTask],
+                      options: ShardOptions) -> bool:
+    """Whether index.json describes this plan's finished set and every shard and its stats still match it
+    (cache-latents updates all three together, so a set with latents counts): then a resume has nothing to do."""
+    if previous.get("format_version") != FORMAT_VERSION or previous.get("options") != options.plan_key():
+        return False
+    entries = {str(entry.get("name")): entry for entry in _index_shards(previous)}
+    if sorted(entries) != sorted(task.name for task in tasks):
+        return False
+    for task in tasks:
+        entry, tar = entries[task.name], out / task.name
+        try:
+            stats = _read_stats(out, task.name)
+        except (OSError, ValueError):
+            return False
+        if not isinstance(stats, dict) or [stats.get(k) for k in ("name", "split", "sha256", "bytes")] != \
+                [task.name, task.split, entry.get("sha256"), entry.get("bytes")]:
+            return False
+        if not tar.is_file() or tar.stat().st_size != entry.get("bytes") or sha256_file(tar) != entry.get("sha256"):
+            return False
+    return True
 
 
 # ---- is the result usable? ---------------------------------------------------------------------------------
@@ -376,7 +462,7 @@ def _roll_back(out: Path, written: Sequence[str], plan_is_new: bool) -> None:
     """Remove what a failed build wrote, so a corrected rerun is not refused; shards kept from before stay."""
     for name in written:
         (out / name).unlink(missing_ok=True)
-        _stats_path(out, name).unlink(missing_ok=True)
+        stats_path(out, name).unlink(missing_ok=True)
     if plan_is_new:  # the folder was not taken before this build: it must not be taken after it
         (out / PARTS_DIR / PLAN_NAME).unlink(missing_ok=True)
         with contextlib.suppress(OSError):
@@ -438,8 +524,16 @@ def build_shards(source, out_dir: str | os.PathLike, options: Optional[ShardOpti
 
 def _build_locked(source, out: Path, listing: Listing, assignment: dict[str, str], tasks: list[ShardTask],
                   options: ShardOptions, workers: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    resuming = _prepare_out(out, _plan_record(listing, options), options)
-    done, damaged = _kept_shards(out, tasks) if resuming else (set(), [])
+    swapped = _finish_latents_swap(out) if options.resume else 0
+    resuming = _prepare_out(out, _plan_record(listing, options), options, tasks)
+    previous = _previous_index(out) if resuming else {}
+    if resuming and _already_complete(out, previous, tasks, options):
+        log.info("%s is already complete: every shard matches index.json", out)
+        return previous, {"processed": 0, "shards_written": 0, "shards_resumed": len(tasks), "shards_rebuilt": 0,
+                          "already_complete": True, "latents_swap_finished": swapped}
+    latents = previous.get(LATENTS_KEY)
+    latents_era = {entry["name"]: entry for entry in _index_shards(previous)} if latents else {}
+    done, damaged = _kept_shards(out, tasks, latents_era) if resuming else (set(), [])
     todo = [t for t in tasks if t.name not in done]
     if todo:  # index.json means "complete", which the set is not while shards are (re)written
         (out / INDEX_NAME).unlink(missing_ok=True)
@@ -467,10 +561,22 @@ def _build_locked(source, out: Path, listing: Listing, assignment: dict[str, str
     except SourceChanged:  # what was written follows a split drawn from other records
         _roll_back(out, written, plan_is_new=not resuming)
         raise
-    index = _write_index(out, source, options, splits, rejects, len(listing.keys), listing.dedupe)
+    # Latents stay recorded only while every shard still carries them: a rebuilt shard has none.
+    keep_latents = latents if latents and not todo else None
+    index = _write_index(out, source, options, splits, rejects, len(listing.keys), listing.dedupe, keep_latents)
     processed = sum(t.count for t in todo)
     return index, {"processed": processed, "shards_written": len(todo), "shards_resumed": len(done),
-                   "shards_rebuilt": len(damaged)}
+                   "shards_rebuilt": len(damaged), "latents_swap_finished": swapped,
+                   "latents_dropped": bool(latents and todo)}
+
+
+def _finish_latents_swap(out: Path) -> int:
+    """Finish a cache-latents that was stopped while swapping its shards in (see cxrdist.data.latents); the number
+    of shards it swapped in, 0 when there was none. Imported here only: latents needs numpy and the VAE code."""
+    from cxrdist.data.latents import settle_interrupted_cache
+
+    finished = settle_interrupted_cache(out)
+    return finished["shards"] if finished else 0
 
 
 def _write_tasks(source, out: Path, listing: Listing, assignment: dict[str, str], todo: list[ShardTask],
@@ -543,7 +649,8 @@ def _write_rejects(out: Path, rejects: Sequence[dict]) -> None:
 
 
 def _write_index(out: Path, source, options: ShardOptions, splits: dict[str, dict[str, Any]],
-                 rejects: list[dict], records: int, dedupe: dict) -> dict[str, Any]:
+                 rejects: list[dict], records: int, dedupe: dict,
+                 latents: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     summary = getattr(source, "summary", None)
     index = {
         "format_version": FORMAT_VERSION, "source": getattr(source, "name", "unknown"),
@@ -558,6 +665,8 @@ def _write_index(out: Path, source, options: ShardOptions, splits: dict[str, dic
         "dedupe": dedupe,
         "source_summary": summary() if callable(summary) else {},
     }
+    if latents:  # kept shards that all carry cache-latents' latents, resumed without a rebuild
+        index[LATENTS_KEY] = latents
     _write_rejects(out, rejects)
     write_json_atomic(out / INDEX_NAME, index)
     return index

@@ -9,6 +9,7 @@ relative to the archive's own size (`unpack_limit`), so a small archive cannot f
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import stat
@@ -16,7 +17,8 @@ import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 
-from cxrdist.errors import ModelError
+from cxrdist.errors import InputError, ModelError
+from cxrdist.fileio import temp_name
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +137,9 @@ def _remove(paths: list[Path]) -> None:
 def write_zip(folder: str | Path, out: str | Path | None = None) -> Path:
     """Zip `folder` (members under the folder's own name) into `out` (default: `<folder>.zip`), atomically.
 
-    Members are written in sorted order, so the same folder gives the same member list every time.
+    Members are written in sorted order, so the same folder gives the same member list every time. The archive
+    is written under a temporary name of this process and linked into place, so it never replaces a file, and
+    a failure (a full disk included) leaves nothing behind.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -143,10 +147,45 @@ def write_zip(folder: str | Path, out: str | Path | None = None) -> Path:
     out = Path(out) if out is not None else folder.with_name(folder.name + ".zip")
     if out.exists():
         raise ModelError(f"{out} already exists: archives are never overwritten, move it or choose another name")
-    tmp = out.with_name(out.name + ".partial")
+    if not out.parent.is_dir():
+        raise InputError(f"cannot write {out}: the parent folder {out.parent} does not exist; create it or choose "
+                         "another path")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for file in files:
-            archive.write(file, arcname=(Path(folder.name) / file.relative_to(folder)).as_posix())
-    os.replace(tmp, out)
+    tmp = temp_name(out)
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            for file in files:
+                archive.write(file, arcname=(Path(folder.name) / file.relative_to(folder)).as_posix())
+        _link_into_place(tmp, out)
+    except OSError as exc:
+        raise InputError(_zip_problem(out, tmp, exc)) from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
+
+
+def _link_into_place(tmp: Path, out: Path) -> None:
+    """`tmp` becomes `out` unless `out` appeared meanwhile: a hard link fails on an existing name where a rename
+    would replace it. File systems without hard links get the rename after a last check."""
+    try:
+        os.link(tmp, out)
+    except FileExistsError:
+        raise ModelError(f"{out} already exists: archives are never overwritten, move it or choose another "
+                         "name") from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+            raise
+        if out.exists():
+            raise ModelError(f"{out} already exists: archives are never overwritten, move it or choose another "
+                             "name") from None
+        os.replace(tmp, out)
+
+
+def _zip_problem(out: Path, tmp: Path, exc: OSError) -> str:
+    if exc.filename is not None and str(exc.filename) not in (str(tmp), str(out)):
+        return f"cannot read {exc.filename} ({exc.strerror or exc}): nothing was written"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"disk full while writing {out}: free space and rerun (nothing was left behind)"
+    if isinstance(exc, PermissionError) or exc.errno == errno.EROFS:
+        return f"cannot write {out} ({exc.strerror or exc}): choose a writable folder"
+    return f"cannot write {out} ({exc.strerror or exc})"

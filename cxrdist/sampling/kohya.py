@@ -17,6 +17,8 @@ The export reads only the adapter folder (no base model is loaded) and writes th
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,8 +181,17 @@ def export_kohya(model_path: str | Path, out: str | Path) -> KohyaExport:
                          "lora.train_text_encoder=false for a UNet-only kohya file")
     tensors = to_kohya(load_file(str(weights)), spec, weights)
     header = kohya_metadata(meta, folder, sha256_file(weights), out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(out, save(tensors, metadata=header))
+    created = [parent for parent in out.parents if not parent.exists()]  # deepest first
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(out, save(tensors, metadata=header))  # a temporary name of ours, removed on failure
+    except OSError as exc:
+        for folder in created:  # only folders this export made, and only while still empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise InputError(f"disk full while writing {out}: free space and rerun (nothing was left behind)" if full
+                         else f"cannot write {out} ({exc.strerror or exc}): choose a writable --out") from None
     count = {part: sum(1 for k in tensors if k.startswith(prefix) and k.endswith(".alpha"))
              for part, prefix in KOHYA_PREFIXES.items()}
     return KohyaExport(out, count["unet"], count["text_encoder"], meta["base"]["source"],

@@ -4,11 +4,18 @@ The merge runs on freshly loaded modules, never on a live training model (the or
 `merge_and_unload` destroyed the model it was still using), and the adapter checkpoint is only read.
 The merged folder is a plain StableDiffusionPipeline (no safety checker) that `load_base`, diffusers and
 `cxrdist sample` load directly, plus `cxrdist.json` saying where it came from.
+
+It is written into a temporary folder of this process beside --out (cxrdist.fileio.temp_name) and renamed
+when complete: --out appears whole or not at all, a failure (a full disk included) leaves nothing behind, and
+nothing of the user's beside --out is touched.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -16,7 +23,7 @@ import torch
 
 from cxrdist import __version__
 from cxrdist.errors import InputError
-from cxrdist.fileio import sha256_file
+from cxrdist.fileio import sha256_file, temp_name
 from cxrdist.models.loading import BaseModel
 from cxrdist.models.lora import WEIGHTS_NAME
 from cxrdist.sampling.loading import load_for_sampling
@@ -61,16 +68,42 @@ def save_pipeline(base: BaseModel, out: Path, provenance: dict) -> Path:
     pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
                                    unet=base.unet, scheduler=DDPMScheduler.from_config(base.scheduler_config),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "cxrdist.json").write_text(json.dumps(provenance, indent=2, default=str))
-    if out.exists():
-        out.rmdir()  # checked empty above
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(out)
+    created = _make_parents(out)
+    tmp = temp_name(out)
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "cxrdist.json").write_text(json.dumps(provenance, indent=2, default=str))
+        os.rename(tmp, out)  # an empty --out (checked above) is replaced in the same step
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for folder in created:  # deepest first, and only while still empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        if isinstance(exc, OSError):
+            raise InputError(_write_problem(out, exc)) from None
+        raise
     return out
+
+
+def _make_parents(out: Path) -> list[Path]:
+    """Create the missing folders above `out`; those created, deepest first (removed again on failure)."""
+    missing, parent = [], out.parent
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(_write_problem(out, exc)) from None
+    return missing
+
+
+def _write_problem(out: Path, exc: OSError) -> str:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"disk full while writing the merged pipeline {out}: free space and rerun (nothing was left behind)"
+    if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+        return f"--out {out} was filled while the merge ran: choose a new folder (nothing was written)"
+    return f"cannot write the merged pipeline {out} ({exc.strerror or exc}): choose a writable --out"
 
 
 def merge_adapter(model_path: str | Path, out: str | Path, base_override: str | None = None) -> Path:

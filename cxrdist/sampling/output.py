@@ -6,6 +6,12 @@ Layout of an output folder (one run per folder; a folder that already holds samp
     index.jsonl                       one JSON object per image: file + every metadata field
     grid.png                          contact sheet of the first 64 images
     config.yaml                       the resolved config of the run
+
+How the folder is finished: every file is written into a staging folder of this process first
+(cxrdist.fileio.temp_name). A new (or empty) --out is that staging folder renamed in one step, so it exists
+complete or not at all. An --out that already holds other files gets the files moved in one by one: a journal
+of the moves is written into the staging folder before the first one, and a later run into that --out that
+finds it finishes the moves, says so, and stops (the folder then holds that earlier run's complete samples).
 """
 from __future__ import annotations
 
@@ -13,13 +19,15 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from cxrdist.errors import InputError
+from cxrdist.fileio import TEMP_SUFFIX, temp_name, write_json_atomic
+from cxrdist.locks import folder_lock
 
 
 def contact_sheet(images: np.ndarray, columns: int = 0, pad: int = 2, limit: int = 64) -> np.ndarray:
@@ -37,6 +45,11 @@ def contact_sheet(images: np.ndarray, columns: int = 0, pad: int = 2, limit: int
 
 PROMPT_KEYS = ("report", "description", "prompt")  # accepted keys of a JSONL prompts file, first found wins
 OUR_FILES = ("index.jsonl", "grid.png", "config.yaml")
+STAGING_STEM = "samples"  # a staging folder inside a used --out is temp_name(<out>/samples)
+MOVES_NAME = "moves.json"  # the journal of the moves, inside that staging folder
+SAMPLE_LOCK = ".cxrdist-sample.lock"
+_STAGING = re.compile(rf"\.{STAGING_STEM}\.[0-9]+-[0-9a-f]{{8}}{re.escape(TEMP_SUFFIX)}")
+_OUR_NAME = re.compile(r"[0-9]+_s-?[0-9]+\.png|index\.jsonl|grid\.png|config\.yaml")
 
 
 def read_prompts(descriptions: list[str] | tuple[str, ...], prompts_file: str | Path | None = None) -> list[str]:
@@ -83,16 +96,72 @@ def _read_prompts_file(path: Path) -> list[str]:
 
 def check_output_dir(out_dir: str | Path) -> Path:
     """Refuse an --out that is a file, already holds samples, or cannot be written (runs never overwrite each
-    other, and a bad --out fails before the model loads, not after every image was generated)."""
+    other, and a bad --out fails before the model loads, not after every image was generated). An --out whose
+    earlier run was stopped while moving its files in is finished first, and then refused with a line saying so."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file: give a folder path")
     if out.is_dir():
-        taken = [name for name in OUR_FILES if (out / name).exists()] + sorted(p.name for p in out.glob("*_s*.png"))[:1]
-        if taken:
-            raise InputError(f"--out {out} already holds samples ({taken[0]}): choose a new folder or delete it")
+        if (moved := finish_interrupted_output(out)) is not None:
+            raise InputError(f"--out {out} held a run stopped while its files were moved in: finished it ({moved} "
+                             "files moved in), so the folder now holds that run's complete samples; choose a new "
+                             "folder for this run")
+        _refuse_used(out)
     _check_writable(out)
     return out
+
+
+def _refuse_used(out: Path) -> None:
+    taken = [name for name in OUR_FILES if (out / name).exists()] + sorted(p.name for p in out.glob("*_s*.png"))[:1]
+    if taken:
+        raise InputError(f"--out {out} already holds samples ({taken[0]}): choose a new folder or delete it")
+
+
+def _output_lock(out: Path):
+    return folder_lock(out, SAMPLE_LOCK, busy="being written", wait="that sample run", elsewhere="--out",
+                       error=InputError)
+
+
+def finish_interrupted_output(out: str | Path) -> int | None:
+    """Finish the moves of a run into `out` that was stopped after writing its journal; the number of files it
+    moved in, or None when there was nothing to finish."""
+    out = Path(out)
+    journals = [entry / MOVES_NAME for entry in out.iterdir()
+                if _STAGING.fullmatch(entry.name) and (entry / MOVES_NAME).is_file()]
+    if not journals:
+        return None
+    moved, finished = 0, False
+    with _output_lock(out):
+        for journal in journals:
+            if journal.is_file():  # its own run may have finished between the look and the lock
+                moved += _finish_moves(journal.parent, out, _read_moves(journal))
+                finished = True
+    return moved if finished else None
+
+
+def _read_moves(journal: Path) -> list[str]:
+    try:
+        names = json.loads(journal.read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        names = None
+    # the names become paths: only the files a run writes, never a path elsewhere
+    if not isinstance(names, list) or not all(isinstance(n, str) and _OUR_NAME.fullmatch(n) for n in names):
+        raise InputError(f"{journal} is not a list of moves a sample run writes: move the images you need out of "
+                         f"{journal.parent} and delete it")
+    return names
+
+
+def _finish_moves(staging: Path, out: Path, names: list[str]) -> int:
+    """Move what is still in `staging` to `out` (index.jsonl last), then remove the journal and `staging`. Every
+    step may be repeated, so a run stopped anywhere in here is finished by calling this again."""
+    moved = 0
+    for name in names:
+        if (staging / name).is_file():
+            os.replace(staging / name, out / name)
+            moved += 1
+    (staging / MOVES_NAME).unlink(missing_ok=True)
+    shutil.rmtree(staging, ignore_errors=True)
+    return moved
 
 
 def _check_writable(out: Path) -> None:
@@ -109,9 +178,9 @@ def _check_writable(out: Path) -> None:
         raise InputError(f"--out {out}: {existing} is a file, not a folder: choose another path")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)
-        os.close(handle)
-        os.unlink(probe)
+        probe = temp_name(out / "write-test")
+        probe.write_bytes(b"")
+        probe.unlink()
     except OSError as exc:
         raise InputError(f"--out {out} cannot be written ({exc.strerror or exc}): choose a folder you can "
                          "write to") from None
@@ -143,33 +212,75 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
 def write_samples(out_dir: str | Path, images: np.ndarray, records: list[dict], config=None) -> list[Path]:
     """Write 8-bit grayscale PNGs with text metadata, index.jsonl, grid.png (and config.yaml when given).
 
-    Everything is written into a hidden temporary folder first and moved into `out_dir` at the end, so an
-    interrupted run leaves no half-written image; index.jsonl is moved last.
+    Everything is written into a staging folder first; then a new or empty `out_dir` is that folder, renamed in
+    one step, and a folder holding other files gets the files moved in after a journal of the moves (see the
+    module's docstring). An interrupted run leaves no half-written image and no folder a rerun refuses unexplained.
     """
+    out = check_output_dir(out_dir)
+    if len(images) != len(records):
+        raise InputError(f"{len(images)} images but {len(records)} records")
+    whole = _replaceable(out)
+    staging = temp_name(out) if whole else temp_name(out / STAGING_STEM)
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    staging.mkdir()
+    try:
+        names = _render(staging, images, records, config)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if whole:
+        try:
+            os.rename(staging, out)  # an empty folder is replaced too
+            return [out / name for name in names[:len(records)]]
+        except OSError:  # something appeared in --out meanwhile: move the files in instead
+            try:
+                out.mkdir(exist_ok=True)
+                inside = temp_name(out / STAGING_STEM)
+                os.rename(staging, inside)
+            except OSError as exc:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise InputError(f"--out {out} cannot be written ({exc.strerror or exc}): choose another "
+                                 "folder") from None
+            staging = inside
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # gone already when the rename was done
+            raise
+    journaled = False
+    try:
+        with _output_lock(out):
+            _refuse_used(out)  # again, under the lock: another run may have finished into it meanwhile
+            write_json_atomic(staging / MOVES_NAME, {"files": names})
+            journaled = True
+            _finish_moves(staging, out, names)
+    except BaseException:
+        if not journaled:  # nothing was moved: the staging folder is only ours
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return [out / name for name in names[:len(records)]]
+
+
+def _replaceable(out: Path) -> bool:
+    """Whether `out` can be the staging folder renamed: missing, or an empty real folder (not a link to one)."""
+    if not os.path.lexists(out):
+        return True
+    return out.is_dir() and not out.is_symlink() and not any(out.iterdir())
+
+
+def _render(folder: Path, images: np.ndarray, records: list[dict], config) -> list[str]:
+    """Write the run's files into `folder`; their names, the images first and index.jsonl last."""
     from PIL import Image
 
     from cxrdist import __version__
 
-    out = check_output_dir(out_dir)
-    if len(images) != len(records):
-        raise InputError(f"{len(images)} images but {len(records)} records")
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
-    try:
-        rows = []
-        for i, (image, record) in enumerate(zip(images, records)):
-            name = sample_name(i, int(record["seed"]), len(records))
-            meta = {**record, "synthetic": True, "software": f"cxrdist {__version__}"}
-            Image.fromarray(_to_uint8(image)).save(tmp / name, pnginfo=_png_info(meta))
-            rows.append({"file": name, **meta})
-        Image.fromarray(_to_uint8(contact_sheet(images))).save(tmp / "grid.png")
-        if config is not None:
-            config.save(tmp / "config.yaml")
-        (tmp / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        extras = ["grid.png", "config.yaml"] if config is not None else ["grid.png"]
-        names = [r["file"] for r in rows] + extras + ["index.jsonl"]
-        for name in names:
-            os.replace(tmp / name, out / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return [out / r["file"] for r in rows]
+    rows = []
+    for i, (image, record) in enumerate(zip(images, records)):
+        name = sample_name(i, int(record["seed"]), len(records))
+        meta = {**record, "synthetic": True, "software": f"cxrdist {__version__}"}
+        Image.fromarray(_to_uint8(image)).save(folder / name, pnginfo=_png_info(meta))
+        rows.append({"file": name, **meta})
+    Image.fromarray(_to_uint8(contact_sheet(images))).save(folder / "grid.png")
+    if config is not None:
+        config.save(folder / "config.yaml")
+    (folder / "index.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    extras = ["grid.png", "config.yaml"] if config is not None else ["grid.png"]
+    return [r["file"] for r in rows] + extras + ["index.jsonl"]

@@ -18,11 +18,12 @@ CRASH = textwrap.dedent("""
     import os, signal, sys
     from cxrdist.data import shard as m
     from cxrdist.data.sources.manifest import ManifestSource
+    from cxrdist.fileio import temp_name
     real, calls = m.write_tar, []
     def write_then_die(path, samples):
         calls.append(path.name)
         if len(calls) == 4:  # half a shard on disk under its temp name, then the process dies hard
-            tmp = path.with_name(path.name + ".tmp")
+            tmp = temp_name(path)
             tmp.write_bytes(b"partial" * 100)
             os.kill(os.getpid(), signal.SIGKILL)
         return real(path, samples)
@@ -38,7 +39,7 @@ def test_resume_after_kill_equals_clean_build(tmp_path):
     proc = subprocess.run([sys.executable, "-c", CRASH, str(manifest), str(crashed), repr(OPTS)],
                           capture_output=True, text=True, timeout=100)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    assert len(list(crashed.glob("*.tar"))) == 3 and list(crashed.glob("*.tmp"))
+    assert len(list(crashed.glob("*.tar"))) == 3 and list(crashed.glob("*.cxrdist-tmp"))
     assert not (crashed / "index.json").exists()
 
     resumed = build_shards(ManifestSource(manifest), crashed, workers=1, resume=True, **OPTS)
@@ -46,6 +47,6 @@ def test_resume_after_kill_equals_clean_build(tmp_path):
     build_shards(ManifestSource(manifest), tmp_path / "clean", workers=1, **OPTS)
     clean_files = sorted(p.name for p in (tmp_path / "clean").iterdir() if p.is_file())
     assert clean_files == sorted(p.name for p in crashed.iterdir() if p.is_file())
-    assert "rejects.jsonl" in clean_files and not list(crashed.glob("*.tmp"))
+    assert "rejects.jsonl" in clean_files and not list(crashed.glob("*.cxrdist-tmp"))
     for name in clean_files:
         assert (tmp_path / "clean" / name).read_bytes() == (crashed / name).read_bytes(), name

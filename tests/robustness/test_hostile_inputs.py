@@ -684,7 +684,7 @@ def _disk_full(ctx: Ctx) -> Plan:
     argv = ["shard", "phantom", "--n", "40", "--size", "64", "--folds", "2", "--out", out, "--workers", "1"]
 
     def check(result) -> None:
-        assert not (out / "index.json").exists() and not list(out.glob("*.tmp"))
+        assert not (out / "index.json").exists() and not list(out.glob("*.cxrdist-tmp"))
         (mount / "filler").unlink()  # space freed: the interrupted build completes with --resume
         again = invoke(Plan([*argv, "--resume"]))
         assert again.exit_code == 0 and again.exc_info is None, again.output

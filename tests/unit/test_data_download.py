@@ -177,4 +177,4 @@ def test_a_full_disk_while_extracting_is_reported_as_a_full_disk_not_a_damaged_a
     with pytest.raises(DataError, match=r"disk full while extracting .*ok.tgz.*free space") as err:
         safe_extract(archive, tmp_path / "out")
     assert "damaged" not in str(err.value)
-    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("*.cxrdist-tmp"))

@@ -169,7 +169,7 @@ def test_kohya_write_is_atomic(adapter, tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(cxrdist.fileio.os, "fsync", full_disk)
-    with pytest.raises(OSError):
+    with pytest.raises(InputError, match=r"disk full while writing .*cxr\.safetensors: free space"):
         export_kohya(adapter, tmp_path / "cxr.safetensors")
     assert list(tmp_path.iterdir()) == []  # neither the file nor its temporary name
 

@@ -40,8 +40,8 @@ def test_a_running_build_holds_the_folder(tmp_path, manifest, other_process):
     out.mkdir()
     (out / LOCK_NAME).write_text(f"{other_process.pid} {socket.gethostname()}\n")
     (out / "fold0-000000.tar.tmp").write_bytes(b"the other build is writing this")
-    with pytest.raises(DataError, match=rf"{out} is being built by process {other_process.pid}: wait for "
-                                        rf"that build to end or choose another --out"):
+    with pytest.raises(DataError, match=rf"{out} is in use by process {other_process.pid}: wait for "
+                                        rf"that shard build or cache-latents to end or choose another --out"):
         build_shards(ManifestSource(manifest), out, **{**OPTS, "resume": True})
     assert (out / "fold0-000000.tar.tmp").read_bytes() == b"the other build is writing this"
     assert (out / LOCK_NAME).read_text().split()[0] == str(other_process.pid)  # not ours to remove
@@ -69,7 +69,7 @@ def test_second_build_in_this_process_is_refused_and_our_old_pid_is_not_trusted(
     out.mkdir()
     with build_lock(out):
         assert (out / LOCK_NAME).read_text().split() == [str(os.getpid()), socket.gethostname()]
-        with pytest.raises(DataError, match=f"being built by process {os.getpid()}"):
+        with pytest.raises(DataError, match=f"in use by process {os.getpid()}"):
             build_shards(ManifestSource(manifest), out, **OPTS)
     assert not (out / LOCK_NAME).exists()
     # our PID, but written by an earlier life of this PID (e.g. a restarted container): debris

@@ -1,8 +1,9 @@
 """Resumable HTTP downloads and safe archive extraction (used by the IU X-ray source).
 
-Download rules: a `.part` file grows until complete; a resumed request must come back 206 with a
-Content-Range that starts exactly where the file ends, otherwise the part is discarded and the download
-restarts cleanly. Transient failures retry with exponential backoff. The result is checked against the
+Download rules: a `<name>.part` file grows until complete (it outlives the process on purpose: the next
+run resumes it, so it is the one temporary name here that is not unique to a process); a resumed request must
+come back 206 with a Content-Range that starts exactly where the file ends, otherwise the part is discarded
+and the download restarts cleanly. Transient failures retry with exponential backoff. The result is checked against the
 server's size (and `expected_size` / `sha256` when given) before it is renamed into place.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Optional, Sequence
 import requests
 
 from cxrdist.errors import DataError
-from cxrdist.fileio import sha256_file
+from cxrdist.fileio import sha256_file, temp_name
 from cxrdist.progress import progress_meter
 
 IU_BASE_URL = "https://openi.nlm.nih.gov/imgs/collections/"
@@ -184,12 +185,13 @@ def check_members(archive: tarfile.TarFile, name: str) -> None:
 
 
 def safe_extract(archive: str | Path, dest: str | Path) -> Path:
-    """Extract a tar archive into `dest` (skipped when dest exists): member checks, then tarfile's data filter."""
+    """Extract a tar archive into `dest` (skipped when dest exists): member checks, then tarfile's data filter.
+    The archive is extracted into a temporary folder of this process beside `dest`, renamed when complete; a
+    failure removes that folder and nothing else."""
     archive, dest = Path(archive), Path(dest)
     if dest.is_dir():
         return dest
-    partial = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    partial = temp_name(dest)  # ours alone: a folder of the user's beside dest is never touched
     try:
         with tarfile.open(archive) as tar:
             check_members(tar, archive.name)
@@ -203,7 +205,13 @@ def safe_extract(archive: str | Path, dest: str | Path) -> Path:
         if isinstance(exc, PermissionError):
             raise DataError(f"cannot extract {archive}: {exc.filename or dest.parent} is not writable") from None
         raise DataError(f"cannot extract {archive} ({exc}): the archive is damaged; download it again") from None
-    partial.replace(dest)
+    try:
+        partial.rename(dest)
+    except OSError:
+        shutil.rmtree(partial, ignore_errors=True)
+        if dest.is_dir():  # another extraction of the same archive finished first: its folder is as good
+            return dest
+        raise
     return dest
 
 
