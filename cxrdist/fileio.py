@@ -75,6 +75,14 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     return _write_atomic(path, data, "wb")
 
 
+def json_text(data: Any, **dumps_kwargs: Any) -> str:
+    """JSON with every script written as itself, except lone surrogates, which are written as JSON escapes
+    (`\\udcff`): a file name that is not UTF-8 (Linux keeps its bytes as surrogates) can then be written as UTF-8 and
+    read back as the same str."""
+    text = json.dumps(data, ensure_ascii=False, **dumps_kwargs)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def write_json_atomic(path: str | os.PathLike, data: Any, *, indent: int = 2, sort_keys: bool = False) -> Path:
     """`data` as JSON (values JSON lacks, such as paths, as their str), atomically."""
     return write_text_atomic(path, json.dumps(data, indent=indent, sort_keys=sort_keys, default=str) + "\n")

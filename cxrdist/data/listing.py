@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequ
 
 from cxrdist.data.sources.base import Record
 from cxrdist.errors import DataError
-from cxrdist.fileio import sha256_file
+from cxrdist.fileio import json_text, sha256_file
 
 DUPLICATE_PATH, DUPLICATE_CONTENT = "duplicate_path", "duplicate_content"
 
@@ -46,8 +46,8 @@ class RecordKey(NamedTuple):
 
 def _content_line(record: Record) -> bytes:
     """The part of a record its shard holds, for the digest that both readings must agree on."""
-    return json.dumps([record.uid, record.group, record.split, record.prompt, record.source_path, record.labels,
-                       record.view, record.extra], sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")
+    return json_text([record.uid, record.group, record.split, record.prompt, record.source_path, record.labels,
+                      record.view, record.extra], sort_keys=True, default=str).encode("utf-8")
 
 
 def _finish_digest(digest, duplicate_uids: Iterable[str]) -> str:

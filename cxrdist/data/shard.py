@@ -52,7 +52,7 @@ from cxrdist.data.listing import (DUPLICATE_CONTENT, DUPLICATE_PATH, Listing, Re
 from cxrdist.data.sources.base import Record, RecordRejected
 from cxrdist.data.tars import write_tar
 from cxrdist.errors import DataError, InputError
-from cxrdist.fileio import TEMP_SUFFIX, sha256_file, temp_name, write_json_atomic, write_text_atomic
+from cxrdist.fileio import TEMP_SUFFIX, json_text, sha256_file, temp_name, write_json_atomic, write_text_atomic
 from cxrdist.locks import folder_lock
 from cxrdist.progress import progress_meter
 
@@ -224,7 +224,7 @@ def _process(item: tuple[Record, str]) -> tuple[str, Optional[dict[str, bytes]],
             "labels": list(record.labels), "source": record.source, "source_path": record.source_path,
             "original_size": original, "size": _WORKER["size"], "extra": record.extra}
     sample = {"png": png, "txt": record.prompt.encode("utf-8"),
-              "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")}
+              "json": json_text(meta, sort_keys=True).encode("utf-8")}
     return record.uid, sample, "", ""
 
 
@@ -645,7 +645,7 @@ def _gather(out: Path, tasks: list[ShardTask], options: ShardOptions,
 
 def _write_rejects(out: Path, rejects: Sequence[dict]) -> None:
     write_text_atomic(out / REJECTS_NAME,
-                      "".join(json.dumps(reject, sort_keys=True, ensure_ascii=False) + "\n" for reject in rejects))
+                      "".join(json_text(reject, sort_keys=True) + "\n" for reject in rejects))
 
 
 def _write_index(out: Path, source, options: ShardOptions, splits: dict[str, dict[str, Any]],

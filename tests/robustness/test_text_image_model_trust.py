@@ -683,3 +683,30 @@ def test_text_image_model_input(case: Case, ctx: Ctx):
         assert not Path(path).exists(), f"{path} was left behind"
     if plan.check:
         plan.check(result)
+
+
+def test_a_folder_name_that_is_not_utf8_is_read_and_recorded_byte_for_byte(tmp_path):
+    """Linux file names are bytes: one that is not UTF-8 reaches Python as lone surrogates, which the shard's
+    metadata and rejects.jsonl must still write as UTF-8 and give back unchanged."""
+    from cxrdist.data.shard import build_shards
+
+    root = Path(os.fsdecode(os.fsencode(str(tmp_path)) + b"/r\xffoot"))
+    root.mkdir()
+    rows = []
+    for i in range(8):
+        write_png(root / f"im{i}.png", seed=i)
+        rows.append({"image": f"im{i}.png", "group": f"p{i}", "report": f"Heart size normal, case {i}."})
+    rows.append({"image": "gone.png", "group": "p9", "report": "Lungs clear."})
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    index = build_shards(ManifestSource(manifest, root=root), tmp_path / "out", size=16, folds=2,
+                         test_fraction=0.25, seed=0, shard_size=4, workers=1, progress=False)
+    assert index["counts"]["written"] == 8 and index["rejects"] == {"missing_image": 1}
+    paths = set()
+    for tar in (tmp_path / "out").glob("*.tar"):
+        with tarfile.open(tar) as archive:
+            for member in archive.getmembers():
+                if member.name.endswith(".json"):
+                    paths.add(json.loads(archive.extractfile(member).read().decode("utf-8"))["source_path"])
+    assert {os.fsencode(p) for p in paths} == {os.fsencode(str(root / f"im{i}.png")) for i in range(8)}
+    reject = json.loads((tmp_path / "out" / "rejects.jsonl").read_text(encoding="utf-8"))
+    assert os.fsencode(reject["source_path"]) == os.fsencode(str(root / "gone.png"))
