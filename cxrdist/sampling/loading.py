@@ -15,7 +15,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from cxrdist.config import config_from_dict, load_yaml
-from cxrdist.errors import InputError, ModelError
+from cxrdist.errors import ConfigError, InputError, ModelError
 from cxrdist.models.diffusion import LoraDiffusionModel
 from cxrdist.models.loading import (PICKLED_WEIGHTS, PRESET_PREFIX, BaseModel, check_model_files, check_weights_file,
                                     fingerprint, load_base)
@@ -141,13 +141,23 @@ def _load_training_checkpoint(folder: Path, base_override: str | None, vae_dtype
         if not (folder / name).is_file():
             raise ModelError(f"training checkpoint {folder} has no {name}: it is incomplete; use another step")
     check_weights_file(folder / CHECKPOINT_ADAPTER, "the training checkpoint")
-    cfg = config_from_dict(load_yaml(folder / CHECKPOINT_CONFIG))
+    # Read both files before the base loads (a minute on a large base): training rotates old checkpoints away
+    # (train.keep_last), and one removed half-way through would otherwise surface as a raw FileNotFoundError.
+    try:
+        cfg = config_from_dict(load_yaml(folder / CHECKPOINT_CONFIG))
+        adapter = load_file(str(folder / CHECKPOINT_ADAPTER))
+    except (FileNotFoundError, ConfigError) as exc:
+        if (folder / CHECKPOINT_MARKER).is_file() and not isinstance(exc, FileNotFoundError):
+            raise
+        raise ModelError(f"training checkpoint {folder} was removed while being read (training keeps only the "
+                         "newest train.keep_last checkpoints): use a newer step, or the run's exported best "
+                         "model") from None
     source = base_override or cfg.model.pretrained
     base = _load_base_for(source, folder, vae_dtype, overridden=bool(base_override), revision=cfg.model.revision,
                           variant=cfg.model.variant)
     spec = attach_lora(base, cfg.lora)
     joint = LoraDiffusionModel(base.unet, base.text_encoder, cfg.lora.train_text_encoder)
-    load_adapter_state(joint, load_file(str(folder / CHECKPOINT_ADAPTER)), folder)
+    load_adapter_state(joint, adapter, folder)
     for module in (base.unet, base.text_encoder):
         module.requires_grad_(False)
     return base, adapter_metadata(base, spec, cfg.data.prompt_template, cfg.to_dict())

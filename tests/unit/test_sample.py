@@ -126,3 +126,36 @@ def test_incomplete_training_checkpoint_is_a_one_line_error(tmp_path):
     (step / "cxrdist_checkpoint.json").write_text('{"step": 40}')
     with pytest.raises(ModelError, match="step_00000040 has no adapter.safetensors: it is incomplete"):
         load_for_sampling(step)
+
+
+@pytest.mark.parametrize("removed_first", ["config.yaml", "adapter.safetensors"])
+def test_a_training_checkpoint_rotated_away_while_read_is_a_one_line_error(tmp_path, monkeypatch, removed_first):
+    """Training removes old checkpoints (train.keep_last) while `cxrdist sample` may be reading one."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from cxrdist.errors import ModelError
+    from cxrdist.sampling import loading
+
+    step = tmp_path / "checkpoints" / "step_00000040"
+    step.mkdir(parents=True)
+    (step / "cxrdist_checkpoint.json").write_text('{"step": 40}')
+    load_config(None, []).save(step / "config.yaml")
+    save_file({"x": torch.zeros(1)}, str(step / "adapter.safetensors"))
+    real_yaml, real_file = loading.load_yaml, loading.load_file
+
+    def rotated(real, name):
+        def read(path, *args, **kwargs):
+            if str(path).endswith(name):
+                shutil.rmtree(step)  # the trainer's rotation, between our check and our read
+            return real(path, *args, **kwargs)
+        return read
+
+    monkeypatch.setattr(loading, "load_yaml", rotated(real_yaml, removed_first) if removed_first == "config.yaml"
+                        else real_yaml)
+    monkeypatch.setattr(loading, "load_file", rotated(real_file, removed_first)
+                        if removed_first == "adapter.safetensors" else real_file)
+    with pytest.raises(ModelError, match=r"step_00000040 was removed while being read \(training keeps only the "
+                                         r"newest train.keep_last checkpoints\): use a newer step"):
+        loading.load_for_sampling(step)
