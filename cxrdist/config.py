@@ -199,9 +199,14 @@ class TrainConfig:
     # EMA of the LoRA adapters (cxrdist.train.ema): 0 = off; in (0, 1) it is updated after every optimizer step,
     # with diffusers' warm-up, and is what validation, the best export and the test split use.
     ema_decay: float = 0.0
+    # Signals that stop the run at the next optimizer-step boundary with a checkpoint (cxrdist.train.preemption):
+    # SLURM sends SIGTERM on preemption and `--signal` (SIGUSR1 in launch/slurm/train.sbatch) before the time
+    # limit; SIGINT is a Ctrl-C. [] leaves every signal its default action.
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGINT"])
 
     def __post_init__(self) -> None:
         _require_finite(self, "train")
+        self.preempt_signals = _signal_names(self.preempt_signals)
         _require(self.epochs >= 1, "train.epochs", ">= 1")
         _require(self.batch_size >= 1, "train.batch_size", ">= 1")
         _require(self.grad_accum >= 1, "train.grad_accum", ">= 1")
@@ -217,6 +222,24 @@ class TrainConfig:
         _require(0.0 < self.timestep_bias_portion <= 1.0, "train.timestep_bias_portion", "in (0, 1]")
         _require(0 <= self.timestep_bias_begin < self.timestep_bias_end, "train.timestep_bias_begin/end",
                  "0 <= begin < end")
+
+
+# Signals train.preempt_signals may name: those a scheduler or a terminal sends to ask a job to stop (SIGXCPU: a
+# CPU-time limit). SIGKILL and SIGSTOP cannot be caught; the others are faults or job control, not requests.
+PREEMPT_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT", "SIGXCPU")
+
+
+def _signal_names(names: Any) -> list[str]:
+    """train.preempt_signals as canonical names ("usr1" and "SIGUSR1" alike become "SIGUSR1"), each once."""
+    canonical = []
+    for name in names:
+        upper = str(name).strip().upper()
+        upper = upper if upper.startswith("SIG") else "SIG" + upper
+        _require(upper in PREEMPT_SIGNALS, "train.preempt_signals",
+                 f"a list of {', '.join(PREEMPT_SIGNALS)} (got {name!r})")
+        if upper not in canonical:
+            canonical.append(upper)
+    return canonical
 
 
 @dataclass

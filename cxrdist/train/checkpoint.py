@@ -14,23 +14,34 @@ and DeepSpeed checkpoints leave the frozen base out (`exclude_frozen_parameters`
 Trust: nothing in a checkpoint may run code when it is resumed. The trainer's own state is JSON (not an
 accelerate "custom checkpoint", which the full unpickler reads); accelerate reads its optimizer,
 scheduler, scaler and RNG files with weights_only=True; DeepSpeed's engine is made to (distributed.load_weights_only).
-Before any of them opens a file, every pickle-format file of the checkpoint is read once with the weights-only
+Before any of them opens a file, every file of the checkpoint is checked to be a regular file (opening a FIFO
+blocks forever, a device reads without end) and every pickle-format file is read once with the weights-only
 unpickler and an allow-list, so a file that holds anything else is refused with one line naming it.
+
+Ownership: one run at a time trains into a run folder. The main process holds `.cxrdist-train.lock` there
+(cxrdist.locks) from before anything is written until the run ends; another training or `--resume` into the
+folder is refused in one line by every rank, and so never rotates away a checkpoint this run is writing or
+reading. A checkpoint that disappears while it is read all the same (a run on a host the lock cannot check, a
+user's `rm`) and a disk that fills up while one is written are one-line errors too; a failed save leaves the
+previous checkpoints as they were and no folder that looks complete.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from cxrdist.config import Config, config_from_dict, diff_configs, load_yaml
-from cxrdist.errors import ConfigError, InputError
-from cxrdist.fileio import write_json_atomic
+from cxrdist.errors import ConfigError, CxrdistError, InputError, report_now
+from cxrdist.fileio import special_file_kind, write_json_atomic
+from cxrdist.locks import folder_lock
 from cxrdist.models.diffusion import LoraDiffusionModel
 from cxrdist.models.lora import CHECKPOINT_ADAPTER, CHECKPOINT_CONFIG, CHECKPOINT_MARKER, load_adapter_state
 from cxrdist.train import distributed
@@ -39,11 +50,13 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
+TRAIN_LOCK = ".cxrdist-train.lock"
 PICKLE_SUFFIXES = (".bin", ".pkl", ".pt", ".pth")
 # Keys that may change between a run and its resumption: where things go and how verbose, not what is trained.
 RESUME_MAY_DIFFER = ("train.output_dir", "train.run_name", "train.log_every", "train.report_to", "train.export_zip",
-                     "train.collective_timeout_s", "train.shared_folder_wait_s", "eval.prompts_file", "data.num_workers",
-                     "eval.metrics", "eval.features", "eval.memorization_pool", "sample", "pretrain")
+                     "train.collective_timeout_s", "train.shared_folder_wait_s", "train.preempt_signals",
+                     "eval.prompts_file", "data.num_workers", "eval.metrics", "eval.features", "eval.memorization_pool",
+                     "sample", "pretrain")
 
 
 def _unwrap(model):
@@ -106,8 +119,37 @@ class Checkpointer:
     def save(self, step: int, info: dict[str, Any], trainer_state: dict[str, Any],
              writers: Sequence[Callable[[Path], Any]] = ()) -> Path:
         """Save on every rank; the main process then writes the config, the trainer state, each of `writers`
-        (a function of the folder writing more trainer files, e.g. the adapter EMA) and, last, the marker."""
-        path = self.dir / f"step_{step:08d}"
+        (a function of the folder writing more trainer files, e.g. the adapter EMA) and, last, the marker.
+
+        A full disk is one line naming the folder and the space a checkpoint needs; the unfinished folder is
+        removed (it never had a marker) and the earlier checkpoints are left as they were: rotation only runs
+        after a checkpoint is complete."""
+        path = self.path(step)
+        try:
+            return self._save(path, step, info, trainer_state, writers)
+        except Exception as exc:
+            if not is_disk_full(exc):
+                raise
+            message = self._disk_full_message(path, exc)
+            if self.accelerator.is_main_process:
+                shutil.rmtree(path, ignore_errors=True)
+            raise report_now(InputError(message)) from None
+
+    def path(self, step: int) -> Path:
+        """The folder of the checkpoint of optimizer step `step`."""
+        return self.dir / f"step_{step:08d}"
+
+    def _disk_full_message(self, path: Path, exc: BaseException) -> str:
+        done = [p for p in self.complete() if p != path]
+        need = folder_bytes(done[-1]) if done else folder_bytes(path)
+        free = shutil.disk_usage(self.dir if self.dir.is_dir() else self.dir.parent).free
+        last = f"the last complete checkpoint is {done[-1].name}" if done else "no checkpoint is complete yet"
+        return (f"disk full while writing checkpoint {path} ({_first_line(exc)}): {self.dir} has {_size(free)} free "
+                f"and a checkpoint of this run needs {'' if done else 'more than '}{_size(need)}; {last}: free space "
+                f"(train.keep_last={self.keep_last} checkpoints are kept) and rerun with --resume latest")
+
+    def _save(self, path: Path, step: int, info: dict[str, Any], trainer_state: dict[str, Any],
+              writers: Sequence[Callable[[Path], Any]]) -> Path:
         if self.accelerator.is_main_process and path.exists():
             shutil.rmtree(path)  # an unfinished save of this step, or a replay after resuming further back
         self.accelerator.wait_for_everyone()
@@ -147,13 +189,141 @@ class Checkpointer:
         return path
 
     def load(self, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(marker info, trainer state) of a checkpoint whose accelerate/DeepSpeed state is now loaded."""
+        """(marker info, trainer state) of a checkpoint whose accelerate/DeepSpeed state is now loaded. Call it
+        inside `reading(path)`, with whatever else the caller reads from the checkpoint."""
         check_resumable(path, self.cfg)
         trainer_state = read_trainer_state(path)
         check_pickles(path)
         _, load_kwargs = distributed.checkpoint_kwargs(self.accelerator)
         self.accelerator.load_state(str(path), **load_kwargs)
         return json.loads((path / CHECKPOINT_MARKER).read_text()), trainer_state
+
+
+@contextlib.contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """Turn a checkpoint that vanishes while it is read -- whatever error the reading library raises then, or
+    none at all (DeepSpeed's engine only warns when its files are missing) -- into one line; and a file missing
+    from a checkpoint that is still there into another."""
+    path = Path(path)
+    try:
+        yield
+    except Exception as exc:
+        if _being_removed(path):
+            raise report_now(InputError(_removed_message(path))) from None
+        if isinstance(exc, FileNotFoundError):
+            missing = Path(exc.filename).name if exc.filename else "a file"
+            raise report_now(InputError(f"cannot resume from {path}: {missing} is missing from it: resume from "
+                                        "another checkpoint")) from None
+        raise
+    if not (path / CHECKPOINT_MARKER).is_file():
+        raise report_now(InputError(_removed_message(path)))
+
+
+def _being_removed(path: Path, settle_s: float = 0.5) -> bool:
+    """Whether the checkpoint lost its marker, now or within `settle_s`: a folder being removed loses its files in
+    directory order, so the file that failed a read may go a moment before the marker does."""
+    import time
+
+    deadline = time.monotonic() + settle_s
+    while (path / CHECKPOINT_MARKER).is_file():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _removed_message(path: Path) -> str:
+    return (f"checkpoint {path} was removed while being read (another run rotates checkpoints in this folder?): "
+            "resume from a checkpoint no run removes -- wait for that run to end, or copy the checkpoint elsewhere "
+            "and give its path to --resume")
+
+
+@contextlib.contextmanager
+def run_folder_lock(accelerator, run_dir: Path, then: Callable[[], Any] | None = None) -> Iterator[Any]:
+    """Own the run folder for as long as the body runs: the main process holds its lock (cxrdist.locks) and runs
+    `then` -- decisions about what the folder holds, which only make sense once no other run can change it; every
+    rank gets its result (yielded) or its refusal. Refused, every rank raises the same one-line error at once: no
+    rank is left waiting in a collective for a main process that has gone. Collective; call it before anything is
+    written into the folder."""
+    from accelerate.utils import broadcast_object_list
+
+    held = contextlib.ExitStack()
+    outcome: tuple[str | None, Any] = (None, None)  # (refusal, what `then` returned)
+    if accelerator.is_main_process:
+        try:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            held.enter_context(folder_lock(run_dir, TRAIN_LOCK, busy="being trained into", wait="that run",
+                                           elsewhere="--output-dir", error=InputError))
+            outcome = (None, then() if then is not None else None)
+        except CxrdistError as exc:
+            outcome = (str(exc), None)
+        except OSError as exc:
+            outcome = (f"cannot use the output folder {run_dir} ({exc.strerror}): choose another --output-dir", None)
+    if accelerator.num_processes > 1:
+        outcome = broadcast_object_list([outcome])[0]
+    refusal, decided = outcome
+    if refusal:
+        held.close()
+        raise report_now(InputError(refusal))
+    with held:
+        yield decided
+
+
+def decide_resume(run_dir: Path, resume: str | None, finished_marker: str) -> str | None:
+    """`--resume` as the run will do it: "auto" becomes "latest" when the folder has a complete checkpoint and
+    None (a new run) otherwise. A new run must not train into a folder that holds another run's checkpoints or
+    results (`finished_marker`, a file a finished run leaves): it would mix with, then rotate them. Unfinished
+    checkpoint folders alone (a run killed during its first save) hold nothing to continue from -- `--resume
+    latest` refuses them -- so a new run may start there (its saves replace them)."""
+    if resume == "auto":
+        resume = "latest" if complete_checkpoints(run_dir) else None
+    if resume is None and (complete_checkpoints(run_dir) or (Path(run_dir) / finished_marker).exists()):
+        raise InputError(f"{run_dir} already holds a training run: continue it with --resume latest, "
+                         "or choose another --output-dir / train.run_name")
+    return resume
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC or a quota, as the OS, torch's zip writer or safetensors report it."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    # torch's PytorchStreamWriter says only "file write failed" (or "unexpected pos") when write() fails;
+    # safetensors wraps the OS error as StorageFull / QuotaExceeded
+    return any(word in text for word in ("No space left on device", "StorageFull", "Disk quota exceeded",
+                                         "QuotaExceeded", "file write failed", "unexpected pos"))
+
+
+def folder_bytes(folder: Path) -> int:
+    total = 0
+    for file in Path(folder).rglob("*"):
+        with contextlib.suppress(OSError):
+            if file.is_file():
+                total += file.stat().st_size
+    return total
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:160] if text else type(exc).__name__
+
+
+def check_regular_files(path: Path) -> None:
+    """Refuse a checkpoint holding a FIFO, a device or a socket, before anything opens one (a FIFO blocks
+    the reader forever, a device reads without end): cxrdist.fileio.special_file_kind, for every file."""
+    for file in sorted(Path(path).rglob("*")):
+        kind = special_file_kind(file)
+        if kind is not None:
+            raise InputError(f"cannot resume from {path}: {file.relative_to(path)} is {kind}, not a regular file; "
+                             "it was refused unopened: resume from another checkpoint")
 
 
 # How long a rank waits for rank 0's probe file: NFS-style filesystems may cache a directory's listing for
@@ -244,7 +414,9 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def check_resumable(path: Path, cfg: Config, fold: int | None = None) -> None:
-    """Refuse a checkpoint written under another config (naming every key that differs) or another fold."""
+    """Refuse a checkpoint holding special files, or written under another config (naming every key that
+    differs) or another fold."""
+    check_regular_files(path)
     saved = config_from_dict(load_yaml(path / CHECKPOINT_CONFIG))
     diffs = [d for d in diff_configs(saved, cfg) if not d.startswith(RESUME_MAY_DIFFER)]
     if diffs:

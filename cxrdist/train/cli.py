@@ -3,14 +3,20 @@
 
 Thin on purpose: parse, build the config, call `cxrdist.train.run`. Without a GPU the same command runs on
 CPU (the accelerator is built with cpu=True and a gloo process group; see configs/accelerate/).
+
+Exit status: 0 when the run finished; 1 with a one-line error; 128 + the signal's number (143 SIGTERM, 138
+SIGUSR1, 130 SIGINT) when a signal of train.preempt_signals stopped it with a checkpoint -- what a process that
+signal killed reports, so nothing downstream mistakes a stopped run for a finished one (cxrdist.train.preemption).
 """
 from __future__ import annotations
 
 import os
+import signal
 
 import click
 
 from cxrdist.cli_options import config_options, friendly_errors
+from cxrdist.errors import InputError, report_now
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -36,7 +42,9 @@ def build_overrides(overrides, pretrained, preset, shards) -> list[str]:
 @click.option("--shards", default=None,
               help="Shard set: a folder, a URL (https://, s3://, gs://, ...) or a pipe: command (sets data.shards).")
 @click.option("--output-dir", default=None, help="Run folder (default train.output_dir/<run_name or config hash>).")
-@click.option("--resume", default=None, metavar="latest|PATH", help="Continue from the latest or a given checkpoint.")
+@click.option("--resume", default=None, metavar="latest|auto|PATH",
+              help="Continue from the latest or a given checkpoint; auto: from the latest when there is one, "
+                   "else start.")
 @click.option("--zip", "export_zip", is_flag=True, help="Also write the best model as a .zip (sets train.export_zip).")
 @friendly_errors
 def main(fold, all_folds, config, overrides, pretrained, preset, shards, output_dir, resume, export_zip):
@@ -50,9 +58,17 @@ def main(fold, all_folds, config, overrides, pretrained, preset, shards, output_
     extra = build_overrides(overrides, pretrained, preset, shards) + (["train.export_zip=true"] if export_zip else [])
     cfg = load_config(config, extra)
 
+    from cxrdist.train.preemption import StopRequested
     from cxrdist.train.run import run, run_all_folds
 
-    if all_folds:
-        run_all_folds(cfg, output_dir=output_dir, resume=resume)
-    else:
-        run(cfg, fold, output_dir=output_dir, resume=resume)
+    try:
+        if all_folds:
+            run_all_folds(cfg, output_dir=output_dir, resume=resume)
+        else:
+            run(cfg, fold, output_dir=output_dir, resume=resume)
+    except StopRequested as stop:  # its line is out (main process); the checkpoint is complete
+        raise SystemExit(stop.exit_code) from None
+    except KeyboardInterrupt:  # a second Ctrl-C (or SIGINT left out of train.preempt_signals): nothing saved
+        report_now(InputError("interrupted: stopped at once, without saving the step in progress; continue from "
+                              "the last complete checkpoint with --resume latest"))
+        raise SystemExit(128 + signal.SIGINT) from None

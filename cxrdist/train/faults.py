@@ -4,7 +4,11 @@ The tests launch real ranks with `accelerate launch`, so there is no in-process 
 its fault from the environment. Nothing here acts unless one of these variables is set.
 
     CXRDIST_FAULT_KILL_AT_STEP=N           the process signals itself right after optimizer step N
-    CXRDIST_FAULT_SIGNAL=SIGSTOP           ... with this signal (SIGKILL by default; SIGSTOP makes a silent rank)
+    CXRDIST_FAULT_SIGNAL=SIGSTOP           ... with this signal (SIGKILL by default; SIGSTOP makes a silent rank,
+                                           SIGTERM / SIGUSR1 a preemption)
+    CXRDIST_FAULT_SIGNAL_TARGET=launcher   ... signals its parent process instead: the `accelerate launch` that
+                                           started it, as a scheduler signals a job's launcher
+    CXRDIST_FAULT_SIGNAL_TARGET=PID        ... signals that process (a batch script, as SLURM's --signal=B: does)
     CXRDIST_FAULT_INF_LOSS_AT_MICRO_STEP=M the loss of micro-step M becomes inf (as an fp16 overflow or a
                                            diverged run would make it)
     CXRDIST_FAULT_KILL_RANK=R              only rank R is affected (every rank when unset)
@@ -18,6 +22,7 @@ import torch
 
 KILL_ENV = "CXRDIST_FAULT_KILL_AT_STEP"
 KILL_SIGNAL_ENV = "CXRDIST_FAULT_SIGNAL"
+SIGNAL_TARGET_ENV = "CXRDIST_FAULT_SIGNAL_TARGET"
 INF_LOSS_ENV = "CXRDIST_FAULT_INF_LOSS_AT_MICRO_STEP"
 RANK_ENV = "CXRDIST_FAULT_KILL_RANK"
 
@@ -34,4 +39,6 @@ def maybe_inf_loss(loss: torch.Tensor, micro_step: int, rank: int) -> torch.Tens
 
 def maybe_die_after_step(step: int, rank: int) -> None:
     if os.environ.get(KILL_ENV) == str(step) and _this_rank(rank):
-        os.kill(os.getpid(), getattr(signal, os.environ.get(KILL_SIGNAL_ENV, "SIGKILL")))
+        target = os.environ.get(SIGNAL_TARGET_ENV, "")
+        pid = os.getppid() if target == "launcher" else int(target) if target.isdigit() else os.getpid()
+        os.kill(pid, getattr(signal, os.environ.get(KILL_SIGNAL_ENV, "SIGKILL")))

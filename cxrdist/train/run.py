@@ -2,7 +2,11 @@
 
 Run folders: `<root>/fold{k}/` where `<root>` is `--output-dir` or `train.output_dir/<run_name or config
 hash>`; the CV summary goes to `<root>/cv_summary.json` and `<root>/cv/` (TensorBoard).
-All input checks run here, before any model is loaded, and fail with one line.
+All input checks run here or in the Trainer before any model is loaded, and fail with one line; those that
+depend on what the run folder holds run once the Trainer owns the folder (cxrdist.train.checkpoint.run_folder_lock).
+
+`--resume auto` (what launch/slurm/train.sbatch passes to a requeued job) continues from the latest complete
+checkpoint when the run folder has one and starts the run otherwise.
 """
 from __future__ import annotations
 
@@ -14,10 +18,10 @@ from typing import Optional
 
 from cxrdist.config import Config
 from cxrdist.errors import InputError
-from cxrdist.models.lora import CHECKPOINT_MARKER
 from cxrdist.sampling.output import read_prompts
-from cxrdist.train.checkpoint import CHECKPOINTS, check_resumable
-from cxrdist.train.trainer import TEST_METRICS, FoldResult, Trainer
+from cxrdist.train.checkpoint import check_resumable
+from cxrdist.train.preemption import StopRequested, announce, resume_command, signal_name
+from cxrdist.train.trainer import FoldResult, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +35,8 @@ def fold_dir(root: Path, fold: int) -> Path:
 
 
 def preflight(cfg: Config, fold: int, run_dir: Path, resume: Optional[str]) -> None:
-    """Cheap checks with one-line errors: shards and fold, base model path, output folder, resume config."""
+    """Cheap checks with one-line errors: shards and fold, base model path, output folder, resume config. (Whether
+    the folder already holds a run is checked by the Trainer, under the folder's lock.)"""
     from cxrdist.data.index import load_index
     from cxrdist.models.loading import resolve_base_path
 
@@ -44,11 +49,7 @@ def preflight(cfg: Config, fold: int, run_dir: Path, resume: Optional[str]) -> N
     if cfg.eval.metric != "val_loss" and cfg.eval.num_metric_images < 1:
         raise InputError(f"eval.metric={cfg.eval.metric} needs generated images: set eval.num_metric_images >= 1")
     _check_writable(run_dir)
-    started = (run_dir / CHECKPOINTS).is_dir() and any((run_dir / CHECKPOINTS).iterdir())
-    if resume is None and (started or (run_dir / TEST_METRICS).exists()):
-        raise InputError(f"{run_dir} already holds a training run: continue it with --resume latest, "
-                         "or choose another --output-dir / train.run_name")
-    if resume and resume != "latest":
+    if resume not in (None, "latest", "auto"):
         check_resumable(Path(resume), cfg, fold)
 
 
@@ -68,7 +69,8 @@ def train_fold(cfg: Config, fold: int, *, run_dir: Path, resume: Optional[str] =
 
     preflight(cfg, fold, run_dir, resume)
     factory = functools.partial(ShardData, cfg, fold)
-    trainer = Trainer(cfg, fold=fold, run_dir=run_dir, data_factory=factory, resume=resume)
+    trainer = Trainer(cfg, fold=fold, run_dir=run_dir, data_factory=factory, resume=resume,
+                      resume_command=resume_command(run_dir.parent))
     try:
         if trainer.accelerator.is_main_process:
             cfg.save(run_dir / "config.yaml")
@@ -99,19 +101,31 @@ def run_all_folds(cfg: Config, *, output_dir: Optional[str] = None, resume: Opti
     from cxrdist.data.index import load_index
     from cxrdist.train.folds import finished_result, write_cv_summary
 
-    if resume not in (None, "latest"):
+    if resume not in (None, "latest", "auto"):
         # One checkpoint belongs to one fold; given to every fold, it would resume fold 0 and refuse the rest.
         raise InputError(f"--all-folds --resume {resume}: a checkpoint path names one fold; use --resume latest "
                          "(each fold continues from its own latest checkpoint), or --fold K --resume PATH")
     root = run_root(cfg, output_dir)
+    folds = load_index(cfg.data.shards).folds
     results = []
-    for fold in range(load_index(cfg.data.shards).folds):
+    for fold in range(folds):
         run_dir = fold_dir(root, fold)
         done = finished_result(run_dir) if resume else None
-        # --resume latest continues the interrupted fold; folds not started yet start fresh
-        started = resume == "latest" and any((run_dir / CHECKPOINTS).glob(f"*/{CHECKPOINT_MARKER}"))
-        fold_resume = resume if resume != "latest" or started else None
-        results.append(done or train_fold(cfg, fold, run_dir=run_dir, resume=fold_resume))
+        # --resume latest continues the interrupted fold; folds not started yet start fresh: what "auto" does
+        results.append(done or train_fold(cfg, fold, run_dir=run_dir, resume="auto" if resume else None))
+        if results[-1].stop_signal and fold + 1 < folds:
+            _stop_between_folds(results[-1], root)
     if int(os.environ.get("RANK", "0")) != 0:
         return {}
     return write_cv_summary(cfg, root, results)
+
+
+def _stop_between_folds(result: FoldResult, root: Path) -> None:
+    """A signal of train.preempt_signals came while a fold was finishing: stop before the next fold starts."""
+    message = (f"stopped by {signal_name(result.stop_signal)} after fold {result.fold} finished: continue with: "
+               f"{resume_command(root)}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        announce(message)
+    stop = StopRequested(message, result.stop_signal)
+    stop.reported = True
+    raise stop

@@ -10,6 +10,10 @@ to the order of float reductions); the default, "shards", gives each rank its ow
 
 Scale-out (DDP, DeepSpeed ZeRO-2/3; see cxrdist.train.distributed): every collective -- checkpoint saves, adapter
 exports, the rank-agreement check, validation forward passes -- runs on every rank; only rank 0 writes.
+
+A run owns its run folder (cxrdist.train.checkpoint.run_folder_lock) from before its first write until close(),
+and a signal of train.preempt_signals stops it at the next optimizer-step boundary with a checkpoint
+(cxrdist.train.preemption).
 """
 from __future__ import annotations
 
@@ -37,13 +41,14 @@ from cxrdist.models.loading import load_base
 from cxrdist.models.lora import attach_lora, count_parameters, lora_parameters, tensors_digest
 from cxrdist.progress import progress_meter
 from cxrdist.sampling.archive import write_zip
-from cxrdist.train import distributed, faults
+from cxrdist.train import checkpoint, distributed, faults
 from cxrdist.train.accel import build_accelerator, describe, weight_dtype
 from cxrdist.train.best import best_name, export_best, load_exported, weights_digest
-from cxrdist.train.checkpoint import Checkpointer, check_shared_folder
+from cxrdist.train.checkpoint import Checkpointer, check_shared_folder, decide_resume, run_folder_lock
 from cxrdist.train.early_stop import EarlyStopper
 from cxrdist.train.ema import AdapterEMA
 from cxrdist.train.optim import GROUP_NAMES, build_lr_scheduler, build_optimizer
+from cxrdist.train.preemption import StopRequested, StopSignals, announce, signal_name
 from cxrdist.train.text_prefill import distinct_prompts, prefill_text_cache
 from cxrdist.train.tracking import MetricsLogger, memory_scalars
 from cxrdist.train.validation import Evaluator
@@ -100,14 +105,37 @@ class FoldResult:
     stopped_early: bool
     test_metrics: dict[str, float]
     images_per_s: float  # all ranks together, over the whole fit (text prefill and validations included)
+    # a signal of train.preempt_signals that came after the last step (the fold finished): the next fold must not start
+    stop_signal: int = 0
 
 
 class Trainer:
-    def __init__(self, cfg: Config, *, fold: int, run_dir: Path, data_factory, resume: str | None = None):
+    def __init__(self, cfg: Config, *, fold: int, run_dir: Path, data_factory, resume: str | None = None,
+                 resume_command: str | None = None):
+        """`resume`: None (a new run), "latest", "auto" (latest when the run folder has a checkpoint, else new) or a
+        checkpoint folder. `resume_command`: the command line that continues this run, for the line printed when a
+        signal stops it (cxrdist.train.preemption.resume_command); without it, that line says to add --resume latest."""
+        self.cfg, self.fold, self.run_dir = cfg, fold, Path(run_dir)
+        self.resume_command = resume_command
+        self._owned = contextlib.ExitStack()  # the run folder's lock: held until close()
+        self.stop_signals: Optional[StopSignals] = None
+        self._stopping = ""  # what a stop requested by a signal is doing now, for the warning of a slow stop
+        self._last_saved_step: Optional[int] = None
+        try:
+            self._build(data_factory, resume)
+        except BaseException:
+            self._owned.close()
+            raise
+
+    def _build(self, data_factory, resume: str | None) -> None:
         from accelerate.utils import set_seed
 
-        self.cfg, self.fold, self.run_dir = cfg, fold, Path(run_dir)
+        cfg, fold = self.cfg, self.fold
         self.accelerator = acc = build_accelerator(cfg, self.run_dir)  # DeepSpeed settings checked here
+        # Nothing is written into the run folder before its lock is held (the shared-folder probe included); what
+        # the folder holds decides the resume once no other run can change it.
+        resume = self._owned.enter_context(run_folder_lock(
+            acc, self.run_dir, then=functools.partial(decide_resume, self.run_dir, resume, TEST_METRICS)))
         set_seed(cfg.train.seed)  # the same on every rank: identical fresh adapters everywhere
         check_shared_folder(acc, self.run_dir, cfg.train.shared_folder_wait_s)
         self.base = load_base(cfg.model.pretrained, cfg.model.revision, cfg.model.vae_dtype, cfg.model.variant)
@@ -168,14 +196,16 @@ class Trainer:
 
     def _resume(self, resume: str) -> None:
         path = self.checkpointer.resolve(resume)
-        info, trainer_state = self.checkpointer.load(path)
-        self.state.load_state_dict(trainer_state)
-        if info.get("fold") != self.fold:
-            raise DataError(f"cannot resume from {path}: it is fold {info.get('fold')}, this run is fold {self.fold}")
-        check_same_batching(path, info, self.effective_batch_info())
-        self.stopper.load_state_dict(self.state.stopper)
-        if self.ema is not None:
-            self.ema.load(path, step=self.state.step)  # every rank; a checkpoint without it is refused
+        with checkpoint.reading(path):  # a checkpoint removed while it is read is one line, whichever file went first
+            info, trainer_state = self.checkpointer.load(path)
+            self.state.load_state_dict(trainer_state)
+            if info.get("fold") != self.fold:
+                raise DataError(f"cannot resume from {path}: it is fold {info.get('fold')}, this run is fold "
+                                f"{self.fold}")
+            check_same_batching(path, info, self.effective_batch_info())
+            self.stopper.load_state_dict(self.state.stopper)
+            if self.ema is not None:
+                self.ema.load(path, step=self.state.step)  # every rank; a checkpoint without it is refused
         log.info("resumed from %s at step %d", path, self.state.step)
 
     def effective_batch_info(self) -> dict[str, int]:
@@ -291,26 +321,69 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------------------
     def fit(self) -> FoldResult:
         """Train; with several ranks, a dead or silent peer ends this rank too, with one line that says how to
-        continue -- never a hang (collectives time out after train.collective_timeout_s)."""
-        if self.accelerator.num_processes < 2:
-            return self._fit()
-        # torchrun / accelerate launch SIGTERM the surviving ranks as soon as one rank dies.
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        continue -- never a hang (collectives time out after train.collective_timeout_s). A signal of
+        train.preempt_signals ends it at the next step boundary with a checkpoint: StopRequested."""
+        self.stop_signals = StopSignals(self.cfg.train.preempt_signals, status=self._stop_status).install()
+        # torchrun / accelerate launch SIGTERM the surviving ranks as soon as one rank dies. With SIGTERM a stop
+        # request, such a rank still learns it at its next collective, which fails (the except below).
+        peer_sigterm = self.accelerator.num_processes > 1 and "SIGTERM" not in self.cfg.train.preempt_signals
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if peer_sigterm else None
         try:
             return self._fit()
         except (RuntimeError, torch.distributed.DistError) as exc:
-            if isinstance(exc, CxrdistError) or not _is_comm_failure(exc):
+            if isinstance(exc, CxrdistError) or not _is_comm_failure(exc) or self.accelerator.num_processes < 2:
                 raise
             reason = (f"lost the other ranks ({str(exc).splitlines()[0][:160]}): a rank died or did not answer "
                       f"within train.collective_timeout_s={self.cfg.train.collective_timeout_s} s")
             raise report_now(PeerLostError(self._stopped_message(reason))) from None
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            if peer_sigterm:
+                signal.signal(signal.SIGTERM, previous)
+            if not self._stopping:  # a stopped run ignores them until it has exited (StopSignals.ignore_from_now)
+                self.stop_signals.restore()
 
     def _on_sigterm(self, signum, frame) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # report once; a second SIGTERM ends the process
         raise report_now(PeerLostError(self._stopped_message(
             "stopped by SIGTERM (the launcher stops every rank when one fails; its report names that rank)")))
+
+    def _stop_status(self) -> str:
+        """What this rank is doing after a stop was requested (for StopSignals' warning of a slow stop)."""
+        done = self.checkpointer.complete() if self.checkpointer is not None else []
+        last = f"the last complete checkpoint is {done[-1]}" if done else "no checkpoint is complete yet"
+        doing = self._stopping or f"finishing optimizer step {self.state.step + 1}"
+        return f"{doing} (rank {self.accelerator.process_index}); {last}"
+
+    def _stop_if_requested(self) -> None:
+        """At an optimizer-step boundary: when any rank received a signal of train.preempt_signals, every rank
+        saves this step's checkpoint (unless it was just saved) and raises StopRequested; the main process prints
+        one line with the checkpoint and the command that continues the run. Collective: one all-reduce."""
+        signum = self.stop_signals.agreed(self.accelerator) if self.stop_signals is not None else 0
+        if not signum:
+            return
+        acc, step = self.accelerator, self.state.step
+        self._stopping = f"saving the checkpoint of step {step}"
+        path = self._save_checkpoint() if self._last_saved_step != step else self.checkpointer.path(step)
+        self._stopping = "exiting"
+        how = self.resume_command or "rerun the same command with --resume latest (and the same --output-dir)"
+        message = (f"stopped by {signal_name(signum)} after step {step} of {self.total_steps} (epoch {self.epoch}): "
+                   f"checkpoint {path} is complete; continue with: {how}")
+        if acc.is_main_process:
+            announce(message)
+        self.stop_signals.ignore_from_now()
+        acc.wait_for_everyone()  # no rank exits (and makes a launcher stop the others) before the line is out
+        stop = StopRequested(message, signum)
+        stop.reported = True
+        raise stop
+
+    def _save_checkpoint(self) -> Path:
+        """This step's checkpoint, through the one save path (every rank: DeepSpeed saves collectively)."""
+        step = self.state.step
+        path = self.checkpointer.save(step, {"fold": self.fold, "epoch": self.epoch, "config_hash": self.cfg.hash(),
+                                             **self.effective_batch_info()}, self.state.state_dict(),
+                                      writers=[self.ema.save] if self.ema is not None else ())
+        self._last_saved_step = step
+        return path
 
     def _stopped_message(self, reason: str,
                          hint: str = "fix the cause and rerun the same command with --resume latest") -> str:
@@ -349,6 +422,7 @@ class Trainer:
                     self.state.step += 1
                     progress.update(1)
                     self._after_step(window)
+                    self._stop_if_requested()
                     if self.state.stopped_early or self.state.step >= self.total_steps:
                         break
                 if self.encoder.cut_prompts:
@@ -407,9 +481,7 @@ class Trainer:
         if self.validator.due(step, epochs_done if epoch_end else None) or (last and self.state.last_eval_step != step):
             self.evaluate()
         if self.checkpointer.due(step, epoch_end) or last or self.state.stopped_early:
-            self.checkpointer.save(step, {"fold": self.fold, "epoch": self.epoch, "config_hash": self.cfg.hash(),
-                                          **self.effective_batch_info()}, self.state.state_dict(),
-                                   writers=[self.ema.save] if self.ema is not None else ())
+            self._save_checkpoint()
         faults.maybe_die_after_step(step, self.accelerator.process_index)
 
     @property
@@ -503,7 +575,8 @@ class Trainer:
         self.logger.hparams({**{f"test_{k}": v for k, v in test.items()}, "best_value": self.stopper.best or float("nan")})
         return FoldResult(self.fold, self.run_dir, self.state.step, Path(self.state.best_path) if self.state.best_path else None,
                           self.stopper.best, self.stopper.best_epoch, self.state.stopped_early, test,
-                          window.overall_rate() * self.accelerator.num_processes)
+                          window.overall_rate() * self.accelerator.num_processes,
+                          stop_signal=self.stop_signals.agreed(self.accelerator) if self.stop_signals else 0)
 
     def _check_ranks_agree(self) -> None:
         """Every rank must end with the same adapter; a silent divergence would make checkpoints lie."""
@@ -533,6 +606,10 @@ class Trainer:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        if self.stop_signals is not None and not self._stopping:
+            # A run a signal stopped leaves them ignored: its process exits next (stop_signals.restore() otherwise).
+            self.stop_signals.restore()
+        self._owned.close()  # the run folder is free for the next run (or the next fold's Trainer)
 
 
 class Window:
