@@ -7,6 +7,18 @@ class CxrdistError(Exception):
     reported = False  # True once the line was printed where it was raised (see `report_now`)
 
 
+def write_line(text: str) -> None:
+    """`text` on stderr as one line of its own, at once: below a progress bar still on the line (tqdm clears it
+    first), and in one write, so the lines several ranks print at the same moment never run into each other."""
+    import sys
+
+    from tqdm import tqdm
+
+    with tqdm.external_write_mode(file=sys.stderr):
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+
 def report_now(error: CxrdistError) -> CxrdistError:
     """Print the error's one line to stderr at once and mark it printed, then return it for `raise`.
 
@@ -14,13 +26,7 @@ def report_now(error: CxrdistError) -> CxrdistError:
     `accelerate launch` SIGTERMs the surviving ranks as soon as one fails, and a line left for the CLI to print
     on the way out can be lost in that race.
     """
-    import sys
-
-    from tqdm import tqdm
-
-    # Through tqdm, so a progress bar still on the line is cleared first and the error starts a line of its own.
-    tqdm.write(f"Error: {error}", file=sys.stderr)
-    sys.stderr.flush()
+    write_line(f"Error: {error}")
     error.reported = True
     return error
 

@@ -11,6 +11,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+pytest_plugins = ["support.lock_holders"]  # other_process: a live process whose PID a lock file names
+
 # Under pytest-xdist (`make test` runs the unit tests on every core) the cores are shared out between the
 # workers: two workers of two threads each on two cores spin against each other and run several times slower.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))

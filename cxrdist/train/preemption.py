@@ -35,7 +35,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from cxrdist.errors import CxrdistError
+from cxrdist.errors import CxrdistError, write_line
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +64,8 @@ def signal_name(signum: int) -> str:
 
 
 def announce(line: str) -> None:
-    """One line on stderr at once, on a line of its own below a progress bar (cf. cxrdist.errors.report_now)."""
-    from tqdm import tqdm
-
-    tqdm.write(line, file=sys.stderr)
-    sys.stderr.flush()
+    """One line on stderr at once, on a line of its own below a progress bar (cxrdist.errors.write_line)."""
+    write_line(line)
 
 
 def grace_s() -> float:

@@ -108,14 +108,6 @@ def fresh_cached(tmp_path, cached) -> Path:
     return out
 
 
-@pytest.fixture
-def other_process():
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    yield proc
-    proc.kill()
-    proc.wait()
-
-
 # ---- 1. one writer per shard set ---------------------------------------------------------------------------
 def test_cache_latents_refuses_a_held_set_before_the_vae_loads(fresh, other_process, monkeypatch):
     forbid_vae_load(monkeypatch)

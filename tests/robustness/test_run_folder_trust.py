@@ -70,6 +70,7 @@ def wait_stopped(pid: int, timeout: float = 240.0) -> None:
     raise AssertionError("the holding training never reached its first step")
 
 
+@pytest.mark.integration  # launches ranks of its own: run beside no other test
 @pytest.mark.timeout(600)
 def test_a_live_training_owns_its_folder_until_it_dies(shards, tmp_path):
     out = tmp_path / "run"
@@ -89,15 +90,14 @@ def test_a_live_training_owns_its_folder_until_it_dies(shards, tmp_path):
             assert done.returncode == 1 and re.match(busy, line), line
             assert state_of(out) == before
 
-        # Two ranks: rank 0 is refused the lock, rank 1 learns it from rank 0 and stops with the same line.
-        start = time.monotonic()
+        # Two ranks: rank 0 is refused the lock, rank 1 learns it from rank 0 and stops with the same line (the
+        # timeout is the hang a rank left waiting in a collective would be).
         done = run_reaped([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                            str(ACCEL / "cpu_2ranks.yaml"), "--main_process_port", str(free_port()),
                            *train_argv(shards, out, "--resume", "latest")], env=child_env(), timeout=240)
         lines = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
         assert done.returncode != 0 and len(lines) == 2, done.stderr[-3000:]
         assert all(re.match(busy, line) for line in lines), lines
-        assert time.monotonic() - start < 120
         assert state_of(out) == before
     finally:
         holder.kill()

@@ -13,7 +13,6 @@ import errno
 import io
 import json
 import os
-import re
 import shutil
 import tarfile
 import threading
@@ -30,31 +29,9 @@ from cxrdist.data.sources.manifest import ManifestSource
 from cxrdist.fileio import TEMP_SUFFIX
 from cxrdist.models.lora import METADATA_NAME, WEIGHTS_NAME
 from support.data_files import write_manifest, write_png
-from support.robustness import Case, Ctx, Plan, error_line, escaped_traceback, invoke, params, snapshot
+from support.robustness import (Case, Ctx, Plan, error_line, good_rows, index_of, invoke, params, rejects_of,
+                                run_case, shard_manifest, snapshot)
 from support.trust import plant
-
-SHARD = ["--size", "16", "--folds", "2", "--test-fraction", "0", "--workers", "1"]
-
-
-def _good_rows(root: Path, n: int = 6) -> list[dict]:
-    rows = []
-    for i in range(n):
-        write_png(root / "img" / f"good{i}.png", seed=i)
-        rows.append({"image": f"img/good{i}.png", "group": f"p{i}", "report": f"Report {i}: clear lungs."})
-    return rows
-
-
-def _shard_manifest(manifest: Path, out: Path, *extra) -> list:
-    return ["shard", "manifest", manifest, "--out", out, *SHARD, *extra]
-
-
-def _rejects(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "rejects.jsonl").read_text(encoding="utf-8").splitlines()]
-
-
-def _index(out: Path) -> dict:
-    return json.loads((out / "index.json").read_text(encoding="utf-8"))
-
 
 def _shard_samples(out: Path) -> dict[str, dict]:
     """source file name -> {"txt": text, "png": pixels, "json": meta} of every sample written."""
@@ -179,12 +156,12 @@ def _reports_in_every_script(suffix: str):
         out = ctx.tmp / "out"
 
         def check(result) -> None:
-            assert [r["reason"] for r in _rejects(out)] == ["empty_report"]
+            assert [r["reason"] for r in rejects_of(out)] == ["empty_report"]
             samples = _shard_samples(out)
             written = {name.removesuffix(".png"): sample["txt"] for name, sample in samples.items()}
             assert written == {lang: " ".join(text.split()) for lang, text in REPORTS_IN_MANY_SCRIPTS.items()}
-            assert _index(out)["counts"]["written"] == len(REPORTS_IN_MANY_SCRIPTS)
-        return Plan(_shard_manifest(manifest, out), keep=[root], check=check)
+            assert index_of(out)["counts"]["written"] == len(REPORTS_IN_MANY_SCRIPTS)
+        return Plan(shard_manifest(manifest, out), keep=[root], check=check)
     return setup
 
 
@@ -203,7 +180,7 @@ def _patients_named_in_other_scripts(ctx: Ctx) -> Plan:
         groups = {s["json"].get("group") for s in _shard_samples(out).values()}
         assert len(groups) == len(names), groups
         assert len(list(ManifestSource(manifest).records())) == len(names)
-    return Plan(_shard_manifest(manifest, out), keep=[root], check=check)
+    return Plan(shard_manifest(manifest, out), keep=[root], check=check)
 
 
 LANGUAGE_CASES = [
@@ -219,7 +196,7 @@ def _jsonl_with_surrogate(column: str, reason: str):
     """6 good rows plus one whose `column` holds a lone surrogate as a JSON escape: one reject, the rest built."""
     def setup(ctx: Ctx) -> Plan:
         root = ctx.tmp / "in"
-        rows = _good_rows(root)
+        rows = good_rows(root)
         write_png(root / "img" / "bad.png", seed=50)
         lines = [json.dumps(row) for row in rows]
         bad = {"image": "img/bad.png", "group": "bad", "report": "Clear lungs.", "labels": ["normal"]}
@@ -234,21 +211,21 @@ def _jsonl_with_surrogate(column: str, reason: str):
         out = ctx.tmp / "out"
 
         def check(result) -> None:
-            rejects = _rejects(out)
+            rejects = rejects_of(out)
             assert [(r["id"], r["reason"]) for r in rejects] == [("m.jsonl:7", reason)]
             assert "not valid Unicode text" in rejects[0]["detail"] and "U+DCFF" in rejects[0]["detail"]
-            assert _index(out)["counts"]["written"] == 6
-        return Plan(_shard_manifest(manifest, out), keep=[root], check=check)
+            assert index_of(out)["counts"]["written"] == 6
+        return Plan(shard_manifest(manifest, out), keep=[root], check=check)
     return setup
 
 
 def _csv_bytes(data: bytes, name: str = "m.csv"):
     def setup(ctx: Ctx) -> Plan:
         root = ctx.tmp / "in"
-        _good_rows(root)
+        good_rows(root)
         (root / name).write_bytes(data)
         out = ctx.tmp / "out"
-        return Plan(_shard_manifest(root / name, out), keep=[root], absent=[out])
+        return Plan(shard_manifest(root / name, out), keep=[root], absent=[out])
     return setup
 
 
@@ -287,14 +264,14 @@ def _float_image_case(values, reason: str | None):
     """6 good rows plus a float32 TIFF: written with its contrast kept, or one reject with `reason`."""
     def setup(ctx: Ctx) -> Plan:
         root = ctx.tmp / "in"
-        rows = _good_rows(root)
+        rows = good_rows(root)
         _float_tiff(root / "img" / "float.tif", values() if callable(values) else values)
         rows.append({"image": "img/float.tif", "group": "f", "report": "Float image."})
         manifest = write_manifest(root / "m.csv", rows)
         out = ctx.tmp / "out"
 
         def check(result) -> None:
-            rejects = _rejects(out)
+            rejects = rejects_of(out)
             if reason:
                 assert [(Path(r.get("source_path", r["id"])).name, r["reason"]) for r in rejects] == \
                     [("float.tif", reason)]
@@ -304,7 +281,7 @@ def _float_image_case(values, reason: str | None):
             drawn = pixels[pixels > 0]  # the padding is black
             assert (drawn == 255).mean() < 0.1, "the float image was clipped"
             assert len(np.unique(drawn)) > 40 and drawn.max() >= 240, "the float image lost its contrast"
-        return Plan(_shard_manifest(manifest, out), keep=[root], check=check)
+        return Plan(shard_manifest(manifest, out), keep=[root], check=check)
     return setup
 
 
@@ -480,10 +457,10 @@ PICKLE_CASES = [
 
 def _duplicate_columns(ctx: Ctx) -> Plan:
     root = ctx.tmp / "in"
-    _good_rows(root)
+    good_rows(root)
     (root / "m.csv").write_bytes(CSV_TWO_REPORT_COLUMNS)
     out = ctx.tmp / "out"
-    return Plan(_shard_manifest(root / "m.csv", out), keep=[root], absent=[out])
+    return Plan(shard_manifest(root / "m.csv", out), keep=[root], absent=[out])
 
 
 DUPLICATE_CASES = [
@@ -534,14 +511,14 @@ def test_sample_and_evaluate_refuse_a_sampler_flag_with_the_same_line(flags, ctx
 def _manifest_is_a_fifo(ctx: Ctx) -> Plan:
     guard = _fifo(ctx, ctx.tmp / "in" / "m.csv")
     out = ctx.tmp / "out"
-    return Plan(_shard_manifest(guard.path, out), absent=[out], check=_not_rescued(guard))
+    return Plan(shard_manifest(guard.path, out), absent=[out], check=_not_rescued(guard))
 
 
 def _fifo_in_manifest(column: str, reason: str):
     """6 good rows plus one whose image or report file is a FIFO: one reject, never opened."""
     def setup(ctx: Ctx) -> Plan:
         root = ctx.tmp / "in"
-        rows = _good_rows(root)
+        rows = good_rows(root)
         guard = _fifo(ctx, root / ("img/pipe.png" if column == "image" else "pipe.txt"))
         if column == "image":
             rows.append({"image": "img/pipe.png", "group": "pipe", "report": "Pipe.", "report_path": ""})
@@ -552,10 +529,10 @@ def _fifo_in_manifest(column: str, reason: str):
         out = ctx.tmp / "out"
 
         def check(result) -> None:
-            rejects = _rejects(out)
+            rejects = rejects_of(out)
             assert [r["reason"] for r in rejects] == [reason] and "a FIFO, not a regular file" in rejects[0]["detail"]
-            assert _index(out)["counts"]["written"] == 6
-        return Plan(_shard_manifest(manifest, out), check=_both(check, _not_rescued(guard)))
+            assert index_of(out)["counts"]["written"] == 6
+        return Plan(shard_manifest(manifest, out), check=_both(check, _not_rescued(guard)))
     return setup
 
 
@@ -668,21 +645,7 @@ CASES = LANGUAGE_CASES + UNICODE_CASES + FLOAT_IMAGE_CASES + NONFINITE_CASES + P
 
 @pytest.mark.parametrize("case", params(CASES))
 def test_text_image_model_input(case: Case, ctx: Ctx):
-    plan = case.setup(ctx)
-    before = snapshot(plan.keep)
-    result = invoke(plan)
-    if case.error is None:
-        assert result.exc_info is None, escaped_traceback(result)
-        assert result.exit_code == 0 and "Traceback" not in result.output, result.output
-    else:
-        line = error_line(result)
-        assert result.exit_code != 0, result.output
-        assert re.search(case.error, line), f"{line!r} does not match {case.error!r}"
-    assert snapshot(plan.keep) == before, "inputs or earlier outputs changed"
-    for path in plan.absent:
-        assert not Path(path).exists(), f"{path} was left behind"
-    if plan.check:
-        plan.check(result)
+    run_case(case, ctx)
 
 
 def test_a_folder_name_that_is_not_utf8_is_read_and_recorded_byte_for_byte(tmp_path):

@@ -120,3 +120,70 @@ def params(cases: Sequence[Case]) -> list:
     ids = [case.id for case in cases]
     assert len(ids) == len(set(ids)), "case ids must be unique"
     return [pytest.param(case, id=case.id, marks=case.marks) for case in cases]
+
+
+def run_case(case: Case, ctx: Ctx, line_of: Callable[[Result], str] = error_line) -> Result:
+    """Run one case and hold it to the contract every battery shares: success without a traceback, or a non-zero
+    exit with one `Error: ` line (found by `line_of`) matching case.error; `keep` byte-identical; `absent`
+    absent; then the case's own check. Returns the result for a battery's further checks."""
+    plan = case.setup(ctx)
+    before = snapshot(plan.keep)
+    result = invoke(plan)
+    if case.error is None:
+        assert result.exc_info is None, escaped_traceback(result)
+        assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    else:
+        line = line_of(result)
+        assert result.exit_code != 0, result.output
+        assert re.search(case.error, line), f"{line!r} does not match {case.error!r}"
+    assert snapshot(plan.keep) == before, "inputs or earlier outputs changed"
+    for path in plan.absent:
+        assert not Path(path).exists(), f"{path} was left behind"
+    if plan.check:
+        plan.check(result)
+    return result
+
+
+def mount_tmpfs(ctx: Ctx, name: str, size: str) -> Path:
+    """A tmpfs of `size` ("1m") at ctx.tmp/name, unmounted when the test ends; the test skips without root."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = ctx.tmp / name
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    ctx.request.addfinalizer(lambda: subprocess.run(["umount", "-l", str(mount)], capture_output=True))
+    return mount
+
+
+# ---- manifests the batteries shard ----------------------------------------------------------------------------
+SHARD = ["--size", "16", "--folds", "2", "--test-fraction", "0", "--workers", "1"]
+
+
+def good_rows(root: Path, n: int = 6) -> list[dict]:
+    """n distinct 40x32 PNGs under root/img, one patient each."""
+    from support.data_files import write_png
+
+    rows = []
+    for i in range(n):
+        write_png(root / "img" / f"good{i}.png", seed=i)
+        rows.append({"image": f"img/good{i}.png", "group": f"p{i}", "report": f"Report {i}: clear lungs."})
+    return rows
+
+
+def shard_manifest(manifest: Path, out: Path, *extra) -> list:
+    return ["shard", "manifest", manifest, "--out", out, *SHARD, *extra]
+
+
+def rejects_of(out: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (out / "rejects.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def index_of(out: Path) -> dict:
+    import json
+
+    return json.loads((out / "index.json").read_text(encoding="utf-8"))

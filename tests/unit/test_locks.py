@@ -5,21 +5,14 @@ from __future__ import annotations
 import multiprocessing
 import os
 import socket
-import subprocess
-import sys
 
 import pytest
 
 from cxrdist.errors import DataError
 from cxrdist.locks import TAKEOVER_SUFFIX, folder_lock
+from support.lock_holders import dead_pid
 
 KW = dict(busy="used", wait="it", elsewhere="folder", error=DataError)
-
-
-def _dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
 
 
 def _race(folder: str, start, done, results) -> None:
@@ -35,7 +28,7 @@ def _race(folder: str, start, done, results) -> None:
 @pytest.mark.parametrize("stale", [False, True], ids=["empty folder", "dead holder's lock"])
 def test_of_racers_started_at_one_instant_exactly_one_holds_the_folder(tmp_path, stale):
     if stale:
-        (tmp_path / "x.lock").write_text(f"{_dead_pid()} {socket.gethostname()}\n")
+        (tmp_path / "x.lock").write_text(f"{dead_pid()} {socket.gethostname()}\n")
     racers = 6
     ctx = multiprocessing.get_context("fork")
     start, done, results = ctx.Barrier(racers), ctx.Event(), ctx.Queue()
@@ -68,7 +61,7 @@ def test_an_earlier_start_of_this_requeued_slurm_job_is_gone(tmp_path, monkeypat
 
 
 def test_a_takeover_marker_left_by_a_killed_process_is_one_line(tmp_path):
-    (tmp_path / "x.lock").write_text(f"{_dead_pid()} {socket.gethostname()}\n")
+    (tmp_path / "x.lock").write_text(f"{dead_pid()} {socket.gethostname()}\n")
     marker = tmp_path / ("x.lock" + TAKEOVER_SUFFIX)
     marker.write_text("")
     os.utime(marker, (0, 0))

@@ -3,8 +3,6 @@ folder's lock holds the builder's PID; a live holder stops the second build, a d
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 
 import pytest
 
@@ -12,6 +10,7 @@ from cxrdist.data.shard import LOCK_NAME, build_lock, build_shards
 from cxrdist.data.sources.manifest import ManifestSource
 from cxrdist.errors import DataError
 from support.data_files import make_manifest_set
+from support.lock_holders import dead_pid
 
 OPTS = dict(size=32, folds=3, test_fraction=0.25, seed=0, shard_size=4, workers=1, progress=False)
 
@@ -19,20 +18,6 @@ OPTS = dict(size=32, folds=3, test_fraction=0.25, seed=0, shard_size=4, workers=
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
     return make_manifest_set(tmp_path_factory.mktemp("m"))
-
-
-@pytest.fixture
-def other_process():
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    yield proc
-    proc.kill()
-    proc.wait()
-
-
-def _dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
 
 
 def test_a_running_build_holds_the_folder(tmp_path, manifest, other_process):
@@ -51,7 +36,7 @@ def test_a_running_build_holds_the_folder(tmp_path, manifest, other_process):
 def test_a_dead_builders_lock_is_taken_over_and_released(tmp_path, manifest):
     out = tmp_path / "out"
     out.mkdir()
-    (out / LOCK_NAME).write_text(f"{_dead_pid()} {socket.gethostname()}\n")
+    (out / LOCK_NAME).write_text(f"{dead_pid()} {socket.gethostname()}\n")
     index = build_shards(ManifestSource(manifest), out, **OPTS)
     assert index["counts"]["written"] == 24 and not (out / LOCK_NAME).exists()
 
