@@ -27,17 +27,25 @@ PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
 
 class ConfigLoader(yaml.SafeLoader):
-    """SafeLoader whose booleans are only true/false (YAML 1.2 core style). YAML 1.1 also reads no/off/yes/on as
-    booleans, which turns `mixed_precision: no` or a negative prompt "no" into False; here they stay strings
-    (bool keys still accept them: see _coerce)."""
+    """SafeLoader whose booleans are only true/false and whose numbers have no base-60 form (YAML 1.2 core style).
+    YAML 1.1 also reads no/off/yes/on as booleans, which turns `mixed_precision: no` or a negative prompt "no" into
+    False, and reads 10:00 as the integer 600, which turns `time_budget: 10:00` into 600 minutes; here they stay
+    strings (bool keys still accept them: see _coerce)."""
 
 
+_YAML_1_1_ONLY = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
 ConfigLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _YAML_1_1_ONLY]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:bool",
                                    re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+# SafeLoader's int and float patterns without their base-60 alternatives (e.g. 1:30 or 1:30.5)
+ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(
+    r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"), list("-+0123456789"))
+ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+    r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
+    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
 
 
 def parse_yaml(text: str) -> Any:
@@ -203,10 +211,19 @@ class TrainConfig:
     # SLURM sends SIGTERM on preemption and `--signal` (SIGUSR1 in launch/slurm/train.sbatch) before the time
     # limit; SIGINT is a Ctrl-C. [] leaves every signal its default action.
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGINT"])
+    # Wall-clock budget of the training loop, as SLURM writes times: minutes ("90"), "MM:SS", "HH:MM:SS" or
+    # "D-HH:MM:SS"; "" = off. With optim.scheduler=wsd the run measures its pace, holds the peak lr while time
+    # allows and starts the decay so that it ends within the budget (cxrdist.train.time_budget); max_steps (or the
+    # epochs) stays an upper bound.
+    time_budget: str = ""
 
     def __post_init__(self) -> None:
         _require_finite(self, "train")
         self.preempt_signals = _signal_names(self.preempt_signals)
+        try:
+            parse_duration(self.time_budget)
+        except ValueError as exc:
+            raise ConfigError(f"config key 'train.time_budget' must be a time: {exc}") from None
         _require(self.epochs >= 1, "train.epochs", ">= 1")
         _require(self.batch_size >= 1, "train.batch_size", ">= 1")
         _require(self.grad_accum >= 1, "train.grad_accum", ">= 1")
@@ -222,6 +239,30 @@ class TrainConfig:
         _require(0.0 < self.timestep_bias_portion <= 1.0, "train.timestep_bias_portion", "in (0, 1]")
         _require(0 <= self.timestep_bias_begin < self.timestep_bias_end, "train.timestep_bias_begin/end",
                  "0 <= begin < end")
+
+
+_SLURM_TIME = re.compile(r"^(?:(?P<days>\d+)-)?(?P<a>\d+)(?::(?P<b>\d+))?(?::(?P<c>\d+))?$")
+
+
+def parse_duration(text: Any) -> float:
+    """Seconds of a duration written as SLURM writes times: "90" (minutes), "MM:SS", "HH:MM:SS", "D-HH",
+    "D-HH:MM", "D-HH:MM:SS"; "" or "0" is 0.0 (off). ValueError naming the accepted forms otherwise."""
+    text = str(text).strip()
+    if not text or text == "0":
+        return 0.0
+    match = _SLURM_TIME.match(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a time: write minutes (90), MM:SS, HH:MM:SS or D-HH:MM:SS")
+    a, b, c = (int(v) if v is not None else None for v in (match["a"], match["b"], match["c"]))
+    if match["days"] is not None:  # D-HH[:MM[:SS]]
+        seconds = int(match["days"]) * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
+    elif c is not None:  # HH:MM:SS
+        seconds = a * 3600 + b * 60 + c
+    elif b is not None:  # MM:SS
+        seconds = a * 60 + b
+    else:  # minutes
+        seconds = a * 60
+    return float(seconds)
 
 
 # Signals train.preempt_signals may name: those a scheduler or a terminal sends to ask a job to stop (SIGXCPU: a
@@ -387,6 +428,12 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+
+    def __post_init__(self) -> None:
+        if parse_duration(self.train.time_budget) and self.optim.scheduler != "wsd":
+            # a budget moves where the decay starts; the other schedules decay from the first step after warm-up
+            raise ConfigError(f"config key 'train.time_budget' needs optim.scheduler=wsd (warm-up, peak, decay at "
+                              f"the end), not {self.optim.scheduler}: set optim.scheduler=wsd or drop the budget")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -52,11 +52,12 @@ CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
 TRAIN_LOCK = ".cxrdist-train.lock"
 PICKLE_SUFFIXES = (".bin", ".pkl", ".pt", ".pth")
-# Keys that may change between a run and its resumption: where things go and how verbose, not what is trained.
+# Keys that may change between a run and its resumption: where things go and how verbose, not what is trained --
+# and train.time_budget, since a requeued job may be given another allocation (the budget used so far carries over).
 RESUME_MAY_DIFFER = ("train.output_dir", "train.run_name", "train.log_every", "train.report_to", "train.export_zip",
                      "train.collective_timeout_s", "train.shared_folder_wait_s", "train.preempt_signals",
-                     "eval.prompts_file", "data.num_workers", "eval.metrics", "eval.features", "eval.memorization_pool",
-                     "sample", "pretrain")
+                     "train.time_budget", "eval.prompts_file", "data.num_workers", "eval.metrics", "eval.features",
+                     "eval.memorization_pool", "sample", "pretrain")
 
 
 def _unwrap(model):

@@ -12,11 +12,14 @@ its fault from the environment. Nothing here acts unless one of these variables 
     CXRDIST_FAULT_INF_LOSS_AT_MICRO_STEP=M the loss of micro-step M becomes inf (as an fp16 overflow or a
                                            diverged run would make it)
     CXRDIST_FAULT_KILL_RANK=R              only rank R is affected (every rank when unset)
+    CXRDIST_FAULT_SECONDS_PER_STEP=S       train.time_budget's clock reads S seconds per optimizer step taken, so
+                                           where the decay starts does not depend on the machine's speed
 """
 from __future__ import annotations
 
 import os
 import signal
+from typing import Callable, Optional
 
 import torch
 
@@ -25,6 +28,7 @@ KILL_SIGNAL_ENV = "CXRDIST_FAULT_SIGNAL"
 SIGNAL_TARGET_ENV = "CXRDIST_FAULT_SIGNAL_TARGET"
 INF_LOSS_ENV = "CXRDIST_FAULT_INF_LOSS_AT_MICRO_STEP"
 RANK_ENV = "CXRDIST_FAULT_KILL_RANK"
+STEP_SECONDS_ENV = "CXRDIST_FAULT_SECONDS_PER_STEP"
 
 
 def _this_rank(rank: int) -> bool:
@@ -42,3 +46,12 @@ def maybe_die_after_step(step: int, rank: int) -> None:
         target = os.environ.get(SIGNAL_TARGET_ENV, "")
         pid = os.getppid() if target == "launcher" else int(target) if target.isdigit() else os.getpid()
         os.kill(pid, getattr(signal, os.environ.get(KILL_SIGNAL_ENV, "SIGKILL")))
+
+
+def budget_clock(steps_taken: Callable[[], int]) -> Optional[Callable[[], float]]:
+    """A clock for train.time_budget that advances a fixed time per optimizer step; None when not asked for."""
+    seconds = os.environ.get(STEP_SECONDS_ENV)
+    if not seconds:
+        return None
+    per_step = float(seconds)
+    return lambda: per_step * steps_taken()

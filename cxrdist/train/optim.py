@@ -104,11 +104,18 @@ def lr_multiplier(name: str, step: int, warmup: int, total: int, decay: int = 0)
     return SCHEDULES[name](step, warmup, total, decay)
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
-    """LambdaLR over all groups (each keeps its own base lr); `total_steps` counts optimizer steps."""
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int,
+                       multiplier: Callable[[int], float] | None = None):
+    """LambdaLR over all groups (each keeps its own base lr); `total_steps` counts optimizer steps. `multiplier`
+    replaces the step-sized schedule (a time budget's, cxrdist.train.time_budget, which decides its decay while
+    training)."""
     if cfg.warmup_steps >= total_steps > 0:
         raise ConfigError(f"optim.warmup_steps={cfg.warmup_steps} is not below the {total_steps} training steps: "
                           "lower it or train longer")
-    decay = decay_steps(cfg, total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(cfg.scheduler, step, cfg.warmup_steps, total_steps, decay))
+    if multiplier is None:
+        decay = decay_steps(cfg, total_steps)
+
+        def multiplier(step: int) -> float:
+            return lr_multiplier(cfg.scheduler, step, cfg.warmup_steps, total_steps, decay)
+    # a plain function: LambdaLR's state_dict keeps no copy of it, and a resume rebuilds it from the config
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: multiplier(step))

@@ -14,7 +14,6 @@ decay already begun.
 from __future__ import annotations
 
 import math
-import re
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
@@ -22,31 +21,6 @@ from typing import Any, Callable, Optional
 MIN_PACE_STEPS = 5  # steps measured before the pace is trusted (the first ones include compile and caching)
 DEFAULT_RESERVE_FRACTION = 0.05  # the reserve before the end-of-run work has been timed once
 RESERVE_MARGIN = 1.25  # measured end-of-run work can vary: keep a quarter more than it took
-
-_SLURM_TIME = re.compile(r"^(?:(?P<days>\d+)-)?(?P<a>\d+)(?::(?P<b>\d+))?(?::(?P<c>\d+))?$")
-
-
-def parse_time_budget(text: str) -> float:
-    """Seconds of a budget written as SLURM writes times: "90" (minutes), "MM:SS", "HH:MM:SS", "D-HH",
-    "D-HH:MM", "D-HH:MM:SS"; "" or "0" is off (0.0). ValueError naming the accepted forms otherwise."""
-    text = str(text).strip()
-    match = _SLURM_TIME.match(text)
-    if not text or text == "0":
-        return 0.0
-    if match is None:
-        raise ValueError(f"{text!r} is not a time: write minutes (90), MM:SS, HH:MM:SS or D-HH:MM:SS")
-    days = int(match["days"] or 0)
-    a, b, c = (int(v) if v is not None else None for v in (match["a"], match["b"], match["c"]))
-    if match["days"] is not None:  # D-HH[:MM[:SS]]
-        seconds = a * 3600 + (b or 0) * 60 + (c or 0)
-    elif c is not None:  # HH:MM:SS
-        seconds = a * 3600 + b * 60 + c
-    elif b is not None:  # MM:SS
-        seconds = a * 60 + b
-    else:  # minutes
-        seconds = a * 60
-    return float(days * 86400 + seconds)
-
 
 @dataclass
 class DecayDecision:

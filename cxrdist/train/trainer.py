@@ -25,13 +25,13 @@ import logging
 import math
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from cxrdist.config import Config
+from cxrdist.config import Config, parse_duration
 from cxrdist.data.latents import check_cached_latents, latents_info
 from cxrdist.errors import ConfigError, CxrdistError, DataError, report_now
 from cxrdist.fileio import write_json_atomic
@@ -50,6 +50,7 @@ from cxrdist.train.ema import AdapterEMA
 from cxrdist.train.optim import GROUP_NAMES, build_lr_scheduler, build_optimizer
 from cxrdist.train.preemption import StopRequested, StopSignals, announce, signal_name
 from cxrdist.train.text_prefill import distinct_prompts, prefill_text_cache
+from cxrdist.train.time_budget import DecayDecision, TimeBudget, share
 from cxrdist.train.tracking import MetricsLogger, memory_scalars
 from cxrdist.train.validation import Evaluator
 
@@ -86,6 +87,7 @@ class TrainState:
     best_path: str = ""
     stopped_early: bool = False
     last_eval_step: int = -1
+    time_budget: dict = field(default_factory=dict)  # TimeBudget.state_dict(): the budget used, the decay decided
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -156,8 +158,17 @@ class Trainer:
             raise DataError(f"fold {fold} training data gives {self.data.batches_per_epoch()} batches per rank, fewer "
                             f"than train.grad_accum={cfg.train.grad_accum}: lower train.batch_size or grad_accum")
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
+        budget_s = parse_duration(cfg.train.time_budget)
+        # train.time_budget: the decay starts when the clock says so; total_steps becomes where it ends
+        self.state = TrainState()
+        self._clock = faults.budget_clock(lambda: self.state.step) or time.monotonic
+        self.budget = TimeBudget(budget_s, warmup=cfg.optim.warmup_steps, decay_fraction=cfg.optim.decay_fraction,
+                                 max_steps=self.total_steps, clock=self._clock) if budget_s else None
+        self._end_work = {"validation": 0.0, "checkpoint": 0.0}  # seconds, as last measured
+        self._progress = None
         optimizer = build_optimizer(model, cfg.optim, acc.device)
-        scheduler = build_lr_scheduler(optimizer, cfg.optim, self.total_steps)
+        scheduler = build_lr_scheduler(optimizer, cfg.optim, self.total_steps,
+                                       self.budget.multiplier if self.budget is not None else None)
         self.model, self.optimizer, self.lr_scheduler = acc.prepare(model, optimizer, scheduler)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.group_names = [g.get("name", GROUP_NAMES[i]) for i, g in enumerate(self.optimizer.param_groups)]
@@ -168,7 +179,6 @@ class Trainer:
         self.encoder = BatchEncoder(self.base.vae, self.base.tokenizer, cfg.data.prompt_template,
                                     cfg.train.caption_dropout, use_cached=self._use_cached_latents())
         self.stopper = EarlyStopper(cfg.eval.metric, cfg.eval.mode, cfg.eval.patience, cfg.eval.min_delta)
-        self.state = TrainState()
         distributed.load_weights_only(self.model)  # a DeepSpeed engine unpickles its files with weights_only=True
         # The adapter EMA (train.ema_decay): on every rank, the same values everywhere; None when off.
         self.ema = AdapterEMA.from_model(acc, self.model, cfg.train.ema_decay) if cfg.train.ema_decay else None
@@ -199,6 +209,9 @@ class Trainer:
         with checkpoint.reading(path):  # a checkpoint removed while it is read is one line, whichever file went first
             info, trainer_state = self.checkpointer.load(path)
             self.state.load_state_dict(trainer_state)
+            if self.budget is not None:  # the budget left, and a decay already begun, carry over
+                self.budget.load_state_dict(self.state.time_budget)
+                self.total_steps = self.budget.total_steps()
             if info.get("fold") != self.fold:
                 raise DataError(f"cannot resume from {path}: it is fold {info.get('fold')}, this run is fold "
                                 f"{self.fold}")
@@ -379,6 +392,8 @@ class Trainer:
     def _save_checkpoint(self) -> Path:
         """This step's checkpoint, through the one save path (every rank: DeepSpeed saves collectively)."""
         step = self.state.step
+        if self.budget is not None:
+            self.state.time_budget = self.budget.state_dict()
         path = self.checkpointer.save(step, {"fold": self.fold, "epoch": self.epoch, "config_hash": self.cfg.hash(),
                                              **self.effective_batch_info()}, self.state.state_dict(),
                                       writers=[self.ema.save] if self.ema is not None else ())
@@ -400,7 +415,10 @@ class Trainer:
         self.model.train()
         self._prefill_text_cache()
         # Leaving on an error writes no last progress line: the error's own line stays the last one.
+        if self.budget is not None:
+            self.budget.start(self.state.step)
         with _progress(acc, self.total_steps, self.state.step) as progress:
+            self._progress = progress
             while self.state.step < self.total_steps and not self.state.stopped_early:
                 # The data position counts micro-batches: a skipped optimizer step consumed its batches too.
                 epoch, done_in_epoch = divmod(self.state.micro_step, per_epoch)
@@ -475,14 +493,52 @@ class Trainer:
         step = self.state.step
         epochs_done, within = divmod(self.state.micro_step, self.micro_per_epoch)
         epoch_end = within == 0
+        if self.budget is not None:
+            self._follow_time_budget(step)
         last = step >= self.total_steps
         if self.logger.due(step) or last:
             self._log_train(window)
         if self.validator.due(step, epochs_done if epoch_end else None) or (last and self.state.last_eval_step != step):
+            started = self._clock()
             self.evaluate()
+            self._end_work["validation"] = self._clock() - started
         if self.checkpointer.due(step, epoch_end) or last or self.state.stopped_early:
+            started = self._clock()
             self._save_checkpoint()
+            self._end_work["checkpoint"] = self._clock() - started
+        if self.budget is not None and all(self._end_work.values()):
+            # what follows the last step: a validation, the test split (about as long) and a checkpoint
+            self.budget.note_end_work(2 * self._end_work["validation"] + self._end_work["checkpoint"])
         faults.maybe_die_after_step(step, self.accelerator.process_index)
+
+    def _follow_time_budget(self, step: int) -> None:
+        """Every rank, after each optimizer step: the main process decides from its clock whether the decay starts
+        now, and every rank follows that decision (one broadcast), so all end at the same step."""
+        acc = self.accelerator
+        decision = self.budget.decide(step) if acc.is_main_process else None
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            decision = share(decision, broadcast)
+        if decision is None:
+            return
+        self.budget.adopt(decision)
+        self.total_steps = self.budget.total_steps()
+        if self._progress is not None:
+            self._progress.total = self.total_steps
+        if acc.is_main_process:
+            self._record_decay(decision)
+
+    def _record_decay(self, decision: DecayDecision) -> None:
+        """When and why the decay began: the log, TensorBoard and <run>/time_budget.json."""
+        log.info("time budget: the lr decay begins after step %d and the run ends at step %d: %s", decision.step,
+                 decision.end_step, decision.reason)
+        self.logger.scalars({"train/decay_start_step": decision.step, "train/planned_steps": decision.end_step},
+                            decision.step)
+        self.logger.text("train/time_budget", decision.reason, decision.step)
+        write_json_atomic(self.run_dir / "time_budget.json", {
+            "budget_s": self.budget.budget_s, "max_steps": self.budget.max_steps, **asdict(decision),
+            "end_step": decision.end_step})
 
     @property
     def epoch(self) -> int:
@@ -573,6 +629,9 @@ class Trainer:
         if self.cfg.train.export_zip and self.state.best_path and self.accelerator.is_main_process:
             log.info("wrote %s", write_zip(Path(self.state.best_path)))
         self.logger.hparams({**{f"test_{k}": v for k, v in test.items()}, "best_value": self.stopper.best or float("nan")})
+        if self.budget is not None and self.accelerator.is_main_process:
+            log.info("time budget: ended at step %d (train.max_steps allowed %d), %.1f of %.1f minutes used",
+                     self.state.step, self.budget.max_steps, self.budget.elapsed_s() / 60, self.budget.budget_s / 60)
         return FoldResult(self.fold, self.run_dir, self.state.step, Path(self.state.best_path) if self.state.best_path else None,
                           self.stopper.best, self.stopper.best_epoch, self.state.stopped_early, test,
                           window.overall_rate() * self.accelerator.num_processes,

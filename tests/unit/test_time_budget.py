@@ -2,12 +2,16 @@
 across ranks, and a resume continues it."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
+import torch
 
+from cxrdist.config import load_config, parse_duration
+from cxrdist.errors import ConfigError
 from cxrdist.train.time_budget import (DEFAULT_RESERVE_FRACTION, MIN_PACE_STEPS, RESERVE_MARGIN, DecayDecision,
-                                       TimeBudget, parse_time_budget, share)
+                                       TimeBudget, share)
 
 
 class FakeClock:
@@ -21,13 +25,23 @@ class FakeClock:
 @pytest.mark.parametrize("text,seconds", [("90", 5400), ("0", 0), ("", 0), ("10:30", 630), ("01:30:00", 5400),
                                           ("2-00", 172800), ("1-02:03", 93780), ("1-00:00:05", 86405)])
 def test_budgets_are_read_as_slurm_writes_times(text, seconds):
-    assert parse_time_budget(text) == seconds
+    assert parse_duration(text) == seconds
 
 
 @pytest.mark.parametrize("text", ["abc", "1h", "-5", "1:2:3:4", "1.5"])
 def test_other_budget_text_is_refused(text):
     with pytest.raises(ValueError, match="not a time"):
-        parse_time_budget(text)
+        parse_duration(text)
+    with pytest.raises(ConfigError, match="'train.time_budget' must be a time"):
+        load_config(None, [f"train.time_budget={text}", "optim.scheduler=wsd"])
+
+
+def test_a_budget_needs_the_wsd_schedule_and_a_yaml_clock_time_stays_a_time(tmp_path):
+    with pytest.raises(ConfigError, match="'train.time_budget' needs optim.scheduler=wsd"):
+        load_config(None, ["train.time_budget=30"])
+    # YAML 1.1 reads 10:00 as the base-60 integer 600: the config's loader keeps it the text it is
+    (tmp_path / "c.yaml").write_text("optim:\n  scheduler: wsd\ntrain:\n  time_budget: 10:00\n")
+    assert parse_duration(load_config(str(tmp_path / "c.yaml"), []).train.time_budget) == 600.0
 
 
 def _run(budget_s, pace_s, *, max_steps=100_000, warmup=10, fraction=0.2, clock=None, budget=None, start=0,
@@ -114,10 +128,65 @@ def test_every_rank_follows_the_main_processs_decision():
         sent.append(tensor.tolist())
         return torch.tensor(sent[0])
 
-    import torch
-
     assert share(decision, broadcast) is decision
     other = share(None, broadcast)  # a rank with no clock of its own gets rank 0's numbers
     assert (other.step, other.decay_steps) == (800, 200)
     sent.clear()
     assert share(None, broadcast) is None
+
+
+# ---- through the trainer, on a clock of one second per optimizer step (faults.budget_clock) --------------------
+BUDGETED = ["train.max_steps=40", "optim.scheduler=wsd", "optim.warmup_steps=0", "train.time_budget=0:24",
+            "train.checkpoint_every=4", "train.keep_last=10"]
+# 24 s at 1 s/step, 5% (1.2 s) kept back: after step s, floor(22.8 - s) steps remain affordable; the decay (20% of
+# the run) begins at the first s where 0.8 * (22 - s) <= 0.2 * s, i.e. s = 18, and lasts the 4 steps left.
+DECAY_STEP, END_STEP = 18, 22
+
+
+@pytest.mark.usefixtures("fresh_accelerate")
+def test_the_trainer_decays_where_the_budget_says_and_a_resume_inside_the_decay_keeps_it(tmp_path, monkeypatch):
+    """(That a resumed run ends at the uninterrupted adapter bit for bit is tested with real ranks:
+    tests/integration/test_time_budget.py.)"""
+    from support.fakes import make_trainer, reset_accelerate
+
+    from cxrdist.train import faults
+
+    monkeypatch.setenv(faults.STEP_SECONDS_ENV, "1")
+    trainer = make_trainer(tmp_path / "whole", *BUDGETED)
+    result = trainer.fit()
+    assert result.steps == END_STEP and trainer.total_steps == END_STEP
+    record = json.loads((tmp_path / "whole" / "fold0" / "time_budget.json").read_text())
+    assert (record["step"], record["decay_steps"], record["end_step"]) == (DECAY_STEP, 4, END_STEP)
+    assert record["budget_s"] == 24.0 and record["max_steps"] == 40 and "budget" in record["reason"]
+    assert trainer.budget.multiplier(DECAY_STEP - 1) == 1.0 > trainer.budget.multiplier(DECAY_STEP + 1)
+    assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)  # decayed to 0 at the end
+    decision = trainer.budget.decision
+    trainer.close()
+    reset_accelerate()
+
+    real_die = faults.maybe_die_after_step
+
+    def preempted(step, rank):
+        if step == 21:  # inside the decay, after the step-20 checkpoint
+            raise KeyboardInterrupt
+        real_die(step, rank)
+
+    monkeypatch.setattr(faults, "maybe_die_after_step", preempted)
+    cut = make_trainer(tmp_path / "cut", *BUDGETED)
+    with pytest.raises(KeyboardInterrupt):
+        cut.fit()
+    cut.close()
+    reset_accelerate()
+    monkeypatch.setattr(faults, "maybe_die_after_step", real_die)
+    resumed = make_trainer(tmp_path / "cut", *BUDGETED, resume="latest")
+    assert resumed.state.step == 20 and resumed.total_steps == END_STEP  # the decision came with the checkpoint
+    assert resumed.budget.decision == decision and resumed.budget.used_before_s == 20.0
+    peak = resumed.cfg.optim.lr_unet
+    assert resumed.lr_scheduler.get_last_lr()[0] == pytest.approx(peak * decision_multiplier(20))
+    assert resumed.fit().steps == END_STEP
+    resumed.close()
+
+
+def decision_multiplier(step: int) -> float:
+    """The budgeted schedule's multiplier after `step` steps: cosine from DECAY_STEP over its 4 steps."""
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - DECAY_STEP) / (END_STEP - DECAY_STEP))))
