@@ -2,6 +2,8 @@
 # The main job, offline on CPU: phantom shards -> LoRA on the shipped phantom base with 2 CPU ranks ->
 # samples -> text-faithfulness of the base and of the adapter, side by side.
 # Shorter runs (CI): DEMO_N, DEMO_STEPS, DEMO_EVAL_SAMPLES, DEMO_SAMPLE_STEPS, DEMO_ROOT override the defaults.
+# DEMO_TIME_BUDGET (minutes or HH:MM:SS) trains to that wall-clock budget instead of a fixed schedule
+# (train.time_budget with the warm-up / stable / decay schedule; DEMO_STEPS stays the upper bound).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,12 +33,21 @@ if ! grep -q '"latents"' "$SHARDS/index.json"; then
   cxrdist shard cache-latents "$SHARDS" --pretrained "$BASE"
 fi
 
-step "2/5 LoRA training, fold 0 held out, 2 CPU ranks ($STEPS steps) -> $RUN"
+BUDGET_SETS=()
+if [ -n "${DEMO_TIME_BUDGET:-}" ]; then
+  BUDGET_SETS=(--set optim.scheduler=wsd --set train.time_budget="$DEMO_TIME_BUDGET")
+  step "2/5 LoRA training, fold 0 held out, 2 CPU ranks (a $DEMO_TIME_BUDGET budget, at most $STEPS steps) -> $RUN"
+else
+  step "2/5 LoRA training, fold 0 held out, 2 CPU ranks ($STEPS steps) -> $RUN"
+fi
 # One thread per rank: two ranks on two cores, each spinning two threads, run many times slower.
 OMP_NUM_THREADS=1 accelerate launch --config_file configs/accelerate/cpu_2ranks.yaml launch/train.py \
   --config demo --fold 0 --shards "$SHARDS" --pretrained "$BASE" --output-dir "$RUN" \
   --set train.max_steps="$STEPS" --set optim.warmup_steps=$(( STEPS / 20 )) --set eval.eval_every_steps=$(( STEPS / 4 > 0 ? STEPS / 4 : 1 )) \
-  --set train.checkpoint_every=$(( STEPS / 4 > 0 ? STEPS / 4 : 1 ))
+  --set train.checkpoint_every=$(( STEPS / 4 > 0 ? STEPS / 4 : 1 )) "${BUDGET_SETS[@]}"
+if [ -f "$RUN/fold0/time_budget.json" ]; then
+  python -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"time budget: the decay began after step {r['step']} and training ended at step {r['end_step']} of at most {r['max_steps']}\")" "$RUN/fold0/time_budget.json"
+fi
 BEST=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['checkpoint'])" "$RUN/fold0/test_metrics.json")
 
 step "3/5 samples for example reports -> $OUT/samples"

@@ -21,8 +21,11 @@ def test_demo_script_runs_every_step_in_short_form(tmp_path):
     # 2 steps: with DEMO_STEPS < 8 the script validates (the demo's full evaluation: every validation sample,
     # metric images and grids at its inference steps) and checkpoints after every step. Two steps still
     # evaluate twice and keep only the last checkpoint (keep_last=1); 4 steps paid for two more evaluations.
+    # With a time budget (train.time_budget; too short a run to reach its decision, which
+    # tests/integration/test_time_budget.py covers): the script's flags reach the trainer and are accepted.
     env = dict(os.environ, DEMO_N="150", DEMO_STEPS="2", DEMO_EVAL_SAMPLES="4", DEMO_SAMPLE_STEPS="2",
-               DEMO_ROOT=str(tmp_path), PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+               DEMO_TIME_BUDGET="10", DEMO_ROOT=str(tmp_path),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     proc = run_reaped(["bash", str(REPO / "scripts" / "demo.sh")], env=env, timeout=840)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "outputs" / "demo"
@@ -31,4 +34,5 @@ def test_demo_script_runs_every_step_in_short_form(tmp_path):
     assert len(results) == 2  # base and adapter, side by side
     assert all("macro" in r["faithfulness"] for r in results.values())
     assert "tensorboard --logdir" in proc.stdout and "macro" in proc.stdout
+    assert "(a 10 budget, at most 2 steps)" in proc.stdout
     assert list((tmp_path / "runs" / "demo" / "fold0").glob("best_model_fold0_epoch*"))
