@@ -22,7 +22,7 @@ def test_demo_script_runs_every_step_in_short_form(tmp_path):
     # metric images and grids at its inference steps) and checkpoints after every step. Two steps still
     # evaluate twice and keep only the last checkpoint (keep_last=1); 4 steps paid for two more evaluations.
     # With a time budget (train.time_budget; too short a run to reach its decision, which
-    # tests/integration/test_time_budget.py covers): the script's flags reach the trainer and are accepted.
+    # tests/integration/test_time_budget_ranks.py covers): the script's flags reach the trainer and are accepted.
     env = dict(os.environ, DEMO_N="150", DEMO_STEPS="2", DEMO_EVAL_SAMPLES="4", DEMO_SAMPLE_STEPS="2",
                DEMO_TIME_BUDGET="10", DEMO_ROOT=str(tmp_path),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")

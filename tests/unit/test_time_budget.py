@@ -146,7 +146,7 @@ DECAY_STEP, END_STEP = 18, 22
 @pytest.mark.usefixtures("fresh_accelerate")
 def test_the_trainer_decays_where_the_budget_says_and_a_resume_inside_the_decay_keeps_it(tmp_path, monkeypatch):
     """(That a resumed run ends at the uninterrupted adapter bit for bit is tested with real ranks:
-    tests/integration/test_time_budget.py.)"""
+    tests/integration/test_time_budget_ranks.py.)"""
     from support.fakes import make_trainer, reset_accelerate
 
     from cxrdist.train import faults
