@@ -45,6 +45,24 @@ def special_file_kind(path: str | os.PathLike) -> str | None:
     return "not a regular file"
 
 
+def find_special_file(folder: str | os.PathLike, max_depth: int = 8) -> tuple[Path, str] | None:
+    """The first FIFO, device or socket under `folder` (sorted order, folders up to `max_depth` levels down) and
+    its kind, or None. An unreadable folder is skipped: whatever needs it reports that."""
+    def walk(current: Path, depth: int) -> tuple[Path, str] | None:
+        try:
+            entries = sorted(current.iterdir())
+        except OSError:
+            return None
+        for entry in entries:
+            if (kind := special_file_kind(entry)) is not None:
+                return entry, kind
+            if depth < max_depth and entry.is_dir() and (found := walk(entry, depth + 1)) is not None:
+                return found
+        return None
+
+    return walk(Path(folder), 1)
+
+
 def check_not_special(path: str | os.PathLike, what: str, error: type[Exception]) -> None:
     """Raise `error` with one line when `path` is a FIFO, device or socket (opening one may block or never end)."""
     if (kind := special_file_kind(path)) is not None:

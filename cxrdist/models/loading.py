@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 
 from cxrdist.errors import ModelError
-from cxrdist.fileio import check_not_special, special_file_kind, temp_name
+from cxrdist.fileio import check_not_special, find_special_file, temp_name
 from cxrdist.models.presets import PRESETS, PRESETS_REVISION, save_preset
 
 log = logging.getLogger(__name__)
@@ -196,22 +196,12 @@ def fingerprint(path: str) -> str:
 def check_model_files(folder: str | Path, what: str = "model folder") -> None:
     """Refuse a FIFO, device or socket anywhere in a model folder (weights, configs, tokenizer files), before a
     library opens it: opening a FIFO blocks forever and a device reads without end."""
-    def walk(current: Path, depth: int) -> None:
-        try:
-            entries = sorted(current.iterdir())
-        except OSError:
-            return  # unreadable: the loader that needs it says so
-        for entry in entries:
-            if (kind := special_file_kind(entry)) is not None:
-                raise ModelError(f"{entry} in the {what} is {kind}, not a regular file (loading would block on "
-                                 "it): replace it with the real file")
-            if depth < MODEL_FOLDER_DEPTH and entry.is_dir():
-                walk(entry, depth + 1)
-
     folder = Path(folder)
     check_not_special(folder, what, ModelError)
-    if folder.is_dir():
-        walk(folder, 1)
+    if folder.is_dir() and (found := find_special_file(folder, MODEL_FOLDER_DEPTH)) is not None:
+        entry, kind = found
+        raise ModelError(f"{entry} in the {what} is {kind}, not a regular file (loading would block on it): "
+                         "replace it with the real file")
 
 
 def _pickled_weights(folder: Path) -> list[Path]:

@@ -40,7 +40,7 @@ import torch
 
 from cxrdist.config import Config, config_from_dict, diff_configs, load_yaml
 from cxrdist.errors import ConfigError, CxrdistError, InputError, report_now
-from cxrdist.fileio import special_file_kind, write_json_atomic
+from cxrdist.fileio import find_special_file, write_json_atomic
 from cxrdist.locks import folder_lock
 from cxrdist.models.diffusion import LoraDiffusionModel
 from cxrdist.models.lora import CHECKPOINT_ADAPTER, CHECKPOINT_CONFIG, CHECKPOINT_MARKER, load_adapter_state
@@ -319,12 +319,11 @@ def _first_line(exc: BaseException) -> str:
 
 def check_regular_files(path: Path) -> None:
     """Refuse a checkpoint holding a FIFO, a device or a socket, before anything opens one (a FIFO blocks
-    the reader forever, a device reads without end): cxrdist.fileio.special_file_kind, for every file."""
-    for file in sorted(Path(path).rglob("*")):
-        kind = special_file_kind(file)
-        if kind is not None:
-            raise InputError(f"cannot resume from {path}: {file.relative_to(path)} is {kind}, not a regular file; "
-                             "it was refused unopened: resume from another checkpoint")
+    the reader forever, a device reads without end): cxrdist.fileio.find_special_file."""
+    if (found := find_special_file(path)) is not None:
+        file, kind = found
+        raise InputError(f"cannot resume from {path}: {file.relative_to(path)} is {kind}, not a regular file; "
+                         "it was refused unopened: resume from another checkpoint")
 
 
 # How long a rank waits for rank 0's probe file: NFS-style filesystems may cache a directory's listing for
