@@ -7,6 +7,7 @@ from typing import Callable
 import click
 
 from cxrdist.errors import CxrdistError
+from cxrdist.fileio import is_disk_full
 
 
 def config_options(func: Callable) -> Callable:
@@ -30,7 +31,7 @@ def friendly_errors(func: Callable) -> Callable:
                 raise SystemExit(1) from None
             raise click.ClickException(str(exc)) from None
         except OSError as exc:
-            if exc.errno == 28:  # ENOSPC
+            if is_disk_full(exc):
                 raise click.ClickException(f"disk full while writing {exc.filename or 'output'}: free space and rerun") from None
             if isinstance(exc, PermissionError):
                 raise click.ClickException(f"permission denied: {exc.filename}: choose a writable location") from None

@@ -12,6 +12,7 @@ device reads without end.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -21,6 +22,18 @@ from pathlib import Path
 from typing import Any
 
 TEMP_SUFFIX = ".cxrdist-tmp"  # every temporary file or folder this toolkit creates ends with it
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC or a quota, as the OS, torch's zip writer or safetensors report it: every writer that turns a full
+    disk into one line asks this."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    # torch's PytorchStreamWriter says only "file write failed" (or "unexpected pos") when write() fails;
+    # safetensors wraps the OS error as StorageFull / QuotaExceeded
+    return any(word in text for word in ("No space left on device", "StorageFull", "Disk quota exceeded",
+                                         "QuotaExceeded", "file write failed", "unexpected pos"))
 
 
 def temp_name(path: str | os.PathLike) -> Path:

@@ -42,7 +42,7 @@ from cxrdist.data.index import PARTS_DIR, latents_record, load_index, record_lat
 from cxrdist.data.shard import build_lock, stats_path
 from cxrdist.data.tars import read_samples, write_tar
 from cxrdist.errors import DataError
-from cxrdist.fileio import TEMP_SUFFIX, temp_name, write_json_atomic
+from cxrdist.fileio import TEMP_SUFFIX, is_disk_full, temp_name, write_json_atomic
 from cxrdist.progress import progress_meter
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ def writable_index(shards_dir: str | os.PathLike):
 
 def _write_problem(root: Path, exc: OSError) -> str | None:
     """The one line for a failed write into the set, or None when `exc` is not about the folder."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if is_disk_full(exc):
         return f"disk full while caching latents in {root}: free space and rerun (the shard set is unchanged)"
     if isinstance(exc, PermissionError) or exc.errno == errno.EROFS:
         return (f"cannot write to {root} ({exc.strerror or exc}): cache-latents rewrites the shards in place; make "

@@ -26,7 +26,6 @@ Pipeline (img2dataset-like): reader (source.records / source.load) -> resizer (i
 from __future__ import annotations
 
 import contextlib
-import errno
 import inspect
 import json
 import logging
@@ -52,7 +51,8 @@ from cxrdist.data.listing import (DUPLICATE_CONTENT, DUPLICATE_PATH, Listing, Re
 from cxrdist.data.sources.base import Record, RecordRejected
 from cxrdist.data.tars import write_tar
 from cxrdist.errors import DataError, InputError
-from cxrdist.fileio import TEMP_SUFFIX, json_text, sha256_file, temp_name, write_json_atomic, write_text_atomic
+from cxrdist.fileio import (TEMP_SUFFIX, is_disk_full, json_text, sha256_file, temp_name, write_json_atomic,
+                            write_text_atomic)
 from cxrdist.locks import folder_lock
 from cxrdist.progress import progress_meter
 
@@ -616,7 +616,7 @@ def _write_tasks(source, out: Path, listing: Listing, assignment: dict[str, str]
             while in_pool:
                 finish(*in_pool.popleft())
     except OSError as exc:
-        if exc.errno == errno.ENOSPC:
+        if is_disk_full(exc):
             raise DataError(f"disk full while writing {out}: free space and rerun with --resume "
                             f"(completed shards are kept)") from None
         raise

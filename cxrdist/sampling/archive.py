@@ -18,7 +18,7 @@ import zlib
 from pathlib import Path, PurePosixPath
 
 from cxrdist.errors import InputError, ModelError
-from cxrdist.fileio import temp_name
+from cxrdist.fileio import is_disk_full, temp_name
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ def _link_into_place(tmp: Path, out: Path) -> None:
 def _zip_problem(out: Path, tmp: Path, exc: OSError) -> str:
     if exc.filename is not None and str(exc.filename) not in (str(tmp), str(out)):
         return f"cannot read {exc.filename} ({exc.strerror or exc}): nothing was written"
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if is_disk_full(exc):
         return f"disk full while writing {out}: free space and rerun (nothing was left behind)"
     if isinstance(exc, PermissionError) or exc.errno == errno.EROFS:
         return f"cannot write {out} ({exc.strerror or exc}): choose a writable folder"

@@ -18,7 +18,6 @@ The export reads only the adapter folder (no base model is loaded) and writes th
 from __future__ import annotations
 
 import contextlib
-import errno
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 
 from cxrdist import __version__
 from cxrdist.errors import InputError, ModelError
-from cxrdist.fileio import sha256_file, write_bytes_atomic
+from cxrdist.fileio import is_disk_full, sha256_file, write_bytes_atomic
 from cxrdist.models.loading import check_weights_file
 from cxrdist.models.lora import CHECKPOINT_MARKER, METADATA_NAME, WEIGHTS_NAME, read_adapter_metadata
 
@@ -189,7 +188,7 @@ def export_kohya(model_path: str | Path, out: str | Path) -> KohyaExport:
         for folder in created:  # only folders this export made, and only while still empty
             with contextlib.suppress(OSError):
                 folder.rmdir()
-        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        full = is_disk_full(exc)
         raise InputError(f"disk full while writing {out}: free space and rerun (nothing was left behind)" if full
                          else f"cannot write {out} ({exc.strerror or exc}): choose a writable --out") from None
     count = {part: sum(1 for k in tensors if k.startswith(prefix) and k.endswith(".alpha"))

@@ -23,7 +23,7 @@ import torch
 
 from cxrdist import __version__
 from cxrdist.errors import InputError
-from cxrdist.fileio import sha256_file, temp_name
+from cxrdist.fileio import is_disk_full, sha256_file, temp_name
 from cxrdist.models.loading import BaseModel
 from cxrdist.models.lora import WEIGHTS_NAME
 from cxrdist.sampling.loading import load_for_sampling
@@ -99,7 +99,7 @@ def _make_parents(out: Path) -> list[Path]:
 
 
 def _write_problem(out: Path, exc: OSError) -> str:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if is_disk_full(exc):
         return f"disk full while writing the merged pipeline {out}: free space and rerun (nothing was left behind)"
     if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
         return f"--out {out} was filled while the merge ran: choose a new folder (nothing was written)"

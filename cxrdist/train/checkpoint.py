@@ -28,7 +28,6 @@ previous checkpoints as they were and no folder that looks complete.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -40,7 +39,7 @@ import torch
 
 from cxrdist.config import Config, config_from_dict, diff_configs, load_yaml
 from cxrdist.errors import ConfigError, CxrdistError, InputError, report_now
-from cxrdist.fileio import find_special_file, write_json_atomic
+from cxrdist.fileio import find_special_file, is_disk_full, write_json_atomic
 from cxrdist.locks import folder_lock
 from cxrdist.models.diffusion import LoraDiffusionModel
 from cxrdist.models.lora import CHECKPOINT_ADAPTER, CHECKPOINT_CONFIG, CHECKPOINT_MARKER, load_adapter_state
@@ -282,17 +281,6 @@ def decide_resume(run_dir: Path, resume: str | None, finished_marker: str) -> st
         raise InputError(f"{run_dir} already holds a training run: continue it with --resume latest, "
                          "or choose another --output-dir / train.run_name")
     return resume
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """ENOSPC or a quota, as the OS, torch's zip writer or safetensors report it."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(exc)
-    # torch's PytorchStreamWriter says only "file write failed" (or "unexpected pos") when write() fails;
-    # safetensors wraps the OS error as StorageFull / QuotaExceeded
-    return any(word in text for word in ("No space left on device", "StorageFull", "Disk quota exceeded",
-                                         "QuotaExceeded", "file write failed", "unexpected pos"))
 
 
 def folder_bytes(folder: Path) -> int:

@@ -8,7 +8,6 @@ server's size (and `expected_size` / `sha256` when given) before it is renamed i
 """
 from __future__ import annotations
 
-import errno
 import re
 import shutil
 import tarfile
@@ -21,7 +20,7 @@ from typing import Optional, Sequence
 import requests
 
 from cxrdist.errors import DataError
-from cxrdist.fileio import sha256_file, temp_name
+from cxrdist.fileio import is_disk_full, sha256_file, temp_name
 from cxrdist.progress import progress_meter
 
 IU_BASE_URL = "https://openi.nlm.nih.gov/imgs/collections/"
@@ -198,7 +197,7 @@ def safe_extract(archive: str | Path, dest: str | Path) -> Path:
             tar.extractall(partial, filter="data")
     except (tarfile.TarError, EOFError, OSError) as exc:
         shutil.rmtree(partial, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(exc, OSError) and is_disk_full(exc):
             # The archive is fine: the disk (or quota) under dest is full.
             raise DataError(f"disk full while extracting {archive} into {dest.parent}: free space there (or "
                             "point --out elsewhere) and rerun") from None
