@@ -394,6 +394,9 @@ class SampleConfig:
         _require(self.dtype in ("fp32", "bf16", "fp16"), "sample.dtype", "fp32, bf16 or fp16 (--dtype)")
 
 
+PRETRAIN_CAPTIONS = ("acquisition", "generic")
+
+
 @dataclass
 class PretrainConfig:
     """`cxrdist pretrain`: the embedded default base, trained from scratch on phantom shards."""
@@ -407,7 +410,11 @@ class PretrainConfig:
     unet_batch_size: int = 64
     unet_lr: float = 5e-4
     ema_decay: float = 0.999
-    caption: str = "chest radiograph"  # the only text the base ever sees
+    # acquisition: each image's caption about its side marker, electrodes and exposure (never a finding), so the
+    # base learns the world's spatial words, as a real base knows language and no radiology; generic: `caption`
+    # for every image
+    captions: str = "acquisition"
+    caption: str = "chest radiograph"  # the text of every image with captions=generic
     uncond_prob: float = 0.1  # share of empty prompts, so classifier-free guidance works on the base
     seed: int = 0
 
@@ -416,6 +423,7 @@ class PretrainConfig:
         _require(self.vae_steps >= 1 and self.unet_steps >= 1, "pretrain.vae_steps/unet_steps", ">= 1")
         _require(0.0 <= self.uncond_prob < 1.0, "pretrain.uncond_prob", "in [0, 1)")
         _require(0.0 < self.ema_decay < 1.0, "pretrain.ema_decay", "in (0, 1)")
+        _require(self.captions in PRETRAIN_CAPTIONS, "pretrain.captions", " or ".join(PRETRAIN_CAPTIONS))
 
 
 @dataclass

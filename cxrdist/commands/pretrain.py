@@ -12,7 +12,8 @@ from cxrdist.cli_options import config_options, friendly_errors
 @config_options
 @friendly_errors
 def pretrain(shards: str, out: str, config: str | None, overrides: tuple[str, ...]) -> None:
-    """Pretrain the tiny base on phantoms with one generic caption (knows anatomy, not findings)."""
+    """Pretrain the tiny base on phantoms, captioned with how each film was taken (knows anatomy and spatial
+    words, no findings)."""
     import yaml
 
     from cxrdist.config import load_config

@@ -1,12 +1,15 @@
 """Pretrain the embedded default base: a tiny VAE, then a tiny UNet, from scratch on phantom shards.
 
-The base is meant to mirror the real situation: it draws radiographs, but every caption it saw was the
-same generic one, so it knows anatomy and nothing about findings. LoRA fine-tuning on the reports then has
-to teach it to follow the text, and the faithfulness score measures whether it did.
+The base is meant to mirror the real situation: a real base knows language and pictures in general and no
+radiology. With `pretrain.captions: acquisition` (the default) every image is captioned with how its film
+was taken (side marker place, ECG electrodes, exposure: `cxrdist.data.sources.phantom_acquisition`), never
+with a finding, so the base learns to put things where the text says while it knows nothing about hearts,
+effusions, pneumothoraces or nodules. With `generic` every image gets the one `pretrain.caption`. LoRA
+fine-tuning on the reports then has to teach the findings, and the faithfulness score measures whether it did.
 
 Small data (the phantom world) fits in memory, so images are read from the shards once; the VAE trains on
-pixels, then every image is encoded once and the UNet trains on those latents with a fixed, frozen
-conditioning (the generic caption, or the empty prompt for classifier-free guidance).
+pixels, then every image is encoded once and the UNet trains on those latents with frozen text contexts
+(each distinct caption encoded once; the empty prompt a share of the time, for classifier-free guidance).
 """
 from __future__ import annotations
 
@@ -41,20 +44,57 @@ class PretrainResult:
     unet_seconds: float
     unet_final_loss: float
     latent_scaling: float
+    distinct_captions: int = 1
 
 
 def load_split_pixels(shards: str, splits: list[str], image_size: int) -> torch.Tensor:
     """All images of the given splits as one uint8 tensor N x 1 x H x W (grayscale)."""
+    return load_split(shards, splits, image_size)[0]
+
+
+def load_split(shards: str, splits: list[str], image_size: int) -> tuple[torch.Tensor, list[str | None]]:
+    """(uint8 N x 1 x H x W images, each image's acquisition caption or None where its shard has none)."""
     from cxrdist.data.loader import eval_loader
 
-    chunks = []
+    chunks, captions = [], []
     for split in splits:
         for batch in eval_loader(shards, split, batch_size=256, image_size=image_size, channels=1):
             pixels = (batch["pixel_values"] + 1.0) * 127.5
             chunks.append(pixels.round().clamp(0, 255).to(torch.uint8))
+            captions.extend(acquisition_caption(meta) for meta in batch.get("meta", [{}] * len(pixels)))
     if not chunks:
         raise DataError(f"no images in splits {splits} of {shards}: build phantom shards first")
-    return torch.cat(chunks)
+    return torch.cat(chunks), captions
+
+
+def acquisition_caption(meta: dict) -> str | None:
+    """The phantom acquisition caption a shard sample carries (`extra.phantom.acquisition.caption`), if any."""
+    phantom = ((meta or {}).get("extra") or {}).get("phantom") or {}
+    caption = (phantom.get("acquisition") or {}).get("caption") if isinstance(phantom, dict) else None
+    return caption if isinstance(caption, str) and caption.strip() else None
+
+
+def caption_contexts(parts: dict, captions: list[str], batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(contexts of the distinct captions with the empty prompt as the LAST row, each image's row index)."""
+    distinct = sorted(set(captions))
+    row = {caption: i for i, caption in enumerate(distinct)}
+    texts = distinct + [""]
+    with torch.no_grad():
+        contexts = torch.cat([encode_prompts(parts["tokenizer"], parts["text_encoder"], texts[i : i + batch_size],
+                                             warn=False) for i in range(0, len(texts), batch_size)])
+    return contexts, torch.tensor([row[c] for c in captions], dtype=torch.long)
+
+
+def image_captions(cfg: PretrainConfig, captions: list[str | None], shards: str) -> list[str]:
+    """Each training image's caption under `pretrain.captions`."""
+    if cfg.captions == "generic":
+        return [cfg.caption] * len(captions)
+    missing = sum(c is None for c in captions)
+    if missing:
+        raise DataError(f"{missing} of {len(captions)} images in {shards} carry no acquisition caption "
+                        "(extra.phantom.acquisition): rebuild the set with `cxrdist shard phantom`, or set "
+                        "pretrain.captions=generic")
+    return list(captions)
 
 
 def to_model_range(pixels: torch.Tensor) -> torch.Tensor:
@@ -100,9 +140,11 @@ def encode_all(vae, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor
     return torch.cat(out)
 
 
-def train_unet(unet, latents: torch.Tensor, contexts: torch.Tensor, scheduler_config: dict, cfg: PretrainConfig,
-               generator: torch.Generator) -> tuple[torch.nn.Module, float]:
-    """Full-parameter UNet training on cached latents with an EMA copy; returns (EMA UNet, last loss)."""
+def train_unet(unet, latents: torch.Tensor, contexts: torch.Tensor, caption_rows: torch.Tensor,
+               scheduler_config: dict, cfg: PretrainConfig, generator: torch.Generator) -> tuple[torch.nn.Module, float]:
+    """Full-parameter UNet training on cached latents with an EMA copy; returns (EMA UNet, last loss).
+    Image i is conditioned on `contexts[caption_rows[i]]`, or on the last row (the empty prompt) with
+    probability `uncond_prob`."""
     objective = DiffusionObjective(scheduler_config)
     ema = copy.deepcopy(unet).requires_grad_(False)
     unet.train()
@@ -116,7 +158,7 @@ def train_unet(unet, latents: torch.Tensor, contexts: torch.Tensor, scheduler_co
             idx = torch.randint(0, len(latents), (cfg.unet_batch_size,), generator=generator)
             x0 = latents[idx]
             uncond = torch.rand(len(idx), generator=generator) < cfg.uncond_prob
-            context = contexts[uncond.long()]  # row 0: generic caption, row 1: empty prompt
+            context = contexts[torch.where(uncond, len(contexts) - 1, caption_rows[idx])]
             noise = objective.sample_noise(tuple(x0.shape), generator).to(x0.device)
             timesteps = objective.sample_timesteps(len(idx), generator).to(x0.device)
             noisy, target = objective.noisy_inputs(x0, noise, timesteps)
@@ -151,7 +193,8 @@ def pretrain(shards: str, out: str | Path, cfg: PretrainConfig, resolved_config:
     generator = torch.Generator().manual_seed(cfg.seed)
     index = load_index(shards)
     splits = [f"fold{k}" for k in range(index.folds)]
-    pixels = load_split_pixels(shards, splits, index.image_size)
+    pixels, stored_captions = load_split(shards, splits, index.image_size)
+    captions = image_captions(cfg, stored_captions, shards)
     held_out = load_split_pixels(shards, ["test"], index.image_size)[:256]
     log.info("pretraining on %d images from %s (%s); %d held out for VAE PSNR", len(pixels), shards, splits, len(held_out))
 
@@ -165,14 +208,16 @@ def pretrain(shards: str, out: str | Path, cfg: PretrainConfig, resolved_config:
     log.info("VAE: %.2f dB PSNR on held-out images after %d steps (%.0f s); latent scaling %.4f",
              vae_psnr, cfg.vae_steps, vae_seconds, scaling)
 
-    with torch.no_grad():
-        contexts = encode_prompts(parts["tokenizer"], parts["text_encoder"], [cfg.caption, ""], warn=False)
+    contexts, caption_rows = caption_contexts(parts, captions)
+    log.info("UNet conditioning: %d distinct captions (%s)", len(contexts) - 1, cfg.captions)
     started = time.perf_counter()
-    ema_unet, final_loss = train_unet(parts["unet"], raw * scaling, contexts, dict(parts["scheduler"].config), cfg, generator)
+    ema_unet, final_loss = train_unet(parts["unet"], raw * scaling, contexts, caption_rows,
+                                      dict(parts["scheduler"].config), cfg, generator)
     unet_seconds = time.perf_counter() - started
     parts["unet"] = ema_unet
     result = PretrainResult(out=out, train_images=len(pixels), vae_psnr=vae_psnr, vae_seconds=vae_seconds,
-                            unet_seconds=unet_seconds, unet_final_loss=final_loss, latent_scaling=scaling)
+                            unet_seconds=unet_seconds, unet_final_loss=final_loss, latent_scaling=scaling,
+                            distinct_captions=len(contexts) - 1)
     extra = {"README.md": describe(result, cfg, shards), "cxrdist_pretrain.yaml": resolved_config}
     save_base(parts, out, text_encoder_package=TEXT_ENCODER_PACKAGES.get(cfg.preset), extra_files=extra)
     return result
@@ -184,8 +229,13 @@ def describe(result: PretrainResult, cfg: PretrainConfig, shards: str) -> str:
         "# Phantom base model",
         "",
         f"Pretrained from scratch on {result.train_images} phantom images from `{shards}` (every non-test split),",
-        f"with the single caption {cfg.caption!r} (and the empty prompt {cfg.uncond_prob:.0%} of the time).",
-        "It draws phantom radiographs but was never shown a finding in text: LoRA fine-tuning teaches that.",
+        *([f"each captioned with how its film was taken ({result.distinct_captions} distinct captions about the side",
+           "marker's place, ECG electrodes and exposure, e.g. \"Side marker at the left upper edge. Overexposed film.\"),",
+           f"and the empty prompt {cfg.uncond_prob:.0%} of the time. It knows the phantom world's spatial words, but",
+           "no caption ever named a finding: LoRA fine-tuning teaches those."]
+          if cfg.captions == "acquisition" else
+          [f"with the single caption {cfg.caption!r} (and the empty prompt {cfg.uncond_prob:.0%} of the time).",
+           "It draws phantom radiographs but was never shown a finding in text: LoRA fine-tuning teaches that."]),
         "",
         f"- VAE: {cfg.vae_steps} steps, held-out PSNR {result.vae_psnr:.2f} dB, latent scaling {result.latent_scaling:.4f}",
         f"- UNet: {cfg.unet_steps} steps, batch {cfg.unet_batch_size}, EMA {cfg.ema_decay}, final loss {result.unet_final_loss:.4f}",

@@ -33,7 +33,8 @@ def test_pretrain_writes_a_small_loadable_base_with_provenance(pretrained_base):
     assert base.vae.config.scaling_factor != 0.18215  # measured on this VAE's own latents
     saved = yaml.safe_load((pretrained_base / "cxrdist_pretrain.yaml").read_text())
     assert saved["pretrain"]["unet_steps"] == 3
-    assert "chest radiograph" in (pretrained_base / "README.md").read_text()
+    assert saved["pretrain"]["captions"] == "acquisition"
+    assert "captioned with how its film was taken" in (pretrained_base / "README.md").read_text()
 
 
 def test_pretrain_refuses_a_non_empty_output(pretrained_base, phantom_shards):

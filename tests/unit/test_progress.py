@@ -223,7 +223,8 @@ def test_sampling_and_pretraining_report_in_plain_lines(tiny_base_path, one_thre
     train_vae(tiny.vae.requires_grad_(True), pixels, pixels[:1], cfg, generator)
     latents = torch.randn(4, tiny.unet.config.in_channels, 8, 8)
     contexts = encode_prompts(tiny.tokenizer, tiny.text_encoder, ["chest radiograph", ""], warn=False)
-    train_unet(tiny.unet.requires_grad_(True), latents, contexts, tiny.scheduler_config, cfg, generator)
+    train_unet(tiny.unet.requires_grad_(True), latents, contexts, torch.zeros(4, dtype=torch.long),
+               tiny.scheduler_config, cfg, generator)
     err = capsys.readouterr().err
     last = {line.split(":")[0]: line for line in err.splitlines() if ": step " in line}
     assert "\r" not in err

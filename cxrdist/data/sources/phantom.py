@@ -11,6 +11,8 @@ cardiomegaly = heart width / thorax width in separated bands; effusion = an opaq
 costophrenic region (small: up to about the dome top, large: far above it, hiding the hemidiaphragm);
 pneumothorax = an air-dark band without lung markings along the apex and lateral wall, with a pleural line;
 nodule = a bright disc of 5-6 px (at 64 px) in one of six zones (thirds of the lung height, apex to dome).
+Acquisition details the faithfulness score does not read (`phantom_acquisition`: a side marker at the image
+edge, ECG electrodes above the shoulders, the exposure) stay outside every region the reader measures.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from cxrdist.data.sources.base import Record
+from cxrdist.data.sources.phantom_acquisition import Acquisition, sample_acquisition
 from cxrdist.data.sources.phantom_reports import (
     CTR_RANGES,
     ZONES,
@@ -48,6 +51,15 @@ ZONE_BORDERS = (0.32, 0.515)
 ZONE_MARGIN = 0.03  # nodule centres stay this far from a zone border
 PLACEMENT_TRIES = 40  # random candidate centres per zone, tested at once
 NODULE_CLEARANCE = 0.03  # free lung around a nodule's edge: keeps its local background pure lung
+# Acquisition details, placed where `cxrdist.metrics.reader` reads no finding: the marker in the outer 3 px
+# columns (beyond every thorax), electrodes above the apex. The marker's levels are the middles of the lung
+# zones' rows (apex to 0.32, to 0.515, to the dome), so "upper" or "lower" means the same height in a
+# caption about a marker as in a report about the lungs.
+METAL = 0.95
+MARKER_X, MARKER_HALF = 0.467, (0.025, 0.03)  # centre |x|; half width, half height
+MARKER_Y = {"upper": 0.22, "middle": 0.42, "lower": 0.61}
+ELECTRODE_X, ELECTRODE_Y, ELECTRODE_R = 0.30, 0.055, 0.03
+EXPOSURE_SHIFT = {"under": 0.06, "normal": 0.0, "over": -0.06}  # under-exposed films are lighter
 
 
 @dataclass(frozen=True)
@@ -236,9 +248,10 @@ def _xspan(lo: float, hi: float, size: int) -> slice:
 
 
 def render(anat: Anatomy, f: Findings, nodule: dict[str, float], exposure: Exposure,
-           rng: np.random.Generator, size: int) -> np.ndarray:
+           rng: np.random.Generator, size: int, acquisition: Acquisition | None = None) -> np.ndarray:
     """Pixels, float32 in [0, 1]: body, lungs and abdomen, pleural findings, ribs, mediastinum and heart,
-    clavicles, nodule, then exposure and noise. Each layer replaces (`_mix`) or adds to what lies under it."""
+    clavicles, nodule, acquisition details, then exposure and noise. Each layer replaces (`_mix`) or adds to
+    what lies under it."""
     x, y = _grid(size)
     dx = x - anat.midline
     s = np.abs(dx) / anat.half_width  # (1, size): lateral fraction of the hemithorax
@@ -269,6 +282,9 @@ def render(anat: Anatomy, f: Findings, nodule: dict[str, float], exposure: Expos
     _draw_clavicles(d, anat, dx, y, size)
     if nodule:
         _draw_disc(d, nodule["x"], nodule["y"], nodule["r"], DENSITY["nodule"], x, y, size)
+    if acquisition is not None:
+        _draw_acquisition(d, anat, acquisition, x, y, size)
+        exposure = replace(exposure, brightness=exposure.brightness + EXPOSURE_SHIFT[acquisition.exposure])
     return _expose(d, exposure, rng)
 
 
@@ -361,6 +377,19 @@ def _draw_clavicles(d, anat: Anatomy, dx, y, size: int) -> None:
     d[rows] += DENSITY["clavicle"] * along * _soft(0.011 - np.abs(y[rows] - centre), size)
 
 
+def _draw_acquisition(d, anat: Anatomy, acq: Acquisition, x, y, size: int) -> None:
+    """A side marker (a metal block at the image edge) and ECG electrodes (metal discs above the shoulders)."""
+    if acq.marker != "none":
+        side, level = acq.marker.split()
+        cx, cy, (hx, hy) = SIDE_SIGN[side] * MARKER_X, MARKER_Y[level], MARKER_HALF
+        rows, cols = _span(cy - hy, cy + hy, size), _xspan(cx - hx, cx + hx, size)
+        block = _soft(hx - np.abs(x[:, cols] - cx), size) * _soft(hy - np.abs(y[rows] - cy), size)
+        _mix(d, rows, cols, block, METAL)
+    for side in acq.electrode_sides():
+        _draw_disc(d, anat.midline + SIDE_SIGN[side] * ELECTRODE_X, ELECTRODE_Y, ELECTRODE_R, METAL, x, y, size,
+                   replace=True)
+
+
 def _expose(d: np.ndarray, e: Exposure, rng: np.random.Generator) -> np.ndarray:
     np.maximum(d, 0, out=d)
     np.minimum(d, 1, out=d)
@@ -402,6 +431,7 @@ class Study:
     exposure: Exposure
     report: str
     rng: np.random.Generator
+    acquisition: Acquisition
 
     @property
     def labels(self) -> list[str]:
@@ -418,22 +448,25 @@ class Study:
             "index": self.index, "seed": self.seed, "findings": self.findings.to_dict(),
             "attributes": self.attributes, "anatomy": as_floats(asdict(self.anatomy)),
             "nodule": as_floats(self.nodule), "exposure": as_floats(asdict(self.exposure)),
+            "acquisition": self.acquisition.to_dict(),
         }
 
     def render(self, size: int = 64) -> np.ndarray:
         """Pixels; call once per Study object (it consumes the stream)."""
-        return render(self.anatomy, self.findings, self.nodule, self.exposure, self.rng, size)
+        return render(self.anatomy, self.findings, self.nodule, self.exposure, self.rng, size, self.acquisition)
 
 
 def draw_study(index: int, seed: int = 0) -> Study:
     """Study `index` of the set `seed`: findings, then anatomy, nodule, exposure, report - in that order,
-    independent of the image size, so one study is the same patient at every size."""
+    independent of the image size, so one study is the same patient at every size. The acquisition details
+    come from a stream of their own."""
     rng = study_rng(index, seed)
     findings = sample_findings(rng)
     anat = sample_anatomy(rng, findings)
     findings, nodule = place_nodule(rng, anat, findings)
     exposure = sample_exposure(rng)
-    return Study(index, seed, findings, anat, nodule, exposure, compose_report(findings, rng), rng)
+    return Study(index, seed, findings, anat, nodule, exposure, compose_report(findings, rng), rng,
+                 sample_acquisition(index, seed))
 
 
 def generate(index: int, size: int = 64, seed: int = 0) -> tuple[np.ndarray, str, list[str], dict[str, str]]:

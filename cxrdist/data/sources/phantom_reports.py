@@ -77,7 +77,7 @@ class Findings:
         return asdict(self)
 
 
-def _pick(rng: np.random.Generator, weights: dict[str, float]) -> str:
+def pick_weighted(rng: np.random.Generator, weights: dict[str, float]) -> str:
     """A key drawn with probability proportional to its weight (one uniform draw; rng.choice is slow)."""
     u = rng.random() * sum(weights.values())
     for name, w in weights.items():
@@ -91,11 +91,16 @@ def sample_findings(rng: np.random.Generator) -> Findings:
     """One study's findings, drawn from `PREVALENCE`."""
     if rng.random() < PREVALENCE["normal_study"]:
         return Findings()
+
+    def graded(finding: str, weights: dict[str, float]) -> str:
+        # the prevalence draw first, then the grade: the order every phantom set was drawn in
+        return pick_weighted(rng, weights) if rng.random() < PREVALENCE[finding] else ""
+
     while True:
         drawn = Findings(
-            severity=_pick(rng, SEVERITY_WEIGHTS) if rng.random() < PREVALENCE["cardiomegaly"] else "",
-            effusion_left=_pick(rng, EFFUSION_SIZE_WEIGHTS) if rng.random() < PREVALENCE["effusion_left"] else "",
-            effusion_right=_pick(rng, EFFUSION_SIZE_WEIGHTS) if rng.random() < PREVALENCE["effusion_right"] else "",
+            severity=graded("cardiomegaly", SEVERITY_WEIGHTS),
+            effusion_left=graded("effusion_left", EFFUSION_SIZE_WEIGHTS),
+            effusion_right=graded("effusion_right", EFFUSION_SIZE_WEIGHTS),
             pneumothorax_left=bool(rng.random() < PREVALENCE["pneumothorax_left"]),
             pneumothorax_right=bool(rng.random() < PREVALENCE["pneumothorax_right"]),
             **_sample_nodule(rng),
@@ -107,7 +112,7 @@ def sample_findings(rng: np.random.Generator) -> Findings:
 def _sample_nodule(rng: np.random.Generator) -> dict[str, str]:
     if rng.random() >= PREVALENCE["nodule"]:
         return {"nodule_side": "", "nodule_zone": ""}
-    return {"nodule_side": SIDES[int(rng.integers(2))], "nodule_zone": _pick(rng, NODULE_ZONE_WEIGHTS)}
+    return {"nodule_side": SIDES[int(rng.integers(2))], "nodule_zone": pick_weighted(rng, NODULE_ZONE_WEIGHTS)}
 
 
 # ----------------------------------------------------------------------------------------------- labels
