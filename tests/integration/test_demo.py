@@ -35,4 +35,5 @@ def test_demo_script_runs_every_step_in_short_form(tmp_path):
     assert all("macro" in r["faithfulness"] for r in results.values())
     assert "tensorboard --logdir" in proc.stdout and "macro" in proc.stdout
     assert "(a 10 budget, at most 2 steps)" in proc.stdout
+    assert "trained 2 of at most 2 steps in " in proc.stdout  # the step it reached
     assert list((tmp_path / "runs" / "demo" / "fold0").glob("best_model_fold0_epoch*"))
