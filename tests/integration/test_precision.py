@@ -30,12 +30,14 @@ BF16 = "train.mixed_precision=bf16"
 # How close two bf16 runs from the same seed end. Early Adam steps move an element by about +-lr whatever the size
 # of its gradient, so an element whose near-zero gradient flips sign under bf16 rounding ends up to the sum of the
 # LRs (0.025 here) away; such elements are few. Measured after 4 steps at lr 1e-2 (|w| up to ~0.5):
-# - DDP bf16 (fp32 adapters under autocast) vs ZeRO-2 bf16 (bf16 adapters, fp32 masters): max 2.9e-3.
+# - DDP bf16 (fp32 adapters under autocast) vs ZeRO-2 bf16 (bf16 adapters, fp32 masters): max 2.9e-3 on the
+#   phantoms before they carried acquisition details; on today's phantoms max 1.2e-2 (six of 30,208 elements
+#   beyond 1e-2, all in lora_A, whose gradients start near zero) and 0.33% of elements beyond 1e-3.
 # - ZeRO-3 bf16 vs ZeRO-2 bf16: max 3.0e-2 but only 3.2% of elements beyond 1e-3 (its step-1 forward already
 #   differs at 1e-4); in fp32 the two agree to 1.3e-5 (test_scale_train).
 # A broken path -- an update lost or applied twice, one step skipped -- moves 30% (one skipped step) to 93% (two
 # steps) of the elements beyond 1e-3. A bf16-rounded export is caught by _not_bf16_rounded.
-DDP_ZERO2_ATOL = 1e-2
+SIGN_FLIP_CEILING = 2.5e-2  # the sum of the LRs: no element of a sound bf16 run moves farther
 MOVED = 1e-3
 MAX_SHARE_MOVED = 0.1
 
@@ -81,7 +83,8 @@ def test_ddp_bf16_trains_and_ends_near_zero2_bf16(ddp_bf16, zero2_bf16):
     ddp = load_file(str(run / STEP4 / "adapter.safetensors"))
     assert _not_bf16_rounded(ddp)
     assert zero2_bf16[1].returncode == 0, zero2_bf16[1].stderr[-3000:]
-    assert max_diff(ddp, load_file(str(zero2_bf16[0] / STEP4 / "adapter.safetensors"))) < DDP_ZERO2_ATOL
+    zero2 = load_file(str(zero2_bf16[0] / STEP4 / "adapter.safetensors"))
+    assert max_diff(ddp, zero2) < SIGN_FLIP_CEILING and share_beyond(ddp, zero2, MOVED) < MAX_SHARE_MOVED
 
 
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 60)
