@@ -186,9 +186,12 @@ def _parent_argv() -> list[str]:
 
 
 def _python() -> str:
-    """`python` when that names this interpreter, else its path."""
+    """`python` when that names this interpreter in this environment, else its path. The folders are compared
+    unresolved: a virtual environment's python is a symlink to its base interpreter, so the two resolve to one
+    file, yet the base one has none of the environment's packages."""
     found = shutil.which("python")
-    return "python" if found and os.path.realpath(found) == os.path.realpath(sys.executable) else sys.executable
+    same_folder = found and os.path.abspath(os.path.dirname(found)) == os.path.abspath(os.path.dirname(sys.executable))
+    return "python" if same_folder else sys.executable
 
 
 def launch_prefix(script: list[str], parent: Optional[list[str]] = None) -> list[str]:

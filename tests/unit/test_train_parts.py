@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -302,6 +303,25 @@ def test_the_resume_command_is_the_launch_command_with_the_run_folder_and_resume
     command = preemption.resume_command(Path("r"), module)
     assert command.endswith(" -m cxrdist.train --all-folds --output-dir r --resume latest")
     assert command.split()[0] in ("python", sys.executable)
+
+
+def test_the_resume_command_names_the_environments_python_not_the_base_it_links_to(monkeypatch, tmp_path):
+    """A virtual environment's python is a symlink to the base interpreter. With the base's folder first on PATH,
+    `python` resolves to the same file but runs without the environment's packages: print the full path then."""
+    from cxrdist.train import preemption
+
+    base = tmp_path / "base" / "bin"
+    venv = tmp_path / "venv" / "bin"
+    base.mkdir(parents=True)
+    venv.mkdir(parents=True)
+    (base / "python").write_text("")
+    (base / "python").chmod(0o755)
+    (venv / "python").symlink_to(base / "python")
+    monkeypatch.setattr(preemption.sys, "executable", str(venv / "python"))
+    monkeypatch.setenv("PATH", f"{base}{os.pathsep}{venv}")
+    assert preemption._python() == str(venv / "python")
+    monkeypatch.setenv("PATH", f"{venv}{os.pathsep}{base}")
+    assert preemption._python() == "python"
 
 
 def test_a_stop_still_running_after_two_thirds_of_the_launchers_grace_says_so(monkeypatch, caplog):
