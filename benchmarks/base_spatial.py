@@ -15,12 +15,21 @@ from collections import Counter
 
 import numpy as np
 
-from cxrdist.data.sources.phantom import ELECTRODE_X, ELECTRODE_Y, MARKER_Y, draw_study
+from cxrdist.data.sources.phantom import (ELECTRODE_X, ELECTRODE_Y, MARKER_HALF, MARKER_X, MARKER_Y, SIDE_SIGN,
+                                          draw_study)
 from cxrdist.data.sources.phantom_acquisition import MARKER_PLACES
 from cxrdist.data.sources.phantom_reports import SIDES
 from cxrdist.metrics.reader import CANONICAL_SIZE, to_canonical
 
-MARKER_COLUMNS = {"left": slice(60, 64), "right": slice(0, 4)}  # patient's left = image right (PA)
+
+def _columns(centre: float, half_width: float) -> slice:
+    """The canonical-image columns an x span (image fractions, centre 0) touches."""
+    lo, hi = sorted((0.5 + centre - half_width, 0.5 + centre + half_width))
+    return slice(int(np.floor(lo * CANONICAL_SIZE)), int(np.ceil(hi * CANONICAL_SIZE)))
+
+
+# where phantom.py draws the marker on each side (the patient's left is the image's right on a PA film)
+MARKER_COLUMNS = {side: _columns(SIDE_SIGN[side] * MARKER_X, MARKER_HALF[0]) for side in SIDES}
 MARKER_CONTRAST = 0.15  # box above its edge strip's median, in 1-99 percentile ranges (real: markers >= 0.27, none <= 0.03)
 ELECTRODE_CONTRAST = 0.35
 
@@ -47,7 +56,7 @@ def read_electrodes(a: np.ndarray) -> str:
     top = a[: row + 4]
     found = []
     for side in SIDES:
-        col = int((0.5 + (1 if side == "left" else -1) * ELECTRODE_X) * CANONICAL_SIZE)
+        col = int((0.5 + SIDE_SIGN[side] * ELECTRODE_X) * CANONICAL_SIZE)
         if a[row - 1 : row + 2, col - 2 : col + 2].mean() - np.median(top) > ELECTRODE_CONTRAST:
             found.append(side)
     return "both" if len(found) == 2 else found[0] if found else "none"
