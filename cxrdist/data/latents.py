@@ -124,13 +124,21 @@ def _pixels(png: bytes, channels: int):
     return torch.from_numpy(to_model_range(array))[None].expand(channels, -1, -1)  # [-1, 1], like the loader
 
 
+def encode_mean(vae, pixels):
+    """The latent a VAE gives for model-range pixels, unscaled: an AutoencoderKL's posterior mean, DC-AE's
+    (deterministic) latent. Training, latent caching and the memorization audit all encode through here."""
+    encoded = vae.encode(pixels)
+    distribution = getattr(encoded, "latent_dist", None)
+    return distribution.mode() if distribution is not None else encoded.latent
+
+
 def _encode(vae, pngs: list[bytes], device) -> list[bytes]:
     import torch  # here, not at the top: a resumed shard build finishes a stopped swap without torch
 
     channels = int(vae.config.in_channels)
     with torch.no_grad():
         pixels = torch.stack([_pixels(p, channels) for p in pngs]).to(device=device, dtype=vae.dtype)
-        means = vae.encode(pixels).latent_dist.mode().float().cpu().numpy().astype(np.float16)
+        means = encode_mean(vae, pixels).float().cpu().numpy().astype(np.float16)
     out = []
     for mean in means:
         buf = io.BytesIO()

@@ -13,8 +13,10 @@ import torch
 from torch import nn
 
 from cxrdist.config import TIMESTEP_BIASES
+from cxrdist.data.latents import encode_mean
 from cxrdist.errors import ModelError
-from cxrdist.models.text import apply_template, encode_ids, max_length, tokenize
+from cxrdist.models.families import FAMILIES, Family
+from cxrdist.models.text import CONTEXT_TOKENS, apply_template, encode_ids, max_length, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +73,14 @@ class FrozenTextCache:
 
 
 class LoraDiffusionModel(nn.Module):
-    """forward(noisy latents, timesteps, token ids) -> the UNet's prediction."""
+    """forward(noisy latents, timesteps, token ids, attention mask) -> the denoiser's prediction, called as its
+    family calls it (`unet` is the denoiser: a UNet or a diffusion transformer)."""
 
-    def __init__(self, unet: nn.Module, text_encoder: nn.Module, train_text_encoder: bool, text_cache_size: int = 0):
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module, train_text_encoder: bool, text_cache_size: int = 0,
+                 family: Family = FAMILIES["sd"]):
         super().__init__()
         self.unet = unet
+        self.family = family
         self.text_encoder = text_encoder
         self.train_text_encoder = train_text_encoder
         # A plain attribute, not a buffer: nothing to synchronise or checkpoint, rebuilt after a resume.
@@ -93,7 +98,8 @@ class LoraDiffusionModel(nn.Module):
         """The dtype the UNet's first layer computes in. Under DeepSpeed bf16/fp16 the engine casts every
         parameter (adapters too) and runs no autocast, so inputs must arrive in that dtype; under accelerate's
         autocast or in fp32 the frozen base's dtype is as good (autocast casts per op anyway)."""
-        return self.unet.conv_in.weight.dtype
+        # the input layer: a UNet's conv_in, a transformer's patch embedding (any frozen weight of the denoiser)
+        return next(p for name, p in self.unet.named_parameters() if "lora_" not in name).dtype
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if self.train_text_encoder:
@@ -107,7 +113,8 @@ class LoraDiffusionModel(nn.Module):
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         context = self.encode_text(input_ids, attention_mask)
         sample = noisy_latents.to(self.input_dtype())
-        return self.unet(sample, timesteps, encoder_hidden_states=context.to(sample.dtype)).sample
+        mask = attention_mask.to(sample.device) if attention_mask is not None else None
+        return self.family.call_denoiser(self.unet, sample, timesteps, context.to(sample.dtype), mask)
 
 
 # What the UNet is trained to predict, per the base's `prediction_type`.
@@ -151,21 +158,37 @@ def timestep_weights(num_timesteps: int, bias: str = "none", multiplier: float =
 
 class DiffusionObjective:
     """Noising, targets and the (optionally min-SNR weighted) MSE loss of the base's training schedule.
-    Timesteps are drawn uniformly, or by `timestep_weights` (see there) when given."""
+    Timesteps are drawn uniformly, or by `timestep_weights` (see there) when given.
+
+    `objective="flow"` (Sana) is rectified-flow matching as diffusers' `train_dreambooth_lora_sana.py` trains it:
+    a timestep t of the FlowMatchEulerDiscreteScheduler built from the base's scheduler config, its sigma s,
+    x_t = (1 - s) x0 + s noise, and the velocity noise - x0 as the target, unweighted."""
 
     def __init__(self, scheduler_config: dict, noise_offset: float = 0.0, snr_gamma: float = 0.0,
-                 timestep_weighting: Callable[[int], torch.Tensor | None] | None = None):
-        from diffusers import DDPMScheduler
+                 timestep_weighting: Callable[[int], torch.Tensor | None] | None = None, objective: str = "ddpm"):
+        from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-        self.scheduler = DDPMScheduler.from_config(scheduler_config)
-        self.prediction_type = self.scheduler.config.prediction_type
-        if self.prediction_type not in TARGETS:
+        self.flow = objective == "flow"
+        if self.flow:
+            if snr_gamma:
+                raise ModelError("train.snr_gamma (min-SNR weighting) is defined for DDPM noise schedules; this base "
+                                 "trains with flow matching: set train.snr_gamma=0")
+            self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+            self.prediction_type = "flow"
+        else:
+            self.scheduler = DDPMScheduler.from_config(scheduler_config)
+            self.prediction_type = self.scheduler.config.prediction_type
+        if not self.flow and self.prediction_type not in TARGETS:
             raise ModelError(f"base scheduler prediction_type '{self.prediction_type}' is not supported: "
                              f"use one of {sorted(TARGETS)}")
         self.num_timesteps = int(self.scheduler.config.num_train_timesteps)
         self.noise_offset = noise_offset
         self.snr_gamma = snr_gamma
         self.timestep_weights = timestep_weighting(self.num_timesteps) if timestep_weighting else None
+        if self.flow and self.timestep_weights is not None:
+            # the weights are per timestep value 0..N-1; the flow table lists timesteps from N down to 1
+            values = self.scheduler.timesteps.round().long().clamp(1, self.num_timesteps) - 1
+            self.timestep_weights = self.timestep_weights[values]
 
     def sample_noise(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
         """fp32 noise of `shape` on the generator's device (the trainer draws on the CPU, then moves it)."""
@@ -179,11 +202,31 @@ class DiffusionObjective:
     def sample_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
         if self.timestep_weights is not None:
             weights = self.timestep_weights.to(generator.device)
-            return torch.multinomial(weights, n, replacement=True, generator=generator).long()
-        return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=generator.device).long()
+            indices = torch.multinomial(weights, n, replacement=True, generator=generator).long()
+        elif self.flow:
+            # diffusers' flow scripts with weighting_scheme "none": u ~ U[0, 1), index = floor(u * N)
+            u = torch.rand(n, generator=generator, device=generator.device)
+            indices = (u * self.num_timesteps).long()
+        else:
+            return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=generator.device).long()
+        if self.flow:
+            return self.scheduler.timesteps.to(generator.device)[indices]
+        return indices
+
+    def flow_sigmas(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Each timestep's sigma: the schedule's own where t is one of its timesteps (as diffusers' get_sigmas looks
+        it up), t / N for any other t (validation's fixed timesteps)."""
+        t = timesteps.float()
+        table_t = self.scheduler.timesteps.to(t.device)
+        table_s = self.scheduler.sigmas[: len(table_t)].to(t.device)
+        match = table_t[None, :] == t[:, None]
+        return torch.where(match.any(dim=1), table_s[match.float().argmax(dim=1)], t / self.num_timesteps)
 
     def noisy_inputs(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
         """(noisy latents, target) for given noise and timesteps."""
+        if self.flow:
+            sigmas = self.flow_sigmas(timesteps).view(-1, *([1] * (latents.ndim - 1))).to(latents.dtype)
+            return (1.0 - sigmas) * latents + sigmas * noise, noise - latents
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         target = TARGETS[self.prediction_type](self.scheduler, latents, noise, timesteps)
         return noisy, target
@@ -207,8 +250,10 @@ class BatchEncoder:
     """Turns loader batches into model inputs: latents (cached or VAE-encoded), template, caption dropout,
     token ids. The VAE is frozen and never part of the trained module."""
 
-    def __init__(self, vae, tokenizer, template: str, caption_dropout: float, use_cached: bool = True):
+    def __init__(self, vae, tokenizer, template: str, caption_dropout: float, use_cached: bool = True,
+                 context_tokens: int = CONTEXT_TOKENS):
         self.vae = vae
+        self.context_tokens = context_tokens
         self.use_cached = use_cached
         self.tokenizer = tokenizer
         self.template = template
@@ -224,7 +269,7 @@ class BatchEncoder:
             raw = to_device(torch.as_tensor(batch["latents"]), device).float()
         else:
             pixels = to_device(torch.as_tensor(batch["pixel_values"]), device).to(self.vae.dtype)
-            raw = self.vae.encode(pixels).latent_dist.mode().float()
+            raw = encode_mean(self.vae, pixels).float()
         return raw * self.scaling
 
     def prompts(self, reports: list[str], generator: torch.Generator | None) -> list[str]:
@@ -235,7 +280,8 @@ class BatchEncoder:
         return prompts
 
     def token_ids(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        length = max_length(self.tokenizer)
+        length = max_length(self.tokenizer, self.context_tokens)
         full = self.tokenizer(prompts, truncation=False)["input_ids"]
         self.cut_prompts += sum(len(ids) > length for ids in full)  # reported once per epoch, not per batch
-        return tokenize(self.tokenizer, prompts, warn=False)  # exactly what the sampler feeds the encoder
+        # exactly what the sampler feeds the encoder
+        return tokenize(self.tokenizer, prompts, warn=False, limit=self.context_tokens)

@@ -1,4 +1,7 @@
-"""One loader for every base model: a diffusers SD 1.x/2.x folder, a hub id, or a named preset.
+"""One loader for every base model: a diffusers SD 1.x/2.x, PixArt-Σ or Sana folder, a hub id, or a named preset.
+
+The family (`cxrdist.models.families`) is read from model_index.json and decides the denoiser, autoencoder and
+text-encoder classes; everything downstream asks `BaseModel.family`.
 
 Presets are materialised once as diffusers folders in a cache and then loaded with `from_pretrained`, so
 the same loading code runs for a preset, a local folder and a hub id.
@@ -19,6 +22,8 @@ from safetensors import SafetensorError
 
 from cxrdist.errors import ModelError
 from cxrdist.fileio import check_not_special, find_special_file, temp_name
+from cxrdist.models.families import FAMILIES, Family, family_of
+from cxrdist.models.families import vae_scale_factor as _vae_scale_factor
 from cxrdist.models.presets import PRESETS, PRESETS_REVISION, save_preset
 
 log = logging.getLogger(__name__)
@@ -41,6 +46,8 @@ MODEL_FOLDER_DEPTH = 4
 class BaseModel:
     """The parts of a latent diffusion model that training and sampling need."""
 
+    # The denoiser: a UNet2DConditionModel, or the family's diffusion transformer (PixArt-Σ, Sana). The name is
+    # the one LoRA checkpoints and adapters have always used for it.
     unet: Any
     vae: Any
     text_encoder: Any
@@ -53,10 +60,16 @@ class BaseModel:
     fingerprint: str  # identifies the base; recorded in adapters and checked when they load
     revision: str | None = None  # hub revision and weights variant it was loaded with (recorded in adapters)
     variant: str | None = None
+    family: Family = FAMILIES["sd"]
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return _vae_scale_factor(self.vae)
+
+    @property
+    def context_tokens(self) -> int:
+        """Text tokens the denoiser reads: 77 for SD, 300 for PixArt-Σ and Sana."""
+        return self.family.context_tokens
 
     @property
     def image_size(self) -> int:
@@ -68,9 +81,13 @@ class BaseModel:
 
     @property
     def text_encoder_kind(self) -> str:
+        """clip, bert (BERT-style encoders), or the model type of a transformer family's encoder (t5, gemma2)."""
         from cxrdist.models.text import is_clip
 
-        return "clip" if is_clip(self.text_encoder) else "bert"
+        if is_clip(self.text_encoder):
+            return "clip"
+        model_type = str(getattr(getattr(self.text_encoder, "config", None), "model_type", ""))
+        return model_type if self.family.is_transformer and model_type else "bert"
 
     def to(self, device: torch.device | str) -> "BaseModel":
         for module in (self.unet, self.vae, self.text_encoder):
@@ -282,34 +299,55 @@ def load_base(pretrained: str, revision: str | None = None, vae_dtype: str = "fp
     `variant` picks weight files such as `diffusion_pytorch_model.fp16.safetensors` for the three networks (the
     tokenizer and scheduler have none); a base without files of that variant is a ModelError naming the component.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoModel, AutoTokenizer
+    import diffusers
+    import transformers
+    from diffusers import DDPMScheduler
+    from transformers import AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # per-tensor "Loading weights" bars; hub download bars stay
     path = resolve_base_path(pretrained, revision)
     check_model_files(path, "base model folder")  # a hub id is no folder here and passes
+    family = family_of(path, revision)
     weights = {"variant": variant} if variant else {}
-    unet = _load_component(UNet2DConditionModel, path, "unet", revision, **weights)
-    vae = _load_component(AutoencoderKL, path, "vae", revision, torch_dtype=DTYPES[vae_dtype], **weights)
-    text_encoder = _load_component(AutoModel, path, "text_encoder", revision, **weights)
+    unet = _load_component(getattr(diffusers, family.denoiser_class), path, family.denoiser_folder, revision,
+                           **weights)
+    vae = _load_component(getattr(diffusers, family.vae_class), path, "vae", revision, torch_dtype=DTYPES[vae_dtype],
+                          **weights)
+    text_encoder = _load_component(getattr(transformers, family.text_encoder_class), path, "text_encoder", revision,
+                                   **weights)
     tokenizer = _load_component(AutoTokenizer, path, "tokenizer", revision)
-    scheduler = _load_component(DDPMScheduler, path, "scheduler", revision)
+    if family.name == "sd":
+        scheduler_config = dict(_load_component(DDPMScheduler, path, "scheduler", revision).config)
+    else:
+        # the file as written: a flow-matching schedule's keys (use_flow_sigmas, flow_shift) have no DDPM field
+        scheduler_config = _scheduler_file(path, revision)
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False)
         module.eval()
     return BaseModel(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                     scheduler_config=dict(scheduler.config), source=_recorded_source(pretrained, path), path=path,
-                     fingerprint=fingerprint(path), revision=revision, variant=variant)
+                     scheduler_config=scheduler_config, source=_recorded_source(pretrained, path), path=path,
+                     fingerprint=fingerprint(path), revision=revision, variant=variant, family=family)
+
+
+def _scheduler_file(path: str, revision: str | None) -> dict:
+    from diffusers import DDPMScheduler
+
+    try:  # load_config reads the JSON as written, whichever scheduler class it names
+        return dict(DDPMScheduler.load_config(path, subfolder="scheduler", revision=revision))
+    except (OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"cannot load scheduler from '{path}': {first}: restore or re-download the model") from None
 
 
 def load_vae(pretrained: str, revision: str | None = None, vae_dtype: str = "fp32"):
     """The frozen VAE of a base model alone (latent caching needs nothing else), in eval mode."""
-    from diffusers import AutoencoderKL
+    import diffusers
 
     path = resolve_base_path(pretrained, revision)
     check_model_files(path, "base model folder")
-    vae = _load_component(AutoencoderKL, path, "vae", revision, torch_dtype=DTYPES[vae_dtype])
+    vae_class = getattr(diffusers, family_of(path, revision).vae_class)
+    vae = _load_component(vae_class, path, "vae", revision, torch_dtype=DTYPES[vae_dtype])
     vae.requires_grad_(False)
     return vae.eval()
 

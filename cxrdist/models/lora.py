@@ -22,6 +22,7 @@ import torch
 from cxrdist.config import LoraConfig
 from cxrdist.errors import ModelError
 from cxrdist.fileio import check_not_special, temp_name
+from cxrdist.models.families import FAMILIES
 from cxrdist.models.loading import BaseModel
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,10 @@ ADAPTER_FORMAT = "cxrdist-lora/1"
 CHECKPOINT_MARKER = "cxrdist_checkpoint.json"
 CHECKPOINT_ADAPTER = "adapter.safetensors"
 CHECKPOINT_CONFIG = "config.yaml"
-# Adapter-folder keys carry the module they belong to: diffusers' `load_lora_weights` layout.
+# Adapter-folder keys carry the module they belong to: diffusers' `load_lora_weights` layout ("transformer." for
+# the denoiser of PixArt-Σ and Sana, see Family.lora_prefix).
 PREFIXES = ("unet.", "text_encoder.")
+PEFT_FOLDER = "peft"
 # Attention projections per encoder family: CLIP names its projections q/k/v/out_proj, BERT query/key/value
 # and attention.output.dense (the attention output, not the MLP's output.dense).
 TEXT_TARGETS = {
@@ -78,12 +81,28 @@ def unet_targets(unet: torch.nn.Module, cfg: LoraConfig) -> list[str]:
     return [name for name in names if any(name.startswith(block + ".") for block in cfg.unet_blocks)]
 
 
+def add_adapter(module: torch.nn.Module, config) -> None:
+    """Inject a peft LoRA as adapter "default": through diffusers' `add_adapter` where the model has it, else (PixArt-Σ's
+    transformer has no PeftAdapterMixin) with peft directly, recording the config where peft's state-dict helpers
+    look for it."""
+    if hasattr(module, "add_adapter"):
+        module.add_adapter(config)
+        return
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(config, module, adapter_name="default")
+    module.peft_config = {"default": config}
+
+
 def attach_lora(base: BaseModel, cfg: LoraConfig) -> dict[str, Any]:
     """Inject adapters in place; return the resolved adapter description stored with checkpoints."""
+    if cfg.train_text_encoder and not base.family.text_encoder_lora:
+        raise ModelError(f"lora.train_text_encoder=true is not supported on {base.family.label} bases (diffusers' "
+                         f"{base.family.pipeline} loads no text-encoder LoRA): set lora.train_text_encoder=false")
     base.unet.requires_grad_(False)
     base.text_encoder.requires_grad_(False)
     targets = unet_targets(base.unet, cfg)
-    base.unet.add_adapter(_peft_config(cfg.unet_rank, cfg.unet_alpha, cfg.unet_dropout, targets))
+    add_adapter(base.unet, _peft_config(cfg.unet_rank, cfg.unet_alpha, cfg.unet_dropout, targets))
     spec: dict[str, Any] = {
         "unet": {"rank": cfg.unet_rank, "alpha": cfg.unet_alpha, "dropout": cfg.unet_dropout,
                  "targets": targets, **({"blocks": list(cfg.unet_blocks)} if cfg.unet_blocks else {})},
@@ -103,8 +122,8 @@ def attach_lora(base: BaseModel, cfg: LoraConfig) -> dict[str, Any]:
 
 def _check_targets_matched(base: BaseModel, spec: dict) -> None:
     if not lora_parameters(base.unet):
-        raise ModelError(f"lora.unet_targets {spec['unet']['targets']} match no UNet module: use attention "
-                         "projection names such as to_q, to_k, to_v, to_out.0")
+        raise ModelError(f"lora.unet_targets {spec['unet']['targets']} match no module of the denoiser: use "
+                         "attention projection names such as to_q, to_k, to_v, to_out.0")
 
 
 def is_lora_name(name: str) -> bool:
@@ -174,22 +193,32 @@ def _peft_metadata(spec: dict | None) -> dict | None:
 
 
 def save_adapter(out_dir: str | Path, unet_sd: dict, text_sd: dict | None, metadata: dict) -> Path:
-    """Write weights + cxrdist.json into a temporary folder and rename it into place."""
-    from diffusers import StableDiffusionPipeline
+    """Write weights + cxrdist.json into a temporary folder and rename it into place. The weights file is the one
+    the family's diffusers loader reads (`load_lora_weights`: "unet."/"text_encoder." keys for SD, "transformer."
+    for Sana); PixArt-Σ, whose pipeline has no LoRA loader, also gets a PEFT adapter folder (`peft/`)."""
+    from diffusers import SanaPipeline, StableDiffusionPipeline
 
     out = Path(out_dir)
     if out.exists():
         raise ModelError(f"{out} already exists: adapters are never overwritten, choose another folder")
+    family = FAMILIES[metadata["base"].get("family", "sd")]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(out)  # unique to this process: a user's `X.partial` folder is never touched
     try:
         tmp.mkdir()
         spec = metadata["adapter"]
-        StableDiffusionPipeline.save_lora_weights(
-            tmp, unet_lora_layers=unet_sd, text_encoder_lora_layers=text_sd, safe_serialization=True,
-            unet_lora_adapter_metadata=_peft_metadata(spec["unet"]),
-            text_encoder_lora_adapter_metadata=_peft_metadata(spec["text_encoder"]),
-        )
+        if family.is_transformer:
+            # diffusers' writer of a transformer-only LoRA file ("transformer." keys, peft metadata in the header)
+            SanaPipeline.save_lora_weights(tmp, transformer_lora_layers=unet_sd, safe_serialization=True,
+                                           transformer_lora_adapter_metadata=_peft_metadata(spec["unet"]))
+        else:
+            StableDiffusionPipeline.save_lora_weights(
+                tmp, unet_lora_layers=unet_sd, text_encoder_lora_layers=text_sd, safe_serialization=True,
+                unet_lora_adapter_metadata=_peft_metadata(spec["unet"]),
+                text_encoder_lora_adapter_metadata=_peft_metadata(spec["text_encoder"]),
+            )
+        if family.name == "pixart-sigma":
+            save_peft_folder(tmp / PEFT_FOLDER, unet_sd, spec["unet"])
         (tmp / METADATA_NAME).write_text(json.dumps({"format": ADAPTER_FORMAT, **metadata}, indent=2, default=str),
                                          encoding="utf-8")
         tmp.rename(out)  # fails rather than replace a folder that appeared meanwhile (unless it is empty)
@@ -199,11 +228,23 @@ def save_adapter(out_dir: str | Path, unet_sd: dict, text_sd: dict | None, metad
     return out
 
 
+def save_peft_folder(folder: Path, state: dict, spec: dict) -> None:
+    """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors, keys as PeftModel saves them), which
+    `peft.PeftModel.from_pretrained(pipe.transformer, folder)` loads onto a plain diffusers pipeline."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    _peft_config(spec["rank"], spec["alpha"], spec.get("dropout", 0.0), spec["targets"]).save_pretrained(str(folder))
+    save_file({f"base_model.model.{key}": value.contiguous() for key, value in state.items()},
+              str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
 def adapter_metadata(base: BaseModel, spec: dict, prompt_template: str, config: dict | None = None,
                      **extra: Any) -> dict:
     """What a checkpoint needs to be self-describing: the base, the adapter shapes, the template, the config."""
     return {
-        "base": {"source": base.source, "fingerprint": base.fingerprint, "text_encoder": base.text_encoder_kind,
+        "base": {"source": base.source, "fingerprint": base.fingerprint, "family": base.family.name,
+                 "text_encoder": base.text_encoder_kind,
                  "image_size": base.image_size, "channels": base.channels, "revision": base.revision,
                  "variant": base.variant},
         "adapter": spec,
@@ -242,6 +283,8 @@ def _metadata_problem(data: dict) -> str | None:
         return "'base.source' is missing or not a string"
     if not isinstance(base.get("fingerprint"), str):
         return "'base.fingerprint' is missing or not a string"
+    if "family" in base and base["family"] not in FAMILIES:  # absent in adapters written before families
+        return f"'base.family' is not one of {', '.join(FAMILIES)}"
     for key in ("revision", "variant"):  # absent in adapters written before they were recorded
         if base.get(key) is not None and not isinstance(base[key], str):
             return f"'base.{key}' is not a string"
@@ -274,9 +317,10 @@ def _finite(value: int | float) -> bool:
         return False
 
 
-def split_prefixed(state: dict) -> tuple[dict, dict]:
-    """An adapter file's tensors -> (UNet part, text-encoder part), each keyed without its prefix."""
-    unet_prefix, text_prefix = PREFIXES
+def split_prefixed(state: dict, denoiser_prefix: str = "unet") -> tuple[dict, dict]:
+    """An adapter file's tensors -> (denoiser part, text-encoder part), each keyed without its prefix
+    (`denoiser_prefix`: the family's, "unet" or "transformer")."""
+    unet_prefix, text_prefix = denoiser_prefix + ".", PREFIXES[1]
     unet, text = {}, {}
     for key, value in state.items():
         if key.startswith(unet_prefix):
@@ -317,7 +361,11 @@ def load_adapter(folder: str | Path, base: BaseModel) -> dict:
         log.warning("adapter %s was trained on base '%s' (fingerprint %s); loading it on '%s' (%s)", folder,
                     meta["base"]["source"], meta["base"]["fingerprint"], base.source, base.fingerprint)
     spec = meta["adapter"]
-    unet_sd, text_sd = split_prefixed(load_file(str(weights)))
+    recorded = meta["base"].get("family", "sd")
+    if recorded != base.family.name:
+        raise ModelError(f"LoRA {folder} was trained on a {FAMILIES[recorded].label if recorded in FAMILIES else recorded} "
+                         f"base; '{base.source}' is {base.family.label}: load it on its own family's base")
+    unet_sd, text_sd = split_prefixed(load_file(str(weights)), base.family.lora_prefix)
     lora_cfg = LoraConfig(
         unet_rank=spec["unet"]["rank"], unet_alpha=spec["unet"]["alpha"], unet_targets=spec["unet"]["targets"],
         train_text_encoder=spec["text_encoder"] is not None,

@@ -10,6 +10,14 @@
   measurements only (never for images).
 - `sd15-arch-narrow`: the same module tree with every width divided by 8 (13 M UNet parameters instead of 860 M):
   what depends on SD's module names and structure, checked in seconds.
+- `pixart-sigma-tiny`: a PixArtSigmaPipeline in miniature: PixArtTransformer2DModel with learned sigma, an
+  SDXL-type 3-channel AutoencoderKL (8x), a small T5 encoder, DDPM with PixArt's linear betas (64 px).
+- `sana-tiny`: a SanaPipeline in miniature: SanaTransformer2DModel (linear self-attention, Mix-FFN), a DC-AE
+  autoencoder (AutoencoderDC, 8x), a small Gemma-2 encoder, flow matching (64 px).
+
+The two transformer presets use the real encoders' classes (T5EncoderModel, Gemma2Model) with random weights
+and, since T5's and Gemma's tokenizer files cannot be built offline, MiniLM's WordPiece tokenizer (30,522 tokens)
+reading 300 tokens, as the real pipelines do. They check what depends on each family's classes and calls.
 
 Weights are seeded, so a preset is the same on every machine for the same library versions.
 """
@@ -170,12 +178,73 @@ def build_sd15_arch_narrow() -> dict:
     return _sd15_tree(8)
 
 
+def _minilm_tokenizer(context_tokens: int):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_path(), model_max_length=context_tokens)
+
+
+def build_pixart_sigma_tiny() -> dict:
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    text_encoder = T5EncoderModel(T5Config(vocab_size=30522, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                                           num_heads=4, feed_forward_proj="gated-gelu", is_encoder_decoder=False))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
+                        block_out_channels=(16, 32, 32, 32), norm_num_groups=8,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    # out_channels = 2 x latent channels: noise and variance, as every PixArt-Σ checkpoint
+    transformer = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+                                           num_layers=2, cross_attention_dim=32, sample_size=8, patch_size=2,
+                                           caption_channels=64, use_additional_conditions=False)
+    # As PixArt-Σ's released pipelines: DPM-Solver++ on linear betas; the variance the transformer predicts is
+    # dropped by the pipeline (and by training, which learns the noise half only, as diffusers' PixArt scripts do)
+    scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
+                                            beta_schedule="linear", prediction_type="epsilon",
+                                            algorithm_type="dpmsolver++", solver_order=2)
+    return {"transformer": transformer, "vae": vae, "text_encoder": text_encoder,
+            "tokenizer": _minilm_tokenizer(300), "scheduler": scheduler}
+
+
+def build_sana_tiny() -> dict:
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(0)
+    text_encoder = Gemma2Model(Gemma2Config(vocab_size=30522, hidden_size=64, intermediate_size=128,
+                                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                            head_dim=32, max_position_embeddings=512, pad_token_id=0))
+    stages = 4  # 3 downsamplings: 64 px -> 8 x 8 latents
+    vae = AutoencoderDC(in_channels=3, latent_channels=8, attention_head_dim=8,
+                        encoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",),
+                        decoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",),
+                        encoder_block_out_channels=(16, 32, 32, 32), decoder_block_out_channels=(16, 32, 32, 32),
+                        encoder_layers_per_block=(1,) * stages, decoder_layers_per_block=(1,) * stages,
+                        encoder_qkv_multiscales=((),) * 3 + ((5,),), decoder_qkv_multiscales=((),) * 3 + ((5,),),
+                        decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=1.0)
+    transformer = SanaTransformer2DModel(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=16,
+                                         num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=16,
+                                         cross_attention_dim=32, caption_channels=64, sample_size=8, patch_size=1)
+    # Sana's released schedulers: DPM-Solver++ on flow sigmas (the pipeline's default sampler)
+    scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0,
+                                            algorithm_type="dpmsolver++", solver_order=2)
+    return {"transformer": transformer, "vae": vae, "text_encoder": text_encoder,
+            "tokenizer": _minilm_tokenizer(300), "scheduler": scheduler}
+
+
+PRESET_PIPELINES = {"pixart-sigma-tiny": "PixArtSigmaPipeline", "sana-tiny": "SanaPipeline"}
+
 PRESETS: dict[str, PresetSpec] = {
     "tiny": PresetSpec("tiny UNet + 1-channel VAE + tiny CLIP text encoder, real CLIP tokenizer (64 px)", build_tiny),
     "tiny-minilm": PresetSpec("tiny UNet + 1-channel VAE + pretrained all-MiniLM-L6-v2 encoder (64 px)", build_tiny_minilm),
     "sd15-arch": PresetSpec("Stable Diffusion 1.5 architecture, random weights (benchmarks only)", build_sd15_arch),
     "sd15-arch-narrow": PresetSpec("the same module tree at 1/8 of every width, random weights (quick checks)",
                                    build_sd15_arch_narrow),
+    "pixart-sigma-tiny": PresetSpec("tiny PixArt-Σ: DiT with learned sigma + 8x VAE + small T5 encoder (64 px)",
+                                    build_pixart_sigma_tiny),
+    "sana-tiny": PresetSpec("tiny Sana: linear-attention DiT + DC-AE + small Gemma-2 encoder, flow matching (64 px)",
+                            build_sana_tiny),
 }
 
 
@@ -186,14 +255,15 @@ def build_preset(name: str) -> dict:
 
 
 def save_preset(name: str, out: str | Path) -> Path:
-    """Write a preset as a normal diffusers StableDiffusionPipeline folder (no safety checker), atomically.
+    """Write a preset as a normal diffusers pipeline folder (StableDiffusionPipeline without safety checker, or the
+    family's pipeline), atomically.
 
     Several processes may build the same preset at once (every rank of a first run): each writes its own
     temporary folder, the first rename wins, and the others find the finished folder and drop theirs.
     """
     import shutil
 
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -201,7 +271,11 @@ def save_preset(name: str, out: str | Path) -> Path:
     if out.exists() and any(out.iterdir()):
         raise ModelError(f"{out} exists and is not empty: choose another --out or delete it")
     parts = build_preset(name)
-    pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if name in PRESET_PIPELINES:
+        pipe = getattr(diffusers, PRESET_PIPELINES[name])(**parts)
+    else:
+        pipe = diffusers.StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                                 requires_safety_checker=False)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(out)  # unique per process and call: never a user's folder, never another rank's
     try:

@@ -22,17 +22,21 @@ def apply_template(template: str, report: str) -> str:
     return template.replace("{report}", report)
 
 
-CONTEXT_TOKENS = 77  # what SD's CLIP reads; BERT-style encoders are held to the same budget
+# What SD's CLIP reads; BERT-style encoders on a UNet are held to the same budget. PixArt-Σ and Sana read 300
+# (their family's `context_tokens`, passed as `limit`).
+CONTEXT_TOKENS = 77
 
 
-def max_length(tokenizer) -> int:
-    length = int(getattr(tokenizer, "model_max_length", CONTEXT_TOKENS) or CONTEXT_TOKENS)
-    return min(length, CONTEXT_TOKENS)
+def max_length(tokenizer, limit: int = CONTEXT_TOKENS) -> int:
+    length = int(getattr(tokenizer, "model_max_length", limit) or limit)
+    return min(length, limit)
 
 
-def tokenize(tokenizer, prompts: list[str], warn: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids padded to the encoder's length; say what was cut rather than truncating silently."""
-    length = max_length(tokenizer)
+def tokenize(tokenizer, prompts: list[str], warn: bool = True,
+             limit: int = CONTEXT_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids padded to the encoder's length (at most `limit`); say what was cut rather than truncating
+    silently."""
+    length = max_length(tokenizer, limit)
     if warn:
         for prompt in prompts:
             ids = tokenizer(prompt, truncation=False, add_special_tokens=True)["input_ids"]
@@ -67,9 +71,16 @@ def is_clip(text_encoder) -> bool:
     return getattr(getattr(text_encoder, "config", None), "model_type", "").startswith("clip")
 
 
-def encode_prompts(tokenizer, text_encoder, prompts: list[str], warn: bool = True) -> torch.Tensor:
-    ids, mask = tokenize(tokenizer, prompts, warn=warn)
-    return encode_ids(text_encoder, ids, mask)
+def encode_prompts(tokenizer, text_encoder, prompts: list[str], warn: bool = True,
+                   limit: int = CONTEXT_TOKENS) -> torch.Tensor:
+    return encode_prompts_masked(tokenizer, text_encoder, prompts, warn, limit)[0]
+
+
+def encode_prompts_masked(tokenizer, text_encoder, prompts: list[str], warn: bool = True,
+                          limit: int = CONTEXT_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(contexts, attention masks): the transformer families' denoisers read the mask too."""
+    ids, mask = tokenize(tokenizer, prompts, warn=warn, limit=limit)
+    return encode_ids(text_encoder, ids, mask), mask
 
 
 def check_prompts(prompts: list[str]) -> list[str]:

@@ -27,6 +27,7 @@ import torch
 from cxrdist import __version__
 from cxrdist.errors import InputError, ModelError
 from cxrdist.fileio import is_disk_full, sha256_file, write_bytes_atomic
+from cxrdist.models.families import FAMILIES
 from cxrdist.models.loading import check_weights_file
 from cxrdist.models.lora import CHECKPOINT_MARKER, METADATA_NAME, WEIGHTS_NAME, read_adapter_metadata
 
@@ -173,6 +174,10 @@ def export_kohya(model_path: str | Path, out: str | Path) -> KohyaExport:
     weights = folder / WEIGHTS_NAME
     check_weights_file(weights, "the adapter")
     spec = meta["adapter"]
+    family = FAMILIES[meta["base"].get("family", "sd")]
+    if "kohya" not in family.export_formats:
+        raise ModelError(f"{model_path} adapts a {family.label} transformer, and kohya's format (A1111, ComfyUI) names "
+                         f"SD UNet layers only: export with --format merged or zip")
     encoder = meta["base"].get("text_encoder", "clip")
     if spec["text_encoder"] is not None and encoder != "clip":
         raise ModelError(f"{model_path} adapts a {encoder} text encoder, which kohya-format readers (A1111, "

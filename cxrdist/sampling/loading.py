@@ -156,7 +156,7 @@ def _load_training_checkpoint(folder: Path, base_override: str | None, vae_dtype
     base = _load_base_for(source, folder, vae_dtype, overridden=bool(base_override), revision=cfg.model.revision,
                           variant=cfg.model.variant)
     spec = attach_lora(base, cfg.lora)
-    joint = LoraDiffusionModel(base.unet, base.text_encoder, cfg.lora.train_text_encoder)
+    joint = LoraDiffusionModel(base.unet, base.text_encoder, cfg.lora.train_text_encoder, family=base.family)
     load_adapter_state(joint, adapter, folder)
     for module in (base.unet, base.text_encoder):
         module.requires_grad_(False)
@@ -184,7 +184,10 @@ def _load_diffusers_lora(folder: Path, base_override: str | None, vae_dtype: str
                          "pass --base PATH_OR_PRESET")
     check_weights_file(folder / WEIGHTS_NAME, "the LoRA")  # before the base: it fails in ms, not after loading
     base = _load_base_for(base_override, folder, vae_dtype, overridden=True)
-    pipe = assemble_pipeline(base, build_scheduler("ddpm", base.scheduler_config))
+    pipe = assemble_pipeline(base, build_scheduler(base.family.samplers[0], base.scheduler_config, base.family))
+    if not hasattr(pipe, "load_lora_weights"):
+        raise ModelError(f"{folder} is a plain diffusers LoRA, and diffusers' {base.family.pipeline} has no LoRA "
+                         "loader: give a cxrdist adapter folder (cxrdist.json) instead")
     try:
         # weight_name: the file that was checked, never a pickled fallback diffusers might look for
         pipe.load_lora_weights(str(folder), weight_name=WEIGHTS_NAME)

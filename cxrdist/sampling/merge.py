@@ -2,8 +2,8 @@
 
 The merge runs on freshly loaded modules, never on a live training model (the original project's
 `merge_and_unload` destroyed the model it was still using), and the adapter checkpoint is only read.
-The merged folder is a plain StableDiffusionPipeline (no safety checker) that `load_base`, diffusers and
-`cxrdist sample` load directly, plus `cxrdist.json` saying where it came from.
+The merged folder is a plain pipeline of the base's family (StableDiffusionPipeline without safety checker,
+PixArtSigmaPipeline, SanaPipeline) that `load_base`, diffusers and `cxrdist sample` load directly, plus `cxrdist.json` saying where it came from.
 
 It is written into a temporary folder of this process beside --out (cxrdist.fileio.temp_name) and renamed
 when complete: --out appears whole or not at all, a failure (a full disk included) leaves nothing behind, and
@@ -27,6 +27,7 @@ from cxrdist.fileio import is_disk_full, sha256_file, temp_name
 from cxrdist.models.loading import BaseModel
 from cxrdist.models.lora import WEIGHTS_NAME
 from cxrdist.sampling.loading import load_for_sampling
+from cxrdist.sampling.pipeline import assemble_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +62,24 @@ def _check_out(out: Path) -> None:
         raise InputError(f"--out {out} exists and is not an empty folder: choose a new folder")
 
 
-def save_pipeline(base: BaseModel, out: Path, provenance: dict) -> Path:
-    """Write the modules as a StableDiffusionPipeline folder (+ cxrdist.json) via a temporary folder."""
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+def _saved_scheduler(base: BaseModel):
+    """The scheduler a merged folder carries: SD's DDPM training schedule, or the transformer base's own scheduler
+    (its class as its scheduler_config.json names it, accepted only when it is a diffusers scheduler)."""
+    import diffusers
 
-    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-                                   unet=base.unet, scheduler=DDPMScheduler.from_config(base.scheduler_config),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if base.family.name == "sd":
+        return diffusers.DDPMScheduler.from_config(base.scheduler_config)
+    name = str(base.scheduler_config.get("_class_name", ""))
+    scheduler_class = getattr(diffusers, name, None) if name.isidentifier() else None
+    if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, diffusers.SchedulerMixin)):
+        raise InputError(f"the base's scheduler_config.json names '{name}', not a diffusers scheduler: restore the "
+                         "base model folder")
+    return scheduler_class.from_config(base.scheduler_config)
+
+
+def save_pipeline(base: BaseModel, out: Path, provenance: dict) -> Path:
+    """Write the modules as the family's pipeline folder (+ cxrdist.json) via a temporary folder."""
+    pipe = assemble_pipeline(base, _saved_scheduler(base))
     created = _make_parents(out)
     tmp = temp_name(out)
     try:

@@ -1,10 +1,10 @@
 """Synthetic radiographs from report text: the scheduler table and batched, seeded generation.
 
 `generate_images` is the one generation path: `cxrdist sample`, the trainer's validation and `cxrdist evaluate`
-all call it, so what is validated is what users sample. It assembles a diffusers StableDiffusionPipeline around
-modules that are already loaded (no weight copies, never a safety checker: it blacks out radiographs) and
-hands it precomputed conditioning from `cxrdist.models.text.encode_prompts`, so CLIP and BERT-style text
-encoders go through the same code. Loading a model for sampling is `cxrdist.sampling.loading`; a whole
+all call it, so what is validated is what users sample. It assembles the family's diffusers pipeline
+(StableDiffusionPipeline, PixArtSigmaPipeline, SanaPipeline) around modules that are already loaded (no weight
+copies, never a safety checker: it blacks out radiographs) and hands it precomputed conditioning and attention
+masks from `cxrdist.models.text.encode_prompts_masked`, so every text encoder goes through the same code. Loading a model for sampling is `cxrdist.sampling.loading`; a whole
 `cxrdist sample` run is `cxrdist.sampling.run`.
 
 A sample whose latents or decoded pixels hold NaN or inf is an error (`NonFiniteSample`), not an image: clamping
@@ -23,9 +23,11 @@ import numpy as np
 import torch
 
 from cxrdist.config import SCHEDULERS, sampler_problem
+from cxrdist.data.latents import encode_mean
 from cxrdist.errors import InputError, ModelError
+from cxrdist.models.families import FAMILIES, Family
 from cxrdist.models.loading import BaseModel
-from cxrdist.models.text import apply_template, encode_prompts
+from cxrdist.models.text import apply_template, encode_prompts_masked
 from cxrdist.progress import progress_meter
 
 log = logging.getLogger(__name__)
@@ -75,12 +77,23 @@ class SampleSettings:
                    batch_size=cfg.batch_size)
 
 
-def build_scheduler(name: str, scheduler_config: dict):
-    """A fresh scheduler of the named kind on the base model's noise schedule."""
+def build_scheduler(name: str, scheduler_config: dict, family: Family = FAMILIES["sd"]):
+    """A fresh scheduler of the named kind on the base model's noise schedule (for a flow-matching family, the
+    flow form of the sampler, on the base's flow shift)."""
     import diffusers
 
     if name not in SCHEDULERS:
         raise InputError(f"unknown scheduler '{name}': choose one of {', '.join(SCHEDULERS)}")
+    if name not in family.samplers:
+        raise InputError(f"scheduler '{name}' does not fit {family.label}'s noise schedule: choose one of "
+                         f"{', '.join(family.samplers)} (sample.scheduler / --scheduler)")
+    if family.objective == "flow":
+        shift = float(scheduler_config.get("flow_shift") or scheduler_config.get("shift") or 1.0)
+        if name == "euler":
+            return diffusers.FlowMatchEulerDiscreteScheduler.from_config(scheduler_config, shift=shift)
+        return diffusers.DPMSolverMultistepScheduler.from_config(
+            scheduler_config, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift,
+            **SCHEDULERS[name][1])
     class_name, kwargs = SCHEDULERS[name]
     return getattr(diffusers, class_name).from_config(scheduler_config, **kwargs)
 
@@ -159,14 +172,35 @@ def _autocast(device: torch.device, dtype: torch.dtype):
 
 
 def assemble_pipeline(base: BaseModel, scheduler):
-    """A StableDiffusionPipeline around the loaded modules: shares them, copies nothing, no safety checker."""
-    from diffusers import StableDiffusionPipeline
+    """The family's diffusers pipeline around the loaded modules: shares them, copies nothing, no safety checker."""
+    import diffusers
 
-    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-                                   unet=base.unet, scheduler=scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    parts = {"vae": base.vae, "text_encoder": base.text_encoder, "tokenizer": base.tokenizer, "scheduler": scheduler,
+             base.family.denoiser_folder: base.unet}
+    if base.family.name == "sd":
+        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = getattr(diffusers, base.family.pipeline)(**parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _denoise(pipe, base: BaseModel, cond, cond_mask, uncond, uncond_mask, noise, generators, height: int, width: int,
+             settings: SampleSettings, tick) -> torch.Tensor:
+    """The family pipeline's own denoising loop on precomputed conditioning; returns the final latents."""
+    common = dict(prompt_embeds=cond, negative_prompt_embeds=uncond, height=height, width=width,
+                  num_inference_steps=settings.steps, guidance_scale=settings.guidance, generator=generators,
+                  latents=noise, output_type="latent")
+    family = base.family.name
+    if family == "sd":
+        return pipe(**common, callback_on_step_end=tick).images
+    # negative_prompt=None: these pipelines default it to "" and then refuse precomputed negative embeddings
+    masks = dict(prompt_attention_mask=cond_mask, negative_prompt_attention_mask=uncond_mask, negative_prompt=None,
+                 use_resolution_binning=False)
+    if family == "sana":
+        return pipe(**common, **masks, complex_human_instruction=None, callback_on_step_end=tick).images
+    # PixArt-Σ's pipeline still takes the older per-step callback
+    return pipe(**common, **masks, clean_caption=False, callback=lambda *args: tick(pipe, 0, 0, {}),
+                callback_steps=1).images
 
 
 def _initial_noise(seeds: list[int], shape: tuple[int, ...]) -> tuple[torch.Tensor, list[torch.Generator]]:
@@ -214,17 +248,18 @@ def as_drawn(base: BaseModel, images: np.ndarray, batch_size: int = 64) -> np.nd
     for start in range(0, len(images), batch_size):
         pixels = torch.as_tensor(np.asarray(images[start:start + batch_size]), dtype=torch.float32, device=device)
         pixels = (pixels * 2 - 1)[:, None].expand(-1, base.channels, -1, -1).to(vae.dtype)
-        raw = vae.encode(pixels).latent_dist.mode().float()
+        raw = encode_mean(vae, pixels).float()
         out[start:start + batch_size] = _decode(base, (raw - shift) * scaling)
     return out
 
 
-def _embed_unique(base: BaseModel, prompts: list[str]) -> torch.Tensor:
-    """Encode each distinct prompt once (one truncation warning per prompt), then index per image."""
+def _embed_unique(base: BaseModel, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode each distinct prompt once (one truncation warning per prompt), then index per image: (contexts,
+    attention masks)."""
     unique = list(dict.fromkeys(prompts))
-    embeds = encode_prompts(base.tokenizer, base.text_encoder, unique)
-    where = {p: i for i, p in enumerate(unique)}
-    return embeds[torch.tensor([where[p] for p in prompts], device=embeds.device)]
+    embeds, masks = encode_prompts_masked(base.tokenizer, base.text_encoder, unique, limit=base.context_tokens)
+    where = torch.tensor([{p: i for i, p in enumerate(unique)}[p] for p in prompts])
+    return embeds[where.to(embeds.device)], masks[where].to(embeds.device)
 
 
 @torch.no_grad()
@@ -256,17 +291,18 @@ def generate_images(base: BaseModel, reports: list[str], settings: SampleSetting
         return tensors
 
     with bar, _on_device(base, device), _eval_mode(base.unet, base.vae, base.text_encoder), _autocast(device, dtype):
-        cond = _embed_unique(base, prompts)
-        uncond = encode_prompts(base.tokenizer, base.text_encoder, [settings.negative_prompt.strip()], warn=True)
+        cond, cond_mask = _embed_unique(base, prompts)
+        uncond, uncond_mask = encode_prompts_masked(base.tokenizer, base.text_encoder,
+                                                    [settings.negative_prompt.strip()], warn=True,
+                                                    limit=base.context_tokens)
+        uncond_mask = uncond_mask.to(uncond.device)
         for batch in batches:
             noise, generators = _initial_noise([seeds[i] for i in batch], latent_shape)
-            pipe = assemble_pipeline(base, build_scheduler(settings.scheduler, base.scheduler_config))
-            latents = pipe(prompt_embeds=cond[batch.start:batch.stop],
-                           negative_prompt_embeds=uncond.expand(len(batch), -1, -1),
-                           height=height, width=width, num_inference_steps=settings.steps,
-                           guidance_scale=settings.guidance, generator=generators,
-                           latents=noise.to(device, cond.dtype), output_type="latent",
-                           callback_on_step_end=tick).images
+            pipe = assemble_pipeline(base, build_scheduler(settings.scheduler, base.scheduler_config, base.family))
+            n = len(batch)
+            latents = _denoise(pipe, base, cond[batch.start:batch.stop], cond_mask[batch.start:batch.stop],
+                               uncond.expand(n, -1, -1), uncond_mask.expand(n, -1),
+                               noise.to(device, cond.dtype), generators, height, width, settings, tick)
             # Checked before the clamp and the uint8 conversion, which would hide NaN/inf as black or white.
             bad, stage = _first_nonfinite(latents), "in its latents"
             if bad is None:

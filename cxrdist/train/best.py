@@ -100,7 +100,7 @@ def load_exported(model, folder: Path) -> None:
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    unet_sd, text_sd = split_prefixed(load_file(str(Path(folder) / WEIGHTS_NAME)))
+    unet_sd, text_sd = split_prefixed(load_file(str(Path(folder) / WEIGHTS_NAME)), model.family.lora_prefix)
     for part, module in ((unet_sd, model.unet), (text_sd, model.text_encoder)):
         if part:
             result = set_peft_model_state_dict(module, part)

@@ -15,7 +15,7 @@ import time
 import torch
 
 from cxrdist.models.diffusion import FrozenTextCache
-from cxrdist.models.text import apply_template, tokenize
+from cxrdist.models.text import CONTEXT_TOKENS, apply_template, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,8 @@ def distinct_prompts(reports: list[str], template: str, with_empty: bool) -> lis
     return list(prompts)
 
 
-def prefill_text_cache(accelerator, cache: FrozenTextCache, text_encoder, tokenizer, prompts: list[str]) -> int:
+def prefill_text_cache(accelerator, cache: FrozenTextCache, text_encoder, tokenizer, prompts: list[str],
+                       context_tokens: int = CONTEXT_TOKENS) -> int:
     """Encode `prompts` (each once, spread over the ranks) into every rank's cache; returns how many were added.
 
     Collective: every rank must call it with the same prompts. Prompts beyond the cache's bound are not filled
@@ -38,7 +39,8 @@ def prefill_text_cache(accelerator, cache: FrozenTextCache, text_encoder, tokeni
     if not prompts:
         return 0
     started = time.perf_counter()
-    ids, mask = tokenize(tokenizer, prompts, warn=False)  # the ids BatchEncoder.token_ids gives the model
+    # the ids BatchEncoder.token_ids gives the model
+    ids, mask = tokenize(tokenizer, prompts, warn=False, limit=context_tokens)
     keys = FrozenTextCache.keys(ids)
     world, rank = accelerator.num_processes, accelerator.process_index
     if world == 1 or len(prompts) < world:

@@ -33,7 +33,7 @@ import torch
 
 from cxrdist.config import Config, parse_duration
 from cxrdist.data.latents import check_cached_latents, latents_info
-from cxrdist.errors import ConfigError, CxrdistError, DataError, report_now
+from cxrdist.errors import ConfigError, CxrdistError, DataError, ModelError, report_now
 from cxrdist.fileio import write_json_atomic
 from cxrdist.models.diffusion import (BatchEncoder, DiffusionObjective, LoraDiffusionModel, timestep_weights,
                                       to_device)
@@ -144,7 +144,7 @@ class Trainer:
         self.data = data_factory(channels=self.base.channels, rank=acc.process_index, world_size=acc.num_processes)
         self.spec = attach_lora(self.base, cfg.lora)
         model = LoraDiffusionModel(self.base.unet, self.base.text_encoder, cfg.lora.train_text_encoder,
-                                   text_cache_size=cfg.train.text_cache_size)
+                                   text_cache_size=cfg.train.text_cache_size, family=self.base.family)
         if model.text_cache is not None and distributed.zero_stage(acc) == 3:
             # ZeRO-3 gathers the text encoder's partitions collectively at every call; a cache hit on one rank
             # and a miss on another would leave the ranks waiting on different collectives.
@@ -175,9 +175,11 @@ class Trainer:
         t = cfg.train
         bias = functools.partial(timestep_weights, bias=t.timestep_bias, multiplier=t.timestep_bias_multiplier,
                                  portion=t.timestep_bias_portion, begin=t.timestep_bias_begin, end=t.timestep_bias_end)
-        self.objective = DiffusionObjective(self.base.scheduler_config, t.noise_offset, t.snr_gamma, bias)
+        self.objective = DiffusionObjective(self.base.scheduler_config, t.noise_offset, t.snr_gamma, bias,
+                                            objective=self.base.family.objective)
         self.encoder = BatchEncoder(self.base.vae, self.base.tokenizer, cfg.data.prompt_template,
-                                    cfg.train.caption_dropout, use_cached=self._use_cached_latents())
+                                    cfg.train.caption_dropout, use_cached=self._use_cached_latents(),
+                                    context_tokens=self.base.context_tokens)
         self.stopper = EarlyStopper(cfg.eval.metric, cfg.eval.mode, cfg.eval.patience, cfg.eval.min_delta)
         distributed.load_weights_only(self.model)  # a DeepSpeed engine unpickles its files with weights_only=True
         # The adapter EMA (train.ema_decay): on every rank, the same values everywhere; None when off.
@@ -465,7 +467,8 @@ class Trainer:
         # each rank reads the reports of its own share of the shards; together, in rank order, the whole split
         reports = [report for share in gather_object([self.data.train_reports()]) for report in share]
         prompts = distinct_prompts(reports, self.cfg.data.prompt_template, with_empty=self.cfg.train.caption_dropout > 0)
-        prefill_text_cache(self.accelerator, cache, model.text_encoder, self.base.tokenizer, prompts)
+        prefill_text_cache(self.accelerator, cache, model.text_encoder, self.base.tokenizer, prompts,
+                           self.base.context_tokens)
 
     @property
     def micro_per_epoch(self) -> int:
@@ -745,7 +748,14 @@ def configure_model(model: LoraDiffusionModel, cfg: Config, dtype: torch.dtype) 
             module.to(dtype)
         for p in lora_parameters(module):
             p.data = p.data.float()
-    ATTENTION[cfg.model.attention](model.unet)
+    if model.family.is_transformer:
+        # PixArt-Σ and Sana keep their own processors (SDPA, and Sana's linear attention, which a generic
+        # processor would replace with softmax attention)
+        if cfg.model.attention != "sdpa":
+            raise ModelError(f"model.attention={cfg.model.attention} applies to UNets; {model.family.label} keeps "
+                             "its own attention kernels: set model.attention=sdpa")
+    else:
+        ATTENTION[cfg.model.attention](model.unet)
     if cfg.model.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         if model.train_text_encoder:

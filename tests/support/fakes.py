@@ -21,8 +21,8 @@ def make_samples(n: int, size: int = 64, seed: int = 0) -> list[dict]:
     return out
 
 
-def collate(samples: list[dict]) -> dict:
-    return {"pixel_values": torch.stack([s["pixel"] for s in samples]), "prompts": [s["report"] for s in samples],
+def collate(samples: list[dict], channels: int = 1) -> dict:
+    return {"pixel_values": torch.stack([s["pixel"].expand(channels, -1, -1) for s in samples]), "prompts": [s["report"] for s in samples],
             "keys": [s["key"] for s in samples], "meta": [{"uid": s["key"], "labels": s["labels"]} for s in samples]}
 
 
@@ -36,6 +36,7 @@ class FakeData:
                  world_size: int = 1, test: list[dict] | None = None, seed: int = 0):
         self.train, self.val, self.test = train, val, test if test is not None else val
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.channels = channels  # the base VAE's: 3-channel bases get the grayscale image in every channel
 
     def batches_per_epoch(self) -> int:
         return len(self.train) // (self.batch_size * self.world_size)
@@ -44,13 +45,13 @@ class FakeData:
         order = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
         mine = order[self.rank::self.world_size].tolist()
         for b in range(start_batch, self.batches_per_epoch()):
-            yield collate([self.train[i] for i in mine[b * self.batch_size:(b + 1) * self.batch_size]])
+            yield collate([self.train[i] for i in mine[b * self.batch_size:(b + 1) * self.batch_size]], self.channels)
 
     def eval_batches(self, split: str):
         data = self.test if split == "test" else self.val
         mine = data[self.rank::self.world_size]
         for i in range(0, len(mine), self.batch_size):
-            yield collate(mine[i:i + self.batch_size])
+            yield collate(mine[i:i + self.batch_size], self.channels)
 
     def training_splits(self) -> list[str]:
         return ["train"]
@@ -58,7 +59,7 @@ class FakeData:
     def first_samples(self, split: str, n: int):
         data = {"test": self.test, "train": self.train}.get(split, self.val)
         if n:
-            yield collate(data[:n])
+            yield collate(data[:n], self.channels)
 
     def train_reports(self) -> list[str]:
         n = len(self.train)
@@ -77,7 +78,8 @@ def make_trainer(tmp_path, *overrides, n_train=16, n_val=4, resume=None):
     samples = make_samples(n_train + n_val)
 
     def factory(channels, rank, world_size):
-        return FakeData(samples[:n_train], samples[n_train:], cfg.train.batch_size, rank=rank, world_size=world_size)
+        return FakeData(samples[:n_train], samples[n_train:], cfg.train.batch_size, channels=channels, rank=rank,
+                        world_size=world_size)
 
     return Trainer(cfg, fold=0, run_dir=tmp_path / "fold0", data_factory=factory, resume=resume)
 

@@ -60,13 +60,13 @@ def test_template_applied_exactly_once(tiny, monkeypatch):
     import cxrdist.sampling.pipeline as sample
 
     seen = []
-    real = sample.encode_prompts
+    real = sample.encode_prompts_masked
 
-    def spy(tokenizer, text_encoder, prompts, warn=True):
+    def spy(tokenizer, text_encoder, prompts, warn=True, limit=77):
         seen.extend(prompts)
-        return real(tokenizer, text_encoder, prompts, warn=warn)
+        return real(tokenizer, text_encoder, prompts, warn=warn, limit=limit)
 
-    monkeypatch.setattr(sample, "encode_prompts", spy)
+    monkeypatch.setattr(sample, "encode_prompts_masked", spy)
     generate_images(tiny, ["Normal heart.", "Normal heart."], SampleSettings(steps=1, negative_prompt="blurry"),
                     template="chest x-ray: {report}", seeds=[0, 1])
     assert seen == ["chest x-ray: Normal heart.", "blurry"]  # duplicates encoded once, negative not templated

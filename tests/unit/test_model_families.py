@@ -1,0 +1,274 @@
+"""PixArt-Σ and Sana bases through the same trainer, sampler and export: the tiny presets of both families,
+checked against the computations diffusers' own training scripts and pipelines define."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cxrdist.errors import InputError, ModelError
+from support.fakes import make_trainer, reset_accelerate
+
+FAMILY_PRESETS = {"sana": "sana-tiny", "pixart-sigma": "pixart-sigma-tiny"}
+TRANSFORMER_LORA = ["lora.train_text_encoder=false", "lora.unet_rank=4", "lora.unet_alpha=4"]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def base_paths():
+    from cxrdist.models.loading import preset_folder
+
+    return {family: str(preset_folder(preset)) for family, preset in FAMILY_PRESETS.items()}
+
+
+def _load(path):
+    from cxrdist.models.loading import load_base
+
+    return load_base(path)
+
+
+@pytest.mark.parametrize("family, denoiser, vae, encoder", [
+    ("sana", "SanaTransformer2DModel", "AutoencoderDC", "Gemma2Model"),
+    ("pixart-sigma", "PixArtTransformer2DModel", "AutoencoderKL", "T5EncoderModel"),
+])
+def test_family_read_from_model_index(base_paths, family, denoiser, vae, encoder):
+    base = _load(base_paths[family])
+    assert base.family.name == family
+    assert (type(base.unet).__name__, type(base.vae).__name__, type(base.text_encoder).__name__) == (denoiser, vae,
+                                                                                                     encoder)
+    assert base.context_tokens == 300 and base.image_size == 64 and base.channels == 3
+
+
+def test_unsupported_pipeline_names_the_supported_ones(tmp_path, base_paths):
+    import shutil
+
+    folder = tmp_path / "flux"
+    shutil.copytree(base_paths["sana"], folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
+    with pytest.raises(ModelError) as caught:
+        _load(str(folder))
+    message = str(caught.value)
+    assert "FluxPipeline" in message and "\n" not in message
+    assert all(name in message for name in ("StableDiffusionPipeline", "PixArtSigmaPipeline", "SanaPipeline"))
+
+
+def test_flow_objective_is_diffusers_sana_script(base_paths):
+    """noisy input, target and loss as train_dreambooth_lora_sana.py computes them (weighting_scheme none)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from cxrdist.models.diffusion import DiffusionObjective
+
+    base = _load(base_paths["sana"])
+    objective = DiffusionObjective(base.scheduler_config, objective="flow")
+    x0 = torch.randn(6, 8, 8, 8)
+    noise = torch.randn(6, 8, 8, 8)
+    timesteps = objective.sample_timesteps(6, torch.Generator().manual_seed(3))
+    noisy, target = objective.noisy_inputs(x0, noise, timesteps)
+
+    # the script's lines, on the same draws
+    reference = FlowMatchEulerDiscreteScheduler.from_config(base.scheduler_config)
+    u = torch.rand(6, generator=torch.Generator().manual_seed(3))
+    indices = (u * reference.config.num_train_timesteps).long()
+    ref_t = reference.timesteps[indices]
+    step_indices = [(reference.timesteps == t).nonzero().item() for t in ref_t]
+    sigmas = reference.sigmas[step_indices].flatten().view(-1, 1, 1, 1)
+    assert torch.equal(timesteps, ref_t)
+    assert torch.equal(noisy, (1.0 - sigmas) * x0 + sigmas * noise)
+    assert torch.equal(target, noise - x0)
+    pred = torch.randn_like(x0)
+    ref_loss = torch.mean(((pred.float() - target.float()) ** 2).reshape(6, -1), 1).mean()
+    assert torch.allclose(objective.per_sample_loss(pred, target, timesteps).mean(), ref_loss, rtol=0, atol=1e-7)
+
+
+def test_flow_objective_refuses_min_snr(base_paths):
+    from cxrdist.models.diffusion import DiffusionObjective
+
+    with pytest.raises(ModelError, match="train.snr_gamma=0"):
+        DiffusionObjective(_load(base_paths["sana"]).scheduler_config, snr_gamma=5.0, objective="flow")
+
+
+def test_pixart_prediction_is_the_noise_half(base_paths):
+    """The trained module's prediction is the first half of PixArt-Σ's learned-sigma output, as diffusers' PixArt
+    scripts and pipeline take it, with the text's attention mask passed to the transformer."""
+    from cxrdist.models.diffusion import LoraDiffusionModel
+    from cxrdist.models.text import tokenize
+
+    base = _load(base_paths["pixart-sigma"])
+    model = LoraDiffusionModel(base.unet, base.text_encoder, False, family=base.family)
+    ids, mask = tokenize(base.tokenizer, ["Small left effusion.", "Normal heart."], limit=base.context_tokens)
+    assert ids.shape[1] == 300 and mask.sum() < mask.numel()
+    x = torch.randn(2, 4, 8, 8)
+    t = torch.tensor([10, 900])
+    with torch.no_grad():
+        ours = model(x, t, ids, mask)
+        context = base.text_encoder(ids, attention_mask=mask)[0]
+        full = base.unet(x, encoder_hidden_states=context, encoder_attention_mask=mask, timestep=t,
+                         added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+    assert full.shape[1] == 8
+    assert torch.equal(ours, full.chunk(2, dim=1)[0])
+
+
+@pytest.mark.parametrize("family", ["sana", "pixart-sigma"])
+def test_lora_trains_and_only_adapters_change(tmp_path, family, fresh_accelerate):
+    from cxrdist.train.validation import build_loss_set, diffusion_loss
+
+    trainer = make_trainer(tmp_path, f"model.pretrained=preset:{FAMILY_PRESETS[family]}", *TRANSFORMER_LORA,
+                           "optim.lr_unet=1e-2", "train.caption_dropout=0", n_train=8)
+    try:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        data = build_loss_set(trainer.data.train_batches(0), trainer.encoder, "cpu", 0)
+        loss0 = diffusion_loss(trainer.model, trainer.objective, data, [100, 500, 900], 8, trainer.accelerator)
+        micro, stepped = 0, 0
+        for epoch in range(15):
+            for batch in trainer.data.train_batches(epoch):
+                stepped += trainer.train_step(batch, micro)["stepped"]
+                micro += 1
+        loss1 = diffusion_loss(trainer.model, trainer.objective, data, [100, 500, 900], 8, trainer.accelerator)
+        changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    finally:
+        trainer.close()
+    assert stepped == 30 and loss1 < loss0
+    assert changed and all("lora_" in n for n in changed)
+
+
+@pytest.mark.parametrize("family", ["sana", "pixart-sigma"])
+def test_text_encoder_lora_refused_in_one_line(tmp_path, family, fresh_accelerate):
+    with pytest.raises(ModelError) as caught:
+        make_trainer(tmp_path, f"model.pretrained=preset:{FAMILY_PRESETS[family]}", "lora.train_text_encoder=true")
+    assert "lora.train_text_encoder=false" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def _adapted(base_path, seed=0):
+    """A base with a LoRA whose B factors are random (a zero-initialised adapter would change nothing)."""
+    from cxrdist.config import LoraConfig
+    from cxrdist.models.lora import attach_lora
+
+    base = _load(base_path)
+    spec = attach_lora(base, LoraConfig(unet_rank=4, unet_alpha=8, train_text_encoder=False))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in base.unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return base, spec
+
+
+def _export(base, spec, out):
+    from cxrdist.models.lora import adapter_metadata, adapter_state_dicts, save_adapter
+
+    unet_sd, _ = adapter_state_dicts(base.unet, base.text_encoder)
+    return save_adapter(out, unet_sd, None, adapter_metadata(base, spec, "{report}"))
+
+
+def _transformer_out(transformer, family, x, t, context, mask):
+    from cxrdist.models.families import FAMILIES
+
+    with torch.no_grad():
+        return FAMILIES[family].call_denoiser(transformer, x, t, context, mask)
+
+
+@pytest.mark.parametrize("family", ["sana", "pixart-sigma"])
+def test_exported_adapter_loads_in_plain_diffusers(tmp_path, base_paths, family):
+    """Sana: SanaPipeline.load_lora_weights; PixArt-Σ (no LoRA loader in diffusers): peft.PeftModel on the
+    pipeline's transformer. Either way the transformer computes what cxrdist's adapted one does."""
+    from diffusers import DiffusionPipeline
+
+    from cxrdist.models.lora import load_adapter
+
+    base, spec = _adapted(base_paths[family])
+    folder = _export(base, spec, tmp_path / "adapter")
+    x, t = torch.randn(2, base.unet.config.in_channels, 8, 8), torch.tensor([50, 700])
+    context, mask = torch.randn(2, 300, 64), torch.ones(2, 300, dtype=torch.long)
+    mask[1, 20:] = 0
+    ours = _transformer_out(base.unet, family, x, t, context, mask)
+
+    pipe = DiffusionPipeline.from_pretrained(base_paths[family])
+    plain = _transformer_out(pipe.transformer, family, x, t, context, mask)
+    assert not torch.allclose(plain, ours, atol=1e-4)  # the adapter does something
+    if family == "sana":
+        pipe.load_lora_weights(str(folder))
+        theirs = _transformer_out(pipe.transformer, family, x, t, context, mask)
+    else:
+        from peft import PeftModel
+
+        theirs = _transformer_out(PeftModel.from_pretrained(pipe.transformer, str(folder / "peft")), family, x, t,
+                                  context, mask)
+    assert torch.allclose(theirs, ours, atol=1e-5)
+
+    fresh = _load(base_paths[family])
+    meta = load_adapter(folder, fresh)
+    assert meta["base"]["family"] == family
+    saved, loaded = dict(base.unet.named_parameters()), dict(fresh.unet.named_parameters())
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[n], loaded[n]) for n in saved)
+    assert torch.allclose(_transformer_out(fresh.unet, family, x, t, context, mask), ours, atol=1e-6)
+
+
+def test_adapter_refused_on_another_family(tmp_path, base_paths):
+    from cxrdist.models.lora import load_adapter
+
+    base, spec = _adapted(base_paths["sana"])
+    folder = _export(base, spec, tmp_path / "adapter")
+    with pytest.raises(ModelError, match="trained on a Sana base"):
+        load_adapter(folder, _load(base_paths["pixart-sigma"]))
+
+
+@pytest.mark.parametrize("family", ["sana", "pixart-sigma"])
+def test_sampling_through_the_family_pipeline(tmp_path, base_paths, family):
+    import numpy as np
+
+    from cxrdist.sampling.pipeline import SampleSettings, generate_images
+
+    base, _ = _adapted(base_paths[family])
+    settings = SampleSettings(steps=3, scheduler="dpm++", guidance=3.0, batch_size=2)
+    reports = ["Small left effusion.", "Normal heart.", "Large right pneumothorax."]
+    images = generate_images(base, reports, settings, seeds=[1, 2, 3])
+    assert images.shape == (3, 64, 64) and np.isfinite(images).all()
+    again = generate_images(base, reports[1:2], settings, seeds=[2])  # image i depends on its report and seed only
+    assert np.allclose(again[0], images[1], atol=1e-5)
+
+
+def test_flow_family_samplers(base_paths):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from cxrdist.sampling.pipeline import build_scheduler
+
+    base = _load(base_paths["sana"])
+    assert isinstance(build_scheduler("euler", base.scheduler_config, base.family), FlowMatchEulerDiscreteScheduler)
+    dpm = build_scheduler("dpm++", base.scheduler_config, base.family)
+    assert dpm.config.prediction_type == "flow_prediction" and dpm.config.use_flow_sigmas
+    with pytest.raises(InputError, match="choose one of dpm\\+\\+, euler"):
+        build_scheduler("ddim", base.scheduler_config, base.family)
+
+
+@pytest.mark.parametrize("family", ["sana", "pixart-sigma"])
+def test_merged_export_is_a_plain_family_pipeline(tmp_path, base_paths, family):
+    from diffusers import DiffusionPipeline
+
+    from cxrdist.sampling.merge import merge_adapter
+
+    base, spec = _adapted(base_paths[family])
+    folder = _export(base, spec, tmp_path / "adapter")
+    x, t = torch.randn(1, base.unet.config.in_channels, 8, 8), torch.tensor([300])
+    context, mask = torch.randn(1, 300, 64), torch.ones(1, 300, dtype=torch.long)
+    ours = _transformer_out(base.unet, family, x, t, context, mask)
+    merged = merge_adapter(folder, tmp_path / "merged")
+    pipe = DiffusionPipeline.from_pretrained(str(merged))
+    assert type(pipe).__name__ == {"sana": "SanaPipeline", "pixart-sigma": "PixArtSigmaPipeline"}[family]
+    assert torch.allclose(_transformer_out(pipe.transformer, family, x, t, context, mask), ours, atol=1e-5)
+
+
+def test_kohya_export_refused_for_transformers(tmp_path, base_paths):
+    from cxrdist.sampling.kohya import export_kohya
+
+    base, spec = _adapted(base_paths["sana"])
+    folder = _export(base, spec, tmp_path / "adapter")
+    with pytest.raises(ModelError, match="--format merged or zip"):
+        export_kohya(folder, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def teardown_module():
+    reset_accelerate()
