@@ -19,8 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from support.launching import (ACCEL, LAUNCH_TIMEOUT_S, STEP4, best_export, check_common, deepspeed_config,
-                               last_by_step, launch, max_diff, rewind_to_step2, scalars, two_machines)
+from support.launching import (ACCEL, LAUNCH_TIMEOUT_S, MAX_SHARE_MOVED, MOVED, STEP4, best_export, check_common,
+                               deepspeed_config, last_by_step, launch, max_diff, rewind_to_step2, scalars,
+                               share_beyond, two_machines)
 from support.training import child_env
 
 # The tiny preset is built before any launch: two ranks materialising it at once collide.
@@ -38,13 +39,6 @@ BF16 = "train.mixed_precision=bf16"
 # A broken path -- an update lost or applied twice, one step skipped -- moves 30% (one skipped step) to 93% (two
 # steps) of the elements beyond 1e-3. A bf16-rounded export is caught by _not_bf16_rounded.
 SIGN_FLIP_CEILING = 2.5e-2  # the sum of the LRs: no element of a sound bf16 run moves farther
-MOVED = 1e-3
-MAX_SHARE_MOVED = 0.1
-
-
-def share_beyond(a: dict, b: dict, atol: float) -> float:
-    diff = torch.cat([(a[k].float() - b[k].float()).abs().flatten() for k in a])
-    return float((diff > atol).float().mean())
 
 
 def _not_bf16_rounded(tensors: dict[str, torch.Tensor]) -> bool:
