@@ -260,6 +260,7 @@ class BatchEncoder:
         self.caption_dropout = caption_dropout
         self.scaling = float(vae.config.scaling_factor)
         self.cut_prompts = 0
+        self.seen_prompts = 0
 
     @torch.no_grad()
     def latents(self, batch: dict, device) -> torch.Tensor:
@@ -283,5 +284,6 @@ class BatchEncoder:
         length = max_length(self.tokenizer, self.context_tokens)
         full = self.tokenizer(prompts, truncation=False)["input_ids"]
         self.cut_prompts += sum(len(ids) > length for ids in full)  # reported once per epoch, not per batch
+        self.seen_prompts += len(prompts)
         # exactly what the sampler feeds the encoder
         return tokenize(self.tokenizer, prompts, warn=False, limit=self.context_tokens)

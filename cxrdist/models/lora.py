@@ -363,8 +363,9 @@ def load_adapter(folder: str | Path, base: BaseModel) -> dict:
     spec = meta["adapter"]
     recorded = meta["base"].get("family", "sd")
     if recorded != base.family.name:
-        raise ModelError(f"LoRA {folder} was trained on a {FAMILIES[recorded].label if recorded in FAMILIES else recorded} "
-                         f"base; '{base.source}' is {base.family.label}: load it on its own family's base")
+        trained_on = FAMILIES[recorded].label if recorded in FAMILIES else recorded
+        raise ModelError(f"LoRA {folder} was trained on a {trained_on} base; '{base.source}' is "
+                         f"{base.family.label}: load it on its own family's base")
     unet_sd, text_sd = split_prefixed(load_file(str(weights)), base.family.lora_prefix)
     lora_cfg = LoraConfig(
         unet_rank=spec["unet"]["rank"], unet_alpha=spec["unet"]["alpha"], unet_targets=spec["unet"]["targets"],

@@ -3,7 +3,8 @@
 The merge runs on freshly loaded modules, never on a live training model (the original project's
 `merge_and_unload` destroyed the model it was still using), and the adapter checkpoint is only read.
 The merged folder is a plain pipeline of the base's family (StableDiffusionPipeline without safety checker,
-PixArtSigmaPipeline, SanaPipeline) that `load_base`, diffusers and `cxrdist sample` load directly, plus `cxrdist.json` saying where it came from.
+PixArtSigmaPipeline, SanaPipeline) that `load_base`, diffusers and `cxrdist sample` load directly, plus
+`cxrdist.json` saying where it came from.
 
 It is written into a temporary folder of this process beside --out (cxrdist.fileio.temp_name) and renamed
 when complete: --out appears whole or not at all, a failure (a full disk included) leaves nothing behind, and

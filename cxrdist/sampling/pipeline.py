@@ -4,8 +4,9 @@
 all call it, so what is validated is what users sample. It assembles the family's diffusers pipeline
 (StableDiffusionPipeline, PixArtSigmaPipeline, SanaPipeline) around modules that are already loaded (no weight
 copies, never a safety checker: it blacks out radiographs) and hands it precomputed conditioning and attention
-masks from `cxrdist.models.text.encode_prompts_masked`, so every text encoder goes through the same code. Loading a model for sampling is `cxrdist.sampling.loading`; a whole
-`cxrdist sample` run is `cxrdist.sampling.run`.
+masks from `cxrdist.models.text.encode_prompts_masked`, so every text encoder goes through the same code.
+Loading a model for sampling is `cxrdist.sampling.loading`; a whole `cxrdist sample` run is
+`cxrdist.sampling.run`.
 
 A sample whose latents or decoded pixels hold NaN or inf is an error (`NonFiniteSample`), not an image: clamping
 and the uint8 conversion would turn it into a plausible-looking black or white square. It means damaged weights

@@ -424,7 +424,7 @@ class Trainer:
             while self.state.step < self.total_steps and not self.state.stopped_early:
                 # The data position counts micro-batches: a skipped optimizer step consumed its batches too.
                 epoch, done_in_epoch = divmod(self.state.micro_step, per_epoch)
-                self.encoder.cut_prompts = 0
+                self.encoder.cut_prompts = self.encoder.seen_prompts = 0
                 batches = iter(self.data.train_batches(epoch, start_batch=done_in_epoch))
                 for _ in range(per_epoch - done_in_epoch):
                     batch = next(batches, None)
@@ -446,8 +446,11 @@ class Trainer:
                     if self.state.stopped_early or self.state.step >= self.total_steps:
                         break
                 if self.encoder.cut_prompts:
-                    log.warning("epoch %d: %d prompts were longer than the text encoder's 77 tokens and were cut",
-                                epoch + 1, self.encoder.cut_prompts)
+                    # 77 CLIP tokens cut many long reports where a 300-token T5 / Gemma-2 encoder reads them whole
+                    log.warning("epoch %d: %d of %d prompts (%.1f%%) were longer than the %s text encoder's %d tokens "
+                                "and were cut", epoch + 1, self.encoder.cut_prompts, self.encoder.seen_prompts,
+                                100.0 * self.encoder.cut_prompts / max(1, self.encoder.seen_prompts),
+                                self.base.family.label, self.base.context_tokens)
         return self._finish(window)
 
     def _prefill_text_cache(self) -> None:

@@ -272,3 +272,18 @@ def test_kohya_export_refused_for_transformers(tmp_path, base_paths):
 
 def teardown_module():
     reset_accelerate()
+
+
+def test_long_reports_are_read_whole_at_300_tokens(base_paths):
+    """A 150-token report: cut at CLIP's 77, read whole by the transformer families' 300; counted per epoch."""
+    from cxrdist.models.diffusion import BatchEncoder
+
+    base = _load(base_paths["sana"])
+    report = "Heart size is normal and the lungs are clear. " * 15
+    reads = BatchEncoder(base.vae, base.tokenizer, "{report}", 0.0, context_tokens=base.context_tokens)
+    ids, mask = reads.token_ids([report, "Normal."])
+    assert ids.shape == (2, 300) and 77 < int(mask[0].sum()) < 300
+    assert (reads.cut_prompts, reads.seen_prompts) == (0, 2)
+    cuts = BatchEncoder(base.vae, base.tokenizer, "{report}", 0.0)  # SD's budget
+    cuts.token_ids([report, "Normal."])
+    assert (cuts.cut_prompts, cuts.seen_prompts) == (1, 2)
