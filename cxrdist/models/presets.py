@@ -15,7 +15,11 @@
 - `sana-tiny`: a SanaPipeline in miniature: SanaTransformer2DModel (linear self-attention, Mix-FFN), a DC-AE
   autoencoder (AutoencoderDC, 8x), a small Gemma-2 encoder, flow matching (64 px).
 
-The two transformer presets use the real encoders' classes (T5EncoderModel, Gemma2Model) with random weights
+- `sana-arch` / `sana-arch-narrow`: Sana-0.6B's transformer and Sana 1.0's DC-AE at their real layout (28 blocks,
+  32x autoencoder, 512 px), at full width or at 1/8 of every width, with a 2-layer Gemma-2 stand-in for the
+  encoder; random weights, for throughput, memory and module-tree checks.
+
+The transformer presets use the real encoders' classes (T5EncoderModel, Gemma2Model) with random weights
 and, since T5's and Gemma's tokenizer files cannot be built offline, MiniLM's WordPiece tokenizer (30,522 tokens)
 reading 300 tokens, as the real pipelines do. They check what depends on each family's classes and calls.
 
@@ -233,7 +237,48 @@ def build_sana_tiny() -> dict:
             "tokenizer": _minilm_tokenizer(300), "scheduler": scheduler}
 
 
-PRESET_PIPELINES = {"pixart-sigma-tiny": "PixArtSigmaPipeline", "sana-tiny": "SanaPipeline"}
+def _sana_tree(width: int) -> dict:
+    """Sana-0.6B at 512 px (28 transformer blocks of 1152 channels, 36 linear-attention heads, 16 cross-attention
+    heads, Mix-FFN 2.5x; the DC-AE f32c32 of Sana 1.0: 6 stages to 1024 channels, 32 latent channels, 32x) with
+    every width divided by `width`, random weights. The text encoder is a 2-layer Gemma-2 of Gemma-2-2B's width
+    (2304), standing in for the 2.6 B-parameter one: the transformer's caption projection sees its real shapes."""
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(0)
+    caption = 2304 // width
+    text_encoder = Gemma2Model(Gemma2Config(vocab_size=30522, hidden_size=caption, intermediate_size=caption,
+                                            num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
+                                            head_dim=256 // width, max_position_embeddings=512, pad_token_id=0))
+    channels = tuple(c // width for c in (128, 256, 512, 512, 1024, 1024))
+    blocks = ("ResBlock",) * 3 + ("EfficientViTBlock",) * 3
+    vae = AutoencoderDC(in_channels=3, latent_channels=32, attention_head_dim=32 // width, encoder_block_types=blocks,
+                        decoder_block_types=blocks, encoder_block_out_channels=channels,
+                        decoder_block_out_channels=channels, encoder_layers_per_block=(2, 2, 2, 3, 3, 3),
+                        decoder_layers_per_block=(3, 3, 3, 3, 3, 3), encoder_qkv_multiscales=((),) * 3 + ((5,),) * 3,
+                        decoder_qkv_multiscales=((),) * 3 + ((5,),) * 3, downsample_block_type="conv",
+                        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+                        scaling_factor=0.41407)
+    transformer = SanaTransformer2DModel(in_channels=32, out_channels=32, num_attention_heads=36,
+                                         attention_head_dim=32 // width, num_layers=28, num_cross_attention_heads=16,
+                                         cross_attention_head_dim=72 // width, cross_attention_dim=1152 // width,
+                                         caption_channels=caption, mlp_ratio=2.5, sample_size=16, patch_size=1)
+    scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                            algorithm_type="dpmsolver++", solver_order=2)
+    return {"transformer": transformer, "vae": vae, "text_encoder": text_encoder,
+            "tokenizer": _minilm_tokenizer(300), "scheduler": scheduler}
+
+
+def build_sana_arch() -> dict:
+    return _sana_tree(1)
+
+
+def build_sana_arch_narrow() -> dict:
+    return _sana_tree(8)
+
+
+PRESET_PIPELINES = {"pixart-sigma-tiny": "PixArtSigmaPipeline", "sana-tiny": "SanaPipeline", "sana-arch": "SanaPipeline",
+                    "sana-arch-narrow": "SanaPipeline"}
 
 PRESETS: dict[str, PresetSpec] = {
     "tiny": PresetSpec("tiny UNet + 1-channel VAE + tiny CLIP text encoder, real CLIP tokenizer (64 px)", build_tiny),
@@ -245,6 +290,10 @@ PRESETS: dict[str, PresetSpec] = {
                                     build_pixart_sigma_tiny),
     "sana-tiny": PresetSpec("tiny Sana: linear-attention DiT + DC-AE + small Gemma-2 encoder, flow matching (64 px)",
                             build_sana_tiny),
+    "sana-arch": PresetSpec("Sana-0.6B transformer and DC-AE f32c32 architecture, 2-layer Gemma-2 stand-in, random "
+                            "weights, 512 px (benchmarks only)", build_sana_arch),
+    "sana-arch-narrow": PresetSpec("the same module tree at 1/8 of every width, random weights (quick checks)",
+                                   build_sana_arch_narrow),
 }
 
 

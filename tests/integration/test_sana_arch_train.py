@@ -1,0 +1,76 @@
+"""One optimizer step of the real trainer on the Sana-0.6B *architecture* (preset `sana-arch`: a 592M-parameter
+transformer of 28 linear-attention blocks and Sana 1.0's 312M-parameter DC-AE, with random weights), on CPU.
+
+`make test` runs it on `sana-arch-narrow`, the same module tree at 1/8 of every width (seconds); the full-size run
+(4 GB of weights) is `make test-full` (CXRDIST_FULL_SIZE=1). The tiny Sana preset has the classes; this has the
+module names and depth a real Sana base has: LoRA on to_q/to_k/to_v/to_out.0 of the self- and cross-attention of
+all 28 blocks, gradient checkpointing, bf16, a 32x autoencoder and flow matching, through `launch/train.py`.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from support.training import child_env, launch_train
+
+pytestmark = pytest.mark.slow
+
+# 256 px: 8 x 8 latents from the 32x DC-AE
+SETS = ["data.image_size=256", "data.max_train_samples=4", "data.shuffle_buffer=1", "train.batch_size=1",
+        "train.max_steps=1", "train.log_every=1", "train.mixed_precision=bf16", "model.gradient_checkpointing=true",
+        "lora.train_text_encoder=false", "eval.num_metric_images=0", "eval.num_grid_prompts=0",
+        "eval.max_eval_samples=1", "eval.val_loss_timesteps=[500]", "eval.run_test=false"]
+ADAPTED = 28 * 2 * 4  # blocks x (attn1, attn2) x 4 projections
+FULL_SIZE = os.environ.get("CXRDIST_FULL_SIZE") == "1"
+VARIANTS = [
+    pytest.param("sana-arch-narrow", 15_000_000, 0.05, id="narrow"),  # denoiser + text encoder: 19.8 M
+    pytest.param("sana-arch", 700_000_000, 0.01, id="full-size", marks=pytest.mark.skipif(
+        not FULL_SIZE, reason="the 1 B-parameter run (4 GB): make test-full, or CXRDIST_FULL_SIZE=1")),
+]
+
+
+@pytest.mark.timeout(1500)
+@pytest.mark.parametrize("preset,least_total,most_share", VARIANTS)
+def test_sana_architecture_trains_lora_in_bf16_with_checkpointing(tmp_path, preset, least_total, most_share):
+    import shutil
+
+    from cxrdist.data.shard import build_shards
+    from cxrdist.data.sources import source_class
+
+    shards = tmp_path / "shards"
+    build_shards(source_class("phantom")(n=12, size=256, seed=0), shards, size=256, folds=2, test_fraction=0.2,
+                 seed=0, shard_size=8, workers=1, progress=False)
+    built = subprocess.run([sys.executable, "-c", "from cxrdist.models.loading import preset_folder; "
+                            f"print(preset_folder('{preset}'))"], env=child_env(), capture_output=True, text=True,
+                           timeout=900)
+    assert built.returncode == 0, built.stderr[-3000:]
+    base = Path(built.stdout.strip().splitlines()[-1])
+    try:
+        args = ["--fold", "1", "--shards", str(shards), "--output-dir", str(tmp_path / "run"),
+                *[a for s in [f"model.pretrained=preset:{preset}", *SETS] for a in ("--set", s)]]
+        res = launch_train(args, timeout=1200)
+        log = res.stdout + res.stderr
+        assert res.returncode == 0, log[-4000:]
+        assert "1 optimizer steps" in log and "prediction flow" in log
+        assert "mixed precision bf16, frozen base in bfloat16" in log
+        found = re.search(r"trainable ([\d,]+) of ([\d,]+) parameters", log)
+        assert found, log[-4000:]
+        trainable, total = (int(g.replace(",", "")) for g in found.groups())
+        assert total > least_total and 0 < trainable < most_share * total
+
+        run_dir = tmp_path / "run" / "fold1"
+        tensors = load_file(str(run_dir / "checkpoints" / "step_00000001" / "adapter.safetensors"))
+        lora_b = {k: v for k, v in tensors.items() if ".lora_B." in k}
+        assert len(lora_b) == ADAPTED and all(".attn1." in k or ".attn2." in k for k in lora_b)
+        zero = [k for k, v in lora_b.items() if not v.abs().max() > 0]
+        assert not zero, f"{len(zero)} LoRA B tensors got no update through the checkpointed blocks, e.g. {zero[0]}"
+        assert {str(v.dtype) for v in tensors.values()} == {"torch.float32"}
+        assert sum(v.numel() for v in tensors.values()) == trainable
+    finally:
+        shutil.rmtree(base, ignore_errors=True)  # (4 GB at full size) in the session cache no other test uses
