@@ -101,8 +101,8 @@ class DataConfig:
 class ModelConfig:
     """The base model: a diffusers folder or hub id, or a named preset built from a config."""
 
-    # path, hub id, or "preset:<name>" (tiny, tiny-minilm, sd15-arch, sd15-arch-narrow, pixart-sigma-tiny,
-    # sana-tiny); an SD 1.x/2.x, PixArt-Σ or Sana pipeline (cxrdist.models.families)
+    # path, hub id, or "preset:<name>" (cxrdist.models.presets: tiny, tiny-minilm, pixart-sigma-tiny, sana-tiny,
+    # *-arch); an SD 1.x/2.x, PixArt-Σ or Sana pipeline (cxrdist.models.families)
     pretrained: str = "preset:tiny"
     revision: Optional[str] = None  # hub branch, tag or commit of `pretrained`
     # Weight files of a variant, e.g. fp16 for unet/diffusion_pytorch_model.fp16.safetensors (hub bases often ship
