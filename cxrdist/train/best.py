@@ -51,7 +51,9 @@ def export_best(model, base, spec: dict, cfg, run_dir: Path, *, fold: int, epoch
     write_json_atomic(staging / METRICS_FILE, info)
     (staging / CARD_FILE).write_text(model_card(cfg, base, info))
     for old in {previous, final} - {None}:
-        if old.exists():
+        # A run resumed from another run folder's checkpoint carries that run's best path in its state: that
+        # export belongs to the other run and is never removed from here.
+        if old.exists() and old.parent.resolve() == run_dir.resolve():
             shutil.rmtree(old)
     staging.rename(final)
     return final

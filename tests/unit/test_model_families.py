@@ -287,3 +287,35 @@ def test_long_reports_are_read_whole_at_300_tokens(base_paths):
     cuts = BatchEncoder(base.vae, base.tokenizer, "{report}", 0.0)  # SD's budget
     cuts.token_ids([report, "Normal."])
     assert (cuts.cut_prompts, cuts.seen_prompts) == (1, 2)
+
+
+@pytest.mark.parametrize("family", ["sana", "pixart-sigma"])
+def test_a_resumed_run_with_ema_ends_where_the_uninterrupted_one_does(tmp_path, family, fresh_accelerate):
+    """4 steps with the adapter EMA, checkpoints and validation at 2 and 4; a run resumed from step 2 ends bit for
+    bit at the same adapter and EMA, and the best export holds the EMA weights."""
+    from safetensors.torch import load_file
+
+    run = ["train.max_steps=4", "train.checkpoint_every=2", "eval.eval_every_steps=2", "optim.lr_unet=1e-2",
+           "train.ema_decay=0.9", f"model.pretrained=preset:{FAMILY_PRESETS[family]}", *TRANSFORMER_LORA]
+
+    def fit(folder, resume=None):
+        reset_accelerate()
+        trainer = make_trainer(folder, *run, resume=resume)
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
+        return folder / "fold0"
+
+    whole = fit(tmp_path / "whole")
+    exported = {p.name: p.stat().st_mtime_ns for p in whole.glob("best_model_fold0_epoch*/*")}
+    resumed = fit(tmp_path / "resumed", resume=str(whole / "checkpoints" / "step_00000002"))
+    # the resumed run, in its own folder, exported its own best and left the first run's alone
+    assert {p.name: p.stat().st_mtime_ns for p in whole.glob("best_model_fold0_epoch*/*")} == exported
+    assert sorted(resumed.glob("best_model_fold0_epoch*"))
+    for name in ("adapter.safetensors", "ema.safetensors"):
+        a = load_file(str(whole / "checkpoints" / "step_00000004" / name))
+        b = load_file(str(resumed / "checkpoints" / "step_00000004" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    best = sorted(whole.glob("best_model_fold0_epoch*"))[-1]
+    assert json.loads((best / "cxrdist.json").read_text())["training"]["weights"] == "ema"
