@@ -178,9 +178,9 @@ class DiffusionObjective:
         else:
             self.scheduler = DDPMScheduler.from_config(scheduler_config)
             self.prediction_type = self.scheduler.config.prediction_type
-        if not self.flow and self.prediction_type not in TARGETS:
-            raise ModelError(f"base scheduler prediction_type '{self.prediction_type}' is not supported: "
-                             f"use one of {sorted(TARGETS)}")
+            if self.prediction_type not in TARGETS:
+                raise ModelError(f"base scheduler prediction_type '{self.prediction_type}' is not supported: "
+                                 f"use one of {sorted(TARGETS)}")
         self.num_timesteps = int(self.scheduler.config.num_train_timesteps)
         self.noise_offset = noise_offset
         self.snr_gamma = snr_gamma

@@ -319,3 +319,17 @@ def test_a_resumed_run_with_ema_ends_where_the_uninterrupted_one_does(tmp_path, 
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     best = sorted(whole.glob("best_model_fold0_epoch*"))[-1]
     assert json.loads((best / "cxrdist.json").read_text())["training"]["weights"] == "ema"
+
+
+def test_flow_timestep_bias_weighs_timestep_values(base_paths):
+    """train.timestep_bias means the same timesteps for a flow schedule (listed from 1000 down) as for DDPM's."""
+    import functools
+
+    from cxrdist.models.diffusion import DiffusionObjective, timestep_weights
+
+    bias = functools.partial(timestep_weights, bias="range", multiplier=3.0, begin=0, end=500)
+    objective = DiffusionObjective(_load(base_paths["sana"]).scheduler_config, timestep_weighting=bias,
+                                   objective="flow")
+    drawn = objective.sample_timesteps(20000, torch.Generator().manual_seed(0))
+    share = float((drawn <= 500).float().mean())  # values 1..500 are weights 0..499
+    assert abs(share - 0.75) < 0.02, share
