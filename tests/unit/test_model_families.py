@@ -333,3 +333,32 @@ def test_flow_timestep_bias_weighs_timestep_values(base_paths):
     drawn = objective.sample_timesteps(20000, torch.Generator().manual_seed(0))
     share = float((drawn <= 500).float().mean())  # values 1..500 are weights 0..499
     assert abs(share - 0.75) < 0.02, share
+
+
+def test_a_t5_tokenizer_shipped_as_spiece_model_loads(tmp_path, base_paths):
+    """PixArt-Σ's tokenizer folder holds spiece.model and no tokenizer.json: loading it needs sentencepiece (a
+    dependency), which this builds offline from a small SentencePiece model trained on reports."""
+    import io
+    import shutil
+
+    import sentencepiece
+
+    folder = tmp_path / "pixart"
+    shutil.copytree(base_paths["pixart-sigma"], folder)
+    shutil.rmtree(folder / "tokenizer")
+    (folder / "tokenizer").mkdir()
+    model = io.BytesIO()
+    reports = ["Heart size is normal.", "Small left pleural effusion.", "Large right pneumothorax.",
+               "Nodule in the left upper zone.", "No acute cardiopulmonary process."] * 40
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(reports), model_writer=model, vocab_size=40,
+                                             model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                             minloglevel=2)
+    (folder / "tokenizer" / "spiece.model").write_bytes(model.getvalue())
+    (folder / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer"}))
+    base = _load(str(folder))
+    assert type(base.tokenizer).__name__ == "T5Tokenizer"
+    from cxrdist.models.text import tokenize
+
+    ids, mask = tokenize(base.tokenizer, ["Small left pleural effusion."], limit=base.context_tokens)
+    assert ids.shape == (1, 300)
+    assert base.tokenizer.decode(ids[0][mask[0].bool()], skip_special_tokens=True) == "Small left pleural effusion."
