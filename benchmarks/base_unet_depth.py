@@ -13,6 +13,9 @@ as SD's 64 -> 8 levels do) place a small finding on the side and at the height t
 - `3level-light`: levels 16 / 8 / 4, cross-attention at 16 only and in the 4 x 4 mid block (the shipped step time).
 
 The VAE is the shipped one, so the demo shards' cached latents stay valid for every variant.
+
+    python benchmarks/base_unet_depth.py --step-time    # one LoRA step (the demo's targets, rank 32, batch 16,
+                                                        # 1 thread) of the shipped UNet and each variant, side by side
 """
 from __future__ import annotations
 
@@ -40,6 +43,34 @@ def build_unet(variant: str, shipped_config: dict):
                                 **{k: shipped_config[k] for k in keep})
 
 
+def step_times(shipped: str, repeats: int = 15) -> None:
+    """Milliseconds per forward + backward of a LoRA'd UNet (random weights: the time does not depend on them)."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    from cxrdist.config import load_config
+
+    torch.set_num_threads(1)
+    demo = load_config("demo", []).lora
+    config = UNet2DConditionModel.load_config(shipped, subfolder="unet")
+    unets = {"shipped": UNet2DConditionModel.from_config(config)}
+    unets.update({variant: build_unet(variant, config) for variant in VARIANTS})
+    x, t = torch.randn(16, 4, 16, 16), torch.randint(0, 1000, (16,))
+    context = torch.randn(16, 60, int(config["cross_attention_dim"]))
+    times = {}
+    for name, unet in unets.items():
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=demo.unet_rank, lora_alpha=demo.unet_alpha, target_modules=demo.unet_targets))
+        for _ in range(3):
+            unet(x, t, context).sample.square().mean().backward()
+        started = time.perf_counter()
+        for _ in range(repeats):
+            unet(x, t, context).sample.square().mean().backward()
+        times[name] = (time.perf_counter() - started) / repeats * 1000
+        print(f"{name:14s} {sum(p.numel() for p in unet.parameters()):>10,} parameters  {times[name]:6.1f} ms/step  "
+              f"{times[name] / times['shipped']:.2f}x")
+
+
 def main() -> None:
     from cxrdist.config import PretrainConfig
     from cxrdist.data.index import load_index
@@ -48,11 +79,16 @@ def main() -> None:
     from cxrdist.train import pretrain
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shards", required=True, help="the pretraining shard set (models/README.md)")
-    parser.add_argument("--variant", choices=sorted(VARIANTS), required=True)
+    parser.add_argument("--shards", help="the pretraining shard set (models/README.md)")
+    parser.add_argument("--variant", choices=sorted(VARIANTS))
     parser.add_argument("--shipped", default="models/phantom-base")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out")
+    parser.add_argument("--step-time", action="store_true", help="only time a LoRA step of each UNet")
     args = parser.parse_args()
+    if args.step_time:
+        return step_times(args.shipped)
+    if not (args.shards and args.variant and args.out):
+        parser.error("--shards, --variant and --out are needed to pretrain a variant")
 
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
