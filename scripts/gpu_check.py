@@ -12,13 +12,15 @@ each recorded in OUT/gpu_check.json and OUT/gpu_check.md the moment it ends (a l
      `--resume latest`: validation, checkpoints, the best-model export and the test split;
    - fp16 with accelerate's GradScaler;
    - DeepSpeed ZeRO-2 fp16 in one process (DeepSpeed's dynamic loss scale, bitsandbytes as its client optimizer);
+   - a Sana base (`sana-arch-narrow`: Sana-0.6B's transformer and DC-AE layout at 1/8 width) in bf16 + AdamW8bit:
+     flow matching, linear attention and the 32x autoencoder on the GPU;
    each must end with a finite training loss, finite test metrics, and a best export that `cxrdist sample` draws
    from (a non-blank PNG).
 3. the throughput and memory sweep `benchmarks/gpu_train.py` on `sd15-arch` (the 860M UNet) for the time left:
    bf16, 256 and 512 px, checkpointing off/on, AdamW vs AdamW8bit, then the GPU guide's rows (README), with
    `--deadline` so it ends inside the budget and lists what it skipped.
 
-`--smoke` runs the same steps on the CPU in seconds each (`make test` does): the tiny preset at 64 px, fp32 where
+`--smoke` runs the same steps on the CPU in seconds each (`make test` does): the tiny presets at 64 px, fp32 where
 the GPU run uses fp16 (CPU has no fp16 training), DeepSpeed with DS_ACCELERATOR=cpu, and the sweep's own --smoke.
 
     make gpu-check                                   # results in benchmarks/out/gpu_check/<date-time>/
@@ -55,6 +57,7 @@ class Mode:
     """What differs between the GPU check and its CPU smoke form; the steps are the same code."""
 
     preset: str
+    sana_preset: str
     size: int
     batch: int
     phantoms: int
@@ -66,12 +69,12 @@ class Mode:
     guide: tuple[str, ...]  # the GPU guide's rows, a second sweep ("" = none)
 
 
-GPU = Mode(preset="sd15-arch-narrow", size=256, batch=8, phantoms=160, fp16="fp16", device="cuda",
+GPU = Mode(preset="sd15-arch-narrow", sana_preset="sana-arch-narrow", size=256, batch=8, phantoms=160, fp16="fp16", device="cuda",
            launch_flags=(), env=(),
            sweep=("--sizes", "256", "512"),
            guide=("--sizes", "256", "256", "512", "512", "512", "--batch", "16", "48", "8", "16", "24",
                   "--grad-accum", "3", "1", "6", "3", "2", "--checkpointing", "off", "--optims", "adamw8bit"))
-SMOKE = Mode(preset="tiny", size=64, batch=4, phantoms=60, fp16="no", device="cpu",
+SMOKE = Mode(preset="tiny", sana_preset="sana-tiny", size=64, batch=4, phantoms=60, fp16="no", device="cpu",
              launch_flags=("--cpu",), env=(("DS_ACCELERATOR", "cpu"), ("OMP_NUM_THREADS", "1")),
              sweep=("--smoke", "--checkpointing", "off"), guide=())
 
@@ -228,8 +231,10 @@ class Runner:
         the smoke form; never for DeepSpeed, which accelerate would then drop without a word)."""
         return ["--config_file", str(ACCEL / "single_gpu.yaml"), *self.mode.launch_flags]
 
-    def train_command(self, name: str, launch: list[str], precision: str, resume: bool = False) -> list[str]:
-        """launch/train.py under `accelerate launch LAUNCH`, a short run of the `product` preset."""
+    def train_command(self, name: str, launch: list[str], precision: str, resume: bool = False,
+                      preset: Optional[str] = None) -> list[str]:
+        """launch/train.py under `accelerate launch LAUNCH`, a short run of the `product` preset on the mode's
+        preset (or `preset`)."""
         m = self.mode
         sets = {"data.image_size": m.size, "train.batch_size": m.batch, "train.grad_accum": 1,
                 "train.mixed_precision": precision, "train.max_steps": 6, "train.checkpoint_every": 2,
@@ -237,7 +242,7 @@ class Runner:
                 "eval.num_metric_images": 2, "eval.num_grid_prompts": 2, "eval.inference_steps": 4,
                 "eval.max_eval_samples": 8, "data.num_workers": 0, "data.shuffle_buffer": 16}
         cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch,
-               str(REPO / "launch" / "train.py"), "--config", "product", "--preset", m.preset, "--fold", "0",
+               str(REPO / "launch" / "train.py"), "--config", "product", "--preset", preset or m.preset, "--fold", "0",
                "--shards", str(self.out / "shards"), "--output-dir", str(self.out / "runs" / name)]
         cmd += [a for key, value in sets.items() for a in ("--set", f"{key}={value}")]
         return cmd + (["--resume", "latest"] if resume else [])
@@ -301,6 +306,15 @@ class Runner:
         if "DeepSpeed ZeRO-2" not in log:
             raise CheckFailed(f"{name}: the run did not train under DeepSpeed ZeRO-2")
         return {"precision": self.mode.fp16, "optimizer": _optimizer_chain(log), **self.check_run(name, log)}
+
+    def sana_bf16_adamw8bit(self) -> dict:
+        name = "sana-bf16-adamw8bit"
+        cmd = self.train_command(name, self.single_gpu_launch(), "bf16", preset=self.mode.sana_preset)
+        # Sana takes no text-encoder LoRA, and min-SNR weighting (the product preset's) has no meaning for flow matching
+        log = self.run(name, cmd + ["--set", "lora.train_text_encoder=false", "--set", "train.snr_gamma=0"], self.left())
+        if "prediction flow" not in log:
+            raise CheckFailed(f"{name}: the run did not train with flow matching")
+        return {"preset": self.mode.sana_preset, "optimizer": _optimizer_chain(log), **self.check_run(name, log)}
 
     # -- step 3 -------------------------------------------------------------------------------------------
 
@@ -392,6 +406,7 @@ def main(argv=None) -> int:
         runner.step(f"2b {mode.fp16} + AdamW (GradScaler)" if mode.fp16 == "fp16" else "2b fp32 + AdamW",
                     runner.fp16_grad_scaler)
         runner.step(f"2c ZeRO-2 {mode.fp16} + AdamW8bit, one process", runner.zero2_fp16_adamw8bit)
+        runner.step("2d Sana bf16 + AdamW8bit", runner.sana_bf16_adamw8bit)
     if mode.guide:  # first: the README's memory table is built from these rows
         runner.step("3a GPU guide rows", lambda: runner.sweep("guide", mode.guide))
     runner.step("3b throughput sweep", lambda: runner.sweep("sweep", mode.sweep))

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from support.training import child_env, launch_train
+from support.training import architecture_run_inputs, launch_train
 
 pytestmark = pytest.mark.slow
 
@@ -40,17 +37,7 @@ VARIANTS = [
 def test_sana_architecture_trains_lora_in_bf16_with_checkpointing(tmp_path, preset, least_total, most_share):
     import shutil
 
-    from cxrdist.data.shard import build_shards
-    from cxrdist.data.sources import source_class
-
-    shards = tmp_path / "shards"
-    build_shards(source_class("phantom")(n=12, size=256, seed=0), shards, size=256, folds=2, test_fraction=0.2,
-                 seed=0, shard_size=8, workers=1, progress=False)
-    built = subprocess.run([sys.executable, "-c", "from cxrdist.models.loading import preset_folder; "
-                            f"print(preset_folder('{preset}'))"], env=child_env(), capture_output=True, text=True,
-                           timeout=900)
-    assert built.returncode == 0, built.stderr[-3000:]
-    base = Path(built.stdout.strip().splitlines()[-1])
+    shards, base = architecture_run_inputs(tmp_path, preset, 256)
     try:
         args = ["--fold", "1", "--shards", str(shards), "--output-dir", str(tmp_path / "run"),
                 *[a for s in [f"model.pretrained=preset:{preset}", *SETS] for a in ("--set", s)]]

@@ -22,8 +22,6 @@ import hashlib
 import os
 import re
 import shutil
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,7 +29,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from support.training import child_env, launch_train
+from support.training import architecture_run_inputs, launch_train
 
 pytestmark = pytest.mark.slow
 
@@ -72,18 +70,7 @@ def weight_stats(folder: Path) -> dict[str, tuple[int, int, int]]:
 @pytest.mark.timeout(1500)
 @pytest.mark.parametrize("preset,least_total,most_share", VARIANTS)
 def test_sd15_architecture_trains_lora_only_in_bf16_with_checkpointing(tmp_path, preset, least_total, most_share):
-    from cxrdist.data.shard import build_shards
-    from cxrdist.data.sources import source_class
-
-    shards = tmp_path / "shards"
-    build_shards(source_class("phantom")(n=12, size=128, seed=0), shards, size=128, folds=2, test_fraction=0.2,
-                 seed=0, shard_size=8, workers=1, progress=False)
-    # Materialise the preset (full size: ~4 GB, ~1 min) in its own process so the pytest process never holds it.
-    built = subprocess.run([sys.executable, "-c", "from cxrdist.models.loading import preset_folder; "
-                            f"print(preset_folder('{preset}'))"], env=child_env(), capture_output=True, text=True,
-                           timeout=900)
-    assert built.returncode == 0, built.stderr[-3000:]
-    base = Path(built.stdout.strip().splitlines()[-1])
+    shards, base = architecture_run_inputs(tmp_path, preset, 128)  # full size: ~4 GB, ~1 min to build
     stats = weight_stats(base)
     assert {"unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"} <= stats.keys()
     try:

@@ -40,3 +40,19 @@ def launch_train(args: list[str], *, timeout: int = 300, env: dict | None = None
     """Run launch/train.py in a child process (optionally under `accelerate launch ...`)."""
     cmd = (launcher or [sys.executable]) + [str(REPO / "launch" / "train.py"), *args]
     return run_reaped(cmd, env=env or child_env(), timeout=timeout)
+
+
+def architecture_run_inputs(tmp_path: Path, preset: str, size: int) -> tuple[Path, Path]:
+    """(12 phantoms at `size` px as a shard set, the preset's folder) for a one-step run on a real architecture.
+    The preset (4 GB at full size) is materialised in its own process, so the pytest process never holds it."""
+    from cxrdist.data.shard import build_shards
+    from cxrdist.data.sources import source_class
+
+    shards = tmp_path / "shards"
+    build_shards(source_class("phantom")(n=12, size=size, seed=0), shards, size=size, folds=2, test_fraction=0.2,
+                 seed=0, shard_size=8, workers=1, progress=False)
+    built = subprocess.run([sys.executable, "-c", "from cxrdist.models.loading import preset_folder; "
+                            f"print(preset_folder('{preset}'))"], env=child_env(), capture_output=True, text=True,
+                           timeout=900)
+    assert built.returncode == 0, built.stderr[-3000:]
+    return shards, Path(built.stdout.strip().splitlines()[-1])

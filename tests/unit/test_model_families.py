@@ -362,3 +362,11 @@ def test_a_t5_tokenizer_shipped_as_spiece_model_loads(tmp_path, base_paths):
     ids, mask = tokenize(base.tokenizer, ["Small left pleural effusion."], limit=base.context_tokens)
     assert ids.shape == (1, 300)
     assert base.tokenizer.decode(ids[0][mask[0].bool()], skip_special_tokens=True) == "Small left pleural effusion."
+
+
+def test_a_validation_sampler_that_does_not_fit_the_family_is_refused_before_training(tmp_path, fresh_accelerate):
+    from cxrdist.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="eval.scheduler=ddim does not fit Sana's noise schedule: choose one of "
+                                          "dpm\\+\\+, euler"):
+        make_trainer(tmp_path, "model.pretrained=preset:sana-tiny", *TRANSFORMER_LORA, "eval.scheduler=ddim")
