@@ -74,11 +74,24 @@ of its run by `{info['early_stopping_metric']}` on the validation fold.{ema_line
 Prompt template (applied once, at training and sampling): `{cfg.data.prompt_template}`.
 
     cxrdist sample --model-path <this folder> --description "Mild cardiomegaly. No effusion."
-
+{diffusers_lines(base)}
 Images generated with this adapter are synthetic: they are not radiographs of a patient and must not be
 used for diagnosis. Validation metrics compare generated images with real ones for the same reports and
 say nothing about clinical correctness.
 """
+
+
+def diffusers_lines(base) -> str:
+    """How plain diffusers loads this adapter, for the families whose loading differs from SD's
+    `load_lora_weights`."""
+    if base.family.name == "sana":
+        return ("\nIn plain diffusers: `SanaPipeline.from_pretrained(<base>)`, then `pipe.load_lora_weights(<this "
+                "folder>)`, and sample with `complex_human_instruction=None`: the adapter was trained on the report "
+                "alone.\n")
+    if base.family.name == "pixart-sigma":
+        return ("\nIn plain diffusers (PixArtSigmaPipeline has no LoRA loader): `pipe.transformer = "
+                "peft.PeftModel.from_pretrained(pipe.transformer, <this folder>/peft)`.\n")
+    return ""
 
 
 def ema_line(info: dict[str, Any]) -> str:

@@ -319,6 +319,8 @@ def test_a_resumed_run_with_ema_ends_where_the_uninterrupted_one_does(tmp_path, 
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     best = sorted(whole.glob("best_model_fold0_epoch*"))[-1]
     assert json.loads((best / "cxrdist.json").read_text())["training"]["weights"] == "ema"
+    card = (best / "README.md").read_text()
+    assert {"sana": "complex_human_instruction=None", "pixart-sigma": "PeftModel.from_pretrained"}[family] in card
 
 
 def test_flow_timestep_bias_weighs_timestep_values(base_paths):
