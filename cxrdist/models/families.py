@@ -76,7 +76,7 @@ FAMILIES: dict[str, Family] = {
     "pixart-sigma": Family(
         name="pixart-sigma", label="PixArt-Σ", pipeline="PixArtSigmaPipeline", denoiser_folder="transformer",
         denoiser_class="PixArtTransformer2DModel", vae_class="AutoencoderKL", text_encoder_class="T5EncoderModel",
-        objective="ddpm", context_tokens=300, lora_prefix="transformer", samplers=("dpm++", "ddim", "euler", "ddpm"),
+        objective="ddpm", context_tokens=300, lora_prefix="transformer", samplers=DDPM_SAMPLERS,
         export_formats=("merged", "zip"), text_encoder_lora=False, call_denoiser=_call_pixart),
     "sana": Family(
         name="sana", label="Sana", pipeline="SanaPipeline", denoiser_folder="transformer",
