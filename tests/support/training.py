@@ -56,3 +56,13 @@ def architecture_run_inputs(tmp_path: Path, preset: str, size: int) -> tuple[Pat
                            timeout=900)
     assert built.returncode == 0, built.stderr[-3000:]
     return shards, Path(built.stdout.strip().splitlines()[-1])
+
+
+def trainable_counts(log: str) -> tuple[int, int]:
+    """(trainable, total) parameters as the trainer's start-up line states them."""
+    import re
+
+    found = re.search(r"trainable ([\d,]+) of ([\d,]+) parameters", log)
+    assert found, log[-4000:]
+    trainable, total = (int(g.replace(",", "")) for g in found.groups())
+    return trainable, total
