@@ -60,6 +60,8 @@ def parse_yaml(text: str) -> Any:
 # Where training metrics go (train.report_to): accelerate's trackers by name, or all three.
 REPORT_TO = ("tensorboard", "wandb", "mlflow", "all")
 TIMESTEP_BIASES = ("none", "later", "earlier", "range")  # train.timestep_bias (cxrdist.models.diffusion)
+FLOW_TIMESTEPS = ("uniform", "logit_normal", "mode")  # train.flow_timesteps
+FLOW_LOSS_WEIGHTS = ("none", "sigma_sqrt", "cosmap")  # train.flow_loss_weight
 RANK_SPLITS = ("shards", "samples")  # data.rank_split (cxrdist.data.loader)
 
 # The direction in which each eval.metric improves; eval.mode "auto" (the default) takes it from here.
@@ -188,6 +190,15 @@ class TrainConfig:
     timestep_bias_portion: float = 0.25
     timestep_bias_begin: int = 0
     timestep_bias_end: int = 1000
+    # Flow-matching bases (Sana), as diffusers' SD3 / Sana scripts (`--weighting_scheme`, `--logit_mean`,
+    # `--logit_std`, `--mode_scale`): where timesteps are drawn (uniform | logit_normal: sigmoid of a normal,
+    # most draws near the middle | mode: toward the middle by mode_scale) and how each sample's loss is weighted
+    # (none | sigma_sqrt: 1 / sigma^2 | cosmap). Refused for DDPM bases.
+    flow_timesteps: str = "uniform"
+    flow_logit_mean: float = 0.0
+    flow_logit_std: float = 1.0
+    flow_mode_scale: float = 1.29
+    flow_loss_weight: str = "none"
     checkpoint_every: int = 0  # optimizer steps between accelerate save_state; 0 = end of epoch only
     keep_last: int = 2
     log_every: int = 10
@@ -241,6 +252,11 @@ class TrainConfig:
         _require(0.0 < self.timestep_bias_portion <= 1.0, "train.timestep_bias_portion", "in (0, 1]")
         _require(0 <= self.timestep_bias_begin < self.timestep_bias_end, "train.timestep_bias_begin/end",
                  "0 <= begin < end")
+        _require(self.flow_timesteps in FLOW_TIMESTEPS, "train.flow_timesteps", " or ".join(FLOW_TIMESTEPS))
+        _require(self.flow_loss_weight in FLOW_LOSS_WEIGHTS, "train.flow_loss_weight", " or ".join(FLOW_LOSS_WEIGHTS))
+        _require(self.flow_logit_std > 0, "train.flow_logit_std", "> 0")
+        _require(self.flow_timesteps == "uniform" or self.timestep_bias == "none", "train.flow_timesteps",
+                 "uniform when train.timestep_bias is set (one way of drawing timesteps at a time)")
 
 
 _SLURM_TIME = re.compile(r"^(?:(?P<days>\d+)-)?(?P<a>\d+)(?::(?P<b>\d+))?(?::(?P<c>\d+))?$")

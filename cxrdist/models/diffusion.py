@@ -7,6 +7,7 @@ own scheduler config (its betas and prediction type), never the sampler's.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -28,32 +29,60 @@ def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
     return tensor.to(device)
 
 
+def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the token columns that are padding in every row (right padding: the batch's longest report sets the
+    width). For a denoiser that masks its cross-attention this changes nothing but the cost: a masked key has
+    weight exp(-10000) = 0 in fp32, and a masked (bidirectional) or causal encoder gives the real tokens the same
+    states whatever padding follows. Sana and PixArt-Σ read 300 tokens; radiology reports are mostly far shorter."""
+    keep = attention_mask.bool().any(dim=0)
+    width = int(keep.nonzero().max()) + 1 if bool(keep.any()) else 1
+    return input_ids[:, :width], attention_mask[:, :width]
+
+
 class FrozenTextCache:
     """Context of a frozen text encoder, remembered per token sequence.
 
     Reports repeat every epoch and a frozen encoder maps them to the same context, so each distinct
     sequence is encoded once. Rows are encoded one at a time, which makes a cached context bit-identical
     to a fresh one whatever batch it first came in (resume stays exact). Bounded: the oldest entries go.
+
+    With `trim` (denoisers that mask the text, cxrdist.models.families), a report's context is encoded and kept at
+    the report's own length, and a batch is padded with zeros (masked) to its longest report: memory per entry is
+    the report's tokens x the encoder's width (a 60-token report under Gemma-2-2B's 2,304 channels: 0.55 MB in
+    fp32), not the 300-token budget (2.8 MB). Without it (a UNet reads every position), the padded row is kept.
     """
 
-    def __init__(self, max_items: int):
+    def __init__(self, max_items: int, trim: bool = False):
         self.max_items = max_items
+        self.trim = trim
         self.store: dict[bytes, torch.Tensor] = {}
         self.hits = 0
         self.misses = 0
 
     @staticmethod
-    def keys(input_ids: torch.Tensor) -> list[bytes]:
+    def keys(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[bytes]:
+        """One key per row from its real tokens only, so the same report has the same key at any padded width."""
         host_ids = input_ids.cpu().numpy()  # one device-to-host copy per batch, not one per row
-        return [row.tobytes() for row in host_ids]
+        if attention_mask is None:
+            return [row.tobytes() for row in host_ids]
+        host_mask = attention_mask.cpu().numpy().astype(bool)
+        return [row[keep].tobytes() for row, keep in zip(host_ids, host_mask)]
 
     @staticmethod
     @torch.no_grad()
     def encode_row(text_encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                   i: int) -> torch.Tensor:
-        """Row i's context, encoded alone: the one way every cached context is computed."""
+                   i: int, trim: bool = False) -> torch.Tensor:
+        """Row i's context, encoded alone: the one way every cached context is computed. With `trim`, only the
+        row's own tokens (right padding), so its context does not depend on the batch it came in."""
+        ids = input_ids[i : i + 1]
         mask = attention_mask[i : i + 1] if attention_mask is not None else None
-        return encode_ids(text_encoder, input_ids[i : i + 1], mask)[0]
+        if trim and mask is not None:
+            length = max(1, int(mask.sum()))
+            ids, mask = ids[:, :length], mask[:, :length]
+        return encode_ids(text_encoder, ids, mask)[0]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.store.values())
 
     def put(self, key: bytes, context: torch.Tensor) -> None:
         self.store[key] = context
@@ -62,14 +91,24 @@ class FrozenTextCache:
 
     def __call__(self, text_encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
         rows = []
-        for i, key in enumerate(self.keys(input_ids)):
+        for i, key in enumerate(self.keys(input_ids, attention_mask)):
             if key not in self.store:
                 self.misses += 1
-                self.put(key, self.encode_row(text_encoder, input_ids, attention_mask, i))
+                self.put(key, self.encode_row(text_encoder, input_ids, attention_mask, i, trim=self.trim))
             else:
                 self.hits += 1
             rows.append(self.store[key])
+        if self.trim:
+            return pad_rows(rows, input_ids.shape[1])
         return torch.stack(rows)
+
+
+def pad_rows(rows: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Stack contexts of different lengths, zero-padded (masked positions) to `width` tokens."""
+    out = rows[0].new_zeros((len(rows), width, rows[0].shape[-1]))
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row[:width]
+    return out
 
 
 class LoraDiffusionModel(nn.Module):
@@ -84,7 +123,8 @@ class LoraDiffusionModel(nn.Module):
         self.text_encoder = text_encoder
         self.train_text_encoder = train_text_encoder
         # A plain attribute, not a buffer: nothing to synchronise or checkpoint, rebuilt after a resume.
-        self.text_cache = FrozenTextCache(text_cache_size) if text_cache_size and not train_text_encoder else None
+        self.text_cache = (FrozenTextCache(text_cache_size, trim=family.is_transformer)
+                           if text_cache_size and not train_text_encoder else None)
 
     def train(self, mode: bool = True) -> "LoraDiffusionModel":
         """Train mode for what trains; a frozen text encoder stays in eval mode (MiniLM has dropout 0.1: in train
@@ -111,6 +151,8 @@ class LoraDiffusionModel(nn.Module):
 
     def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if attention_mask is not None and self.family.is_transformer:
+            input_ids, attention_mask = trim_padding(input_ids, attention_mask)
         context = self.encode_text(input_ids, attention_mask)
         sample = noisy_latents.to(self.input_dtype())
         mask = attention_mask.to(sample.device) if attention_mask is not None else None
@@ -156,6 +198,21 @@ def timestep_weights(num_timesteps: int, bias: str = "none", multiplier: float =
     return weights
 
 
+@dataclass(frozen=True)
+class FlowSettings:
+    """How a flow-matching objective draws timesteps and weights the loss (train.flow_*; see cxrdist.config)."""
+
+    timesteps: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    loss_weight: str = "none"
+
+    @classmethod
+    def from_train(cls, t) -> "FlowSettings":
+        return cls(t.flow_timesteps, t.flow_logit_mean, t.flow_logit_std, t.flow_mode_scale, t.flow_loss_weight)
+
+
 class DiffusionObjective:
     """Noising, targets and the (optionally min-SNR weighted) MSE loss of the base's training schedule.
     Timesteps are drawn uniformly, or by `timestep_weights` (see there) when given.
@@ -165,10 +222,15 @@ class DiffusionObjective:
     x_t = (1 - s) x0 + s noise, and the velocity noise - x0 as the target, unweighted."""
 
     def __init__(self, scheduler_config: dict, noise_offset: float = 0.0, snr_gamma: float = 0.0,
-                 timestep_weighting: Callable[[int], torch.Tensor | None] | None = None, objective: str = "ddpm"):
+                 timestep_weighting: Callable[[int], torch.Tensor | None] | None = None, objective: str = "ddpm",
+                 flow: FlowSettings | None = None):
         from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
         self.flow = objective == "flow"
+        self.flow_settings = flow or FlowSettings()
+        if not self.flow and self.flow_settings != FlowSettings():
+            raise ModelError("train.flow_timesteps / flow_loss_weight apply to flow-matching bases (Sana); this base "
+                             "trains with DDPM noise prediction: leave them at uniform / none")
         if self.flow:
             if snr_gamma:
                 raise ModelError("train.snr_gamma (min-SNR weighting) is defined for DDPM noise schedules; this base "
@@ -204,9 +266,15 @@ class DiffusionObjective:
             weights = self.timestep_weights.to(generator.device)
             indices = torch.multinomial(weights, n, replacement=True, generator=generator).long()
         elif self.flow:
-            # diffusers' flow scripts with weighting_scheme "none": u ~ U[0, 1), index = floor(u * N)
-            u = torch.rand(n, generator=generator, device=generator.device)
-            indices = (u * self.num_timesteps).long()
+            # diffusers' SD3 / Sana scripts: u from the density (uniform, logit-normal or mode), index = floor(u * N);
+            # clamped, since "mode" gives u = 1 for a uniform draw of exactly 0
+            from diffusers.training_utils import compute_density_for_timestep_sampling
+
+            f = self.flow_settings
+            u = compute_density_for_timestep_sampling(f.timesteps, n, logit_mean=f.logit_mean, logit_std=f.logit_std,
+                                                      mode_scale=f.mode_scale, device=generator.device,
+                                                      generator=generator)
+            indices = (u * self.num_timesteps).long().clamp(max=self.num_timesteps - 1)
         else:
             return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=generator.device).long()
         if self.flow:
@@ -233,11 +301,19 @@ class DiffusionObjective:
 
     def per_sample_loss(self, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
                         weighted: bool = True) -> torch.Tensor:
-        """Per-sample MSE; min-SNR weighted when snr_gamma is set, unless `weighted` is False (validation, so
-        runs trained with different weightings report comparable losses)."""
+        """Per-sample MSE; min-SNR weighted when snr_gamma is set, or by train.flow_loss_weight for a flow base,
+        unless `weighted` is False (validation, so runs trained with different weightings report comparable
+        losses)."""
         loss = (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
         if self.snr_gamma and weighted:
             loss = loss * self.snr_weights(timesteps)
+        if self.flow and self.flow_settings.loss_weight != "none" and weighted:
+            from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+            # the weight is per sample (a function of its sigma), so weighting the per-sample mean is the scripts'
+            # mean over elements of weight * squared error
+            loss = loss * compute_loss_weighting_for_sd3(self.flow_settings.loss_weight,
+                                                         self.flow_sigmas(timesteps).to(loss.device)).float()
         return loss
 
     def snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,10 @@ def tokenize(tokenizer, prompts: list[str], warn: bool = True,
                 cut = tokenizer.decode(ids[length - 1 : -1], skip_special_tokens=True).strip()
                 log.warning("prompt is %d tokens, the text encoder reads %d: cut '%s'", len(ids), length,
                             _shorten(cut))
-    batch = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    # right padding whatever the tokenizer's default (Gemma's pads left): diffusers' Sana pipeline sets it so, and
+    # trimming a batch to its longest report (cxrdist.models.diffusion.trim_padding) relies on it
+    batch = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt",
+                      padding_side="right")
     return batch["input_ids"], batch["attention_mask"]
 
 

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from cxrdist.models.diffusion import FrozenTextCache
+from cxrdist.models.diffusion import FrozenTextCache, pad_rows
 from cxrdist.models.text import CONTEXT_TOKENS, apply_template, tokenize
 
 log = logging.getLogger(__name__)
@@ -41,20 +41,28 @@ def prefill_text_cache(accelerator, cache: FrozenTextCache, text_encoder, tokeni
     started = time.perf_counter()
     # the ids BatchEncoder.token_ids gives the model
     ids, mask = tokenize(tokenizer, prompts, warn=False, limit=context_tokens)
-    keys = FrozenTextCache.keys(ids)
+    keys = FrozenTextCache.keys(ids, mask)
+    lengths = mask.sum(dim=1).clamp(min=1).tolist()
+
+    def encode(i: int) -> torch.Tensor:
+        return FrozenTextCache.encode_row(text_encoder, ids, mask, i, trim=cache.trim)
+
     world, rank = accelerator.num_processes, accelerator.process_index
     if world == 1 or len(prompts) < world:
-        contexts = torch.stack([FrozenTextCache.encode_row(text_encoder, ids, mask, i) for i in range(len(prompts))])
+        contexts = [encode(i) for i in range(len(prompts))]
         order = list(range(len(prompts)))
     else:
         share = -(-len(prompts) // world)  # rows per rank; a short last share is padded with its first row
-        mine = [FrozenTextCache.encode_row(text_encoder, ids, mask, i) for i in range(rank, len(prompts), world)]
+        mine = [encode(i) for i in range(rank, len(prompts), world)]
         mine += mine[:1] * (share - len(mine))
-        contexts = accelerator.gather(torch.stack(mine))  # (world * share, tokens, width), rank-major
+        # one shape for the gather: trimmed contexts padded to the budget, cut back to each report's length below
+        contexts = accelerator.gather(pad_rows(mine, ids.shape[1]))  # (world * share, tokens, width), rank-major
         # prompt i was encoded by rank i % world as its (i // world)-th row
         order = [(i % world) * share + i // world for i in range(len(prompts))]
-    for key, row in zip(keys, order):
-        cache.put(key, contexts[row])
-    log.info("text cache: %d distinct training prompts encoded once over %d rank(s) in %.1f s", len(prompts), world,
-             time.perf_counter() - started)
+    for i, (key, row) in enumerate(zip(keys, order)):
+        context = contexts[row]
+        cache.put(key, context[: lengths[i]].clone() if cache.trim else context)
+    log.info("text cache: %d distinct training prompts encoded once over %d rank(s) in %.1f s; %.1f MB held%s",
+             len(prompts), world, time.perf_counter() - started, cache.nbytes() / 2**20,
+             " (each report at its own length)" if cache.trim else "")
     return len(prompts)

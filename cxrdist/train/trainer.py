@@ -35,8 +35,8 @@ from cxrdist.config import Config, parse_duration
 from cxrdist.data.latents import check_cached_latents, latents_info
 from cxrdist.errors import ConfigError, CxrdistError, DataError, ModelError, report_now
 from cxrdist.fileio import write_json_atomic
-from cxrdist.models.diffusion import (BatchEncoder, DiffusionObjective, LoraDiffusionModel, timestep_weights,
-                                      to_device)
+from cxrdist.models.diffusion import (BatchEncoder, DiffusionObjective, FlowSettings, LoraDiffusionModel,
+                                      timestep_weights, to_device)
 from cxrdist.models.loading import load_base
 from cxrdist.models.lora import attach_lora, count_parameters, lora_parameters, tensors_digest
 from cxrdist.progress import progress_meter
@@ -111,6 +111,17 @@ class FoldResult:
     stop_signal: int = 0
 
 
+def describe_cache_bound(cache, base) -> str:
+    """The most memory the frozen-text cache can take on each rank (every entry at the family's full token budget:
+    an upper bound; entries are kept at each report's own length where the family masks the text)."""
+    width = int(getattr(base.text_encoder.config, "hidden_size", 0) or getattr(base.text_encoder.config, "d_model", 0))
+    item = next(base.text_encoder.parameters()).element_size()
+    bound = cache.max_items * base.context_tokens * width * item
+    kept = "each report at its own length" if cache.trim else "each report padded to the budget"
+    return (f"at most {cache.max_items} reports x {base.context_tokens} tokens x {width} channels x {item} bytes = "
+            f"{bound / 2**30:.2f} GiB per rank ({kept})")
+
+
 class Trainer:
     def __init__(self, cfg: Config, *, fold: int, run_dir: Path, data_factory, resume: str | None = None,
                  resume_command: str | None = None):
@@ -155,6 +166,8 @@ class Trainer:
             model.text_cache = None
         self.dtype = weight_dtype(acc)
         configure_model(model, cfg, self.dtype)
+        if model.text_cache is not None:
+            log.info("text cache: %s", describe_cache_bound(model.text_cache, self.base))
         self.base.vae.to(acc.device)
         self.steps_per_epoch = self.data.batches_per_epoch() // cfg.train.grad_accum
         if self.steps_per_epoch < 1:
@@ -179,7 +192,7 @@ class Trainer:
         bias = functools.partial(timestep_weights, bias=t.timestep_bias, multiplier=t.timestep_bias_multiplier,
                                  portion=t.timestep_bias_portion, begin=t.timestep_bias_begin, end=t.timestep_bias_end)
         self.objective = DiffusionObjective(self.base.scheduler_config, t.noise_offset, t.snr_gamma, bias,
-                                            objective=self.base.family.objective)
+                                            objective=self.base.family.objective, flow=FlowSettings.from_train(t))
         self.encoder = BatchEncoder(self.base.vae, self.base.tokenizer, cfg.data.prompt_template,
                                     cfg.train.caption_dropout, use_cached=self._use_cached_latents(),
                                     context_tokens=self.base.context_tokens)

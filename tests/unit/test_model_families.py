@@ -54,14 +54,26 @@ def test_unsupported_pipeline_names_the_supported_ones(tmp_path, base_paths):
     assert all(name in message for name in ("StableDiffusionPipeline", "PixArtSigmaPipeline", "SanaPipeline"))
 
 
-def test_flow_objective_is_diffusers_sana_script(base_paths):
-    """noisy input, target and loss as train_dreambooth_lora_sana.py computes them (weighting_scheme none)."""
+# diffusers' `--weighting_scheme` -> (train.flow_timesteps, train.flow_loss_weight): the script draws and weights
+# with one key; cxrdist's two keys cover each of its choices
+SCRIPT_SCHEMES = {"none": ("uniform", "none"), "logit_normal": ("logit_normal", "none"), "mode": ("mode", "none"),
+                  "sigma_sqrt": ("uniform", "sigma_sqrt"), "cosmap": ("uniform", "cosmap")}
+
+
+@pytest.mark.parametrize("scheme", sorted(SCRIPT_SCHEMES))
+def test_flow_objective_is_diffusers_sana_script(base_paths, scheme):
+    """Timesteps, noisy input, target and loss as train_dreambooth_lora_sana.py computes them for each of its
+    `--weighting_scheme` choices (logit mean 0.3, std 0.8, mode scale 1.29), written out here from the script."""
+    import math
+
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from cxrdist.models.diffusion import DiffusionObjective
+    from cxrdist.models.diffusion import DiffusionObjective, FlowSettings
 
     base = _load(base_paths["sana"])
-    objective = DiffusionObjective(base.scheduler_config, objective="flow")
+    density, weight = SCRIPT_SCHEMES[scheme]
+    settings = FlowSettings(timesteps=density, logit_mean=0.3, logit_std=0.8, mode_scale=1.29, loss_weight=weight)
+    objective = DiffusionObjective(base.scheduler_config, objective="flow", flow=settings)
     x0 = torch.randn(6, 8, 8, 8)
     noise = torch.randn(6, 8, 8, 8)
     timesteps = objective.sample_timesteps(6, torch.Generator().manual_seed(3))
@@ -69,7 +81,13 @@ def test_flow_objective_is_diffusers_sana_script(base_paths):
 
     # the script's lines, on the same draws
     reference = FlowMatchEulerDiscreteScheduler.from_config(base.scheduler_config)
-    u = torch.rand(6, generator=torch.Generator().manual_seed(3))
+    generator = torch.Generator().manual_seed(3)
+    if scheme == "logit_normal":
+        u = torch.sigmoid(torch.normal(mean=0.3, std=0.8, size=(6,), generator=generator))
+    else:
+        u = torch.rand(6, generator=generator)
+        if scheme == "mode":
+            u = 1 - u - 1.29 * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
     indices = (u * reference.config.num_train_timesteps).long()
     ref_t = reference.timesteps[indices]
     step_indices = [(reference.timesteps == t).nonzero().item() for t in ref_t]
@@ -77,9 +95,28 @@ def test_flow_objective_is_diffusers_sana_script(base_paths):
     assert torch.equal(timesteps, ref_t)
     assert torch.equal(noisy, (1.0 - sigmas) * x0 + sigmas * noise)
     assert torch.equal(target, noise - x0)
+    weighting = {"sigma_sqrt": sigmas ** -2.0, "cosmap": 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas ** 2))}.get(
+        scheme, torch.ones_like(sigmas)).float()
     pred = torch.randn_like(x0)
-    ref_loss = torch.mean(((pred.float() - target.float()) ** 2).reshape(6, -1), 1).mean()
-    assert torch.allclose(objective.per_sample_loss(pred, target, timesteps).mean(), ref_loss, rtol=0, atol=1e-7)
+    ref_loss = torch.mean((weighting * (pred.float() - target.float()) ** 2).reshape(6, -1), 1).mean()
+    torch.testing.assert_close(objective.per_sample_loss(pred, target, timesteps).mean(), ref_loss, rtol=1e-6, atol=0)
+    # validation reads the unweighted loss, whatever the training weighting
+    unweighted = torch.mean(((pred - target) ** 2).reshape(6, -1), 1)
+    torch.testing.assert_close(objective.per_sample_loss(pred, target, timesteps, weighted=False), unweighted)
+
+
+def test_flow_settings_are_refused_for_ddpm_bases_and_with_a_timestep_bias(base_paths):
+    from cxrdist.config import load_config
+    from cxrdist.errors import ConfigError
+    from cxrdist.models.diffusion import DiffusionObjective, FlowSettings
+
+    with pytest.raises(ModelError, match="flow-matching bases"):
+        DiffusionObjective(_load(base_paths["pixart-sigma"]).scheduler_config, flow=FlowSettings(loss_weight="cosmap"))
+    with pytest.raises(ConfigError, match="train.flow_timesteps"):
+        load_config(None, ["train.flow_timesteps=logit_normal", "train.timestep_bias=later",
+                           "train.timestep_bias_multiplier=2"])
+    with pytest.raises(ConfigError, match="train.flow_loss_weight"):
+        load_config(None, ["train.flow_loss_weight=snr"])
 
 
 def test_flow_objective_refuses_min_snr(base_paths):
@@ -91,8 +128,9 @@ def test_flow_objective_refuses_min_snr(base_paths):
 
 def test_pixart_prediction_is_the_noise_half(base_paths):
     """The trained module's prediction is the first half of PixArt-Σ's learned-sigma output, as diffusers' PixArt
-    scripts and pipeline take it, with the text's attention mask passed to the transformer."""
-    from cxrdist.models.diffusion import LoraDiffusionModel
+    scripts and pipeline take it, with the text's attention mask passed to the transformer. The batch is cut to its
+    longest report first: the same prediction as at the full 300 tokens, to float precision."""
+    from cxrdist.models.diffusion import LoraDiffusionModel, trim_padding
     from cxrdist.models.text import tokenize
 
     base = _load(base_paths["pixart-sigma"])
@@ -103,11 +141,53 @@ def test_pixart_prediction_is_the_noise_half(base_paths):
     t = torch.tensor([10, 900])
     with torch.no_grad():
         ours = model(x, t, ids, mask)
-        context = base.text_encoder(ids, attention_mask=mask)[0]
-        full = base.unet(x, encoder_hidden_states=context, encoder_attention_mask=mask, timestep=t,
-                         added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
-    assert full.shape[1] == 8
-    assert torch.equal(ours, full.chunk(2, dim=1)[0])
+        outputs = []
+        for text_ids, text_mask in ((ids, mask), trim_padding(ids, mask)):
+            context = base.text_encoder(text_ids, attention_mask=text_mask)[0]
+            outputs.append(base.unet(x, encoder_hidden_states=context, encoder_attention_mask=text_mask, timestep=t,
+                                     added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample)
+    full, trimmed = outputs
+    assert full.shape[1] == 8 and trim_padding(ids, mask)[0].shape[1] == int(mask.sum(1).max()) < 300
+    assert torch.equal(ours, trimmed.chunk(2, dim=1)[0])
+    torch.testing.assert_close(ours, full.chunk(2, dim=1)[0], rtol=0, atol=1e-5)
+
+
+def test_text_cache_keeps_each_report_at_its_own_length(base_paths):
+    """Under a transformer family the frozen-text cache holds a report's context at the report's length (its bytes
+    are tokens x width, not the 300-token budget), keys a report the same at any padded width, and a batch served
+    from it predicts what the uncached model does, to float precision."""
+    from cxrdist.models.diffusion import LoraDiffusionModel
+    from cxrdist.models.text import tokenize
+
+    base = _load(base_paths["sana"])
+    cached = LoraDiffusionModel(base.unet, base.text_encoder, False, text_cache_size=8, family=base.family)
+    plain = LoraDiffusionModel(base.unet, base.text_encoder, False, family=base.family)
+    reports = ["Small left effusion.", "Normal heart. Lungs are clear. No pneumothorax or effusion."]
+    ids, mask = tokenize(base.tokenizer, reports, limit=base.context_tokens)
+    x, t = torch.randn(2, 8, 8, 8), torch.tensor([100.0, 900.0])
+    with torch.no_grad():
+        torch.testing.assert_close(cached(x, t, ids, mask), plain(x, t, ids, mask), rtol=0, atol=1e-5)
+        cached(x[:1], t[:1], ids[:1], mask[:1])  # the short report alone: a narrower batch, the same key
+    assert cached.text_cache.trim and (cached.text_cache.misses, cached.text_cache.hits) == (2, 1)
+    lengths = sorted(len(context) for context in cached.text_cache.store.values())
+    assert lengths == sorted(mask.sum(1).tolist()) and max(lengths) < 300
+    assert cached.text_cache.nbytes() == sum(lengths) * 64 * 4  # tokens x the encoder's width x fp32
+    from cxrdist.train.trainer import describe_cache_bound
+
+    assert describe_cache_bound(cached.text_cache, base).startswith("at most 8 reports x 300 tokens x 64 channels x 4 "
+                                                                   "bytes")
+
+    # the prefill stores what a first-sight encode computes, bit for bit, at each report's own length
+    from cxrdist.train.text_prefill import prefill_text_cache
+
+    class OneRank:
+        num_processes, process_index, device = 1, 0, torch.device("cpu")
+
+    filled = LoraDiffusionModel(base.unet, base.text_encoder, False, text_cache_size=8, family=base.family)
+    assert prefill_text_cache(OneRank(), filled.text_cache, base.text_encoder, base.tokenizer, reports,
+                              base.context_tokens) == 2
+    for key, context in cached.text_cache.store.items():
+        assert torch.equal(filled.text_cache.store[key], context)
 
 
 @pytest.mark.parametrize("family", ["sana", "pixart-sigma"])
