@@ -1,4 +1,4 @@
-"""`cxrdist pretrain`: train the tiny phantom base (VAE, then UNet) from scratch and save it."""
+"""`cxrdist pretrain`: train a tiny phantom base (autoencoder, then denoiser) from scratch and save it."""
 from __future__ import annotations
 
 import click
@@ -12,8 +12,8 @@ from cxrdist.cli_options import config_options, friendly_errors
 @config_options
 @friendly_errors
 def pretrain(shards: str, out: str, config: str | None, overrides: tuple[str, ...]) -> None:
-    """Pretrain the tiny base on phantoms, captioned with how each film was taken (knows anatomy and spatial
-    words, no findings)."""
+    """Pretrain a tiny base on phantoms, captioned with how each film was taken (knows anatomy and spatial
+    words, no findings). pretrain.preset picks the family: tiny-minilm (UNet) or sana-minilm (Sana)."""
     import yaml
 
     from cxrdist.config import load_config
@@ -24,4 +24,5 @@ def pretrain(shards: str, out: str, config: str | None, overrides: tuple[str, ..
     cfg = load_config(config, overrides)
     result = run_pretrain(shards, out, cfg.pretrain, resolved_config=yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     click.echo(f"base written to {result.out}: {result.train_images} images, VAE PSNR {result.vae_psnr:.2f} dB, "
-               f"UNet loss {result.unet_final_loss:.4f} (VAE {result.vae_seconds:.0f} s, UNet {result.unet_seconds:.0f} s)")
+               f"denoiser loss {result.unet_final_loss:.4f} (autoencoder {result.vae_seconds:.0f} s, denoiser "
+               f"{result.unet_seconds:.0f} s)")

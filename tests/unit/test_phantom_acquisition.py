@@ -112,8 +112,8 @@ def test_each_image_is_conditioned_on_its_own_caption(tiny_base_path):
     base = load_base(tiny_base_path)
     parts = {"tokenizer": base.tokenizer, "text_encoder": base.text_encoder}
     captions = ["Overexposed film.", "Left upper side marker.", "Overexposed film."]
-    contexts, rows = caption_contexts(parts, captions, batch_size=1)
-    assert len(contexts) == 3 and rows.tolist()[0] == rows.tolist()[2] != rows.tolist()[1]
+    contexts, masks, rows = caption_contexts(parts, captions, batch_size=1)
+    assert len(contexts) == len(masks) == 3 and rows.tolist()[0] == rows.tolist()[2] != rows.tolist()[1]
     expected = encode_prompts(base.tokenizer, base.text_encoder, captions + [""], warn=False)
     torch.testing.assert_close(contexts[rows], expected[:3])
     torch.testing.assert_close(contexts[-1], expected[3])  # the empty prompt is the last row
