@@ -5,21 +5,26 @@
 # Training stops at the demo preset's wall-clock budget (train.time_budget with the warm-up / stable / decay
 # schedule) or its step count, whichever comes first: on a slow host it ends on time with fewer steps.
 # DEMO_TIME_BUDGET (minutes or HH:MM:SS) replaces the budget; DEMO_TIME_BUDGET= (empty) trains every step.
+# DEMO_BASE=models/phantom-sana runs it on the Sana-family phantom base with the demo-sana preset (DEMO_CONFIG picks
+# another preset), in its own shard, run and output folders (its latents come from its own autoencoder).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 N=${DEMO_N:-5000}
+BASE=${DEMO_BASE:-models/phantom-base}
+# the base's family picks the preset: demo (UNet) or demo-<family>, e.g. demo-sana
+CONFIG=${DEMO_CONFIG:-$(python -c "import sys; from cxrdist.models.families import family_of; f = family_of(sys.argv[1]).name; print('demo' if f == 'sd' else 'demo-' + f)" "$BASE")}
+SUFFIX=${CONFIG#demo}
 # the demo preset (cxrdist/presets/demo.yaml) holds the default training and sampler step counts; DEMO_STEPS and
 # DEMO_SAMPLE_STEPS override them.
-preset() { python -c "from cxrdist.config import load_config; print(load_config('demo').$1)"; }
+preset() { python -c "import operator, sys; from cxrdist.config import load_config; print(operator.attrgetter(sys.argv[2])(load_config(sys.argv[1])))" "$CONFIG" "$1"; }
 STEPS=${DEMO_STEPS:-$(preset train.max_steps)}
 EVAL_SAMPLES=${DEMO_EVAL_SAMPLES:-128}
 SAMPLE_STEPS=${DEMO_SAMPLE_STEPS:-$(preset sample.steps)}
 ROOT=${DEMO_ROOT:-.}
-BASE=${DEMO_BASE:-models/phantom-base}
-SHARDS="$ROOT/shards/phantom"
-RUN="$ROOT/runs/demo"
-OUT="$ROOT/outputs/demo"
+SHARDS="$ROOT/shards/phantom$SUFFIX"
+RUN="$ROOT/runs/$CONFIG"
+OUT="$ROOT/outputs/$CONFIG"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 started=$(date +%s)
 step() { printf '\n== %s (%ds)\n' "$1" $(( $(date +%s) - started )); }
@@ -45,7 +50,7 @@ fi
 trained_from=$(date +%s)
 # One thread per rank: two ranks on two cores, each spinning two threads, run many times slower.
 OMP_NUM_THREADS=1 accelerate launch --config_file configs/accelerate/cpu_2ranks.yaml launch/train.py \
-  --config demo --fold 0 --shards "$SHARDS" --pretrained "$BASE" --output-dir "$RUN" \
+  --config "$CONFIG" --fold 0 --shards "$SHARDS" --pretrained "$BASE" --output-dir "$RUN" \
   --set train.max_steps="$STEPS" --set optim.warmup_steps=$(( STEPS / 20 )) --set eval.eval_every_steps=$(( STEPS / 4 > 0 ? STEPS / 4 : 1 )) \
   --set train.checkpoint_every=$(( STEPS / 4 > 0 ? STEPS / 4 : 1 )) "${BUDGET_SETS[@]}"
 # the newest checkpoint is the last step (the trainer checkpoints the final step; keep_last keeps the newest)
