@@ -286,6 +286,44 @@ def test_exported_adapter_loads_in_plain_diffusers(tmp_path, base_paths, family)
     assert torch.allclose(_transformer_out(fresh.unet, family, x, t, context, mask), ours, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["sana", "pixart-sigma"])
+def test_cxrdist_sample_and_plain_diffusers_draw_the_same_image(tmp_path, base_paths, family):
+    """The exported adapter in the family's plain diffusers pipeline (the README's loading lines), the same
+    DPM-Solver++ scheduler, seed, steps and guidance: the image cxrdist's sampler draws, to float precision."""
+    import numpy as np
+    from diffusers import DiffusionPipeline
+
+    from cxrdist.sampling.pipeline import SampleSettings, build_scheduler, generate_images
+
+    base, spec = _adapted(base_paths[family])
+    folder = _export(base, spec, tmp_path / "adapter")
+    report = "Small left pleural effusion. Normal heart size."
+    settings = SampleSettings(steps=4, scheduler="dpm++", guidance=3.0, batch_size=1)
+    ours = generate_images(base, [report], settings, seeds=[7])[0]
+
+    pipe = DiffusionPipeline.from_pretrained(base_paths[family])
+    pipe.scheduler = build_scheduler("dpm++", dict(pipe.scheduler.config), base.family)
+    extra = {"use_resolution_binning": False, "complex_human_instruction": None} if family == "sana" else {
+        "use_resolution_binning": False, "clean_caption": False}
+
+    def draw() -> np.ndarray:
+        with torch.no_grad():
+            image = pipe(report, num_inference_steps=4, guidance_scale=3.0, height=64, width=64, output_type="np",
+                         generator=[torch.Generator("cpu").manual_seed(7)], **extra).images[0]
+        return np.asarray(image, dtype=np.float32).mean(axis=-1)  # cxrdist averages a 3-channel VAE's output
+
+    assert np.abs(draw() - ours).max() > 1e-2  # without the adapter: another image
+    if family == "sana":
+        pipe.load_lora_weights(str(folder))
+    else:
+        from peft import PeftModel
+
+        pipe.transformer = PeftModel.from_pretrained(pipe.transformer, str(folder / "peft"))
+    theirs = draw()  # Sana with complex_human_instruction=None: the adapter was trained on the report alone
+    assert ours.shape == theirs.shape == (64, 64)
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
+
+
 def test_adapter_refused_on_another_family(tmp_path, base_paths):
     from cxrdist.models.lora import load_adapter
 
