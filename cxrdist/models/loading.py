@@ -24,7 +24,7 @@ from cxrdist.errors import ModelError
 from cxrdist.fileio import check_not_special, find_special_file, temp_name
 from cxrdist.models.families import FAMILIES, Family, family_of
 from cxrdist.models.families import vae_scale_factor as _vae_scale_factor
-from cxrdist.models.presets import PRESETS, PRESETS_REVISION, save_preset
+from cxrdist.models.presets import PRESETS, PRESETS_REVISION, pipeline_of, save_preset
 
 log = logging.getLogger(__name__)
 
@@ -364,8 +364,6 @@ def save_base(parts: dict, out: str | Path, text_encoder_package: str | None = N
     encoder and tokenizer folders only reference that installed package."""
     import shutil
 
-    import diffusers
-
     out = Path(out)
     if text_encoder_package and text_encoder_package not in PACKAGE_COMPONENTS:
         raise ModelError(f"unknown text encoder package '{text_encoder_package}'")
@@ -376,12 +374,7 @@ def save_base(parts: dict, out: str | Path, text_encoder_package: str | None = N
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(out)  # unique to this process: never a folder of the user's, never another process's
     try:
-        if pipeline == "StableDiffusionPipeline":
-            pipe = diffusers.StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
-                                                     requires_safety_checker=False)
-        else:
-            pipe = getattr(diffusers, pipeline)(**parts)
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        pipeline_of(pipeline, parts).save_pretrained(tmp, safe_serialization=True)
         if text_encoder_package:
             for sub in ("text_encoder", "tokenizer"):
                 shutil.rmtree(tmp / sub)  # inside our own temporary folder

@@ -335,6 +335,17 @@ def build_preset(name: str) -> dict:
     return PRESETS[name].build()
 
 
+def pipeline_of(pipeline: str, parts: dict):
+    """The named diffusers pipeline around `parts`, ready for save_pretrained (Stable Diffusion without its safety
+    checker)."""
+    import diffusers
+
+    if pipeline == "StableDiffusionPipeline":
+        return diffusers.StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                                 requires_safety_checker=False)
+    return getattr(diffusers, pipeline)(**parts)
+
+
 def save_preset(name: str, out: str | Path) -> Path:
     """Write a preset as a normal diffusers pipeline folder (StableDiffusionPipeline without safety checker, or the
     family's pipeline), atomically.
@@ -344,19 +355,12 @@ def save_preset(name: str, out: str | Path) -> Path:
     """
     import shutil
 
-    import diffusers
-
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ModelError(f"{out} is a file, not a folder: choose another --out")
     if out.exists() and any(out.iterdir()):
         raise ModelError(f"{out} exists and is not empty: choose another --out or delete it")
-    parts = build_preset(name)
-    if name in PRESET_PIPELINES:
-        pipe = getattr(diffusers, PRESET_PIPELINES[name])(**parts)
-    else:
-        pipe = diffusers.StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
-                                                 requires_safety_checker=False)
+    pipe = pipeline_of(PRESET_PIPELINES.get(name, "StableDiffusionPipeline"), build_preset(name))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(out)  # unique per process and call: never a user's folder, never another rank's
     try:
