@@ -77,12 +77,28 @@ class FrozenTextCache:
         ids = input_ids[i : i + 1]
         mask = attention_mask[i : i + 1] if attention_mask is not None else None
         if trim and mask is not None:
-            length = max(1, int(mask.sum()))
+            length = FrozenTextCache.own_length(mask[0])
             ids, mask = ids[:, :length], mask[:, :length]
         return encode_ids(text_encoder, ids, mask)[0]
 
+    @staticmethod
+    def own_length(mask_row: torch.Tensor) -> int:
+        """A right-padded row's real tokens (at least one: the empty prompt's context is not empty)."""
+        return max(1, int(mask_row.sum()))
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.store.values())
+
+    def describe_bound(self, text_encoder: nn.Module, context_tokens: int) -> str:
+        """The most memory the cache can take on each rank (every entry at the family's full token budget: an
+        upper bound where entries are kept at each report's own length)."""
+        config = text_encoder.config
+        width = int(getattr(config, "hidden_size", 0) or getattr(config, "d_model", 0))
+        item = next(text_encoder.parameters()).element_size()
+        bound = self.max_items * context_tokens * width * item
+        kept = "each report at its own length" if self.trim else "each report padded to the budget"
+        return (f"at most {self.max_items} reports x {context_tokens} tokens x {width} channels x {item} bytes = "
+                f"{bound / 2**30:.2f} GiB per rank ({kept})")
 
     def put(self, key: bytes, context: torch.Tensor) -> None:
         self.store[key] = context

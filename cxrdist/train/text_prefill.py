@@ -42,7 +42,6 @@ def prefill_text_cache(accelerator, cache: FrozenTextCache, text_encoder, tokeni
     # the ids BatchEncoder.token_ids gives the model
     ids, mask = tokenize(tokenizer, prompts, warn=False, limit=context_tokens)
     keys = FrozenTextCache.keys(ids, mask)
-    lengths = mask.sum(dim=1).clamp(min=1).tolist()
 
     def encode(i: int) -> torch.Tensor:
         return FrozenTextCache.encode_row(text_encoder, ids, mask, i, trim=cache.trim)
@@ -50,18 +49,18 @@ def prefill_text_cache(accelerator, cache: FrozenTextCache, text_encoder, tokeni
     world, rank = accelerator.num_processes, accelerator.process_index
     if world == 1 or len(prompts) < world:
         contexts = [encode(i) for i in range(len(prompts))]
-        order = list(range(len(prompts)))
     else:
         share = -(-len(prompts) // world)  # rows per rank; a short last share is padded with its first row
         mine = [encode(i) for i in range(rank, len(prompts), world)]
         mine += mine[:1] * (share - len(mine))
         # one shape for the gather: trimmed contexts padded to the budget, cut back to each report's length below
-        contexts = accelerator.gather(pad_rows(mine, ids.shape[1]))  # (world * share, tokens, width), rank-major
+        gathered = accelerator.gather(pad_rows(mine, ids.shape[1]))  # (world * share, tokens, width), rank-major
         # prompt i was encoded by rank i % world as its (i // world)-th row
-        order = [(i % world) * share + i // world for i in range(len(prompts))]
-    for i, (key, row) in enumerate(zip(keys, order)):
-        context = contexts[row]
-        cache.put(key, context[: lengths[i]].clone() if cache.trim else context)
+        contexts = [gathered[(i % world) * share + i // world] for i in range(len(prompts))]
+        if cache.trim:
+            contexts = [row[: FrozenTextCache.own_length(mask[i])].clone() for i, row in enumerate(contexts)]
+    for key, context in zip(keys, contexts):
+        cache.put(key, context)
     log.info("text cache: %d distinct training prompts encoded once over %d rank(s) in %.1f s; %.1f MB held%s",
              len(prompts), world, time.perf_counter() - started, cache.nbytes() / 2**20,
              " (each report at its own length)" if cache.trim else "")

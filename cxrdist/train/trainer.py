@@ -111,17 +111,6 @@ class FoldResult:
     stop_signal: int = 0
 
 
-def describe_cache_bound(cache, base) -> str:
-    """The most memory the frozen-text cache can take on each rank (every entry at the family's full token budget:
-    an upper bound; entries are kept at each report's own length where the family masks the text)."""
-    width = int(getattr(base.text_encoder.config, "hidden_size", 0) or getattr(base.text_encoder.config, "d_model", 0))
-    item = next(base.text_encoder.parameters()).element_size()
-    bound = cache.max_items * base.context_tokens * width * item
-    kept = "each report at its own length" if cache.trim else "each report padded to the budget"
-    return (f"at most {cache.max_items} reports x {base.context_tokens} tokens x {width} channels x {item} bytes = "
-            f"{bound / 2**30:.2f} GiB per rank ({kept})")
-
-
 class Trainer:
     def __init__(self, cfg: Config, *, fold: int, run_dir: Path, data_factory, resume: str | None = None,
                  resume_command: str | None = None):
@@ -167,7 +156,7 @@ class Trainer:
         self.dtype = weight_dtype(acc)
         configure_model(model, cfg, self.dtype)
         if model.text_cache is not None:
-            log.info("text cache: %s", describe_cache_bound(model.text_cache, self.base))
+            log.info("text cache: %s", model.text_cache.describe_bound(self.base.text_encoder, self.base.context_tokens))
         self.base.vae.to(acc.device)
         self.steps_per_epoch = self.data.batches_per_epoch() // cfg.train.grad_accum
         if self.steps_per_epoch < 1:

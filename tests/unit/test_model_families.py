@@ -172,10 +172,8 @@ def test_text_cache_keeps_each_report_at_its_own_length(base_paths):
     lengths = sorted(len(context) for context in cached.text_cache.store.values())
     assert lengths == sorted(mask.sum(1).tolist()) and max(lengths) < 300
     assert cached.text_cache.nbytes() == sum(lengths) * 64 * 4  # tokens x the encoder's width x fp32
-    from cxrdist.train.trainer import describe_cache_bound
-
-    assert describe_cache_bound(cached.text_cache, base).startswith("at most 8 reports x 300 tokens x 64 channels x 4 "
-                                                                   "bytes")
+    bound = cached.text_cache.describe_bound(base.text_encoder, base.context_tokens)
+    assert bound.startswith("at most 8 reports x 300 tokens x 64 channels x 4 bytes")
 
     # the prefill stores what a first-sight encode computes, bit for bit, at each report's own length
     from cxrdist.train.text_prefill import prefill_text_cache
