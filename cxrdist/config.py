@@ -62,6 +62,7 @@ REPORT_TO = ("tensorboard", "wandb", "mlflow", "all")
 TIMESTEP_BIASES = ("none", "later", "earlier", "range")  # train.timestep_bias (cxrdist.models.diffusion)
 FLOW_TIMESTEPS = ("uniform", "logit_normal", "mode")  # train.flow_timesteps
 FLOW_LOSS_WEIGHTS = ("none", "sigma_sqrt", "cosmap")  # train.flow_loss_weight
+TRAIN_METHODS = ("lora", "full")  # train.method (cxrdist.models.trained)
 RANK_SPLITS = ("shards", "samples")  # data.rank_split (cxrdist.data.loader)
 
 # The direction in which each eval.metric improves; eval.mode "auto" (the default) takes it from here.
@@ -174,6 +175,9 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    # lora: adapters on the frozen base (the `lora` section); full: every weight of the denoiser (UNet or
+    # transformer) trains, the text encoder and VAE stay frozen and the `lora` section is not read
+    method: str = "lora"
     epochs: int = 1
     max_steps: int = 0  # optimizer steps; 0 = derived from epochs
     batch_size: int = 8  # per rank, per micro-step
@@ -237,6 +241,7 @@ class TrainConfig:
             parse_duration(self.time_budget)
         except ValueError as exc:
             raise ConfigError(f"config key 'train.time_budget' must be a time: {exc}") from None
+        _require(self.method in TRAIN_METHODS, "train.method", " or ".join(TRAIN_METHODS))
         _require(self.epochs >= 1, "train.epochs", ">= 1")
         _require(self.batch_size >= 1, "train.batch_size", ">= 1")
         _require(self.grad_accum >= 1, "train.grad_accum", ">= 1")
@@ -460,6 +465,8 @@ class Config:
             # a budget moves where the decay starts; the other schedules decay from the first step after warm-up
             raise ConfigError(f"config key 'train.time_budget' needs optim.scheduler=wsd (warm-up, peak, decay at "
                               f"the end), not {self.optim.scheduler}: set optim.scheduler=wsd or drop the budget")
+        if self.train.method == "full":
+            _refuse_unread_lora_keys(self.lora)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -474,6 +481,21 @@ class Config:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         return write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# lora.train_text_encoder is left out: under train.method=full nothing of the text encoder trains whatever it says
+# (its default is true), and the family presets set it for their LoRA runs.
+_LORA_ONLY_KEYS = ("unet_rank", "unet_alpha", "unet_dropout", "unet_targets", "unet_blocks", "text_rank",
+                   "text_alpha", "text_dropout", "text_targets")
+
+
+def _refuse_unread_lora_keys(lora: "LoraConfig") -> None:
+    """train.method=full reads no adapter setting: one that differs from its default would do nothing."""
+    default = LoraConfig()
+    changed = [f"lora.{key}" for key in _LORA_ONLY_KEYS if getattr(lora, key) != getattr(default, key)]
+    if changed:
+        raise ConfigError(f"{', '.join(changed)} set, but train.method=full trains every weight of the denoiser and "
+                          "reads no lora.* setting: remove them (or use train.method=lora)")
 
 
 def _require(ok: bool, key: str, expected: str) -> None:

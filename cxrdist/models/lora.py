@@ -169,9 +169,9 @@ def load_adapter_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
 
 
 def count_parameters(module: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    params = list(module.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    """(trainable, total) parameter counts (a ZeRO-3 partition counts as its whole tensor: `ds_numel`)."""
+    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in module.parameters()]
+    return sum(n for n, trained in sizes if trained), sum(n for n, _ in sizes)
 
 
 def adapter_state_dicts(unet, text_encoder) -> tuple[dict, dict | None]:

@@ -22,6 +22,7 @@ from cxrdist.models.loading import (PICKLED_WEIGHTS, PRESET_PREFIX, BaseModel, c
 from cxrdist.models.lora import (CHECKPOINT_ADAPTER, CHECKPOINT_CONFIG, CHECKPOINT_MARKER, METADATA_NAME,
                                  WEIGHTS_NAME, adapter_metadata, attach_lora, load_adapter,
                                  load_adapter_state, read_adapter_metadata)
+from cxrdist.models.trained import CHECKPOINT_FULL, load_trained_state, unfreeze_denoiser
 from cxrdist.sampling.archive import safe_extract
 from cxrdist.sampling.pipeline import assemble_pipeline, build_scheduler
 
@@ -135,8 +136,14 @@ def _check_recorded_base(meta: dict, folder: Path) -> None:
 
 
 def _load_training_checkpoint(folder: Path, base_override: str | None, vae_dtype: str):
-    """A training checkpoint (`checkpoints/step_N`): its saved config names the base, the adapter and the
-    template, so any step of a run can be sampled or evaluated, not only the exported best."""
+    """A training checkpoint (`checkpoints/step_N`): its saved config names the base, the adapter (or, of a full
+    fine-tune without DeepSpeed, the whole denoiser) and the template, so any step of a run can be sampled or
+    evaluated, not only the exported best."""
+    if (folder / CHECKPOINT_FULL).is_file():
+        return _load_full_checkpoint(folder, base_override, vae_dtype)
+    if not (folder / CHECKPOINT_ADAPTER).is_file() and any(folder.glob("pytorch_model/*")):
+        raise ModelError(f"training checkpoint {folder} is a full fine-tune's under DeepSpeed, held in one part per "
+                         "rank: sample the run's best export (best_model_fold*, a pipeline folder) instead")
     for name in (CHECKPOINT_ADAPTER, CHECKPOINT_CONFIG):
         if not (folder / name).is_file():
             raise ModelError(f"training checkpoint {folder} has no {name}: it is incomplete; use another step")
@@ -160,6 +167,21 @@ def _load_training_checkpoint(folder: Path, base_override: str | None, vae_dtype
     load_adapter_state(joint, adapter, folder)
     for module in (base.unet, base.text_encoder):
         module.requires_grad_(False)
+    return base, adapter_metadata(base, spec, cfg.data.prompt_template, cfg.to_dict())
+
+
+def _load_full_checkpoint(folder: Path, base_override: str | None, vae_dtype: str):
+    """A full fine-tune's checkpoint written without DeepSpeed: the base with the checkpoint's denoiser weights."""
+    check_weights_file(folder / CHECKPOINT_FULL, "the training checkpoint")
+    cfg = config_from_dict(load_yaml(folder / CHECKPOINT_CONFIG))
+    trained = load_file(str(folder / CHECKPOINT_FULL))
+    source = base_override or cfg.model.pretrained
+    base = _load_base_for(source, folder, vae_dtype, overridden=bool(base_override), revision=cfg.model.revision,
+                          variant=cfg.model.variant)
+    spec = unfreeze_denoiser(base)
+    joint = LoraDiffusionModel(base.unet, base.text_encoder, False, family=base.family)
+    load_trained_state(joint, trained, folder)
+    base.unet.requires_grad_(False)
     return base, adapter_metadata(base, spec, cfg.data.prompt_template, cfg.to_dict())
 
 

@@ -1,18 +1,24 @@
-"""Best-model export: the adapter as `cxrdist sample` loads it, plus metrics and a short model card.
+"""Best-model export: the adapter as `cxrdist sample` loads it, or under train.method=full the whole pipeline
+(cxrdist.models.pipeline_folder), plus metrics and a short model card.
 
-Exporting only copies adapter tensors (never merges or unloads), so the live model is untouched. The
+Exporting only copies trained tensors (never merges or unloads), so the live model is untouched. The
 previous best of the fold is replaced only after the new one is completely written.
 """
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
+from cxrdist import __version__
 from cxrdist.fileio import write_json_atomic
-from cxrdist.models.lora import (WEIGHTS_NAME, adapter_metadata, adapter_state_dicts, save_adapter,
+from cxrdist.models.families import family_of
+from cxrdist.models.lora import (METADATA_NAME, WEIGHTS_NAME, adapter_metadata, adapter_state_dicts, save_adapter,
                                  split_prefixed, tensors_digest)
+from cxrdist.models.pipeline_folder import read_denoiser, save_with_denoiser
+from cxrdist.models.trained import FULL_FORMAT, is_full
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +36,10 @@ def export_best(model, base, spec: dict, cfg, run_dir: Path, *, fold: int, epoch
     """Write `run_dir/best_model_fold{k}_epoch{e}/` (main process only) and remove the previous best.
 
     `state_dicts` = (unet_sd, text_sd) from `cxrdist.train.distributed.lora_state_dicts`, which every rank must call
-    under DeepSpeed (ZeRO-3 holds only partitions in the module); without it they are read from `model`.
-    `ema` (`AdapterEMA.info()`) says that `state_dicts` are the adapter EMA's: cxrdist.json's `training`,
+    under DeepSpeed (ZeRO-3 holds only partitions in the module); without it they are read from `model`. Under
+    train.method=full (`spec`), it is the denoiser's fp32 tensors by full name (`unet.<name>`, from
+    `distributed.trained_named_state` or the EMA) and the export is a pipeline folder.
+    `ema` (`TrainedEMA.info()`) says that `state_dicts` are the adapter EMA's: cxrdist.json's `training`,
     metrics.json and the model card then record `weights: ema` with its decay.
     """
     run_dir = Path(run_dir)
@@ -39,15 +47,17 @@ def export_best(model, base, spec: dict, cfg, run_dir: Path, *, fold: int, epoch
     staging = run_dir / f".{final.name}.staging"
     if staging.exists():
         shutil.rmtree(staging)
-    if state_dicts is None:
-        state_dicts = adapter_state_dicts(model.unet, model.text_encoder if model.train_text_encoder else None)
-    unet_sd, text_sd = state_dicts
-    text_sd = text_sd if model.train_text_encoder else None
     info = {"fold": fold, "epoch": epoch, "step": step, "metrics": metrics, "early_stopping_metric": cfg.eval.metric}
     if ema is not None:
         info.update(weights="ema", ema=dict(ema))
     meta = adapter_metadata(base, spec, cfg.data.prompt_template, cfg.to_dict(), training=info)
-    save_adapter(staging, unet_sd, text_sd, meta)
+    if is_full(spec):
+        _save_full(staging, base, state_dicts, meta)
+    else:
+        if state_dicts is None:
+            state_dicts = adapter_state_dicts(model.unet, model.text_encoder if model.train_text_encoder else None)
+        unet_sd, text_sd = state_dicts
+        save_adapter(staging, unet_sd, text_sd if model.train_text_encoder else None, meta)
     write_json_atomic(staging / METRICS_FILE, info)
     (staging / CARD_FILE).write_text(model_card(cfg, base, info))
     for old in {previous, final} - {None}:
@@ -59,11 +69,24 @@ def export_best(model, base, spec: dict, cfg, run_dir: Path, *, fold: int, epoch
     return final
 
 
+def _save_full(folder: Path, base, trained: dict, meta: dict) -> None:
+    """The base's pipeline with the trained denoiser, and cxrdist.json (what `cxrdist sample` reads: the template;
+    the base it came from and how it was trained)."""
+    prefix = "unet."
+    if not trained or not all(name.startswith(prefix) for name in trained):
+        raise ValueError("a full fine-tune's export takes the denoiser's tensors by full name (unet.<name>)")
+    save_with_denoiser(base, {name[len(prefix):]: t for name, t in trained.items()}, folder)
+    meta = {"format": FULL_FORMAT, **{k: v for k, v in meta.items() if k != "adapter"}, "trained": meta["adapter"],
+            "software": f"cxrdist {__version__}"}
+    (folder / METADATA_NAME).write_text(json.dumps(meta, indent=2, default=str))
+
+
 def model_card(cfg, base, info: dict[str, Any]) -> str:
     metrics = "\n".join(f"| {k} | {v:.6g} |" for k, v in info["metrics"].items())
-    return f"""# cxrdist LoRA adapter — fold {info['fold']}, epoch {info['epoch']} (step {info['step']})
+    what = "full fine-tune (a diffusers pipeline folder)" if cfg.train.method == "full" else "LoRA adapter"
+    return f"""# cxrdist {what} — fold {info['fold']}, epoch {info['epoch']} (step {info['step']})
 
-Text-to-chest-X-ray LoRA adapter on base `{base.source}` ({base.image_size} px, {base.channels} channel(s)),
+Text-to-chest-X-ray {what} of base `{base.source}` ({base.image_size} px, {base.channels} channel(s)),
 trained on shards `{cfg.data.shards}` with fold {info['fold']} held out for validation. Selected as the best
 of its run by `{info['early_stopping_metric']}` on the validation fold.{ema_line(info)}
 
@@ -74,16 +97,19 @@ of its run by `{info['early_stopping_metric']}` on the validation fold.{ema_line
 Prompt template (applied once, at training and sampling): `{cfg.data.prompt_template}`.
 
     cxrdist sample --model-path <this folder> --description "Mild cardiomegaly. No effusion."
-{diffusers_lines(base)}
+{diffusers_lines(base, cfg)}
 Images generated with this adapter are synthetic: they are not radiographs of a patient and must not be
 used for diagnosis. Validation metrics compare generated images with real ones for the same reports and
 say nothing about clinical correctness.
 """
 
 
-def diffusers_lines(base) -> str:
-    """How plain diffusers loads this adapter, for the families whose loading differs from SD's
-    `load_lora_weights`."""
+def diffusers_lines(base, cfg=None) -> str:
+    """How plain diffusers loads this export: a full fine-tune as any pipeline; an adapter, for the families whose
+    loading differs from SD's `load_lora_weights`."""
+    if cfg is not None and cfg.train.method == "full":
+        return (f"\nIn plain diffusers: `{base.family.pipeline}.from_pretrained(<this folder>)` (or "
+                "`DiffusionPipeline.from_pretrained`).\n")
     if base.family.name == "sana":
         return ("\nIn plain diffusers: `SanaPipeline.from_pretrained(<base>)`, then `pipe.load_lora_weights(<this "
                 "folder>)`, and sample with `complex_human_instruction=None`: the adapter was trained on the report "
@@ -104,17 +130,24 @@ def ema_line(info: dict[str, Any]) -> str:
 
 
 def weights_digest(folder: Path) -> str:
-    """sha256 of the adapter tensors (names and values; the file header's metadata order is not stable)."""
+    """sha256 of the exported trained tensors (names and values; the file header's metadata order is not stable):
+    the adapter, or a full fine-tune's denoiser."""
     from safetensors.torch import load_file
 
+    if not (Path(folder) / WEIGHTS_NAME).is_file():
+        return tensors_digest(read_denoiser(folder, family_of(str(folder))))
     return tensors_digest(load_file(str(Path(folder) / WEIGHTS_NAME)))
 
 
 def load_exported(model, folder: Path) -> None:
-    """Copy an exported adapter's weights into the live model's adapters (exactly, in place)."""
+    """Copy an export's trained weights into the live model (exactly, in place): the adapter's, or a full
+    fine-tune's whole denoiser."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    if not (Path(folder) / WEIGHTS_NAME).is_file():
+        _load_full(model, folder)
+        return
     unet_sd, text_sd = split_prefixed(load_file(str(Path(folder) / WEIGHTS_NAME)), model.family.lora_prefix)
     for part, module in ((unet_sd, model.unet), (text_sd, model.text_encoder)):
         if part:
@@ -122,3 +155,17 @@ def load_exported(model, folder: Path) -> None:
             unexpected = getattr(result, "unexpected_keys", [])
             if unexpected:
                 raise ValueError(f"{folder}: adapter keys {unexpected[:3]} do not fit the live model")
+
+
+def _load_full(model, folder: Path) -> None:
+    """A full fine-tune's exported denoiser into the live one (every tensor, refusing any that does not fit)."""
+    import torch
+
+    state = read_denoiser(folder, model.family)
+    params = dict(model.unet.named_parameters())
+    odd = sorted(set(state) ^ set(params))
+    if odd:
+        raise ValueError(f"{folder}: denoiser tensor '{odd[0]}' is in only one of the export and the live model")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))

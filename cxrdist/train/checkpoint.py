@@ -1,4 +1,4 @@
-"""Training checkpoints (accelerate `save_state`, adapter weights only) and best-model exports.
+"""Training checkpoints (accelerate `save_state`, trained weights only) and best-model exports.
 
 Layout inside a run folder:
     checkpoints/step_00000120/   accelerate state: adapter.safetensors, optimizer, scheduler, RNG;
@@ -42,7 +42,8 @@ from cxrdist.errors import ConfigError, CxrdistError, InputError, report_now
 from cxrdist.fileio import find_special_file, is_disk_full, write_json_atomic
 from cxrdist.locks import folder_lock
 from cxrdist.models.diffusion import LoraDiffusionModel
-from cxrdist.models.lora import CHECKPOINT_ADAPTER, CHECKPOINT_CONFIG, CHECKPOINT_MARKER, load_adapter_state
+from cxrdist.models.lora import CHECKPOINT_ADAPTER, CHECKPOINT_CONFIG, CHECKPOINT_MARKER
+from cxrdist.models.trained import CHECKPOINT_FULL, load_trained_state
 from cxrdist.train import distributed
 
 log = logging.getLogger(__name__)
@@ -87,18 +88,27 @@ class Checkpointer:
     # which accelerate would write (the whole frozen base): the hook writes the adapter tensors instead and
     # drops that entry. Under DeepSpeed `models` holds the ENGINE, `weights` is empty (the engine already
     # saved itself, without frozen parameters: see distributed.checkpoint_kwargs) and the load hook gets no models
-    # (the engine loads itself); adapter.safetensors is still written so every checkpoint is readable alone.
+    # (the engine loads itself); adapter.safetensors is still written so every checkpoint is readable alone. A full
+    # fine-tune (train.method=full) writes the denoiser as trained.safetensors without DeepSpeed, and nothing more
+    # under it: the engine's files hold each rank's part, and gathering the whole model into one file is what
+    # sharding avoids.
+    @property
+    def _trained_file(self) -> str:
+        return CHECKPOINT_FULL if self.cfg.train.method == "full" else CHECKPOINT_ADAPTER
+
     def _save_hook(self, models, weights, output_dir) -> None:
         from safetensors.torch import save_file
 
         for i in reversed(range(len(models))):
             if _unwrap(models[i]) is None:
                 continue
-            tensors = distributed.lora_named_state(self.accelerator, models[i])  # collective under DeepSpeed
-            if self.accelerator.is_main_process:
-                save_file(tensors, os.path.join(output_dir, CHECKPOINT_ADAPTER))
             if len(weights) == len(models):
                 weights.pop(i)  # accelerate would otherwise write the whole frozen base
+            if self.cfg.train.method == "full" and distributed.deepspeed_plugin(self.accelerator) is not None:
+                continue
+            tensors = distributed.trained_named_state(self.accelerator, models[i])  # collective under DeepSpeed
+            if self.accelerator.is_main_process:
+                save_file(tensors, os.path.join(output_dir, self._trained_file))
 
     def _load_hook(self, models, input_dir) -> None:
         from safetensors.torch import load_file
@@ -107,7 +117,7 @@ class Checkpointer:
             inner = _unwrap(models[i])
             if inner is None:
                 continue
-            load_adapter_state(inner, load_file(os.path.join(input_dir, CHECKPOINT_ADAPTER)), input_dir)
+            load_trained_state(inner, load_file(os.path.join(input_dir, self._trained_file)), input_dir)
             models.pop(i)
 
     # -- save / rotate ---------------------------------------------------------------------------------

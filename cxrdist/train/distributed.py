@@ -8,10 +8,10 @@ Each function takes an `Accelerator` (or its DeepSpeed plugin) and hides one Dee
   batches inside the dataset, so both values are written from our config before `prepare`.
 - `check_optimizer_offload`: with `offload_optimizer`, accelerate silently replaces a client optimizer by
   DeepSpeedCPUAdam (and an 8-bit AdamW becomes plain Adam with L2 decay); we refuse that instead.
-- `lora_state_dicts`: under ZeRO-3 module parameters are empty partitions, and under bf16 they are bf16
-  copies; the fp32 master values are gathered from the optimizer on every rank.
-- `lora_fp32_values`: what the adapter EMA is updated from at every step: the parameters themselves under
-  DDP (no copy), the gathered fp32 masters under DeepSpeed.
+- `lora_state_dicts`, `trained_named_state`: under ZeRO-3 module parameters are empty partitions, and under bf16
+  they are bf16 copies; the fp32 master values are gathered from the optimizer on every rank.
+- `trained_fp32_values`: what the EMA is updated from at every step: the parameters themselves under DDP (no
+  copy), the gathered fp32 masters under DeepSpeed.
 - `checkpoint_kwargs`: `save_state` must leave the frozen base out of DeepSpeed checkpoints, and `load_state`
   must then accept a module state without the base.
 """
@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import torch
 
 from cxrdist.errors import ConfigError
-from cxrdist.models.lora import lora_named_parameters
+from cxrdist.models.trained import trained_named_parameters
 
 # Optimizers that DeepSpeed's CPU offload cannot run as a client optimizer, and what to use instead.
 OFFLOAD_INCOMPATIBLE = {
@@ -211,9 +211,10 @@ def _gathered(params: list[torch.nn.Parameter], stage: int):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
-def _raw_lora_state(module: torch.nn.Module, stage: int | None) -> dict[str, torch.Tensor]:
-    """LoRA tensors of `module` by parameter name (fp32, CPU); `stage` None means no DeepSpeed."""
-    named = lora_named_parameters(module)
+def _raw_trained_state(module: torch.nn.Module, stage: int | None) -> dict[str, torch.Tensor]:
+    """Trained tensors of `module` (LoRA adapters, or the whole denoiser under train.method=full) by parameter name
+    (fp32, CPU); `stage` None means no DeepSpeed."""
+    named = trained_named_parameters(module)
     if stage is None:
         raw = {name: param.detach() for name, param in named}
     else:
@@ -231,34 +232,34 @@ def _module_lora_state(module: torch.nn.Module, stage: int | None) -> dict[str, 
 
     if not getattr(module, "peft_config", None):
         return None
-    return get_peft_model_state_dict(module, state_dict=_raw_lora_state(module, stage))
+    return get_peft_model_state_dict(module, state_dict=_raw_trained_state(module, stage))
 
 
 def _stage_or_none(accelerator: Any) -> int | None:
     return zero_stage(accelerator) if deepspeed_plugin(accelerator) is not None else None
 
 
-def lora_named_state(accelerator: Any, joint: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every LoRA tensor of the prepared module by its full parameter name (the training-checkpoint format),
+def trained_named_state(accelerator: Any, joint: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every trained tensor of the prepared module by its full parameter name (the training-checkpoint format),
     fp32 on CPU, from DeepSpeed's master copy where there is one. Collective under DeepSpeed: every rank."""
-    return _raw_lora_state(accelerator.unwrap_model(joint), _stage_or_none(accelerator))
+    return _raw_trained_state(accelerator.unwrap_model(joint), _stage_or_none(accelerator))
 
 
-def lora_fp32_values(accelerator: Any, joint: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every LoRA tensor's full fp32 value by full name, copied only where it must be: without DeepSpeed the
-    module holds full fp32 adapters, so these are the parameters themselves (detached, on their device: read
-    them, never change them in place); under DeepSpeed `lora_named_state` (the fp32 masters, gathered, CPU;
+def trained_fp32_values(accelerator: Any, joint: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every trained tensor's full fp32 value by full name, copied only where it must be: without DeepSpeed the
+    module holds them whole in fp32, so these are the parameters themselves (detached, on their device: read
+    them, never change them in place); under DeepSpeed `trained_named_state` (the fp32 masters, gathered, CPU;
     collective: every rank)."""
     if deepspeed_plugin(accelerator) is not None:
-        return lora_named_state(accelerator, joint)
-    named = lora_named_parameters(accelerator.unwrap_model(joint))
+        return trained_named_state(accelerator, joint)
+    named = trained_named_parameters(accelerator.unwrap_model(joint))
     return {name: param.detach().float() for name, param in named}
 
 
-def live_lora_state(accelerator: Any, joint: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The LoRA values the module computes with, by full name (fp32, CPU): each rank's own copy under DDP and
+def live_trained_state(accelerator: Any, joint: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trained values the module computes with, by full name (fp32, CPU): each rank's own copy under DDP and
     ZeRO-2 (so comparing ranks means something), gathered partitions under ZeRO-3 (collective: every rank)."""
-    named = lora_named_parameters(accelerator.unwrap_model(joint))
+    named = trained_named_parameters(accelerator.unwrap_model(joint))
     with _gathered([p for _, p in named], zero_stage(accelerator)):
         return {name: p.detach().to("cpu", torch.float32).clone() for name, p in named}
 
@@ -271,6 +272,23 @@ def gathered_for_update(accelerator: Any, params: list[torch.nn.Parameter]):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
+def embeddings_as_zero3_leaves(text_encoder: torch.nn.Module) -> list[str]:
+    """Make ZeRO-3 gather a text encoder's embedding block whole before it runs; call before `prepare`.
+
+    ZeRO-3 fetches a module's own parameters in its pre-forward hook and releases them after its forward. CLIP's
+    embeddings block reads its position table's size before calling the table (its child), so it saw an empty
+    partition whenever the table had not been prefetched -- as in the first validation after a resume, where it
+    failed with "max_position_embeddings: 0". As a ZeRO-3 leaf the block fetches its children's parameters too."""
+    from deepspeed.utils import set_z3_leaf_module
+
+    marked = []
+    for name, module in text_encoder.named_modules():
+        if type(module).__name__.endswith("Embeddings"):
+            set_z3_leaf_module(module, True)
+            marked.append(name)
+    return marked
 
 
 def zero3_gathered(accelerator: Any, module: torch.nn.Module):

@@ -1,4 +1,6 @@
-"""Exponential moving average (EMA) of the LoRA adapter weights: `train.ema_decay` (0 = off).
+"""Exponential moving average (EMA) of the trained weights: `train.ema_decay` (0 = off). The trained weights are
+the LoRA adapters, or under train.method=full every weight of the denoiser (cxrdist.models.trained): an fp32 copy of
+the whole denoiser on every rank, on the device without DeepSpeed and on the CPU under ZeRO.
 
 What it is:
 - Updated after every optimizer step that really happened (never after a step skipped for inf/NaN gradients), in
@@ -7,7 +9,7 @@ What it is:
   then min(ema_decay, (1 + n) / (10 + n)) with n = k - 1, so a short run is not dominated by its initial adapter.
 - Every rank keeps the whole EMA, identical everywhere: without DeepSpeed on the adapters' device, updated from
   the parameters themselves (no copy, no collective); under DeepSpeed ZeRO-2/3 on the CPU, updated from the fp32
-  masters gathered from the optimizer (`distributed.lora_fp32_values`: a collective, which every rank runs in
+  masters gathered from the optimizer (`distributed.trained_fp32_values`: a collective, which every rank runs in
   the same step).
 - Saved with every training checkpoint as `ema.safetensors` (tensors by full parameter name; decay and update
   count in its header) by the main process, read back on every rank on resume: a resumed run ends with the
@@ -26,7 +28,8 @@ from typing import Any, Iterator
 import torch
 
 from cxrdist.errors import InputError
-from cxrdist.models.lora import lora_named_parameters, tensors_digest
+from cxrdist.models.lora import tensors_digest
+from cxrdist.models.trained import trained_named_parameters
 from cxrdist.train import distributed
 
 log = logging.getLogger(__name__)
@@ -43,7 +46,7 @@ def decay_at(ema_decay: float, update: int) -> float:
     return 0.0 if n <= 0 else min(float(ema_decay), (1 + n) / (10 + n))
 
 
-class AdapterEMA:
+class TrainedEMA:
     """The EMA of every LoRA tensor by full parameter name, fp32; `updates` = optimizer steps it has seen."""
 
     def __init__(self, ema_decay: float, values: dict[str, torch.Tensor]):
@@ -55,9 +58,9 @@ class AdapterEMA:
         self.shadow = {name: value.detach().to(torch.float32).clone() for name, value in values.items()}
 
     @classmethod
-    def from_model(cls, accelerator: Any, joint: torch.nn.Module, ema_decay: float) -> "AdapterEMA":
+    def from_model(cls, accelerator: Any, joint: torch.nn.Module, ema_decay: float) -> "TrainedEMA":
         """An EMA shaped like the prepared module's adapters (collective under DeepSpeed: every rank)."""
-        return cls(ema_decay, distributed.lora_fp32_values(accelerator, joint))
+        return cls(ema_decay, distributed.trained_fp32_values(accelerator, joint))
 
     @torch.no_grad()
     def update(self, values: dict[str, torch.Tensor]) -> float:
@@ -152,7 +155,7 @@ class AdapterEMA:
         even when it raises. Enter on every rank (collective under ZeRO-3, where the module holds partitions:
         they are gathered, changed the same way on every rank and partitioned again). Under DeepSpeed the module
         computes in bf16/fp16, so it sees the EMA rounded to that dtype, as it does the raw adapter."""
-        named = lora_named_parameters(accelerator.unwrap_model(joint))
+        named = trained_named_parameters(accelerator.unwrap_model(joint))
         params = [p for _, p in named]
         with torch.no_grad(), distributed.gathered_for_update(accelerator, params):
             saved = [p.data.clone() for p in params]

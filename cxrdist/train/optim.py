@@ -1,6 +1,7 @@
-"""Optimizers (a lookup table) over the adapter parameters only, and the lr schedule.
+"""Optimizers (a lookup table) over the trained parameters only, and the lr schedule.
 
-Two parameter groups, UNet adapters and text-encoder adapters, each with its own lr and weight decay.
+Two parameter groups, the denoiser's (its adapters, or all its weights under train.method=full) and the text
+encoder's adapters, each with its own lr and weight decay.
 The schedule is stepped once per optimizer step by the trainer (never with the loss).
 """
 from __future__ import annotations
@@ -12,21 +13,21 @@ import torch
 
 from cxrdist.config import OptimConfig
 from cxrdist.errors import ConfigError
-from cxrdist.models.lora import lora_parameters
+from cxrdist.models.trained import trained_parameters
 
 GROUP_NAMES = ("unet", "text")
 
 
 def param_groups(model, cfg: OptimConfig) -> list[dict]:
-    """Adapter parameters of the joint model; the frozen base never reaches the optimizer."""
-    groups = [{"name": "unet", "params": lora_parameters(model.unet), "lr": cfg.lr_unet,
+    """Trained parameters of the joint model; the frozen base never reaches the optimizer."""
+    groups = [{"name": "unet", "params": trained_parameters(model.unet), "lr": cfg.lr_unet,
                "weight_decay": cfg.weight_decay_unet}]
-    text = lora_parameters(model.text_encoder) if model.train_text_encoder else []
+    text = trained_parameters(model.text_encoder) if model.train_text_encoder else []
     if text:
         groups.append({"name": "text", "params": text, "lr": cfg.lr_text, "weight_decay": cfg.weight_decay_text})
-    for group in groups:
-        if not all(p.requires_grad for p in group["params"]):
-            raise ConfigError(f"{group['name']} adapter parameters are frozen: attach LoRA before building the optimizer")
+    if not groups[0]["params"]:
+        raise ConfigError("nothing of the denoiser trains: attach LoRA or unfreeze it (cxrdist.models.trained) before "
+                          "building the optimizer")
     return groups
 
 

@@ -1,4 +1,5 @@
-"""The LoRA trainer: one fold, from a fresh adapter, to the best checkpoint and its test metrics.
+"""The trainer: one fold, from a fresh adapter (or the pristine base's denoiser, under train.method=full), to the
+best checkpoint and its test metrics.
 
 Reproducibility contract: the data order is a pure function of (seed, epoch) and the noise, timestep and
 caption dropout of a sample are drawn from a generator seeded with (seed, sample key, micro-step) -- not
@@ -38,7 +39,9 @@ from cxrdist.fileio import write_json_atomic
 from cxrdist.models.diffusion import (BatchEncoder, DiffusionObjective, FlowSettings, LoraDiffusionModel,
                                       timestep_weights, to_device)
 from cxrdist.models.loading import load_base
-from cxrdist.models.lora import attach_lora, count_parameters, lora_parameters, tensors_digest
+from cxrdist.models.lora import count_parameters, tensors_digest
+from cxrdist.models.trained import (attach_training, fully_trained, is_full, trained_parameters,
+                                    trains_text_encoder)
 from cxrdist.progress import progress_meter
 from cxrdist.sampling.archive import write_zip
 from cxrdist.train import checkpoint, distributed, faults
@@ -46,7 +49,7 @@ from cxrdist.train.accel import build_accelerator, describe, weight_dtype
 from cxrdist.train.best import best_name, export_best, load_exported, weights_digest
 from cxrdist.train.checkpoint import Checkpointer, check_shared_folder, decide_resume, run_folder_lock
 from cxrdist.train.early_stop import EarlyStopper
-from cxrdist.train.ema import AdapterEMA
+from cxrdist.train.ema import TrainedEMA
 from cxrdist.train.optim import GROUP_NAMES, build_lr_scheduler, build_optimizer
 from cxrdist.train.preemption import StopRequested, StopSignals, announce, signal_name
 from cxrdist.train.text_prefill import distinct_prompts, prefill_text_cache
@@ -145,16 +148,19 @@ class Trainer:
             raise ConfigError(f"eval.scheduler={cfg.eval.scheduler} does not fit {self.base.family.label}'s noise "
                               f"schedule: choose one of {', '.join(self.base.family.samplers)}")
         self.data = data_factory(channels=self.base.channels, rank=acc.process_index, world_size=acc.num_processes)
-        self.spec = attach_lora(self.base, cfg.lora)
-        model = LoraDiffusionModel(self.base.unet, self.base.text_encoder, cfg.lora.train_text_encoder,
+        # every fold loads the base afresh above: a full fine-tune never starts from another fold's weights
+        self.spec = attach_training(self.base, cfg)
+        model = LoraDiffusionModel(self.base.unet, self.base.text_encoder, trains_text_encoder(self.spec),
                                    text_cache_size=cfg.train.text_cache_size, family=self.base.family)
+        if distributed.zero_stage(acc) == 3:
+            distributed.embeddings_as_zero3_leaves(self.base.text_encoder)
         if model.text_cache is not None and distributed.zero_stage(acc) == 3:
             # ZeRO-3 gathers the text encoder's partitions collectively at every call; a cache hit on one rank
             # and a miss on another would leave the ranks waiting on different collectives.
             log.warning("train.text_cache_size is ignored under ZeRO-3 (ranks must run the same text-encoder calls)")
             model.text_cache = None
         self.dtype = weight_dtype(acc)
-        configure_model(model, cfg, self.dtype)
+        configure_model(model, cfg, self.dtype, deepspeed=distributed.deepspeed_plugin(acc) is not None)
         if model.text_cache is not None:
             log.info("text cache: %s", model.text_cache.describe_bound(self.base.text_encoder, self.base.context_tokens))
         self.base.vae.to(acc.device)
@@ -188,7 +194,7 @@ class Trainer:
         self.stopper = EarlyStopper(cfg.eval.metric, cfg.eval.mode, cfg.eval.patience, cfg.eval.min_delta)
         distributed.load_weights_only(self.model)  # a DeepSpeed engine unpickles its files with weights_only=True
         # The adapter EMA (train.ema_decay): on every rank, the same values everywhere; None when off.
-        self.ema = AdapterEMA.from_model(acc, self.model, cfg.train.ema_decay) if cfg.train.ema_decay else None
+        self.ema = TrainedEMA.from_model(acc, self.model, cfg.train.ema_decay) if cfg.train.ema_decay else None
         self.checkpointer = Checkpointer(acc, self.run_dir, cfg)
         if resume:
             self._resume(resume)
@@ -301,7 +307,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         stepped = acc.sync_gradients and not skipped
         if stepped and self.ema is not None:
-            self.ema.update(distributed.lora_fp32_values(acc, self.model))
+            self.ema.update(distributed.trained_fp32_values(acc, self.model))
         return {"loss": loss_value, "synced": acc.sync_gradients, "stepped": stepped,
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
 
@@ -582,13 +588,7 @@ class Trainer:
         if images is not None:
             self.logger.image("val/samples", images, step)
         improved = self.stopper.update(metrics[self.cfg.eval.metric], step=step, epoch=self.epoch)
-        # Every rank takes the same decision (metrics are reduced); the gather under DeepSpeed is collective.
-        # The EMA is whole on every rank: no gather, and only the main process needs it.
-        state_dicts = None
-        if improved and self.ema is None:
-            state_dicts = distributed.lora_state_dicts(acc, self.model)
-        elif improved and acc.is_main_process:
-            state_dicts = self.ema.peft_state_dicts(acc.unwrap_model(self.model))
+        state_dicts = self._best_weights() if improved else None
         if improved and acc.is_main_process:
             previous = Path(self.state.best_path) if self.state.best_path else None
             path = export_best(acc.unwrap_model(self.model), self.base, self.spec, self.cfg, self.run_dir,
@@ -606,6 +606,21 @@ class Trainer:
             self.state.stopped_early = True
         return metrics
 
+    def _best_weights(self):
+        """What the best export writes, on the main process (None elsewhere): the adapter in peft format, or a full
+        fine-tune's denoiser by full name; the EMA's when it is on. Every rank takes the same decision (metrics are
+        reduced) and calls this: the gather under DeepSpeed is collective. The EMA is whole on every rank: no
+        gather, and only the main process needs it."""
+        acc, full = self.accelerator, is_full(self.spec)
+        if self.ema is not None:
+            if not acc.is_main_process:
+                return None
+            return self.ema.named_cpu() if full else self.ema.peft_state_dicts(acc.unwrap_model(self.model))
+        if full:
+            collective = distributed.deepspeed_plugin(acc) is not None
+            return distributed.trained_named_state(acc, self.model) if collective or acc.is_main_process else None
+        return distributed.lora_state_dicts(acc, self.model)
+
     def _eval_weights(self):
         """Context in which the module computes with the weights validation judges: the adapter EMA swapped in
         (and the raw adapter put back exactly on leaving) when train.ema_decay is on. Every rank enters it."""
@@ -614,13 +629,13 @@ class Trainer:
         return self.ema.swapped_in(self.accelerator, self.model)
 
     def test(self) -> dict[str, float]:
-        """Load the BEST adapter into the live model (every rank) and evaluate it on the test split (with
-        train.ema_decay on, the best export holds the EMA: the test split is judged on it too)."""
+        """Load the BEST export's trained weights into the live model (every rank) and evaluate it on the test split
+        (with train.ema_decay on, the best export holds the EMA: the test split is judged on it too)."""
         best = Path(self.state.best_path)
         live = self.accelerator.unwrap_model(self.model)
         # Under ZeRO-3 the module holds partitions: load into gathered tensors, which are re-partitioned on exit.
-        adapters = lora_parameters(live)
-        with distributed.gathered_for_update(self.accelerator, adapters):
+        trained = trained_parameters(live)
+        with distributed.gathered_for_update(self.accelerator, trained):
             load_exported(live, best)
         metrics, images = self._evaluator("test").run(self.model)
         self.logger.scalars({f"test/{k}": v for k, v in metrics.items()}, self.state.step)
@@ -652,7 +667,7 @@ class Trainer:
         """Every rank must end with the same adapter; a silent divergence would make checkpoints lie."""
         from accelerate.utils import gather_object
 
-        digests = gather_object([adapter_digest(distributed.live_lora_state(self.accelerator, self.model))])
+        digests = gather_object([adapter_digest(distributed.live_trained_state(self.accelerator, self.model))])
         report = {"step": self.state.step, "per_rank": digests}
         if self.ema is not None:
             report["ema_per_rank"] = gather_object([self.ema.digest()])
@@ -715,7 +730,7 @@ class Window:
 
 
 def adapter_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """Short digest of adapter tensors by name (from `distributed.live_lora_state`: each rank's own values)."""
+    """Short digest of adapter tensors by name (from `distributed.live_trained_state`: each rank's own values)."""
     return tensors_digest(tensors)[:16]
 
 
@@ -749,13 +764,20 @@ def _is_comm_failure(exc: BaseException) -> bool:
         word in text for word in ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "broken pipe"))
 
 
-def configure_model(model: LoraDiffusionModel, cfg: Config, dtype: torch.dtype) -> None:
-    """Frozen base in the compute dtype, adapters in fp32, attention kernel, gradient checkpointing."""
+def configure_model(model: LoraDiffusionModel, cfg: Config, dtype: torch.dtype, deepspeed: bool = False) -> None:
+    """Frozen base in the compute dtype, trained weights in fp32, attention kernel, gradient checkpointing.
+
+    A fully trained denoiser (train.method=full) keeps fp32 weights under accelerate's autocast, which computes in
+    bf16/fp16 from them. Under DeepSpeed bf16/fp16 it is cast to the compute dtype like the frozen base: the engine
+    computes from half-precision weights and keeps the fp32 masters in its optimizer, built from these (DeepSpeed
+    0.19.8 under accelerate 1.15 left such a module in fp32, partitions included: a "bf16" run computed in fp32)."""
     for module in (model.unet, model.text_encoder):
-        if dtype != torch.float32:
+        whole = fully_trained(module)
+        if dtype != torch.float32 and (deepspeed or not whole):
             module.to(dtype)
-        for p in lora_parameters(module):
-            p.data = p.data.float()
+        if not (whole and deepspeed):
+            for p in trained_parameters(module):
+                p.data = p.data.float()
     if model.family.is_transformer:
         # PixArt-Σ and Sana keep their own processors (SDPA, and Sana's linear attention, which a generic
         # processor would replace with softmax attention)

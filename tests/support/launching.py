@@ -37,7 +37,7 @@ def train_args(shards: Path, out: Path, sets: list[str], extra: tuple[str, ...] 
             *[a for s in SCALE + sets for a in ("--set", s)], *extra]
 
 
-def _launch_command(config: Path | None, shards: Path, out: Path, sets: tuple[str, ...], extra: tuple[str, ...]):
+def launch_command(config: Path | None, shards: Path, out: Path, sets: tuple[str, ...], extra: tuple[str, ...]):
     prefix = [sys.executable]
     if config is not None:
         prefix += ["-m", "accelerate.commands.launch", "--config_file", str(config),
@@ -48,7 +48,7 @@ def _launch_command(config: Path | None, shards: Path, out: Path, sets: tuple[st
 def launch(config: Path | None, shards: Path, out: Path, *sets: str, extra: tuple[str, ...] = (), env=None,
            timeout: int = LAUNCH_TIMEOUT_S) -> subprocess.CompletedProcess:
     """launch/train.py under `accelerate launch --config_file config` (2 ranks), or one plain process."""
-    cmd = _launch_command(config, shards, out, sets, extra)
+    cmd = launch_command(config, shards, out, sets, extra)
     return run_reaped(cmd, env=env or child_env(DS_ACCELERATOR="cpu"), timeout=timeout)
 
 
@@ -59,7 +59,7 @@ def launch_until(config: Path, shards: Path, out: Path, *sets: str, line_starts:
     Returns (that line or None, the stderr read so far)."""
     import time
 
-    proc = subprocess.Popen(_launch_command(config, shards, out, sets, ()), cwd=REPO,
+    proc = subprocess.Popen(launch_command(config, shards, out, sets, ()), cwd=REPO,
                             env=env or child_env(DS_ACCELERATOR="cpu"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline, seen, found = time.monotonic() + timeout, [], None

@@ -30,7 +30,7 @@ EMA = "train.ema_decay=0.9"
 
 def live(trainer) -> dict[str, torch.Tensor]:
     """The adapter values the module computes with, by full name (copies)."""
-    return distributed.live_lora_state(trainer.accelerator, trainer.model)
+    return distributed.live_trained_state(trainer.accelerator, trainer.model)
 
 
 def ema_values(trainer) -> dict[str, torch.Tensor]:

@@ -1,0 +1,54 @@
+"""train.method: what a run trains (cxrdist.models.trained) and how the config refuses what `full` would not read."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cxrdist.config import Config, load_config
+from cxrdist.errors import ConfigError
+
+
+def test_method_is_lora_or_full():
+    assert Config().train.method == "lora"
+    with pytest.raises(ConfigError, match="'train.method' must be lora or full"):
+        load_config(overrides=["train.method=dreambooth"])
+
+
+def test_full_refuses_the_adapter_settings_it_would_not_read():
+    assert load_config(overrides=["train.method=full"]).train.method == "full"
+    with pytest.raises(ConfigError, match=r"^lora.unet_rank, lora.unet_targets set, but train.method=full .*"
+                                          r"remove them \(or use train.method=lora\)$"):
+        load_config(overrides=["train.method=full", "lora.unet_rank=4", "lora.unet_targets=[to_q]"])
+
+
+def test_full_trains_every_denoiser_weight_and_nothing_else(tiny_base_path):
+    from cxrdist.models.loading import load_base
+    from cxrdist.models.trained import attach_training, fully_trained, trained_named_parameters
+
+    base = load_base(tiny_base_path)
+    spec = attach_training(base, load_config(overrides=["train.method=full"]))
+    assert spec == {"method": "full", "denoiser": "UNet2DConditionModel", "text_encoder": None}
+    assert fully_trained(base.unet) and not trained_named_parameters(base.text_encoder)
+    assert not getattr(base.unet, "peft_config", None)
+
+
+@pytest.mark.parametrize("deepspeed, unet_dtype", [(False, torch.float32), (True, torch.bfloat16)])
+def test_a_fully_trained_denoiser_stays_fp32_under_autocast_and_is_cast_for_deepspeed(tiny_base_path, deepspeed,
+                                                                                      unet_dtype):
+    """accelerate's bf16 autocast computes from fp32 weights (rounding the base to bf16 and back would lose its
+    precision before the first step); DeepSpeed computes from bf16 weights and keeps fp32 masters itself."""
+    from cxrdist.models.diffusion import LoraDiffusionModel
+    from cxrdist.models.loading import load_base
+    from cxrdist.models.trained import attach_training
+    from cxrdist.train.trainer import configure_model
+
+    cfg = load_config(overrides=["train.method=full", "train.mixed_precision=bf16"])
+    base = load_base(tiny_base_path)
+    before = base.unet.conv_in.weight.detach().clone()
+    attach_training(base, cfg)
+    model = LoraDiffusionModel(base.unet, base.text_encoder, False, family=base.family)
+    configure_model(model, cfg, torch.bfloat16, deepspeed=deepspeed)
+    assert {p.dtype for p in base.unet.parameters()} == {unet_dtype}
+    assert {p.dtype for p in base.text_encoder.parameters()} == {torch.bfloat16}  # frozen: the compute dtype
+    if not deepspeed:
+        assert torch.equal(base.unet.conv_in.weight, before)  # not rounded on the way
