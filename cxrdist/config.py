@@ -176,8 +176,11 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     # lora: adapters on the frozen base (the `lora` section); full: every weight of the denoiser (UNet or
-    # transformer) trains, the text encoder and VAE stay frozen and the `lora` section is not read
+    # transformer) trains, the VAE stays frozen and the `lora` section is not read
     method: str = "lora"
+    # train.method=full only: every weight of the text encoder trains too, at optim.lr_text (a LoRA run puts an
+    # adapter on it with lora.train_text_encoder instead)
+    train_text_encoder: bool = False
     epochs: int = 1
     max_steps: int = 0  # optimizer steps; 0 = derived from epochs
     batch_size: int = 8  # per rank, per micro-step
@@ -242,6 +245,8 @@ class TrainConfig:
         except ValueError as exc:
             raise ConfigError(f"config key 'train.time_budget' must be a time: {exc}") from None
         _require(self.method in TRAIN_METHODS, "train.method", " or ".join(TRAIN_METHODS))
+        _require(self.method == "full" or not self.train_text_encoder, "train.train_text_encoder",
+                 "false with train.method=lora (an adapter on the text encoder is lora.train_text_encoder)")
         _require(self.epochs >= 1, "train.epochs", ">= 1")
         _require(self.batch_size >= 1, "train.batch_size", ">= 1")
         _require(self.grad_accum >= 1, "train.grad_accum", ">= 1")
@@ -483,8 +488,8 @@ class Config:
         return write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-# lora.train_text_encoder is left out: under train.method=full nothing of the text encoder trains whatever it says
-# (its default is true), and the family presets set it for their LoRA runs.
+# lora.train_text_encoder is left out: under train.method=full train.train_text_encoder decides about the text
+# encoder whatever it says (its default is true), and the family presets set it for their LoRA runs.
 _LORA_ONLY_KEYS = ("unet_rank", "unet_alpha", "unet_dropout", "unet_targets", "unet_blocks", "text_rank",
                    "text_alpha", "text_dropout", "text_targets")
 

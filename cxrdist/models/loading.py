@@ -248,7 +248,7 @@ def check_weights_file(path: str | Path, what: str) -> None:
                          "copy or export it again") from None
 
 
-def _referenced_package_path(path: str, subfolder: str) -> str | None:
+def referenced_package_path(path: str, subfolder: str) -> str | None:
     ref = Path(path) / subfolder / REFERENCE_FILE
     if not ref.exists():
         return None
@@ -266,7 +266,7 @@ def _referenced_package_path(path: str, subfolder: str) -> str | None:
 
 
 def _load_component(cls, path: str, subfolder: str, revision: str | None, **kwargs):
-    referenced = _referenced_package_path(path, subfolder)
+    referenced = referenced_package_path(path, subfolder)
     try:
         if referenced:
             return cls.from_pretrained(referenced, **kwargs)

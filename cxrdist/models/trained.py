@@ -2,7 +2,8 @@
 
 Either way the trained tensors are the parameters that require a gradient after `attach_training`, so the optimizer,
 checkpoints, the EMA and the rank-agreement check read one set by one rule, whatever the method. The VAE is never
-part of it; under `full` the text encoder stays frozen too (a LoRA run trains it through lora.train_text_encoder).
+part of it; under `full` the text encoder trains only with train.train_text_encoder (a LoRA run puts an adapter on it
+through lora.train_text_encoder).
 """
 from __future__ import annotations
 
@@ -21,20 +22,23 @@ FULL_FORMAT = "cxrdist-full/1"
 CHECKPOINT_FULL = "trained.safetensors"
 
 
-def unfreeze_denoiser(base: BaseModel) -> dict[str, Any]:
-    """Every weight of the denoiser trains; the text encoder stays frozen. Returns the spec checkpoints record."""
-    base.text_encoder.requires_grad_(False)
+def unfreeze_denoiser(base: BaseModel, text_encoder: bool = False) -> dict[str, Any]:
+    """Every weight of the denoiser trains, and of the text encoder with `text_encoder`; the rest stays frozen.
+    Returns the spec checkpoints and exports record."""
+    for module in (base.unet, base.text_encoder):
+        if getattr(module, "peft_config", None):
+            raise ModelError("the base already holds a LoRA adapter: full fine-tuning starts from plain weights "
+                             "(merge the adapter first: cxrdist export --format merged)")
+    base.text_encoder.requires_grad_(text_encoder)
     base.unet.requires_grad_(True)
-    if getattr(base.unet, "peft_config", None):
-        raise ModelError("the base's denoiser already holds a LoRA adapter: full fine-tuning starts from plain "
-                         "weights (merge the adapter first: cxrdist export --format merged)")
-    return {"method": "full", "denoiser": type(base.unet).__name__, "text_encoder": None}
+    return {"method": "full", "denoiser": type(base.unet).__name__,
+            "text_encoder": type(base.text_encoder).__name__ if text_encoder else None}
 
 
 def attach_training(base: BaseModel, cfg: Config) -> dict[str, Any]:
     """Make what `train.method` trains require a gradient (and nothing else); the spec describes it."""
     if cfg.train.method == "full":
-        return unfreeze_denoiser(base)
+        return unfreeze_denoiser(base, text_encoder=cfg.train.train_text_encoder)
     return attach_lora(base, cfg.lora)  # the adapter spec, as adapter folders record it
 
 

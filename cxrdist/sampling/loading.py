@@ -178,10 +178,11 @@ def _load_full_checkpoint(folder: Path, base_override: str | None, vae_dtype: st
     source = base_override or cfg.model.pretrained
     base = _load_base_for(source, folder, vae_dtype, overridden=bool(base_override), revision=cfg.model.revision,
                           variant=cfg.model.variant)
-    spec = unfreeze_denoiser(base)
+    spec = unfreeze_denoiser(base, text_encoder=cfg.train.train_text_encoder)
     joint = LoraDiffusionModel(base.unet, base.text_encoder, False, family=base.family)
     load_trained_state(joint, trained, folder)
-    base.unet.requires_grad_(False)
+    for module in (base.unet, base.text_encoder):
+        module.requires_grad_(False)
     return base, adapter_metadata(base, spec, cfg.data.prompt_template, cfg.to_dict())
 
 

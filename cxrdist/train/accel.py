@@ -37,6 +37,7 @@ def build_accelerator(cfg: Config, project_dir: str | Path):
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     check_training_device()  # a GPU launch without a usable GPU stops here, before anything heavy
+    distributed.refuse_fsdp()
     trackers = log_with(cfg.train.report_to, project_dir)
     check_precision_supported(cfg.train.mixed_precision)
     if cfg.train.deterministic:

@@ -17,8 +17,8 @@ from cxrdist.fileio import write_json_atomic
 from cxrdist.models.families import family_of
 from cxrdist.models.lora import (METADATA_NAME, WEIGHTS_NAME, adapter_metadata, adapter_state_dicts, save_adapter,
                                  split_prefixed, tensors_digest)
-from cxrdist.models.pipeline_folder import read_denoiser, save_with_denoiser
-from cxrdist.models.trained import FULL_FORMAT, is_full
+from cxrdist.models.pipeline_folder import read_denoiser, read_text_encoder, save_with_trained
+from cxrdist.models.trained import FULL_FORMAT, is_full, trained_named_parameters
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +70,15 @@ def export_best(model, base, spec: dict, cfg, run_dir: Path, *, fold: int, epoch
 
 
 def _save_full(folder: Path, base, trained: dict, meta: dict) -> None:
-    """The base's pipeline with the trained denoiser, and cxrdist.json (what `cxrdist sample` reads: the template;
-    the base it came from and how it was trained)."""
-    prefix = "unet."
-    if not trained or not all(name.startswith(prefix) for name in trained):
-        raise ValueError("a full fine-tune's export takes the denoiser's tensors by full name (unet.<name>)")
-    save_with_denoiser(base, {name[len(prefix):]: t for name, t in trained.items()}, folder)
+    """The base's pipeline with the trained denoiser (and text encoder), and cxrdist.json (what `cxrdist sample`
+    reads: the template; the base it came from and how it was trained)."""
+    parts: dict[str, dict] = {"unet": {}, "text_encoder": {}}
+    for name, tensor in trained.items():
+        module, _, inner = name.partition(".")
+        if module not in parts:
+            raise ValueError(f"a full fine-tune's export takes unet.* and text_encoder.* tensors, not '{name}'")
+        parts[module][inner] = tensor
+    save_with_trained(base, parts["unet"], folder, text_encoder=parts["text_encoder"] or None)
     meta = {"format": FULL_FORMAT, **{k: v for k, v in meta.items() if k != "adapter"}, "trained": meta["adapter"],
             "software": f"cxrdist {__version__}"}
     (folder / METADATA_NAME).write_text(json.dumps(meta, indent=2, default=str))
@@ -135,7 +138,7 @@ def weights_digest(folder: Path) -> str:
     from safetensors.torch import load_file
 
     if not (Path(folder) / WEIGHTS_NAME).is_file():
-        return tensors_digest(read_denoiser(folder, family_of(str(folder))))
+        return tensors_digest(_full_state(folder))
     return tensors_digest(load_file(str(Path(folder) / WEIGHTS_NAME)))
 
 
@@ -157,15 +160,26 @@ def load_exported(model, folder: Path) -> None:
                 raise ValueError(f"{folder}: adapter keys {unexpected[:3]} do not fit the live model")
 
 
+def _full_state(folder: Path) -> dict:
+    """A full fine-tune's export by the live model's names: unet.* (and text_encoder.* when it was trained)."""
+    family = family_of(str(folder))
+    state = {f"unet.{name}": t for name, t in read_denoiser(folder, family).items()}
+    meta = json.loads((Path(folder) / METADATA_NAME).read_text())
+    if (meta.get("trained") or {}).get("text_encoder"):
+        state.update({f"text_encoder.{name}": t for name, t in read_text_encoder(folder).items()})
+    return state
+
+
 def _load_full(model, folder: Path) -> None:
-    """A full fine-tune's exported denoiser into the live one (every tensor, refusing any that does not fit)."""
+    """A full fine-tune's exported weights into the live model's trained parameters (every one, exactly; a buffer
+    the export also holds is the base's own, which the live model has)."""
     import torch
 
-    state = read_denoiser(folder, model.family)
-    params = dict(model.unet.named_parameters())
-    odd = sorted(set(state) ^ set(params))
-    if odd:
-        raise ValueError(f"{folder}: denoiser tensor '{odd[0]}' is in only one of the export and the live model")
+    state = _full_state(folder)
+    params = dict(trained_named_parameters(model))
+    missing = sorted(set(params) - set(state))
+    if missing:
+        raise ValueError(f"{folder}: trained tensor '{missing[0]}' is missing from the export")
     with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
+        for name, param in params.items():
+            param.copy_(state[name].to(param.device, param.dtype))

@@ -71,6 +71,23 @@ def check_deepspeed_kept(accelerator: Any) -> None:
                           "or launch a non-DeepSpeed config such as configs/accelerate/cpu_2ranks.yaml")
 
 
+def refuse_fsdp(env: Mapping[str, str] = os.environ) -> None:
+    """An FSDP launch is refused before anything loads: cxrdist shards with DeepSpeed ZeRO-3 today.
+
+    FSDP2 itself runs on CPU with gloo (torch 2.13: fully_shard, forward, backward and AdamW over 2 ranks), but
+    accelerate 1.15 turns an FSDP config into FSDP only for GPU-class devices and runs it as plain DDP on a CPU, so
+    the trainer's FSDP path cannot be tested on the CPU ranks every other launcher is tested on."""
+    from accelerate.utils import str_to_bool
+
+    try:
+        fsdp = bool(str_to_bool(env.get("ACCELERATE_USE_FSDP", "false")))
+    except ValueError:
+        fsdp = False
+    if fsdp:
+        raise ConfigError("FSDP launches are not supported yet: shard the model with DeepSpeed ZeRO-3 instead "
+                          "(accelerate launch --config_file configs/accelerate/zero3.yaml ...)")
+
+
 def launched_distributed() -> bool:
     """True inside a process started by a launcher (accelerate launch, torchrun): LOCAL_RANK is set."""
     return int(os.environ.get("LOCAL_RANK", "-1")) != -1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -274,15 +291,23 @@ def gathered_for_update(accelerator: Any, params: list[torch.nn.Parameter]):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
-def embeddings_as_zero3_leaves(text_encoder: torch.nn.Module) -> list[str]:
-    """Make ZeRO-3 gather a text encoder's embedding block whole before it runs; call before `prepare`.
+def prepare_text_encoder_for_zero3(text_encoder: torch.nn.Module, spec: dict) -> list[str]:
+    """Make ZeRO-3 gather a text encoder's embedding blocks whole before they run; call before `prepare`.
 
-    ZeRO-3 fetches a module's own parameters in its pre-forward hook and releases them after its forward. CLIP's
-    embeddings block reads its position table's size before calling the table (its child), so it saw an empty
-    partition whenever the table had not been prefetched -- as in the first validation after a resume, where it
-    failed with "max_position_embeddings: 0". As a ZeRO-3 leaf the block fetches its children's parameters too."""
+    ZeRO-3 fetches a module's own parameters in its pre-forward hook and releases them after its forward -- small
+    "persistent" ones too while it records a new call order (DeepSpeed 0.19.8, release_sub_module without a complete
+    trace), as when validation generates images with the text encoder outside the engine's forward. CLIP's
+    embeddings block reads its position table's size before calling the table (its child), so after a resume it saw
+    an empty partition and failed ("max_position_embeddings: 0"). As a ZeRO-3 leaf the block fetches its children's
+    parameters too. A leaf whose parameters train fails in backward, so a fully trained text encoder is refused
+    under ZeRO-3 (ZeRO-2 and DDP train it)."""
     from deepspeed.utils import set_z3_leaf_module
 
+    if spec.get("method") == "full" and spec.get("text_encoder"):
+        raise ConfigError("train.train_text_encoder=true is not supported under DeepSpeed ZeRO-3 (its validation "
+                          "images fail after a resume, and the fix for that breaks a trained text encoder's "
+                          "backward): use ZeRO-2 (configs/accelerate/zero2.yaml) or DDP, or leave the text encoder "
+                          "frozen")
     marked = []
     for name, module in text_encoder.named_modules():
         if type(module).__name__.endswith("Embeddings"):

@@ -153,7 +153,7 @@ class Trainer:
         model = LoraDiffusionModel(self.base.unet, self.base.text_encoder, trains_text_encoder(self.spec),
                                    text_cache_size=cfg.train.text_cache_size, family=self.base.family)
         if distributed.zero_stage(acc) == 3:
-            distributed.embeddings_as_zero3_leaves(self.base.text_encoder)
+            distributed.prepare_text_encoder_for_zero3(self.base.text_encoder, self.spec)
         if model.text_cache is not None and distributed.zero_stage(acc) == 3:
             # ZeRO-3 gathers the text encoder's partitions collectively at every call; a cache hit on one rank
             # and a miss on another would leave the ranks waiting on different collectives.
@@ -253,8 +253,8 @@ class Trainer:
                  self.total_steps, self.steps_per_epoch, f"{trainable:,}", f"{total:,}", self.objective.prediction_type)
         log.info("optimizer %s", optimizer_chain(self.optimizer))
         if self.ema is not None:
-            log.info("adapter EMA: decay %g with warm-up (validation, the best export and the test split "
-                     "use it)", self.ema.ema_decay)
+            log.info("EMA of the trained weights: decay %g with warm-up (validation, the best export and the test "
+                     "split use it)", self.ema.ema_decay)
 
     # -- one micro-step ----------------------------------------------------------------------------------
     def sample_draws(self, batch: dict, micro_step: int, latent_shape: torch.Size):

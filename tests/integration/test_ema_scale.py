@@ -27,7 +27,7 @@ def test_zero3_bf16_ranks_keep_the_same_ema_of_the_fp32_masters_and_export_it(ph
     res = launch(config, phantom_shards, run, f"train.ema_decay={DECAY}", "train.mixed_precision=bf16",
                  "train.checkpoint_every=1", "train.keep_last=4")
     assert res.returncode == 0, res.stderr[-4000:]
-    assert "DeepSpeed ZeRO-3 | 2 rank(s)" in res.stderr and "adapter EMA: decay 0.9" in res.stderr
+    assert "DeepSpeed ZeRO-3 | 2 rank(s)" in res.stderr and "EMA of the trained weights: decay 0.9" in res.stderr
     digests = json.loads((run / "fold1" / "adapter_digests.json").read_text())
     assert len(digests["ema_per_rank"]) == 2 and len(set(digests["ema_per_rank"])) == 1, digests
     checkpoints = run / "fold1" / "checkpoints"

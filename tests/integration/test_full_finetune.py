@@ -112,6 +112,23 @@ def test_a_code_running_pickle_in_one_ranks_part_is_refused_on_every_rank(full_r
     assert lines and all(part.name in line for line in lines), refused.stderr[-3000:]
 
 
+@pytest.mark.timeout(LAUNCH_TIMEOUT_S + 60)
+def test_the_text_encoder_trains_fully_under_zero2_and_is_exported(phantom_shards, tmp_path, tiny_base_path):
+    from diffusers import DiffusionPipeline
+
+    from support.launching import ACCEL
+
+    run = tmp_path / "zero2_text"
+    res = launch(ACCEL / "zero2.yaml", phantom_shards, run, *_sets("tiny"), "train.train_text_encoder=true",
+                 "optim.lr_text=1e-4")
+    check_common(run, res, "DeepSpeed ZeRO-2")
+    assert "trainable 4,037,316 of 4,037,316" in res.stderr  # UNet and text encoder: the joint module whole
+    tuned, base = DiffusionPipeline.from_pretrained(str(best_export(run))), DiffusionPipeline.from_pretrained(tiny_base_path)
+    for part, trained in (("unet", True), ("text_encoder", True), ("vae", False)):
+        a, b = getattr(tuned, part).state_dict(), getattr(base, part).state_dict()
+        assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in b) == trained, part
+
+
 def _digest(run, fold: int = 1) -> list[str]:
     return json.loads((run / f"fold{fold}" / "adapter_digests.json").read_text())["per_rank"]
 

@@ -52,3 +52,33 @@ def test_a_fully_trained_denoiser_stays_fp32_under_autocast_and_is_cast_for_deep
     assert {p.dtype for p in base.text_encoder.parameters()} == {torch.bfloat16}  # frozen: the compute dtype
     if not deepspeed:
         assert torch.equal(base.unet.conv_in.weight, before)  # not rounded on the way
+
+
+def test_an_fsdp_launch_is_refused_in_one_line():
+    from cxrdist.train.distributed import refuse_fsdp
+
+    refuse_fsdp({"ACCELERATE_USE_FSDP": "false"})
+    with pytest.raises(ConfigError, match=r"^FSDP launches are not supported yet: shard the model with DeepSpeed "
+                                          r"ZeRO-3 instead \(accelerate launch --config_file "
+                                          r"configs/accelerate/zero3.yaml \.\.\.\)$"):
+        refuse_fsdp({"ACCELERATE_USE_FSDP": "true"})
+
+
+def test_a_fully_trained_text_encoder_is_refused_under_zero3_and_lora_runs_get_whole_embedding_blocks(tiny_base_path):
+    from deepspeed.utils import z3_leaf_module
+
+    from cxrdist.models.loading import load_base
+    from cxrdist.train.distributed import prepare_text_encoder_for_zero3
+
+    base = load_base(tiny_base_path)
+    with pytest.raises(ConfigError, match=r"^train.train_text_encoder=true is not supported under DeepSpeed ZeRO-3 "):
+        prepare_text_encoder_for_zero3(base.text_encoder, {"method": "full", "text_encoder": "CLIPTextModel"})
+    assert prepare_text_encoder_for_zero3(base.text_encoder, {"method": "full", "text_encoder": None}) == ["embeddings"]
+    assert z3_leaf_module(dict(base.text_encoder.named_modules())["embeddings"])
+
+
+def test_train_text_encoder_belongs_to_full_fine_tuning():
+    assert load_config(overrides=["train.method=full", "train.train_text_encoder=true"]).train.train_text_encoder
+    with pytest.raises(ConfigError, match=r"'train.train_text_encoder' must be false with train.method=lora "
+                                          r"\(an adapter on the text encoder is lora.train_text_encoder\)"):
+        load_config(overrides=["train.train_text_encoder=true"])
