@@ -232,9 +232,9 @@ class Runner:
         return ["--config_file", str(ACCEL / "single_gpu.yaml"), *self.mode.launch_flags]
 
     def train_command(self, name: str, launch: list[str], precision: str, resume: bool = False,
-                      preset: Optional[str] = None) -> list[str]:
-        """launch/train.py under `accelerate launch LAUNCH`, a short run of the `product` preset on the mode's
-        preset (or `preset`)."""
+                      preset: Optional[str] = None, config: str = "product") -> list[str]:
+        """launch/train.py under `accelerate launch LAUNCH`, a short run of the `product` config (or `config`) on the
+        mode's model preset (or `preset`)."""
         m = self.mode
         sets = {"data.image_size": m.size, "train.batch_size": m.batch, "train.grad_accum": 1,
                 "train.mixed_precision": precision, "train.max_steps": 6, "train.checkpoint_every": 2,
@@ -242,7 +242,7 @@ class Runner:
                 "eval.num_metric_images": 2, "eval.num_grid_prompts": 2, "eval.inference_steps": 4,
                 "eval.max_eval_samples": 8, "data.num_workers": 0, "data.shuffle_buffer": 16}
         cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch,
-               str(REPO / "launch" / "train.py"), "--config", "product", "--preset", preset or m.preset, "--fold", "0",
+               str(REPO / "launch" / "train.py"), "--config", config, "--preset", preset or m.preset, "--fold", "0",
                "--shards", str(self.out / "shards"), "--output-dir", str(self.out / "runs" / name)]
         cmd += [a for key, value in sets.items() for a in ("--set", f"{key}={value}")]
         return cmd + (["--resume", "latest"] if resume else [])
@@ -315,6 +315,21 @@ class Runner:
         if "prediction flow" not in log:
             raise CheckFailed(f"{name}: the run did not train with flow matching")
         return {"preset": self.mode.sana_preset, "optimizer": _optimizer_chain(log), **self.check_run(name, log)}
+
+    def full_finetune_bf16_adamw8bit(self) -> dict:
+        """train.method=full (the product-full preset: every UNet weight, gradient checkpointing, AdamW8bit) in one
+        process: the trainable count, the peak memory it logged and the usual run checks."""
+        name = "full-bf16-adamw8bit"
+        cmd = self.train_command(name, self.single_gpu_launch(), "bf16", config="product-full")
+        log = self.run(name, cmd, self.left())
+        trained = [line.split("trainable ", 1)[1].split(" parameters")[0] for line in log.splitlines()
+                   if "| trainable " in line]
+        if not trained:
+            raise CheckFailed(f"{name}: the trainer did not report what it trains")
+        fold = self.out / "runs" / name / "fold0"
+        peak = [e.value for e in scalar_events(fold / "tensorboard", "train/peak_memory_mb")]
+        return {"trainable": trained[0], "peak memory MiB": round(max(peak)) if peak else "n/a",
+                "optimizer": _optimizer_chain(log), **self.check_run(name, log)}
 
     # -- step 3 -------------------------------------------------------------------------------------------
 
@@ -407,6 +422,7 @@ def main(argv=None) -> int:
                     runner.fp16_grad_scaler)
         runner.step(f"2c ZeRO-2 {mode.fp16} + AdamW8bit, one process", runner.zero2_fp16_adamw8bit)
         runner.step("2d Sana bf16 + AdamW8bit", runner.sana_bf16_adamw8bit)
+        runner.step("2e full fine-tune bf16 + AdamW8bit", runner.full_finetune_bf16_adamw8bit)
     if mode.guide:  # first: the README's memory table is built from these rows
         runner.step("3a GPU guide rows", lambda: runner.sweep("guide", mode.guide))
     runner.step("3b throughput sweep", lambda: runner.sweep("sweep", mode.sweep))
