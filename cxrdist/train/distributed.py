@@ -75,8 +75,9 @@ def refuse_fsdp(env: Mapping[str, str] = os.environ) -> None:
     """An FSDP launch is refused before anything loads: cxrdist shards with DeepSpeed ZeRO-3 today.
 
     FSDP2 itself runs on CPU with gloo (torch 2.13: fully_shard, forward, backward and AdamW over 2 ranks), but
-    accelerate 1.15 turns an FSDP config into FSDP only for GPU-class devices and runs it as plain DDP on a CPU, so
-    the trainer's FSDP path cannot be tested on the CPU ranks every other launcher is tested on."""
+    accelerate 1.15 turns an FSDP config into FSDP only on GPU-class devices: on a CPU machine each rank of a 2-rank
+    FSDP launch came up as its own unconnected process (DistributedType.NO), so the trainer's FSDP path cannot be
+    tested on the CPU ranks every other launcher is tested on."""
     from accelerate.utils import str_to_bool
 
     try:
