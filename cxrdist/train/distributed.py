@@ -282,6 +282,19 @@ def live_trained_state(accelerator: Any, joint: torch.nn.Module) -> dict[str, to
         return {name: p.detach().to("cpu", torch.float32).clone() for name, p in named}
 
 
+def set_fp32_masters(accelerator: Any, joint: torch.nn.Module, values: dict[str, torch.Tensor]) -> int:
+    """Make DeepSpeed's fp32 master copies of the trained parameters exactly `values` (by full name); returns how
+    many were set. The engine builds its masters from the module it is given, which under bf16/fp16 holds the
+    weights rounded to half precision: a full fine-tune would start from the base's rounding, not from the base.
+    Collective under ZeRO-3 (each rank sets its own partition): every rank, with the same values."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    named = trained_named_parameters(accelerator.unwrap_model(joint))
+    for name, param in named:
+        safe_set_full_fp32_param(param, values[name].to(torch.float32))
+    return len(named)
+
+
 def gathered_for_update(accelerator: Any, params: list[torch.nn.Parameter]):
     """Context in which rank 0's in-place changes to `params` reach every rank's partition under ZeRO-3
     (enter on every rank and make the same change everywhere); a no-op otherwise."""

@@ -160,7 +160,11 @@ class Trainer:
             log.warning("train.text_cache_size is ignored under ZeRO-3 (ranks must run the same text-encoder calls)")
             model.text_cache = None
         self.dtype = weight_dtype(acc)
-        configure_model(model, cfg, self.dtype, deepspeed=distributed.deepspeed_plugin(acc) is not None)
+        deepspeed = distributed.deepspeed_plugin(acc) is not None
+        # A full fine-tune under DeepSpeed bf16/fp16: the base's exact weights, for the engine's fp32 masters below
+        exact = ({name: p.detach().to("cpu", torch.float32, copy=True) for name, p in model.named_parameters()
+                  if p.requires_grad} if deepspeed and is_full(self.spec) and self.dtype != torch.float32 else None)
+        configure_model(model, cfg, self.dtype, deepspeed=deepspeed)
         if model.text_cache is not None:
             log.info("text cache: %s", model.text_cache.describe_bound(self.base.text_encoder, self.base.context_tokens))
         self.base.vae.to(acc.device)
@@ -181,6 +185,11 @@ class Trainer:
         scheduler = build_lr_scheduler(optimizer, cfg.optim, self.total_steps,
                                        self.budget.multiplier if self.budget is not None else None)
         self.model, self.optimizer, self.lr_scheduler = acc.prepare(model, optimizer, scheduler)
+        if exact is not None:
+            log.info("fp32 masters of %d trained tensors set to the base's exact weights (the engine built them from "
+                     "their %s rounding)", distributed.set_fp32_masters(acc, self.model, exact),
+                     str(self.dtype).replace("torch.", ""))
+            del exact
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.group_names = [g.get("name", GROUP_NAMES[i]) for i, g in enumerate(self.optimizer.param_groups)]
         t = cfg.train
