@@ -229,19 +229,28 @@ def _gathered(params: list[torch.nn.Parameter], stage: int):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
-def _raw_trained_state(module: torch.nn.Module, stage: int | None) -> dict[str, torch.Tensor]:
+def _raw_trained_state(module: torch.nn.Module, stage: int | None, keep: bool = True) -> dict[str, torch.Tensor]:
     """Trained tensors of `module` (LoRA adapters, or the whole denoiser under train.method=full) by parameter name
-    (fp32, CPU); `stage` None means no DeepSpeed."""
+    (fp32, CPU); `stage` None means no DeepSpeed. Under DeepSpeed each tensor is gathered and moved to the CPU in
+    turn, so a full fine-tune's model is never whole on the device twice; with `keep` False (ranks that only take
+    part in the gather) nothing is kept."""
     named = trained_named_parameters(module)
+
+    def on_cpu(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to("cpu", torch.float32).contiguous().clone()
+
     if stage is None:
-        raw = {name: param.detach() for name, param in named}
-    else:
-        try:
-            raw = {name: _full_fp32(param) for name, param in named}
-        except (AttributeError, AssertionError, RuntimeError):  # engine without a ZeRO optimizer (inference)
-            with _gathered([p for _, p in named], stage):
-                raw = {name: param.detach().clone() for name, param in named}
-    return {name: tensor.to("cpu", torch.float32).contiguous().clone() for name, tensor in raw.items()}
+        return {name: on_cpu(param.detach()) for name, param in named} if keep else {}
+    state = {}
+    try:
+        for name, param in named:
+            value = on_cpu(_full_fp32(param))
+            if keep:
+                state[name] = value
+    except (AttributeError, AssertionError, RuntimeError):  # engine without a ZeRO optimizer (inference)
+        with _gathered([p for _, p in named], stage):
+            state = {name: on_cpu(param.detach()) for name, param in named} if keep else {}
+    return state
 
 
 def _module_lora_state(module: torch.nn.Module, stage: int | None) -> dict[str, torch.Tensor] | None:
@@ -257,10 +266,13 @@ def _stage_or_none(accelerator: Any) -> int | None:
     return zero_stage(accelerator) if deepspeed_plugin(accelerator) is not None else None
 
 
-def trained_named_state(accelerator: Any, joint: torch.nn.Module) -> dict[str, torch.Tensor]:
+def trained_named_state(accelerator: Any, joint: torch.nn.Module, main_only: bool = False) -> dict[str, torch.Tensor]:
     """Every trained tensor of the prepared module by its full parameter name (the training-checkpoint format),
-    fp32 on CPU, from DeepSpeed's master copy where there is one. Collective under DeepSpeed: every rank."""
-    return _raw_trained_state(accelerator.unwrap_model(joint), _stage_or_none(accelerator))
+    fp32 on CPU, from DeepSpeed's master copy where there is one. Collective under DeepSpeed: every rank. With
+    `main_only` the other ranks take part in the gathers and keep nothing ({}): a full fine-tune's export needs the
+    model on the main process only."""
+    keep = not main_only or accelerator.is_main_process
+    return _raw_trained_state(accelerator.unwrap_model(joint), _stage_or_none(accelerator), keep=keep)
 
 
 def trained_fp32_values(accelerator: Any, joint: torch.nn.Module) -> dict[str, torch.Tensor]:

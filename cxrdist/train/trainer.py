@@ -626,8 +626,9 @@ class Trainer:
                 return None
             return self.ema.named_cpu() if full else self.ema.peft_state_dicts(acc.unwrap_model(self.model))
         if full:
-            collective = distributed.deepspeed_plugin(acc) is not None
-            return distributed.trained_named_state(acc, self.model) if collective or acc.is_main_process else None
+            if distributed.deepspeed_plugin(acc) is None and not acc.is_main_process:
+                return None  # nothing to gather: the main process holds the whole model
+            return distributed.trained_named_state(acc, self.model, main_only=True) or None
         return distributed.lora_state_dicts(acc, self.model)
 
     def _eval_weights(self):
