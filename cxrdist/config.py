@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Annotated, Any, ClassVar, Literal, Optional
 
 import yaml
 
@@ -73,6 +73,44 @@ METRIC_MODES = {"val_loss": "min", "ssim": "max", "psnr": "max", "mse": "min", "
 SET_METRICS = ("fid", "kid", "prdc", "memorization")
 
 
+@dataclass(frozen=True)
+class AtLeast:
+    """A bound of an integer or float key, declared on its type: `Annotated[int, AtLeast(1)]`."""
+
+    low: float
+
+
+VAE_DTYPES = ("fp32", "bf16", "fp16")  # model.vae_dtype (cxrdist.models.loading)
+ATTENTIONS = ("sdpa", "default")  # model.attention (cxrdist.train.trainer.ATTENTION)
+OPTIMIZERS = ("adamw", "adamw8bit")  # optim.name (cxrdist.train.optim.OPTIMIZERS)
+LR_SCHEDULES = ("cosine", "constant", "linear", "wsd")  # optim.scheduler (cxrdist.train.optim.SCHEDULES)
+PRECISIONS = ("no", "fp16", "bf16")  # train.mixed_precision
+NONFINITE_LOSS = ("stop", "skip")  # train.nonfinite_loss
+
+
+def _choices(values) -> str:
+    *others, last = [str(v) for v in values]
+    return f"{', '.join(others)} or {last}" if others else last
+
+
+def _check_declared(section: Any, prefix: str) -> None:
+    """What a key's type declares, checked for every key of a section: a `Literal[...]` key holds one of its values,
+    an `Annotated[..., AtLeast(n)]` key is at least n. One rule for every key, so a value accepted here cannot fail
+    later for being that value (a KeyError on a table of choices, a division by a zero cadence)."""
+    for name, tp in typing.get_type_hints(type(section), include_extras=True).items():
+        if name in getattr(type(section), "DERIVED", {}):
+            continue
+        value = getattr(section, name, None)
+        bounds = [m for m in getattr(tp, "__metadata__", ()) if isinstance(m, AtLeast)]
+        base = typing.get_args(tp)[0] if bounds else tp
+        if typing.get_origin(base) is Literal and value not in typing.get_args(base):
+            raise ConfigError(f"config key '{prefix}.{name}' must be {_choices(typing.get_args(base))}, got {value!r}")
+        for bound in bounds:
+            if not isinstance(value, bool) and isinstance(value, (int, float)) and value < bound.low:
+                low = int(bound.low) if float(bound.low).is_integer() else bound.low
+                raise ConfigError(f"config key '{prefix}.{name}' must be >= {low}, got {value!r}")
+
+
 @dataclass
 class DataConfig:
     """Where the shards are and how samples become model inputs."""
@@ -84,20 +122,19 @@ class DataConfig:
     prompt_template: str = "{report}"  # applied exactly once, at training and at sampling
     # DataLoader workers per rank: they split the decoding, but each reads the rank's whole share of the tar bytes
     # (the stream order must not depend on the worker count), so reads grow with it
-    num_workers: int = 0
-    shuffle_buffer: int = 256  # webdataset sample shuffle buffer
+    num_workers: Annotated[int, AtLeast(0)] = 0
+    shuffle_buffer: Annotated[int, AtLeast(1)] = 256  # webdataset sample shuffle buffer
     augment: bool = False  # mild rotation / crop / contrast jitter; never a horizontal flip
-    max_train_samples: int = 0  # 0 = all; small values make quick experiments and tests
+    max_train_samples: Annotated[int, AtLeast(0)] = 0  # 0 = all; small values make quick experiments and tests
     # How ranks share an epoch (cxrdist.data.loader): "shards" = each rank reads only its contiguous 1/world of
     # the epoch's shards; "samples" = every rank reads every shard and keeps every world-th sample, so N ranks x
     # batch b get exactly the batches of one process with batch N*b, at N times the reads.
-    rank_split: str = "shards"  # shards | samples
+    rank_split: Literal[RANK_SPLITS] = "shards"
 
     def __post_init__(self) -> None:
+        _check_declared(self, "data")
         _require(self.image_size >= 8 and self.image_size % 8 == 0, "data.image_size", "a multiple of 8, >= 8")
         _require("{report}" in self.prompt_template, "data.prompt_template", "a string containing {report}")
-        _require(self.num_workers >= 0, "data.num_workers", ">= 0")
-        _require(self.rank_split in RANK_SPLITS, "data.rank_split", " or ".join(RANK_SPLITS))
 
 
 @dataclass
@@ -111,11 +148,12 @@ class ModelConfig:
     # Weight files of a variant, e.g. fp16 for unet/diffusion_pytorch_model.fp16.safetensors (hub bases often ship
     # only those); passed to from_pretrained for the UNet, VAE and text encoder, and recorded in adapters.
     variant: Optional[str] = None
-    vae_dtype: str = "fp32"  # fp32 | bf16 | fp16: the frozen VAE's weights
+    vae_dtype: Literal[VAE_DTYPES] = "fp32"  # the frozen VAE's weights
     gradient_checkpointing: bool = False
-    attention: str = "sdpa"  # sdpa | default
+    attention: Literal[ATTENTIONS] = "sdpa"  # UNets; the transformer families keep their own kernels
 
     def __post_init__(self) -> None:
+        _check_declared(self, "model")
         _require(self.variant is None or re.fullmatch(r"[A-Za-z0-9_-]+", self.variant) is not None, "model.variant",
                  "a weights variant name such as fp16 (letters, digits, - and _), or null")
 
@@ -124,7 +162,7 @@ class ModelConfig:
 class LoraConfig:
     """Adapters: separate rank/alpha/dropout for the UNet and the text encoder."""
 
-    unet_rank: int = 8
+    unet_rank: Annotated[int, AtLeast(1)] = 8
     unet_alpha: float = 8.0
     unet_dropout: float = 0.0
     unet_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
@@ -132,7 +170,7 @@ class LoraConfig:
     # whole side); empty = every block. Blocks before the first adapted one need no backward pass.
     unet_blocks: list[str] = field(default_factory=list)
     train_text_encoder: bool = True
-    text_rank: int = 8
+    text_rank: Annotated[int, AtLeast(1)] = 8
     text_alpha: float = 8.0
     text_dropout: float = 0.0
     # CLIP names; BERT-style encoders use query/key/value/dense (resolved per encoder when left as "auto").
@@ -140,8 +178,7 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         _require_finite(self, "lora")
-        _require(self.unet_rank >= 1, "lora.unet_rank", ">= 1")
-        _require(self.text_rank >= 1, "lora.text_rank", ">= 1")
+        _check_declared(self, "lora")
         _require(0.0 <= self.unet_dropout < 1.0, "lora.unet_dropout", "in [0, 1)")
         _require(0.0 <= self.text_dropout < 1.0, "lora.text_dropout", "in [0, 1)")
         _require(bool(self.unet_targets), "lora.unet_targets", "a non-empty list of module names")
@@ -149,7 +186,7 @@ class LoraConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | adamw8bit
+    name: Literal[OPTIMIZERS] = "adamw"
     lr_unet: float = 1e-4
     lr_text: float = 5e-5
     weight_decay_unet: float = 1e-2
@@ -158,69 +195,67 @@ class OptimConfig:
     beta2: float = 0.999
     eps: float = 1e-8
     max_grad_norm: float = 1.0  # 0 disables clipping; applied on every optimizer step
-    scheduler: str = "cosine"  # cosine | constant | linear | wsd (warm-up, peak lr held, cosine decay at the end)
-    warmup_steps: int = 0
+    scheduler: Literal[LR_SCHEDULES] = "cosine"  # wsd: warm-up, peak lr held, cosine decay at the end
+    warmup_steps: Annotated[int, AtLeast(0)] = 0
     decay_fraction: float = 0.2  # wsd only: the share of the steps after warm-up over which the lr decays to 0
 
     def __post_init__(self) -> None:
         _require_finite(self, "optim")
-        _require(self.name in ("adamw", "adamw8bit"), "optim.name", "adamw or adamw8bit")
-        _require(self.scheduler in ("cosine", "constant", "linear", "wsd"), "optim.scheduler",
-                 "cosine, constant, linear or wsd")
+        _check_declared(self, "optim")
         _require(0 < self.decay_fraction <= 1, "optim.decay_fraction", "in (0, 1]")
         _require(self.lr_unet > 0 and self.lr_text > 0, "optim.lr_unet/lr_text", "> 0")
         _require(self.max_grad_norm >= 0, "optim.max_grad_norm", ">= 0 (0 disables clipping)")
-        _require(self.warmup_steps >= 0, "optim.warmup_steps", ">= 0")
 
 
 @dataclass
 class TrainConfig:
     # lora: adapters on the frozen base (the `lora` section); full: every weight of the denoiser (UNet or
     # transformer) trains, the VAE stays frozen and the `lora` section is not read
-    method: str = "lora"
+    method: Literal[TRAIN_METHODS] = "lora"
     # train.method=full only: every weight of the text encoder trains too, at optim.lr_text (a LoRA run puts an
     # adapter on it with lora.train_text_encoder instead)
     train_text_encoder: bool = False
-    epochs: int = 1
-    max_steps: int = 0  # optimizer steps; 0 = derived from epochs
-    batch_size: int = 8  # per rank, per micro-step
-    grad_accum: int = 1
-    mixed_precision: str = "no"  # no | fp16 | bf16
+    epochs: Annotated[int, AtLeast(1)] = 1
+    max_steps: Annotated[int, AtLeast(0)] = 0  # optimizer steps; 0 = derived from epochs
+    batch_size: Annotated[int, AtLeast(1)] = 8  # per rank, per micro-step
+    grad_accum: Annotated[int, AtLeast(1)] = 1
+    mixed_precision: Literal[PRECISIONS] = "no"
     seed: int = 0
     caption_dropout: float = 0.1  # share of prompts replaced by "" so classifier-free guidance is trained
     noise_offset: float = 0.0
     snr_gamma: float = 0.0  # min-SNR-gamma weighting; 0 = off
     # Timestep sampling (diffusers' SDXL scripts, SimpleTuner): none = uniform; later / earlier = the noisiest /
     # least noisy `portion` of the schedule drawn `multiplier` times as often; range = timesteps [begin, end).
-    timestep_bias: str = "none"  # none | later | earlier | range
+    timestep_bias: Literal[TIMESTEP_BIASES] = "none"
     timestep_bias_multiplier: float = 1.0
     timestep_bias_portion: float = 0.25
-    timestep_bias_begin: int = 0
+    timestep_bias_begin: Annotated[int, AtLeast(0)] = 0
     timestep_bias_end: int = 1000
     # Flow-matching bases (Sana), as diffusers' SD3 / Sana scripts (`--weighting_scheme`, `--logit_mean`,
     # `--logit_std`, `--mode_scale`): where timesteps are drawn (uniform | logit_normal: sigmoid of a normal,
     # most draws near the middle | mode: toward the middle by mode_scale) and how each sample's loss is weighted
     # (none | sigma_sqrt: 1 / sigma^2 | cosmap). Refused for DDPM bases.
-    flow_timesteps: str = "uniform"
+    flow_timesteps: Literal[FLOW_TIMESTEPS] = "uniform"
     flow_logit_mean: float = 0.0
     flow_logit_std: float = 1.0
     flow_mode_scale: float = 1.29
-    flow_loss_weight: str = "none"
-    checkpoint_every: int = 0  # optimizer steps between accelerate save_state; 0 = end of epoch only
-    keep_last: int = 2
-    log_every: int = 10
-    report_to: str = "tensorboard"  # tensorboard | wandb | mlflow | all; wandb and mlflow need their package
+    flow_loss_weight: Literal[FLOW_LOSS_WEIGHTS] = "none"
+    # optimizer steps between accelerate save_state; 0 = end of epoch only
+    checkpoint_every: Annotated[int, AtLeast(0)] = 0
+    keep_last: Annotated[int, AtLeast(1)] = 2
+    log_every: Annotated[int, AtLeast(1)] = 10
+    report_to: Literal[REPORT_TO] = "tensorboard"  # wandb and mlflow need their package
     output_dir: str = "runs"
     run_name: str = ""  # "" = derived from config hash and fold
     export_zip: bool = False
-    collective_timeout_s: int = 600  # ranks waiting longer than this on a dead peer fail loudly
+    collective_timeout_s: Annotated[int, AtLeast(1)] = 600  # ranks waiting longer than this on a dead peer fail loudly
     # how long a rank waits to see the probe file rank 0 writes into the run folder (NFS-style caching) before
     # the run stops because the folder is not shared by every node
     shared_folder_wait_s: float = 30.0
     allow_tf32: bool = True
-    text_cache_size: int = 0  # with a frozen text encoder: remember this many reports' contexts (0 = off)
+    text_cache_size: Annotated[int, AtLeast(0)] = 0  # with a frozen text encoder: remember this many reports' contexts (0 = off)
     use_cached_latents: bool = True  # train on shard latents (from `cxrdist shard cache-latents`) when present
-    nonfinite_loss: str = "stop"  # stop | skip: an inf/NaN training loss stops the run, or its step is skipped
+    nonfinite_loss: Literal[NONFINITE_LOSS] = "stop"  # an inf/NaN training loss stops the run, or its step is skipped
     # Deterministic kernels (torch.use_deterministic_algorithms, cuDNN deterministic, cuBLAS workspace): what makes
     # a resumed GPU run end at the uninterrupted adapter bit for bit (CPU runs already do); slower on GPUs.
     deterministic: bool = False
@@ -244,26 +279,16 @@ class TrainConfig:
             parse_duration(self.time_budget)
         except ValueError as exc:
             raise ConfigError(f"config key 'train.time_budget' must be a time: {exc}") from None
-        _require(self.method in TRAIN_METHODS, "train.method", " or ".join(TRAIN_METHODS))
+        _check_declared(self, "train")
         _require(self.method == "full" or not self.train_text_encoder, "train.train_text_encoder",
                  "false with train.method=lora (an adapter on the text encoder is lora.train_text_encoder)")
-        _require(self.epochs >= 1, "train.epochs", ">= 1")
-        _require(self.batch_size >= 1, "train.batch_size", ">= 1")
-        _require(self.grad_accum >= 1, "train.grad_accum", ">= 1")
-        _require(self.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision", "no, fp16 or bf16")
         _require(0.0 <= self.caption_dropout < 1.0, "train.caption_dropout", "in [0, 1)")
-        _require(self.keep_last >= 1, "train.keep_last", ">= 1")
         _require(self.shared_folder_wait_s >= 0, "train.shared_folder_wait_s", ">= 0")
-        _require(self.nonfinite_loss in ("stop", "skip"), "train.nonfinite_loss", "stop or skip")
-        _require(self.report_to in REPORT_TO, "train.report_to", "tensorboard, wandb, mlflow or all")
         _require(self.ema_decay == 0.0 or 0.0 < self.ema_decay < 1.0, "train.ema_decay", "0 (off) or in (0, 1)")
-        _require(self.timestep_bias in TIMESTEP_BIASES, "train.timestep_bias", "none, later, earlier or range")
         _require(self.timestep_bias_multiplier > 0, "train.timestep_bias_multiplier", "> 0")
         _require(0.0 < self.timestep_bias_portion <= 1.0, "train.timestep_bias_portion", "in (0, 1]")
         _require(0 <= self.timestep_bias_begin < self.timestep_bias_end, "train.timestep_bias_begin/end",
                  "0 <= begin < end")
-        _require(self.flow_timesteps in FLOW_TIMESTEPS, "train.flow_timesteps", " or ".join(FLOW_TIMESTEPS))
-        _require(self.flow_loss_weight in FLOW_LOSS_WEIGHTS, "train.flow_loss_weight", " or ".join(FLOW_LOSS_WEIGHTS))
         _require(self.flow_logit_std > 0, "train.flow_logit_std", "> 0")
         _require(self.flow_timesteps == "uniform" or self.timestep_bias == "none", "train.flow_timesteps",
                  "uniform when train.timestep_bias is set (one way of drawing timesteps at a time)")
@@ -314,14 +339,16 @@ def _signal_names(names: Any) -> list[str]:
 @dataclass
 class EvalConfig:
     k_folds: int = 0  # folds the shard set must have (checked against index.json); 0 = whatever it has
-    eval_every_epochs: int = 1
-    eval_every_steps: int = 0  # 0 = use eval_every_epochs
-    metric: str = "val_loss"  # val_loss | ssim | psnr | mse | faithfulness | fid | kid (METRIC_MODES)
+    eval_every_epochs: Annotated[int, AtLeast(1)] = 1
+    eval_every_steps: Annotated[int, AtLeast(0)] = 0  # 0 = use eval_every_epochs
+    metric: Literal[tuple(METRIC_MODES)] = "val_loss"  # the early-stopping metric (METRIC_MODES)
     mode: str = "auto"  # auto (the metric's direction, METRIC_MODES) | min | max; always min or max once built
-    patience: int = 3  # evaluations without improvement before stopping; 0 = never stop early
+    # evaluations without improvement before stopping; 0 = never stop early
+    patience: Annotated[int, AtLeast(0)] = 3
     val_loss_timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
-    num_metric_images: int = 8  # images generated per evaluation for SSIM/PSNR/MSE
-    num_grid_prompts: int = 4  # grid images of the split's first reports (when no prompts_file is given)
+    num_metric_images: Annotated[int, AtLeast(0)] = 8  # images generated per evaluation for SSIM/PSNR/MSE
+    # grid images of the split's first reports (when no prompts_file is given)
+    num_grid_prompts: Annotated[int, AtLeast(0)] = 4
     # Validation grid prompts from a file (.txt: one report per line; .jsonl as `cxrdist sample --prompts-file`):
     # every prompt of the file, generated with the same seeds at every evaluation so grids compare. "" = off.
     prompts_file: str = ""
@@ -332,14 +359,15 @@ class EvalConfig:
     # The validation loss (and the test split's) is taken on the first N samples of the split, encoded once and
     # kept in memory with fixed noise: 2,048 x 5 timesteps is a steady early-stopping signal, where a whole
     # MIMIC-size fold would hold gigabytes and cost hundreds of thousands of forward passes. 0 = the whole split.
-    max_eval_samples: int = 2048
+    max_eval_samples: Annotated[int, AtLeast(0)] = 2048
     min_delta: float = 0.0  # an evaluation must beat the best by more than this to count as an improvement
     run_test: bool = True  # after training, evaluate the best checkpoint on the held-out test split
     # Set metrics at every validation, logged as val/fid, val/kid, val/precision ..., val/memorization_flagged:
     # any of SET_METRICS, on eval.num_metric_images images and `eval.features` (cxrdist.metrics.features).
     metrics: list[str] = field(default_factory=list)
     features: str = "pixels"
-    memorization_pool: int = 2048  # training images the audit searches (the first N of the training folds)
+    # training images the audit searches (the first N of the training folds)
+    memorization_pool: Annotated[int, AtLeast(1)] = 2048
 
     # Fields worked out from others in __post_init__. A merge starts them again from these values unless it sets
     # them itself: the built mode always equals the metric's direction, so keeping it would make
@@ -348,18 +376,15 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _require_finite(self, "eval")
-        *others, last = METRIC_MODES
-        _require(self.metric in METRIC_MODES, "eval.metric", f"{', '.join(others)} or {last}")
+        _check_declared(self, "eval")
         self.mode = _resolve_mode(self.metric, self.mode)
         _require_sampler("eval", "inference_steps", self.inference_steps, self.scheduler)
-        _require(self.patience >= 0, "eval.patience", ">= 0")
         _require(self.k_folds == 0 or self.k_folds >= 2, "eval.k_folds", "0 (the shard set's folds) or >= 2")
         _require(set(self.metrics) <= set(SET_METRICS), "eval.metrics", f"a list of {', '.join(SET_METRICS)}")
         if self.metric in ("fid", "kid") and self.metric not in self.metrics:
             self.metrics = [*self.metrics, self.metric]  # early stopping on it computes it
         _require(not self.metrics or self.num_metric_images >= 16, "eval.num_metric_images",
                  ">= 16 when eval.metrics is set (FID / KID / precision need a set of images; 128+ is better)")
-        _require(self.memorization_pool >= 1, "eval.memorization_pool", ">= 1")
 
 
 # The samplers of `cxrdist sample`, validation and `cxrdist evaluate`: name -> (diffusers scheduler class, its
@@ -409,17 +434,17 @@ class SampleConfig:
     seed: int = 0  # image i of a run gets seed + i
     num_images: int = 1  # images per description
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
-    dtype: str = "fp32"  # fp32 | bf16 | fp16: weights and compute while sampling
+    dtype: Literal[VAE_DTYPES] = "fp32"  # weights and compute while sampling (--dtype)
 
     def __post_init__(self) -> None:
         _require_finite(self, "sample")
+        _check_declared(self, "sample")
         _require_sampler("sample", "steps", self.steps, self.scheduler, self.batch_size, flags=True)
         _require(self.num_images >= 1, "sample.num_images", ">= 1 (--num-images)")
         _require(self.guidance >= 0, "sample.guidance", ">= 0 (--guidance)")
         for key, value in (("height", self.height), ("width", self.width)):
             _require(value == 0 or (value >= 8 and value % 8 == 0), f"sample.{key}",
                      f"0 or a multiple of 8 (--{key})")
-        _require(self.dtype in ("fp32", "bf16", "fp16"), "sample.dtype", "fp32, bf16 or fp16 (--dtype)")
 
 
 PRETRAIN_CAPTIONS = ("acquisition", "generic")
@@ -431,27 +456,27 @@ class PretrainConfig:
 
     preset: str = "tiny-minilm"  # architecture (and frozen text encoder) to start from
     vae_steps: int = 600
-    vae_batch_size: int = 32
+    vae_batch_size: Annotated[int, AtLeast(1)] = 32
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
     unet_steps: int = 3000
-    unet_batch_size: int = 64
+    unet_batch_size: Annotated[int, AtLeast(1)] = 64
     unet_lr: float = 5e-4
     ema_decay: float = 0.999
     # acquisition: each image's caption about its side marker, electrodes and exposure (never a finding), so the
     # base learns the world's spatial words, as a real base knows language and no radiology; generic: `caption`
     # for every image
-    captions: str = "acquisition"
+    captions: Literal[PRETRAIN_CAPTIONS] = "acquisition"
     caption: str = "chest radiograph"  # the text of every image with captions=generic
     uncond_prob: float = 0.1  # share of empty prompts, so classifier-free guidance works on the base
     seed: int = 0
 
     def __post_init__(self) -> None:
         _require_finite(self, "pretrain")
+        _check_declared(self, "pretrain")
         _require(self.vae_steps >= 1 and self.unet_steps >= 1, "pretrain.vae_steps/unet_steps", ">= 1")
         _require(0.0 <= self.uncond_prob < 1.0, "pretrain.uncond_prob", "in [0, 1)")
         _require(0.0 < self.ema_decay < 1.0, "pretrain.ema_decay", "in (0, 1)")
-        _require(self.captions in PRETRAIN_CAPTIONS, "pretrain.captions", " or ".join(PRETRAIN_CAPTIONS))
 
 
 @dataclass
@@ -564,6 +589,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None or (isinstance(value, OverrideText) and value.strip() in _YAML_NULLS):
             return None
         return _coerce(value, args[0], key)
+    if origin is Literal:  # one of a fixed set of names, kept as typed
+        choices = typing.get_args(tp)
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)) or str(value) not in choices:
+            raise ConfigError(f"config key '{key}' must be {_choices(choices)}, got {value!r}")
+        return str(value)
     if isinstance(value, OverrideText):
         value = str(value) if tp is str else _parse_override(value, key)
     if origin is list:
