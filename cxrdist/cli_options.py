@@ -1,6 +1,7 @@
 """Shared CLI plumbing: config options on every command and one-line errors for our known failures."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable
 
@@ -17,6 +18,22 @@ def config_options(func: Callable) -> Callable:
     func = click.option("--config", "config", default=None, metavar="PRESET|FILE",
                         help="Config preset name (dev, product, demo) or a YAML file.")(func)
     return func
+
+
+def load_command_config(config: str | None, overrides: tuple[str, ...], *, command: str,
+                        reads: tuple[str, ...]):
+    """The config of a command that reads only the `reads` sections: a `--set` on another section would do nothing
+    there, so it is refused in one line (a --config file may hold every section: presets are shared)."""
+    from cxrdist.config import Config, load_config, parse_overrides
+    from cxrdist.errors import ConfigError
+
+    sections = {f.name for f in dataclasses.fields(Config)}
+    for item in overrides:
+        section = next(iter(parse_overrides([item])))
+        if section in sections and section not in reads:
+            raise ConfigError(f"--set {item}: `cxrdist {command}` reads no {section}.* setting (only "
+                              f"{', '.join(s + '.*' for s in reads)}): drop it")
+    return load_config(config, overrides)
 
 
 def friendly_errors(func: Callable) -> Callable:

@@ -22,7 +22,7 @@ from cxrdist.commands.sample import apply_sample_flags
 @click.option("--steps", default=None, type=int, help="Sampling steps (default: sample.steps).")
 @click.option("--scheduler", default=None, help="Sampler (default: sample.scheduler).")
 @click.option("--guidance", default=None, type=float, help="Guidance scale (default: sample.guidance).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Image i of the split gets seed + i.")
+@click.option("--seed", default=None, type=int, help="Image i of the split gets seed + i (default: sample.seed).")
 @click.option("--metrics", "metrics", default="faithfulness,image,diversity", show_default=True,
               help="Comma list of faithfulness, image, diversity, fid, kid, prdc, memorization, classifier; or all.")
 @click.option("--features", default="pixels", show_default=True,
@@ -32,8 +32,9 @@ from cxrdist.commands.sample import apply_sample_flags
               help="For --metrics classifier: reader (phantoms) or txv:WEIGHTS.")
 @click.option("--bootstrap", default=50, show_default=True, type=click.IntRange(0, 10_000),
               help="FID resamples for its standard error and 95% interval.")
-@click.option("--memorization-pool", default=10_000, show_default=True, type=click.IntRange(0),
-              help="Training images the memorization audit searches (first N of the training folds; 0 = all).")
+@click.option("--memorization-pool", default=None, type=click.IntRange(0),
+              help="Training images the memorization audit searches (first N of the training folds; 0 = all; "
+                   "default: eval.memorization_pool).")
 @click.option("--memorization-quantile", default=0.99, show_default=True, type=click.FloatRange(0.5, 1, max_open=True),
               help="Threshold = this quantile of the split's real images' nearest-training SSIM.")
 @click.option("--out", "out_json", default=None, type=click.Path(dir_okay=False), help="Write results as JSON here.")
@@ -46,7 +47,7 @@ def evaluate(model_paths, base, shards, split, max_samples, steps, scheduler, gu
              overrides) -> None:
     """Generate one image per report of a split and score the images: against their text, and as a set against
     the split's real images and the training images."""
-    from cxrdist.config import load_config
+    from cxrdist.cli_options import load_command_config
     from cxrdist.errors import InputError
     from cxrdist.evaluation.runs import EvaluateOptions, format_table, parse_metrics, run_model_path
     from cxrdist.logging_utils import setup_logging
@@ -60,13 +61,16 @@ def evaluate(model_paths, base, shards, split, max_samples, steps, scheduler, gu
             raise InputError(f"{flag} {target} is a directory: give a file path")
     # The sampler flags are `cxrdist sample`'s, checked by the same rules (--guidance -5, --steps 0 are refused
     # by both), and the seed by the same range check, all before a model loads.
-    cfg = apply_sample_flags(load_config(config, overrides), {"steps": steps, "scheduler": scheduler,
-                                                              "guidance": guidance})
-    check_seed_range(seed, max(max_samples, 1), setting=None)
+    # One source for each setting: a flag given here, else the config's (sample.* for the sampler and the seed,
+    # eval.memorization_pool for the audit), as `cxrdist sample` and training's validation read them.
+    cfg = load_command_config(config, overrides, command="evaluate", reads=("sample", "eval"))
+    cfg = apply_sample_flags(cfg, {"steps": steps, "scheduler": scheduler, "guidance": guidance, "seed": seed})
+    check_seed_range(cfg.sample.seed, max(max_samples, 1), setting=None)
+    pool = cfg.eval.memorization_pool if memorization_pool is None else memorization_pool
     opts = EvaluateOptions(split=split, max_samples=max_samples, steps=cfg.sample.steps,
-                           scheduler=cfg.sample.scheduler, guidance=cfg.sample.guidance, seed=seed,
+                           scheduler=cfg.sample.scheduler, guidance=cfg.sample.guidance, seed=cfg.sample.seed,
                            batch_size=cfg.sample.batch_size, metrics=parse_metrics(metrics), features=features,
-                           classifier=classifier_name, bootstrap=bootstrap, memorization_pool=memorization_pool,
+                           classifier=classifier_name, bootstrap=bootstrap, memorization_pool=pool,
                            memorization_quantile=memorization_quantile)
     evaluated = {path: run_model_path(path, shards, opts, base_override=base) for path in model_paths}
     results = {path: ev.result for path, ev in evaluated.items()}

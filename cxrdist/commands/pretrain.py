@@ -16,12 +16,12 @@ def pretrain(shards: str, out: str, config: str | None, overrides: tuple[str, ..
     words, no findings). pretrain.preset picks the family: tiny-minilm (UNet) or sana-minilm (Sana)."""
     import yaml
 
-    from cxrdist.config import load_config
+    from cxrdist.cli_options import load_command_config
     from cxrdist.logging_utils import setup_logging
     from cxrdist.train.pretrain import pretrain as run_pretrain
 
     setup_logging()
-    cfg = load_config(config, overrides)
+    cfg = load_command_config(config, overrides, command="pretrain", reads=("pretrain",))
     result = run_pretrain(shards, out, cfg.pretrain, resolved_config=yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     click.echo(f"base written to {result.out}: {result.train_images} images, VAE PSNR {result.vae_psnr:.2f} dB, "
                f"denoiser loss {result.unet_final_loss:.4f} (autoencoder {result.vae_seconds:.0f} s, denoiser "

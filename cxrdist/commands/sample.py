@@ -48,13 +48,13 @@ def apply_sample_flags(cfg, flags: dict):
 @friendly_errors
 def sample(model_path, base, descriptions, prompts_file, out, config, overrides, **flags) -> None:
     """Generate synthetic chest X-rays from report text with a LoRA checkpoint or a full pipeline."""
-    from cxrdist.config import load_config
+    from cxrdist.cli_options import load_command_config
     from cxrdist.logging_utils import setup_logging
     from cxrdist.sampling.output import read_prompts
     from cxrdist.sampling.run import default_out_dir, sample_to_folder
 
     setup_logging()
-    cfg = load_config(config, overrides)
+    cfg = load_command_config(config, overrides, command="sample", reads=("sample", "model"))
     cfg = apply_sample_flags(cfg, flags)
     reports = read_prompts(descriptions, prompts_file)
     summary = sample_to_folder(cfg, model_path, reports, out or default_out_dir(model_path), base_override=base)

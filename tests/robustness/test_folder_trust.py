@@ -376,7 +376,7 @@ def test_export_merge_keeps_a_users_folder_named_like_the_old_temporary(tmp_path
     mine = tmp_path / "D2.partial"
     mine.mkdir()
     (mine / "thesis.txt").write_text("mine")
-    ok(run_cli("export", "--model-path", ctx.fixture("tiny_adapter"), "--merge", "--out", out))
+    ok(run_cli("export", "--model-path", ctx.fixture("tiny_adapter"), "--format", "merged", "--out", out))
     assert (mine / "thesis.txt").read_text() == "mine" and (out / "model_index.json").is_file()
     assert leftovers(tmp_path) == []
 
@@ -424,7 +424,7 @@ def test_iu_extraction_keeps_a_users_partial_folder(tmp_path):
 def test_export_zip_keeps_a_users_file_named_like_the_old_temporary(tmp_path, ctx):
     out = tmp_path / "x.zip"
     (tmp_path / "x.zip.partial").write_text("mine")
-    ok(run_cli("export", "--model-path", ctx.fixture("tiny_adapter"), "--zip", "--out", out))
+    ok(run_cli("export", "--model-path", ctx.fixture("tiny_adapter"), "--format", "zip", "--out", out))
     assert (tmp_path / "x.zip.partial").read_text() == "mine" and out.is_file() and leftovers(tmp_path) == []
 
 
@@ -443,7 +443,7 @@ def test_disk_full_during_export_merge_is_one_line_and_leaves_nothing(tmp_path, 
 
     ctx.monkeypatch.setattr(StableDiffusionPipeline, "save_pretrained", save_then_fill)
     out = tmp_path / "deeper" / "merged"
-    line = error_after_info(run_cli("export", "--model-path", ctx.fixture("tiny_adapter"), "--merge", "--out", out))
+    line = error_after_info(run_cli("export", "--model-path", ctx.fixture("tiny_adapter"), "--format", "merged", "--out", out))
     assert "disk full while writing the merged pipeline" in line and str(out) in line
     assert list(tmp_path.iterdir()) == []  # no folder, no temporary, not even the parent it made
 
@@ -453,21 +453,20 @@ def test_disk_full_during_export_zip_is_one_line_and_leaves_nothing(tmp_path, ct
 
     ctx.monkeypatch.setattr(zipfile.ZipFile, "write", _full_disk)
     out = tmp_path / "x.zip"
-    line = error_after_info(run_cli("export", "--model-path", ctx.fixture("tiny_adapter"), "--zip", "--out", out))
+    line = error_after_info(run_cli("export", "--model-path", ctx.fixture("tiny_adapter"), "--format", "zip", "--out", out))
     assert f"disk full while writing {out}" in line and list(tmp_path.iterdir()) == []
 
 
 def test_export_zip_into_a_missing_folder_is_one_line(tmp_path, ctx):
     out = tmp_path / "missing" / "dir" / "x.zip"
-    line = error_after_info(run_cli("export", "--model-path", ctx.fixture("tiny_adapter"), "--zip", "--out", out))
+    line = error_after_info(run_cli("export", "--model-path", ctx.fixture("tiny_adapter"), "--format", "zip", "--out", out))
     assert f"the parent folder {out.parent} does not exist" in line and list(tmp_path.iterdir()) == []
 
 
-def test_export_merge_with_zip_is_refused_in_one_line(tmp_path, ctx):
+def test_export_without_a_format_is_refused_in_one_line(tmp_path, ctx):
     ctx.forbid_model_load()
-    line = error_line(run_cli("export", "--model-path", ctx.fixture("tiny_adapter"), "--merge", "--zip", "--out",
-                              tmp_path / "both"))
-    assert "--merge and --zip are two exports" in line and list(tmp_path.iterdir()) == [] and not ctx.model_loads
+    line = error_line(run_cli("export", "--model-path", ctx.fixture("tiny_adapter"), "--out", tmp_path / "x"))
+    assert "--format" in line and list(tmp_path.iterdir()) == [] and not ctx.model_loads
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")

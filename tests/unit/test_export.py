@@ -90,12 +90,15 @@ def test_export_and_init_model_commands(tmp_path):
     assert result.exit_code != 0 and "unknown model preset 'huge'" in result.output
 
     adapter = _adapter(str(tmp_path / "tiny"), tmp_path / "adapter")
-    result = runner.invoke(main, ["export", "--model-path", str(adapter), "--merge", "--out", str(tmp_path / "m")])
+    result = runner.invoke(main, ["export", "--model-path", str(adapter), "--format", "merged", "--out",
+                                  str(tmp_path / "m")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors").exists()
-    result = runner.invoke(main, ["export", "--model-path", str(adapter), "--zip"])
+    result = runner.invoke(main, ["export", "--model-path", str(adapter), "--format", "zip"])
     assert result.exit_code == 0 and (tmp_path / "adapter.zip").exists()
     result = runner.invoke(main, ["export", "--model-path", str(adapter)])
-    assert result.exit_code != 0 and "--merge" in result.output
-    result = runner.invoke(main, ["export", "--model-path", str(adapter), "--merge"])
+    assert result.exit_code != 0 and "--format" in result.output
+    result = runner.invoke(main, ["export", "--model-path", str(adapter), "--merge"])  # one spelling: --format
+    assert result.exit_code != 0 and "No such option '--merge'" in result.output
+    result = runner.invoke(main, ["export", "--model-path", str(adapter), "--format", "merged"])
     assert result.exit_code != 0 and "--out" in result.output
