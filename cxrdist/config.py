@@ -149,7 +149,7 @@ class ModelConfig:
     # only those); passed to from_pretrained for the UNet, VAE and text encoder, and recorded in adapters.
     variant: Optional[str] = None
     vae_dtype: Literal[VAE_DTYPES] = "fp32"  # the frozen VAE's weights
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about a third more time
     attention: Literal[ATTENTIONS] = "sdpa"  # UNets; the transformer families keep their own kernels
 
     def __post_init__(self) -> None:
@@ -162,17 +162,19 @@ class ModelConfig:
 class LoraConfig:
     """Adapters: separate rank/alpha/dropout for the UNet and the text encoder."""
 
-    unet_rank: Annotated[int, AtLeast(1)] = 8
-    unet_alpha: float = 8.0
-    unet_dropout: float = 0.0
+    unet_rank: Annotated[int, AtLeast(1)] = 8  # rank of the denoiser's adapter (its size and capacity)
+    unet_alpha: float = 8.0  # scale: the adapter's update is multiplied by alpha / rank
+    unet_dropout: float = 0.0  # dropout on the adapter's input while training
+    # module names (peft's rule: a name or its last dotted parts) that get an adapter
     unet_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     # UNet blocks the adapter goes into (down_blocks.N, mid_block, up_blocks.N, or down_blocks / up_blocks for a
     # whole side); empty = every block. Blocks before the first adapted one need no backward pass.
     unet_blocks: list[str] = field(default_factory=list)
+    # an adapter on the text encoder too (SD family only; a full fine-tune reads train.train_text_encoder)
     train_text_encoder: bool = True
-    text_rank: Annotated[int, AtLeast(1)] = 8
-    text_alpha: float = 8.0
-    text_dropout: float = 0.0
+    text_rank: Annotated[int, AtLeast(1)] = 8  # rank of the text encoder's adapter
+    text_alpha: float = 8.0  # scale of the text encoder's adapter: alpha / rank
+    text_dropout: float = 0.0  # dropout on the text encoder adapter's input while training
     # CLIP names; BERT-style encoders use query/key/value/dense (resolved per encoder when left as "auto").
     text_targets: list[str] = field(default_factory=lambda: ["auto"])
 
@@ -186,17 +188,18 @@ class LoraConfig:
 
 @dataclass
 class OptimConfig:
+    # adamw8bit: bitsandbytes' 8-bit AdamW (moments in 8 bits, 2 bytes per parameter instead of 8)
     name: Literal[OPTIMIZERS] = "adamw"
-    lr_unet: float = 1e-4
-    lr_text: float = 5e-5
-    weight_decay_unet: float = 1e-2
-    weight_decay_text: float = 1e-2
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
+    lr_unet: float = 1e-4  # learning rate of the denoiser's trained weights (its adapter, or all of it)
+    lr_text: float = 5e-5  # learning rate of the text encoder's trained weights
+    weight_decay_unet: float = 1e-2  # AdamW's decoupled weight decay for the denoiser's group
+    weight_decay_text: float = 1e-2  # AdamW's decoupled weight decay for the text encoder's group
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.999  # AdamW's second-moment decay
+    eps: float = 1e-8  # AdamW's denominator epsilon
     max_grad_norm: float = 1.0  # 0 disables clipping; applied on every optimizer step
     scheduler: Literal[LR_SCHEDULES] = "cosine"  # wsd: warm-up, peak lr held, cosine decay at the end
-    warmup_steps: Annotated[int, AtLeast(0)] = 0
+    warmup_steps: Annotated[int, AtLeast(0)] = 0  # optimizer steps of linear warm-up from 0 to the peak rate
     decay_fraction: float = 0.2  # wsd only: the share of the steps after warm-up over which the lr decays to 0
 
     def __post_init__(self) -> None:
@@ -215,51 +218,56 @@ class TrainConfig:
     # train.method=full only: every weight of the text encoder trains too, at optim.lr_text (a LoRA run puts an
     # adapter on it with lora.train_text_encoder instead)
     train_text_encoder: bool = False
+    # passes over the training folds (train.max_steps, when set, ends the run first)
     epochs: Annotated[int, AtLeast(1)] = 1
     max_steps: Annotated[int, AtLeast(0)] = 0  # optimizer steps; 0 = derived from epochs
     batch_size: Annotated[int, AtLeast(1)] = 8  # per rank, per micro-step
-    grad_accum: Annotated[int, AtLeast(1)] = 1
+    grad_accum: Annotated[int, AtLeast(1)] = 1  # micro-batches accumulated per optimizer step
+    # bf16 or fp16 autocast (or DeepSpeed's half-precision engine); fp16 needs a GPU
     mixed_precision: Literal[PRECISIONS] = "no"
-    seed: int = 0
+    seed: int = 0  # seeds the adapter's initialisation, the data order and every sample's noise
     caption_dropout: float = 0.1  # share of prompts replaced by "" so classifier-free guidance is trained
-    noise_offset: float = 0.0
+    noise_offset: float = 0.0  # per-image, per-channel constant added to the noise (brightness shifts)
     snr_gamma: float = 0.0  # min-SNR-gamma weighting; 0 = off
     # Timestep sampling (diffusers' SDXL scripts, SimpleTuner): none = uniform; later / earlier = the noisiest /
     # least noisy `portion` of the schedule drawn `multiplier` times as often; range = timesteps [begin, end).
     timestep_bias: Literal[TIMESTEP_BIASES] = "none"
-    timestep_bias_multiplier: float = 1.0
-    timestep_bias_portion: float = 0.25
-    timestep_bias_begin: Annotated[int, AtLeast(0)] = 0
-    timestep_bias_end: int = 1000
+    timestep_bias_multiplier: float = 1.0  # how many times as often the biased timesteps are drawn
+    timestep_bias_portion: float = 0.25  # share of the schedule that later / earlier favours
+    timestep_bias_begin: Annotated[int, AtLeast(0)] = 0  # first timestep that range favours
+    timestep_bias_end: int = 1000  # end (exclusive) of the timesteps that range favours
     # Flow-matching bases (Sana), as diffusers' SD3 / Sana scripts (`--weighting_scheme`, `--logit_mean`,
     # `--logit_std`, `--mode_scale`): where timesteps are drawn (uniform | logit_normal: sigmoid of a normal,
     # most draws near the middle | mode: toward the middle by mode_scale) and how each sample's loss is weighted
     # (none | sigma_sqrt: 1 / sigma^2 | cosmap). Refused for DDPM bases.
     flow_timesteps: Literal[FLOW_TIMESTEPS] = "uniform"
-    flow_logit_mean: float = 0.0
-    flow_logit_std: float = 1.0
-    flow_mode_scale: float = 1.29
+    flow_logit_mean: float = 0.0  # mean of the normal whose sigmoid logit_normal draws
+    flow_logit_std: float = 1.0  # standard deviation of that normal
+    flow_mode_scale: float = 1.29  # how strongly mode pulls timesteps toward the middle
+    # sigma_sqrt: 1 / sigma^2; cosmap: SD3's cosine map; none: unweighted
     flow_loss_weight: Literal[FLOW_LOSS_WEIGHTS] = "none"
     # optimizer steps between accelerate save_state; 0 = end of epoch only
     checkpoint_every: Annotated[int, AtLeast(0)] = 0
+    # complete checkpoints kept; older ones are removed once a newer one is complete
     keep_last: Annotated[int, AtLeast(1)] = 2
-    log_every: Annotated[int, AtLeast(1)] = 10
+    log_every: Annotated[int, AtLeast(1)] = 10  # optimizer steps between training log lines and TensorBoard points
     report_to: Literal[REPORT_TO] = "tensorboard"  # wandb and mlflow need their package
-    output_dir: str = "runs"
+    output_dir: str = "runs"  # folder under which each run gets its own folder (--output-dir overrides)
     run_name: str = ""  # "" = derived from config hash and fold
-    export_zip: bool = False
+    export_zip: bool = False  # also pack the best export as a .zip at the end (--zip)
     collective_timeout_s: Annotated[int, AtLeast(1)] = 600  # ranks waiting longer than this on a dead peer fail loudly
     # how long a rank waits to see the probe file rank 0 writes into the run folder (NFS-style caching) before
     # the run stops because the folder is not shared by every node
     shared_folder_wait_s: float = 30.0
-    allow_tf32: bool = True
-    text_cache_size: Annotated[int, AtLeast(0)] = 0  # with a frozen text encoder: remember this many reports' contexts (0 = off)
+    allow_tf32: bool = True  # TF32 matmuls on Ampere and later GPUs (no effect elsewhere)
+    # with a frozen text encoder: remember this many reports' contexts (0 = off)
+    text_cache_size: Annotated[int, AtLeast(0)] = 0
     use_cached_latents: bool = True  # train on shard latents (from `cxrdist shard cache-latents`) when present
     nonfinite_loss: Literal[NONFINITE_LOSS] = "stop"  # an inf/NaN training loss stops the run, or its step is skipped
     # Deterministic kernels (torch.use_deterministic_algorithms, cuDNN deterministic, cuBLAS workspace): what makes
     # a resumed GPU run end at the uninterrupted adapter bit for bit (CPU runs already do); slower on GPUs.
     deterministic: bool = False
-    # EMA of the LoRA adapters (cxrdist.train.ema): 0 = off; in (0, 1) it is updated after every optimizer step,
+    # EMA of the trained weights (cxrdist.train.ema): 0 = off; in (0, 1) it is updated after every optimizer step,
     # with diffusers' warm-up, and is what validation, the best export and the test split use.
     ema_decay: float = 0.0
     # Signals that stop the run at the next optimizer-step boundary with a checkpoint (cxrdist.train.preemption):
@@ -339,12 +347,13 @@ def _signal_names(names: Any) -> list[str]:
 @dataclass
 class EvalConfig:
     k_folds: int = 0  # folds the shard set must have (checked against index.json); 0 = whatever it has
-    eval_every_epochs: Annotated[int, AtLeast(1)] = 1
+    eval_every_epochs: Annotated[int, AtLeast(1)] = 1  # epochs between validations when eval_every_steps is 0
     eval_every_steps: Annotated[int, AtLeast(0)] = 0  # 0 = use eval_every_epochs
     metric: Literal[tuple(METRIC_MODES)] = "val_loss"  # the early-stopping metric (METRIC_MODES)
     mode: str = "auto"  # auto (the metric's direction, METRIC_MODES) | min | max; always min or max once built
     # evaluations without improvement before stopping; 0 = never stop early
     patience: Annotated[int, AtLeast(0)] = 3
+    # fixed timesteps of the validation loss (the same noise at every evaluation)
     val_loss_timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
     num_metric_images: Annotated[int, AtLeast(0)] = 8  # images generated per evaluation for SSIM/PSNR/MSE
     # grid images of the split's first reports (when no prompts_file is given)
@@ -352,9 +361,9 @@ class EvalConfig:
     # Validation grid prompts from a file (.txt: one report per line; .jsonl as `cxrdist sample --prompts-file`):
     # every prompt of the file, generated with the same seeds at every evaluation so grids compare. "" = off.
     prompts_file: str = ""
-    inference_steps: int = 25
-    scheduler: str = "dpm++"
-    guidance: float = 4.0
+    inference_steps: int = 25  # sampler steps of validation images
+    scheduler: str = "dpm++"  # sampler of validation images (a name of cxrdist.config.SCHEDULERS that fits the base)
+    guidance: float = 4.0  # classifier-free guidance scale of validation images
     # Training-issue additions:
     # The validation loss (and the test split's) is taken on the first N samples of the split, encoded once and
     # kept in memory with fixed noise: 2,048 x 5 timesteps is a steady early-stopping signal, where a whole
@@ -365,6 +374,7 @@ class EvalConfig:
     # Set metrics at every validation, logged as val/fid, val/kid, val/precision ..., val/memorization_flagged:
     # any of SET_METRICS, on eval.num_metric_images images and `eval.features` (cxrdist.metrics.features).
     metrics: list[str] = field(default_factory=list)
+    # features of the set metrics: pixels[:SIDE], inception, txv:WEIGHTS, raddino:PATH_OR_HUB_ID
     features: str = "pixels"
     # training images the audit searches (the first N of the training folds)
     memorization_pool: Annotated[int, AtLeast(1)] = 2048
@@ -424,13 +434,13 @@ def _require_sampler(prefix: str, steps_key: str, steps: int, scheduler: str, ba
 class SampleConfig:
     """`cxrdist sample` defaults; every field also has a command-line flag that overrides it."""
 
-    steps: int = 25
+    steps: int = 25  # denoising steps (--steps)
     scheduler: str = "dpm++"  # dpm++ | ddim | pndm | euler | ddpm
-    guidance: float = 4.0
+    guidance: float = 4.0  # classifier-free guidance scale; 1 = none (--guidance)
     negative_prompt: str = ""  # used as is (no template); "" = the unconditional prompt seen in training
     height: int = 0  # 0 = the base model's native size
-    width: int = 0
-    batch_size: int = 8
+    width: int = 0  # 0 = the base model's native size
+    batch_size: int = 8  # images per forward pass (--batch-size)
     seed: int = 0  # image i of a run gets seed + i
     num_images: int = 1  # images per description
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
@@ -455,21 +465,21 @@ class PretrainConfig:
     """`cxrdist pretrain`: the embedded default base, trained from scratch on phantom shards."""
 
     preset: str = "tiny-minilm"  # architecture (and frozen text encoder) to start from
-    vae_steps: int = 600
-    vae_batch_size: Annotated[int, AtLeast(1)] = 32
-    vae_lr: float = 1e-3
-    kl_weight: float = 1e-6
-    unet_steps: int = 3000
-    unet_batch_size: Annotated[int, AtLeast(1)] = 64
-    unet_lr: float = 5e-4
-    ema_decay: float = 0.999
+    vae_steps: int = 600  # optimizer steps of the autoencoder
+    vae_batch_size: Annotated[int, AtLeast(1)] = 32  # images per autoencoder step
+    vae_lr: float = 1e-3  # autoencoder learning rate
+    kl_weight: float = 1e-6  # weight of the autoencoder's KL term
+    unet_steps: int = 3000  # optimizer steps of the denoiser
+    unet_batch_size: Annotated[int, AtLeast(1)] = 64  # images per denoiser step
+    unet_lr: float = 5e-4  # denoiser learning rate
+    ema_decay: float = 0.999  # EMA of the denoiser's weights, which the saved base holds
     # acquisition: each image's caption about its side marker, electrodes and exposure (never a finding), so the
     # base learns the world's spatial words, as a real base knows language and no radiology; generic: `caption`
     # for every image
     captions: Literal[PRETRAIN_CAPTIONS] = "acquisition"
     caption: str = "chest radiograph"  # the text of every image with captions=generic
     uncond_prob: float = 0.1  # share of empty prompts, so classifier-free guidance works on the base
-    seed: int = 0
+    seed: int = 0  # seeds initialisation, data order and noise
 
     def __post_init__(self) -> None:
         _require_finite(self, "pretrain")
