@@ -27,13 +27,14 @@ def load_command_config(config: str | None, overrides: tuple[str, ...], *, comma
     from cxrdist.config import Config, load_config, parse_overrides
     from cxrdist.errors import ConfigError
 
+    cfg = load_config(config, overrides)  # unknown keys and bad values first: they name what is wrong exactly
     sections = {f.name for f in dataclasses.fields(Config)}
     for item in overrides:
         section = next(iter(parse_overrides([item])))
         if section in sections and section not in reads:
             raise ConfigError(f"--set {item}: `cxrdist {command}` reads no {section}.* setting (only "
                               f"{', '.join(s + '.*' for s in reads)}): drop it")
-    return load_config(config, overrides)
+    return cfg
 
 
 def friendly_errors(func: Callable) -> Callable:
