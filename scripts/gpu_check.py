@@ -17,7 +17,7 @@ each recorded in OUT/gpu_check.json and OUT/gpu_check.md the moment it ends (a l
    each must end with a finite training loss, finite test metrics, and a best export that `cxrdist sample` draws
    from (a non-blank PNG).
 3. the throughput and memory sweep `benchmarks/gpu_train.py` on `sd15-arch` (the 860M UNet) for the time left:
-   bf16, 256 and 512 px, checkpointing off/on, AdamW vs AdamW8bit, then the GPU guide's rows (README), with
+   bf16, 256 and 512 px, checkpointing off/on, AdamW vs AdamW8bit, then the GPU guide's rows (docs/gpu.md), with
    `--deadline` so it ends inside the budget and lists what it skipped.
 
 `--smoke` runs the same steps on the CPU in seconds each (`make test` does): the tiny presets at 64 px, fp32 where
@@ -423,7 +423,7 @@ def main(argv=None) -> int:
         runner.step(f"2c ZeRO-2 {mode.fp16} + AdamW8bit, one process", runner.zero2_fp16_adamw8bit)
         runner.step("2d Sana bf16 + AdamW8bit", runner.sana_bf16_adamw8bit)
         runner.step("2e full fine-tune bf16 + AdamW8bit", runner.full_finetune_bf16_adamw8bit)
-    if mode.guide:  # first: the README's memory table is built from these rows
+    if mode.guide:  # first: docs/gpu.md's memory table is built from these rows
         runner.step("3a GPU guide rows", lambda: runner.sweep("guide", mode.guide))
     runner.step("3b throughput sweep", lambda: runner.sweep("sweep", mode.sweep))
     report.write()
