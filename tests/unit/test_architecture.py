@@ -16,8 +16,8 @@ PACKAGE_DIR = Path(cxrdist.__file__).parent
 # reporting, CLI plumbing) and the metrics, which are numpy/torch functions of images and labels with no cxrdist
 # dependency.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("cxrdist", "errors", "config", "fileio", "locks", "logging_utils", "progress", "env_info", "cli_options",
-                    "processes", "metrics")),
+    ("foundation", ("cxrdist", "errors", "config", "config_reference", "fileio", "locks", "logging_utils", "progress",
+                    "env_info", "cli_options", "processes", "metrics")),
     ("data", ("data",)),
     ("models", ("models",)),
     ("sampling", ("sampling",)),
