@@ -139,11 +139,6 @@ def lora_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [param for _, param in lora_named_parameters(module)]
 
 
-def lora_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Adapter tensors by full parameter name (the training-checkpoint format: exact, nothing of the base)."""
-    return {name: param.detach() for name, param in lora_named_parameters(module)}
-
-
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 of tensors by name and fp32 value, independent of dict and file-header order."""
     digest = hashlib.sha256()
@@ -151,21 +146,6 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()
-
-
-def load_adapter_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where) -> None:
-    """Copy a training checkpoint's adapter tensors (by full name) into `model`, refusing any key mismatch."""
-    expected = lora_state(model)
-    missing = sorted(set(expected) - set(tensors))
-    unknown = sorted(set(tensors) - set(expected))
-    if missing or unknown:
-        raise ModelError(f"checkpoint {where} does not fit this model: adapter key "
-                         f"'{(missing or unknown)[0]}' {'missing' if missing else 'unexpected'}; "
-                         "resume with the config it was trained with")
-    with torch.no_grad():
-        params = dict(model.named_parameters())
-        for name, value in tensors.items():
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
 
 
 def count_parameters(module: torch.nn.Module) -> tuple[int, int]:

@@ -20,8 +20,7 @@ from cxrdist.models.diffusion import LoraDiffusionModel
 from cxrdist.models.loading import (PICKLED_WEIGHTS, PRESET_PREFIX, BaseModel, check_model_files, check_weights_file,
                                     fingerprint, load_base)
 from cxrdist.models.lora import (CHECKPOINT_ADAPTER, CHECKPOINT_CONFIG, CHECKPOINT_MARKER, METADATA_NAME,
-                                 WEIGHTS_NAME, adapter_metadata, attach_lora, load_adapter,
-                                 load_adapter_state, read_adapter_metadata)
+                                 WEIGHTS_NAME, adapter_metadata, attach_lora, load_adapter, read_adapter_metadata)
 from cxrdist.models.trained import CHECKPOINT_FULL, load_trained_state, unfreeze_denoiser
 from cxrdist.sampling.archive import safe_extract
 from cxrdist.sampling.pipeline import assemble_pipeline, build_scheduler
@@ -164,7 +163,7 @@ def _load_training_checkpoint(folder: Path, base_override: str | None, vae_dtype
                           variant=cfg.model.variant)
     spec = attach_lora(base, cfg.lora)
     joint = LoraDiffusionModel(base.unet, base.text_encoder, cfg.lora.train_text_encoder, family=base.family)
-    load_adapter_state(joint, adapter, folder)
+    load_trained_state(joint, adapter, folder)  # after attach_lora only the adapters require a gradient
     for module in (base.unet, base.text_encoder):
         module.requires_grad_(False)
     return base, adapter_metadata(base, spec, cfg.data.prompt_template, cfg.to_dict())
