@@ -2,8 +2,8 @@
 
 Runs the real trainer for 2 steps of a tiny preset under one process, DDP, DeepSpeed ZeRO-2 and ZeRO-3 (bf16, 2 CPU
 ranks for the three multi-rank launchers) and reads each run's step-2 checkpoint: the bytes of model and optimizer
-state each rank wrote, per trained parameter, and the ratio to one process. This is docs/full-finetuning.md's memory table
-checked where a CPU can check it: a checkpoint holds what a rank keeps of the trained state (weights or fp32
+state each rank wrote, per trained parameter, and the ratio to one process. This is docs/full-finetuning.md's
+memory table checked where a CPU can check it: a checkpoint holds what a rank keeps of the trained state (weights or fp32
 masters and AdamW's two moments), not activations or gathered layers.
 
     python benchmarks/full_memory.py [--preset tiny] [--out DIR]
@@ -91,12 +91,15 @@ def main(argv=None) -> int:
     one = max(rows[0]["bytes_per_rank"])
     print(f"{args.preset}: {count:,} trained parameters (the whole UNet), bf16, step-2 checkpoint; "
           f"bytes of model + optimizer state written by each rank")
-    print(f"{'launcher':12} {'ranks':>5}  {'bytes per rank':>24}  {'B/param per rank':>18}  {'largest rank / one process':>26}")
+    print(f"{'launcher':12} {'ranks':>5}  {'bytes per rank':>24}  {'B/param per rank':>18}  "
+          f"{'largest rank / one process':>26}")
     for row in rows:
         sizes = " / ".join(f"{s:,}" for s in row["bytes_per_rank"])
         per = " / ".join(f"{b:g}" for b in row["bytes_per_param_per_rank"])
-        print(f"{row['launcher']:12} {row['ranks']:>5}  {sizes:>24}  {per:>18}  {max(row['bytes_per_rank']) / one:>26.2f}")
-    (root / "full_memory.json").write_text(json.dumps({"preset": args.preset, "trained": count, "rows": rows}, indent=2))
+        ratio = max(row["bytes_per_rank"]) / one
+        print(f"{row['launcher']:12} {row['ranks']:>5}  {sizes:>24}  {per:>18}  {ratio:>26.2f}")
+    summary = {"preset": args.preset, "trained": count, "rows": rows}
+    (root / "full_memory.json").write_text(json.dumps(summary, indent=2))
     print(f"results: {root / 'full_memory.json'}")
     return 0
 

@@ -5,8 +5,8 @@ own files, linked where the filesystem allows (a hard link costs no
 space, and neither side is ever written in place) and copied otherwise; a component that only references an
 installed package (cxrdist's phantom bases) keeps that reference. A trained component is its config (the live
 module's) and its weights in safetensors, split into files of at most `max_shard_size` with an index, as diffusers'
-and transformers' `save_pretrained` write them, so `DiffusionPipeline.from_pretrained` and `cxrdist sample` load the folder
-like any base.
+and transformers' `save_pretrained` write them, so `DiffusionPipeline.from_pretrained` and `cxrdist sample` load
+the folder like any base.
 """
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ def components(folder: Path) -> list[str]:
     try:
         index = json.loads((folder / MODEL_INDEX).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read {folder / MODEL_INDEX} ({type(exc).__name__}): restore the base folder") from None
+        raise ModelError(f"cannot read {folder / MODEL_INDEX} ({type(exc).__name__}): restore the base "
+                         "folder") from None
     return [name for name, value in index.items()
             if not name.startswith("_") and isinstance(value, list) and len(value) == 2 and value[0] is not None]
 

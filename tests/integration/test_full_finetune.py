@@ -131,7 +131,7 @@ def test_a_code_running_pickle_in_one_ranks_part_is_refused_on_every_rank(full_r
 
 @pytest.mark.timeout(LAUNCH_TIMEOUT_S + 60)
 @pytest.mark.skipif(os.environ.get("CXRDIST_FULL_SIZE") != "1",
-                    reason="one more launch: make test-full, or CXRDIST_FULL_SIZE=1 (one process covers it in make test)")
+                    reason="one more launch: make test-full, or CXRDIST_FULL_SIZE=1 (make test: one process)")
 def test_the_text_encoder_trains_fully_under_zero2_and_is_exported(phantom_shards, tmp_path, tiny_base_path):
     from diffusers import DiffusionPipeline
 
@@ -142,7 +142,8 @@ def test_the_text_encoder_trains_fully_under_zero2_and_is_exported(phantom_shard
                  "optim.lr_text=1e-4")
     check_common(run, res, "DeepSpeed ZeRO-2")
     assert "trainable 4,037,316 of 4,037,316" in res.stderr  # UNet and text encoder: the joint module whole
-    tuned, base = DiffusionPipeline.from_pretrained(str(best_export(run))), DiffusionPipeline.from_pretrained(tiny_base_path)
+    tuned = DiffusionPipeline.from_pretrained(str(best_export(run)))
+    base = DiffusionPipeline.from_pretrained(tiny_base_path)
     for part, trained in (("unet", True), ("text_encoder", True), ("vae", False)):
         a, b = getattr(tuned, part).state_dict(), getattr(base, part).state_dict()
         assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in b) == trained, part
@@ -173,7 +174,8 @@ def test_each_fold_starts_from_the_pristine_base_and_one_process_resumes_exactly
     res = launch(None, phantom_shards, again, *sets, extra=("--resume", "latest"))
     assert res.returncode == 0, res.stderr[-4000:]
     assert _digest(again) == _digest(alone)
-    tuned, base = DiffusionPipeline.from_pretrained(str(best_export(alone))), DiffusionPipeline.from_pretrained(tiny_base_path)
+    tuned = DiffusionPipeline.from_pretrained(str(best_export(alone)))
+    base = DiffusionPipeline.from_pretrained(tiny_base_path)
     for part, trained in (("unet", True), ("text_encoder", True), ("vae", False)):
         a, b = getattr(tuned, part).state_dict(), getattr(base, part).state_dict()
         assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in b) == trained, part
