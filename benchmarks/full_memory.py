@@ -3,8 +3,8 @@
 Runs the real trainer for 2 steps of a tiny preset under one process, DDP, DeepSpeed ZeRO-2 and ZeRO-3 (bf16, 2 CPU
 ranks for the three multi-rank launchers) and reads each run's step-2 checkpoint: the bytes of model and optimizer
 state each rank wrote, per trained parameter, and the ratio to one process. This is docs/full-finetuning.md's
-memory table checked where a CPU can check it: a checkpoint holds what a rank keeps of the trained state (weights or fp32
-masters and AdamW's two moments), not activations or gathered layers.
+memory table checked where a CPU can check it: a checkpoint holds what a rank keeps of the trained state (weights
+or fp32 masters and AdamW's two moments), not activations or gathered layers.
 
     python benchmarks/full_memory.py [--preset tiny] [--out DIR]
 """
