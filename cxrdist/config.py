@@ -361,9 +361,12 @@ class EvalConfig:
     # Validation grid prompts from a file (.txt: one report per line; .jsonl as `cxrdist sample --prompts-file`):
     # every prompt of the file, generated with the same seeds at every evaluation so grids compare. "" = off.
     prompts_file: str = ""
-    inference_steps: int = 25  # sampler steps of validation images
-    scheduler: str = "dpm++"  # sampler of validation images (a name of cxrdist.config.SCHEDULERS that fits the base)
-    guidance: float = 4.0  # classifier-free guidance scale of validation images
+    # The sampler of validation images: steps, scheduler (a name of SCHEDULERS that fits the base) and guidance.
+    # null = the sample section's (sample.steps / scheduler / guidance): one setting for how a run's images are drawn
+    # in validation, `cxrdist sample` and `cxrdist evaluate`, unless validation is given its own.
+    inference_steps: Optional[int] = None  # null = sample.steps
+    scheduler: Optional[str] = None  # null = sample.scheduler
+    guidance: Optional[float] = None  # null = sample.guidance
     # Training-issue additions:
     # The validation loss (and the test split's) is taken on the first N samples of the split, encoded once and
     # kept in memory with fixed noise: 2,048 x 5 timesteps is a steady early-stopping signal, where a whole
@@ -388,7 +391,9 @@ class EvalConfig:
         _require_finite(self, "eval")
         _check_declared(self, "eval")
         self.mode = _resolve_mode(self.metric, self.mode)
-        _require_sampler("eval", "inference_steps", self.inference_steps, self.scheduler)
+        _require_sampler("eval", "inference_steps", 1 if self.inference_steps is None else self.inference_steps,
+                         "dpm++" if self.scheduler is None else self.scheduler)
+        _require(self.guidance is None or self.guidance >= 0, "eval.guidance", ">= 0, or null (sample.guidance)")
         _require(self.k_folds == 0 or self.k_folds >= 2, "eval.k_folds", "0 (the shard set's folds) or >= 2")
         _require(set(self.metrics) <= set(SET_METRICS), "eval.metrics", f"a list of {', '.join(SET_METRICS)}")
         if self.metric in ("fid", "kid") and self.metric not in self.metrics:
@@ -507,6 +512,20 @@ class Config:
                               f"the end), not {self.optim.scheduler}: set optim.scheduler=wsd or drop the budget")
         if self.train.method == "full":
             _refuse_unread_lora_keys(self.lora)
+
+    def validation_sampling(self) -> tuple[int, str, float]:
+        """(steps, scheduler, guidance) of validation images: eval.* where set, else sample.*."""
+        e, s = self.eval, self.sample
+        return (s.steps if e.inference_steps is None else e.inference_steps,
+                s.scheduler if e.scheduler is None else e.scheduler,
+                s.guidance if e.guidance is None else e.guidance)
+
+    def with_validation_sampling_resolved(self) -> "Config":
+        """The same config with eval.inference_steps / scheduler / guidance written out (what runs compare on
+        resume: a run saved with `inference_steps: 25` and one whose null means sample.steps = 25 are the same)."""
+        steps, scheduler, guidance = self.validation_sampling()
+        resolved = dataclasses.replace(self.eval, inference_steps=steps, scheduler=scheduler, guidance=guidance)
+        return dataclasses.replace(self, eval=resolved)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

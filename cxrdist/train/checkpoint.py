@@ -416,7 +416,8 @@ def check_resumable(path: Path, cfg: Config, fold: int | None = None) -> None:
     differs) or another fold."""
     check_regular_files(path)
     saved = config_from_dict(load_yaml(path / CHECKPOINT_CONFIG))
-    diffs = [d for d in diff_configs(saved, cfg) if not d.startswith(RESUME_MAY_DIFFER)]
+    diffs = [d for d in diff_configs(saved.with_validation_sampling_resolved(), cfg.with_validation_sampling_resolved())
+             if not d.startswith(RESUME_MAY_DIFFER)]
     if diffs:
         raise ConfigError(f"cannot resume from {path}: it was trained with a different config ({'; '.join(diffs)}): "
                           "resume with the same config, or start a new run with another --output-dir")

@@ -144,8 +144,10 @@ class Trainer:
         set_seed(cfg.train.seed)  # the same on every rank: identical fresh adapters everywhere
         check_shared_folder(acc, self.run_dir, cfg.train.shared_folder_wait_s)
         self.base = load_base(cfg.model.pretrained, cfg.model.revision, cfg.model.vae_dtype, cfg.model.variant)
-        if cfg.eval.scheduler not in self.base.family.samplers:  # now, not at the first validation
-            raise ConfigError(f"eval.scheduler={cfg.eval.scheduler} does not fit {self.base.family.label}'s noise "
+        scheduler = cfg.validation_sampling()[1]
+        if scheduler not in self.base.family.samplers:  # now, not at the first validation
+            key = "eval.scheduler" if cfg.eval.scheduler is not None else "sample.scheduler (eval.scheduler is null)"
+            raise ConfigError(f"{key}={scheduler} does not fit {self.base.family.label}'s noise "
                               f"schedule: choose one of {', '.join(self.base.family.samplers)}")
         self.data = data_factory(channels=self.base.channels, rank=acc.process_index, world_size=acc.num_processes)
         # every fold loads the base afresh above: a full fine-tune never starts from another fold's weights

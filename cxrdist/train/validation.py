@@ -117,8 +117,8 @@ def diffusion_loss(model, objective: DiffusionObjective, data: LossSet | None, t
 
 
 def generate(base, reports: list[str], cfg: Config, dtype: torch.dtype, seed: int) -> np.ndarray:
-    e = cfg.eval
-    settings = SampleSettings(steps=e.inference_steps, scheduler=e.scheduler, guidance=e.guidance,
+    steps, scheduler, guidance = cfg.validation_sampling()
+    settings = SampleSettings(steps=steps, scheduler=scheduler, guidance=guidance,
                               negative_prompt=cfg.sample.negative_prompt, height=cfg.data.image_size,
                               width=cfg.data.image_size, batch_size=cfg.sample.batch_size)
     seeds = [seed + i for i in range(len(reports))]

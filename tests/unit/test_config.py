@@ -7,7 +7,7 @@ from cxrdist.errors import ConfigError
 def test_presets_carry_the_documented_values():
     dev = load_config("dev")
     assert (dev.train.epochs, dev.eval.k_folds, dev.train.batch_size, dev.data.image_size,
-            dev.eval.inference_steps) == (1, 2, 8, 128, 20)
+            dev.validation_sampling()[0]) == (1, 2, 8, 128, 20)
     product = load_config("product")
     assert (product.train.epochs, product.eval.k_folds, product.data.image_size) == (100, 5, 256)
     # 48 images per optimizer step, as the original project's product configuration, in micro-batches an L4 holds
@@ -54,3 +54,27 @@ def test_diff_names_changed_keys():
     assert diff_configs(a, b) == ["lora.unet_rank: 8 -> 4"]
     assert parse_overrides(["a.b=1"]) == {"a": {"b": "1"}}  # raw text: merge reads it by the key's type
     assert load_config(None, ["lora.unet_rank=4"]).lora.unet_rank == 4
+
+
+def test_validation_draws_images_as_the_sample_section_says_unless_eval_sets_its_own():
+    cfg = load_config(overrides=["sample.steps=7", "sample.scheduler=ddim", "sample.guidance=2.5"])
+    assert (cfg.eval.inference_steps, cfg.eval.scheduler, cfg.eval.guidance) == (None, None, None)
+    assert cfg.validation_sampling() == (7, "ddim", 2.5)  # one setting, not two kept equal by hand
+    own = load_config(overrides=["sample.steps=7", "eval.inference_steps=3", "eval.guidance=1"])
+    assert own.validation_sampling() == (3, "dpm++", 1.0)
+    with pytest.raises(ConfigError, match="'eval.inference_steps' must be >= 1"):
+        load_config(overrides=["eval.inference_steps=0"])
+
+
+def test_a_run_saved_with_explicit_validation_sampling_resumes_under_the_null_that_means_the_same(tmp_path):
+    """Checkpoints written before eval.* could be null hold `inference_steps: 25`; the same settings now are null +
+    sample.steps 25: a resume compares the resolved values, so it is not refused."""
+    from cxrdist.models.lora import CHECKPOINT_CONFIG, CHECKPOINT_MARKER
+    from cxrdist.train.checkpoint import check_resumable
+
+    old = load_config(overrides=["eval.inference_steps=25", "eval.scheduler=dpm++", "eval.guidance=4.0"])
+    old.save(tmp_path / CHECKPOINT_CONFIG)
+    (tmp_path / CHECKPOINT_MARKER).write_text('{"step": 2, "fold": 0}')
+    check_resumable(tmp_path, load_config())  # null everywhere, sample.* at 25 / dpm++ / 4.0: the same run
+    with pytest.raises(ConfigError, match=r"eval.inference_steps: 25 -> 10"):
+        check_resumable(tmp_path, load_config(overrides=["sample.steps=10"]))

@@ -14,7 +14,8 @@ def _float_keys() -> list[str]:
     keys = []
     for section in dataclasses.fields(Config):
         hints = typing.get_type_hints(section.default_factory)
-        keys += [f"{section.name}.{name}" for name, tp in hints.items() if tp is float]
+        keys += [f"{section.name}.{name}" for name, tp in hints.items()
+                 if tp is float or float in typing.get_args(tp)]  # Optional[float] too
     return keys
 
 
