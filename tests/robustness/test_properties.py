@@ -170,3 +170,46 @@ def test_config_files_raise_only_project_errors(tmp_path_factory, data):
         load_config(str(path))
     except CxrdistError:
         pass
+
+
+# ---- what a key's type declares ----------------------------------------------------------------------------
+def _declared_keys() -> list[tuple[str, str, tuple, float | None]]:
+    """(section, key, choices or (), lower bound or None) of every key whose type declares its values."""
+    import typing
+
+    from cxrdist.config import AtLeast
+
+    out, defaults = [], Config()
+    for section in dataclasses.fields(Config):
+        hints = typing.get_type_hints(type(getattr(defaults, section.name)), include_extras=True)
+        for key, tp in hints.items():
+            bounds = [m.low for m in getattr(tp, "__metadata__", ()) if isinstance(m, AtLeast)]
+            choices = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else ()
+            if bounds or choices:
+                out.append((section.name, key, choices, bounds[0] if bounds else None))
+    return out
+
+
+DECLARED = _declared_keys()
+NAMES = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_+-", min_size=1, max_size=12)
+
+
+@PROFILE
+@given(data=st.data())
+def test_a_value_is_refused_for_its_declaration_exactly_when_it_breaks_it(data):
+    """Below a key's bound, or outside its choices: refused, naming the key and what it allows. Within them: never
+    refused for that reason (another rule, e.g. eval.metric=fid needing 16 metric images, may still apply)."""
+    section, key, choices, low = data.draw(st.sampled_from(DECLARED))
+    if choices:
+        value = data.draw(st.one_of(st.sampled_from(choices), NAMES))
+        breaks = value not in choices
+    else:
+        value = data.draw(st.integers(min_value=-10**6, max_value=10**6))
+        breaks = value < low
+    declared_refusal = f"config key '{section}.{key}' must be "
+    try:
+        load_config(overrides=[f"{section}.{key}={value}"])
+        refusal = ""
+    except CxrdistError as exc:
+        refusal = str(exc)
+    assert (declared_refusal in refusal) == breaks, (section, key, value, refusal)
