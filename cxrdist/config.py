@@ -367,7 +367,6 @@ class EvalConfig:
     inference_steps: Optional[int] = None  # null = sample.steps
     scheduler: Optional[str] = None  # null = sample.scheduler
     guidance: Optional[float] = None  # null = sample.guidance
-    # Training-issue additions:
     # The validation loss (and the test split's) is taken on the first N samples of the split, encoded once and
     # kept in memory with fixed noise: 2,048 x 5 timesteps is a steady early-stopping signal, where a whole
     # MIMIC-size fold would hold gigabytes and cost hundreds of thousands of forward passes. 0 = the whole split.
@@ -531,9 +530,13 @@ class Config:
         return dataclasses.asdict(self)
 
     def hash(self) -> str:
-        """Short, stable hash of the resolved config (logged at start-up, part of default run names)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:10]
+        """Short, stable hash of what a training run is (logged at start-up, the default run folder's name): every
+        section but `sample` and `pretrain`, which change how images are drawn afterwards and how a phantom base is
+        pretrained, not the run; the validation sampler they may supply is hashed as resolved (eval.*)."""
+        identity = self.with_validation_sampling_resolved().to_dict()
+        for section in ("sample", "pretrain"):
+            identity.pop(section)
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
 
     def save(self, path: str | Path) -> Path:
         """Write the resolved config as YAML, atomically."""

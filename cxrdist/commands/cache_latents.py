@@ -1,17 +1,15 @@
 """`cxrdist shard cache-latents DIR --pretrained X`: add VAE latents to a shard set (training skips the VAE).
 
-Registered on the `shard` group from here, so the data commands stay in their own module; the command
-registry lists this module with the `shard` group as its attribute.
+A command of the `shard` group, added to it by the command registry (cxrdist.commands).
 """
 from __future__ import annotations
 
 import click
 
 from cxrdist.cli_options import friendly_errors
-from cxrdist.commands.shard import shard
 
 
-@shard.command("cache-latents")
+@click.command("cache-latents")
 @click.argument("shards_dir", type=click.Path(file_okay=False))
 @click.option("--pretrained", required=True, help="Base model whose VAE encodes the images (folder, hub id, preset:NAME).")
 @click.option("--vae-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
@@ -41,4 +39,4 @@ def cache_latents_cmd(shards_dir, pretrained, vae_dtype, batch_size) -> None:
                    f"{shards_dir} (VAE {info['vae_fingerprint']} from {pretrained})")
 
 
-__all__ = ["shard", "cache_latents_cmd"]
+__all__ = ["cache_latents_cmd"]

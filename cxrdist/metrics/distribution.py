@@ -114,5 +114,3 @@ def distribution_metrics(real: torch.Tensor, fake: torch.Tensor, feature_name: s
                            "kid_subset_size": max(2, min(len(real), len(fake)) // 2)}
     return out
 
-
-DISTRIBUTION_KEYS = ("fid", "kid", "precision", "recall", "density", "coverage")

@@ -39,7 +39,6 @@ class ReaderThresholds:
 THRESHOLDS = ReaderThresholds()
 # Fixed image regions (fractions): rows where walls / lung level are sampled, where the heart is widest...
 WALL_ROWS = (0.34, 0.46)
-LUNG_S = (0.35, 0.65)
 HEART_LEVEL_ROWS = (0.50, 0.60)
 HEART_ROWS = (0.48, 0.655)
 # Heart border = where the image crosses this share of the lung-to-heart step. High, so that fluid beside

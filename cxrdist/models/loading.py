@@ -391,8 +391,3 @@ def save_base(parts: dict, out: str | Path, text_encoder_package: str | None = N
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def read_model_index(path: str | Path) -> dict:
-    index = Path(path) / "model_index.json"
-    return json.loads(index.read_text()) if index.exists() else {}

@@ -1,6 +1,6 @@
 """The one place an `Accelerator` is built for training: DDP, DeepSpeed ZeRO-2/3, one process, GPU or CPU.
 
-CPU facts this encodes (see DESIGN.md and cxrdist.train.distributed): `accelerate launch --cpu --num_processes 2` starts
+CPU facts this encodes (cxrdist.train.distributed has the DeepSpeed ones): `accelerate launch --cpu --num_processes 2` starts
 one process; `--multi_gpu --num_processes 2` with `Accelerator(cpu=True)` gives two gloo ranks; but under a
 DeepSpeed launch `cpu=True` silently drops the DeepSpeed plugin (the run becomes plain DDP), so the flag comes
 from `distributed.wants_cpu_flag()`, and the gloo backend from `distributed.process_group_backend()` (a backend named in

@@ -48,7 +48,8 @@ def build_overrides(overrides, pretrained, preset, shards) -> list[str]:
 @click.option("--zip", "export_zip", is_flag=True, help="Also write the best model as a .zip (sets train.export_zip).")
 @friendly_errors
 def main(fold, all_folds, config, overrides, pretrained, preset, shards, output_dir, resume, export_zip):
-    """Fine-tune LoRA adapters on one fold (or all folds) of a shard set."""
+    """Fine-tune a base on one fold (or all folds) of a shard set: LoRA adapters, or every weight of the denoiser
+    with train.method=full."""
     from cxrdist.config import load_config
     from cxrdist.logging_utils import setup_logging
 

@@ -2,7 +2,7 @@
 
 `ShardData` adapts `cxrdist.data.loader` (rank-aware WebDataset pipelines): every rank gets the same number
 of training batches per epoch, the order is a pure function of (seed, epoch), and `start_batch` resumes
-mid-epoch. Tests can pass any object with the same five members.
+mid-epoch. Tests can pass any object with the members of `TrainData`.
 """
 from __future__ import annotations
 

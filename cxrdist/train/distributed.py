@@ -342,11 +342,6 @@ def prepare_text_encoder_for_zero3(text_encoder: torch.nn.Module, spec: dict) ->
     return marked
 
 
-def zero3_gathered(accelerator: Any, module: torch.nn.Module):
-    """Context in which all of `module`'s parameters are whole on this rank under ZeRO-3 (collective)."""
-    return _gathered(list(module.parameters()), zero_stage(accelerator))
-
-
 def lora_state_dicts(accelerator: Any, joint: torch.nn.Module) -> tuple[dict, dict | None]:
     """(unet_sd, text_sd) in peft format, fp32 on CPU, for DDP, ZeRO-2 and ZeRO-3 alike.
 

@@ -52,3 +52,11 @@ def test_evaluate_takes_the_seed_and_the_audit_pool_from_the_config_unless_a_fla
 def test_evaluate_steps_0_is_refused_not_replaced(monkeypatch):
     result = CliRunner().invoke(main, ["evaluate", "--model-path", "m", "--shards", "s", "--steps", "0"])
     assert result.exit_code == 1 and "'sample.steps' must be >= 1 (--steps)" in result.output
+
+
+def test_cxrdist_train_is_the_training_command_and_cache_latents_is_registered_on_shard():
+    from cxrdist.train.cli import main as training_command
+
+    assert main.commands["train"] is training_command  # launch/train.py and python -m cxrdist.train run it too
+    assert CliRunner().invoke(main, ["train", "--help"]).exit_code == 0
+    assert "cache-latents" in main.commands["shard"].commands

@@ -7,7 +7,7 @@ from cxrdist.errors import ConfigError
 def test_presets_carry_the_documented_values():
     dev = load_config("dev")
     assert (dev.train.epochs, dev.eval.k_folds, dev.train.batch_size, dev.data.image_size,
-            dev.validation_sampling()[0]) == (1, 2, 8, 128, 20)
+            dev.validation_sampling()[0]) == (1, 0, 8, 64, 20)
     product = load_config("product")
     assert (product.train.epochs, product.eval.k_folds, product.data.image_size) == (100, 5, 256)
     # 48 images per optimizer step, as the original project's product configuration, in micro-batches an L4 holds
@@ -78,3 +78,28 @@ def test_a_run_saved_with_explicit_validation_sampling_resumes_under_the_null_th
     check_resumable(tmp_path, load_config())  # null everywhere, sample.* at 25 / dpm++ / 4.0: the same run
     with pytest.raises(ConfigError, match=r"eval.inference_steps: 25 -> 10"):
         check_resumable(tmp_path, load_config(overrides=["sample.steps=10"]))
+
+
+def test_dev_fits_the_shard_set_a_first_cxrdist_shard_phantom_writes():
+    """`cxrdist shard phantom --out shards/phantom` with its defaults, then `--config dev`: the same image size, and
+    no fold count pinned that the set does not have."""
+    from click.testing import CliRunner
+
+    from cxrdist.cli import main
+
+    phantom = next(c for c in main.commands["shard"].commands.values() if c.name == "phantom")
+    defaults = {p.name: p.default for p in phantom.params}
+    dev = load_config("dev")
+    assert dev.data.image_size == defaults["size"] and dev.eval.k_folds in (0, defaults["folds"])
+    assert dev.data.shards == "shards/phantom"
+    assert CliRunner().invoke(main, ["shard", "phantom", "--help"]).exit_code == 0
+
+
+def test_the_run_hash_changes_with_what_trains_not_with_sampling_or_pretraining_settings():
+    base = load_config()
+    unread = ["sample.num_images=4", "sample.device=cpu", "pretrain.vae_steps=7"]
+    assert load_config(overrides=unread).hash() == base.hash()
+    assert load_config(overrides=["optim.lr_unet=3e-4"]).hash() != base.hash()
+    # the sample section's sampler also draws validation images while eval.* is null: that changes a run
+    assert load_config(overrides=["sample.steps=7"]).hash() != base.hash()
+    assert load_config(overrides=["sample.steps=7", "eval.inference_steps=25"]).hash() == base.hash()

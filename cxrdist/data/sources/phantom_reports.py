@@ -17,8 +17,6 @@ import numpy as np
 
 SIDES = ("left", "right")
 ZONES = ("upper", "middle", "lower")
-SEVERITIES = ("mild", "moderate", "severe")
-EFFUSION_SIZES = ("small", "large")
 
 # Study-level prevalences. A study is normal with probability `normal_study`; an abnormal study draws
 # every finding independently with the conditional probabilities below and is redrawn if it came out
