@@ -85,7 +85,8 @@ def train_fold(cfg: Config, fold: int, *, run_dir: Path, resume: Optional[str] =
 def print_summary(cfg: Config, result: FoldResult) -> None:
     best = f"{result.best_value:.5g} at epoch {result.best_epoch}" if result.best_value is not None else "none"
     lines = [f"fold {result.fold}: {result.steps} steps{' (stopped early)' if result.stopped_early else ''}, "
-             f"{result.images_per_s:.1f} images/s (all ranks, prefill and validations included)",
+             f"{result.images_per_s:.3g} images/s over the whole fit (all ranks; the text prefill, validations and "
+             "checkpoints included; TensorBoard's train/images_per_s is the rate between two log lines)",
              f"  best {cfg.eval.metric}: {best} -> {result.best_path}",
              "  test: " + (", ".join(f"{k}={v:.5g}" for k, v in result.test_metrics.items()) or "not run"),
              f"  run folder: {result.run_dir} (tensorboard --logdir {result.run_dir})"]

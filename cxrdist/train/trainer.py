@@ -193,6 +193,7 @@ class Trainer:
                      str(self.dtype).replace("torch.", ""))
             del exact
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self._step_lrs = self.lr_scheduler.get_last_lr()  # the rates the latest optimizer step used (lr/* logs)
         self.group_names = [g.get("name", GROUP_NAMES[i]) for i, g in enumerate(self.optimizer.param_groups)]
         t = cfg.train
         bias = functools.partial(timestep_weights, bias=t.timestep_bias, multiplier=t.timestep_bias_multiplier,
@@ -314,6 +315,7 @@ class Trainer:
                 self.optimizer.step()
             skipped = acc.sync_gradients and (skip_ourselves or acc.optimizer_step_was_skipped)
             if acc.sync_gradients and not skipped:
+                self._step_lrs = self.lr_scheduler.get_last_lr()  # before the schedule moves on to the next step
                 self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         stepped = acc.sync_gradients and not skipped
@@ -584,7 +586,7 @@ class Trainer:
             values["train/loss_scale"] = self.loss_scale()
         if self.ema is not None:
             values["train/ema_decay"] = self.ema.last_decay
-        for name, lr in zip(self.group_names, self.lr_scheduler.get_last_lr()):
+        for name, lr in zip(self.group_names, self._step_lrs):  # the rate step s used, logged at step s
             values[f"lr/{name}"] = lr
         self.logger.scalars(values, self.state.step)
         window.reset()

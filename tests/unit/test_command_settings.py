@@ -60,3 +60,4 @@ def test_cxrdist_train_is_the_training_command_and_cache_latents_is_registered_o
     assert main.commands["train"] is training_command  # launch/train.py and python -m cxrdist.train run it too
     assert CliRunner().invoke(main, ["train", "--help"]).exit_code == 0
     assert "cache-latents" in main.commands["shard"].commands
+

@@ -169,3 +169,16 @@ def test_scalar_events_read_back_in_order_and_a_missing_tag_is_empty(tmp_path):
             writer.add_scalar("train/loss", value, step)
     assert [(e.step, e.value) for e in scalar_events(tmp_path, "train/loss")] == [(1, 0.5), (2, 0.25), (3, 0.125)]
     assert scalar_events(tmp_path, "val/val_loss") == []
+
+
+def test_the_lr_logged_at_step_s_is_the_rate_step_s_used(tmp_path):
+    """The schedule steps after the optimizer; lr/* at step s is the rate of step s, not of s + 1 (warm-up over 4
+    steps of a constant schedule: (s) / 5 of the peak at step s, 1-based)."""
+    reset_accelerate()
+    trainer = make_trainer(tmp_path, "train.max_steps=6", "optim.scheduler=constant", "optim.warmup_steps=4",
+                           "optim.lr_unet=1e-3", "lora.train_text_encoder=false")
+    trainer.fit()
+    trainer.close()
+    reset_accelerate()
+    logged = {e.step: e.value for e in tracking.scalar_events(tmp_path / "fold0" / "tensorboard", "lr/unet")}
+    assert logged == pytest.approx({s: 1e-3 * min(1.0, s / 5) for s in range(1, 7)})
