@@ -156,11 +156,12 @@ class Trainer:
                                    text_cache_size=cfg.train.text_cache_size, family=self.base.family)
         if distributed.zero_stage(acc) == 3:
             distributed.prepare_text_encoder_for_zero3(self.base.text_encoder, self.spec)
-        if model.text_cache is not None and distributed.zero_stage(acc) == 3:
-            # ZeRO-3 gathers the text encoder's partitions collectively at every call; a cache hit on one rank
-            # and a miss on another would leave the ranks waiting on different collectives.
-            log.warning("train.text_cache_size is ignored under ZeRO-3 (ranks must run the same text-encoder calls)")
-            model.text_cache = None
+            if model.text_cache is not None:
+                # ZeRO-3 gathers the text encoder's partitions collectively at every call; a cache hit on one rank
+                # and a miss on another would leave the ranks waiting on different collectives.
+                log.warning("train.text_cache_size is ignored under ZeRO-3 (ranks must run the same text-encoder "
+                            "calls)")
+                model.text_cache = None
         self.dtype = weight_dtype(acc)
         deepspeed = distributed.deepspeed_plugin(acc) is not None
         # A full fine-tune under DeepSpeed bf16/fp16: the base's exact weights, for the engine's fp32 masters below
@@ -205,7 +206,7 @@ class Trainer:
                                     context_tokens=self.base.context_tokens)
         self.stopper = EarlyStopper(cfg.eval.metric, cfg.eval.mode, cfg.eval.patience, cfg.eval.min_delta)
         distributed.load_weights_only(self.model)  # a DeepSpeed engine unpickles its files with weights_only=True
-        # The adapter EMA (train.ema_decay): on every rank, the same values everywhere; None when off.
+        # The EMA of the trained weights (train.ema_decay): the same values on every rank; None when off.
         self.ema = TrainedEMA.from_model(acc, self.model, cfg.train.ema_decay) if cfg.train.ema_decay else None
         self.checkpointer = Checkpointer(acc, self.run_dir, cfg)
         if resume:
@@ -678,7 +679,7 @@ class Trainer:
                           stop_signal=self.stop_signals.agreed(self.accelerator) if self.stop_signals else 0)
 
     def _check_ranks_agree(self) -> None:
-        """Every rank must end with the same adapter; a silent divergence would make checkpoints lie."""
+        """Every rank must end with the same trained weights; a silent divergence would make checkpoints lie."""
         from accelerate.utils import gather_object
 
         digests = gather_object([adapter_digest(distributed.live_trained_state(self.accelerator, self.model))])
