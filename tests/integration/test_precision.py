@@ -13,7 +13,6 @@ copies in its optimizer: checkpoints and exports must come from those masters, n
 from __future__ import annotations
 
 import signal
-import time
 
 import pytest
 import torch
@@ -124,15 +123,13 @@ def test_a_dead_rank_stops_the_other_loudly_and_resume_latest_continues_exactly(
     run2, res2 = zero2_bf16
     assert res2.returncode == 0, res2.stderr[-3000:]
     out = tmp_path / "dies"
-    start = time.monotonic()
+    # a rank 0 left waiting would hang for gloo's 30 minutes: the launch's own timeout (LAUNCH_TIMEOUT_S) fails it
     dead = launch(ACCEL / "zero2.yaml", phantom_shards, out, BF16, "train.collective_timeout_s=20",
                   env=child_env(DS_ACCELERATOR="cpu", CXRDIST_FAULT_KILL_AT_STEP="3", CXRDIST_FAULT_KILL_RANK="1"))
-    took = time.monotonic() - start
     assert dead.returncode != 0
     assert "exitcode  : -9" in dead.stderr or f"exitcode: -{int(signal.SIGKILL)}" in dead.stderr
     message = [line for line in dead.stderr.splitlines() if line.startswith("Error: rank 0")]
     assert message and "--resume latest" in message[0] and "step_00000002" in message[0], dead.stderr[-3000:]
-    assert took < 150, f"the surviving rank needed {took:.0f} s to stop"
     assert sorted(p.name for p in (out / "fold1" / "checkpoints").iterdir()) == ["step_00000002"]
 
     resumed = launch(ACCEL / "zero2.yaml", phantom_shards, out, BF16, "train.collective_timeout_s=20",

@@ -10,7 +10,6 @@ The ZeRO-3 launch uses stage3_param_persistence_threshold=0, so the LoRA tensors
 """
 from __future__ import annotations
 
-import time
 
 import pytest
 from safetensors.torch import load_file
@@ -68,7 +67,7 @@ def test_a_silent_rank_makes_the_other_fail_after_the_collective_timeout(phantom
     """Rank 1 stops (SIGSTOP: alive, never answering) after step 1. No launcher notices a stopped process, so
     rank 0 must fail by itself after train.collective_timeout_s -- also inside DeepSpeed's own process groups,
     which do not inherit the world group's timeout unless we set torch's default."""
-    start = time.monotonic()
+    # A rank 0 waiting on the default timeout (30 minutes) would never print the line within launch_until's timeout.
     # The test stops reading (and kills the launch) at rank 0's line: the launcher itself would then wait 30 s
     # for the stopped rank 1 before killing it, which says nothing about cxrdist.
     message, stderr = launch_until(ACCEL / "zero2.yaml", phantom_shards, tmp_path / "silent",
@@ -76,9 +75,7 @@ def test_a_silent_rank_makes_the_other_fail_after_the_collective_timeout(phantom
                                    line_starts="Error: rank 0 lost the other ranks",
                                    env=child_env(DS_ACCELERATOR="cpu", CXRDIST_FAULT_KILL_AT_STEP="1",
                                                  CXRDIST_FAULT_KILL_RANK="1", CXRDIST_FAULT_SIGNAL="SIGSTOP"))
-    took = time.monotonic() - start
     assert message and "collective_timeout_s=8" in message and "--resume latest" in message, stderr[-3000:]
-    assert took < 120, f"{took:.0f} s"  # measured ~25 s: start-up, step 1, the 8 s timeout
 
 
 @pytest.mark.timeout(180)

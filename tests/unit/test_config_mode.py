@@ -67,8 +67,11 @@ def test_resolved_mode_round_trips_with_the_same_hash(tmp_path, metric):
 
 
 def test_default_config_is_unchanged_by_auto():
-    # The resolved default is still min for val_loss, so hashes of existing runs stay the same.
+    """The resolved default is min for val_loss, so a config saved with `mode: min` and one that leaves it at auto
+    are the same run: the same values and the same hash (the default run folder's name)."""
     assert Config().to_dict()["eval"]["mode"] == "min"
+    auto, explicit = load_config(overrides=["eval.mode=auto"]), load_config(overrides=["eval.mode=min"])
+    assert auto == explicit == Config() and auto.hash() == explicit.hash() == Config().hash()
 
 
 def test_saved_pretrain_config_still_loads():
