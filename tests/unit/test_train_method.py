@@ -82,3 +82,39 @@ def test_train_text_encoder_belongs_to_full_fine_tuning():
     with pytest.raises(ConfigError, match=r"'train.train_text_encoder' must be false with train.method=lora "
                                           r"\(an adapter on the text encoder is lora.train_text_encoder\)"):
         load_config(overrides=["train.train_text_encoder=true"])
+
+
+def test_a_second_fold_starts_from_the_pristine_base_and_a_one_process_full_run_resumes_exactly(tmp_path):
+    """In one process (as --all-folds runs folds): a Trainer built after another trained fully starts from the base's
+    own weights, never the previous fold's; and a run resumed from its step-1 checkpoint (trained.safetensors, no
+    DeepSpeed) ends at the uninterrupted run's weights bit for bit."""
+    import json
+
+    from support.fakes import make_trainer, reset_accelerate
+
+    from cxrdist.models.loading import load_base, preset_folder
+
+    full = ["train.method=full", "lora.train_text_encoder=false", "optim.lr_unet=1e-3", "train.max_steps=2",
+            "train.checkpoint_every=1"]
+    pristine = dict(load_base(str(preset_folder("tiny"))).unet.named_parameters())
+
+    def digest(run):
+        return json.loads((run / "fold0" / "adapter_digests.json").read_text())["per_rank"]
+
+    reset_accelerate()
+    first = make_trainer(tmp_path / "first", *full)
+    first.fit()
+    first.close()
+    reset_accelerate()
+    second = make_trainer(tmp_path / "second", *full)
+    assert all(torch.equal(p, pristine[name]) for name, p in second.base.unet.named_parameters())
+    second.fit()
+    second.close()
+    reset_accelerate()
+    checkpoint = tmp_path / "second" / "fold0" / "checkpoints" / "step_00000001"
+    assert (checkpoint / "trained.safetensors").is_file()
+    resumed = make_trainer(tmp_path / "resumed", *full, resume=str(checkpoint))
+    resumed.fit()
+    resumed.close()
+    reset_accelerate()
+    assert digest(tmp_path / "first") == digest(tmp_path / "second") == digest(tmp_path / "resumed")
