@@ -1,8 +1,8 @@
 """A base's diffusers pipeline folder with the trained weights replaced: what a full fine-tune exports.
 
 Every component but the trained ones (the denoiser; the text encoder with train.train_text_encoder) is the base's
-own files, linked where the filesystem allows (a hard link costs no
-space, and neither side is ever written in place) and copied otherwise; a component that only references an
+own files, linked where the filesystem allows (a hard link costs no space, and neither side is ever written in
+place) and copied otherwise; a component that only references an
 installed package (cxrdist's phantom bases) keeps that reference. A trained component is its config (the live
 module's) and its weights in safetensors, split into files of at most `max_shard_size` with an index, as diffusers'
 and transformers' `save_pretrained` write them, so `DiffusionPipeline.from_pretrained` and `cxrdist sample` load
@@ -106,19 +106,19 @@ def _saved_buffers(folder: Path, trained: dict[str, torch.Tensor], module: torch
     return found
 
 
-def denoiser_files(folder: Path, family) -> list[Path]:
-    """The denoiser's weight files of a pipeline folder (one file, or the parts its index lists)."""
-    sub = Path(folder) / family.denoiser_folder
-    return sorted(sub.glob(DENOISER_WEIGHTS.format(suffix="*")))
+def _read_weights(folder: Path, pattern: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a component folder's weight files named by `pattern` (one file, or the parts of a split)."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(folder).glob(pattern.format(suffix="*"))):
+        state.update(load_file(str(file)))
+    return state
 
 
 def read_denoiser(folder: Path, family) -> dict[str, torch.Tensor]:
     """Every denoiser tensor of a pipeline folder by its name inside the denoiser (safetensors only)."""
-    from safetensors.torch import load_file
-
-    state: dict[str, torch.Tensor] = {}
-    for file in denoiser_files(folder, family):
-        state.update(load_file(str(file)))
+    state = _read_weights(Path(folder) / family.denoiser_folder, DENOISER_WEIGHTS)
     if not state:
         raise ModelError(f"{folder / family.denoiser_folder} holds no {DENOISER_WEIGHTS.format(suffix='')}: "
                          "restore the exported model")
@@ -127,9 +127,4 @@ def read_denoiser(folder: Path, family) -> dict[str, torch.Tensor]:
 
 def read_text_encoder(folder: Path) -> dict[str, torch.Tensor]:
     """A pipeline folder's text-encoder tensors (safetensors only); {} when it holds none of its own."""
-    from safetensors.torch import load_file
-
-    state: dict[str, torch.Tensor] = {}
-    for file in sorted((Path(folder) / TEXT_ENCODER).glob(TEXT_ENCODER_WEIGHTS.format(suffix="*"))):
-        state.update(load_file(str(file)))
-    return state
+    return _read_weights(Path(folder) / TEXT_ENCODER, TEXT_ENCODER_WEIGHTS)
