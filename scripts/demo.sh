@@ -77,10 +77,10 @@ cxrdist sample --model-path "$BEST" --out "$OUT/samples" --num-images 2 --steps 
 
 step "4/5 text faithfulness on held-out test reports: base vs adapter"
 cxrdist evaluate --model-path "$BASE" --model-path "$BEST" --shards "$SHARDS" --split test \
-  --max-samples "$EVAL_SAMPLES" --steps "$SAMPLE_STEPS" --out "$OUT/evaluate.json"
+  --max-samples "$EVAL_SAMPLES" --steps "$SAMPLE_STEPS" --out "$OUT/evaluate.json" --report "$OUT/report.html"
 
 step "5/5 done"
 echo "adapter:      $BEST"
 echo "samples:      $OUT/samples (grid.png, index.jsonl)"
-echo "evaluation:   $OUT/evaluate.json"
+echo "evaluation:   $OUT/evaluate.json, $OUT/report.html (open it in a browser)"
 echo "TensorBoard:  tensorboard --logdir $RUN"

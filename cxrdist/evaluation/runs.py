@@ -31,9 +31,9 @@ import torch
 from cxrdist.data.index import load_index
 from cxrdist.data.loader import SplitImages, eval_loader, read_split_images
 from cxrdist.errors import DataError, InputError
-from cxrdist.metrics.faithfulness import chance_level, faithfulness
+from cxrdist.metrics.faithfulness import chance_level, faithfulness_details, flat_intervals, flat_scores
 from cxrdist.metrics.features import image_batch
-from cxrdist.metrics.image import diversity, image_metrics
+from cxrdist.metrics.image import diversity, image_metrics, standard_error
 from cxrdist.metrics.memorization import AuditSide
 from cxrdist.sampling.loading import load_for_sampling
 from cxrdist.sampling.pipeline import NonFiniteSample, SampleSettings, as_drawn, generate_images
@@ -184,11 +184,7 @@ def run_evaluation(base, template: str, shards: str, opts: EvaluateOptions, prog
                               "options": asdict(opts)}
     wants = set(opts.metrics)
     scoring = time.perf_counter()
-    if "faithfulness" in wants:
-        result["faithfulness"] = faithfulness(list(images), data.labels)
-        result["chance"] = chance_level(data.labels)
-    if "image" in wants:
-        result["image_metrics"] = image_metrics(images, data.references)
+    result.update(score_against_split(images, data, wants))
     generated = image_batch(images)
     generated_features = refs.extractor(generated) if refs.extractor is not None else None
     if wants & set(DISTRIBUTION):
@@ -209,9 +205,25 @@ def run_evaluation(base, template: str, shards: str, opts: EvaluateOptions, prog
             raise InputError(str(err)) from None
         result["classifier"] = classifier_agreement(clf, images, data.references, data.labels)
     if "diversity" in wants:
-        result["diversity"] = within_prompt_diversity(base, data.reports, template, settings, opts, diversity)
+        per_prompt = within_prompt_diversity(base, data.reports, template, settings, opts, diversity)
+        result["diversity"] = float(np.mean(per_prompt)) if per_prompt else None
+        result["diversity_se"] = standard_error(np.array(per_prompt)) if per_prompt else None
     result["seconds_scoring"] = round(time.perf_counter() - scoring, 2)
     return Evaluated(result, images, refs)
+
+
+def score_against_split(images: np.ndarray, data: SplitImages, wants: set[str]) -> dict[str, Any]:
+    """The scores of `images` (one per report of `data`, in order) that need only the split: faithfulness with
+    its intervals and chance levels, and the paired image metrics, as `wants` asks."""
+    out: dict[str, Any] = {}
+    if "faithfulness" in wants:
+        details = faithfulness_details(list(images), data.labels, intervals=True)
+        out["faithfulness"] = flat_scores(details)
+        out["faithfulness_intervals"] = flat_intervals(details)
+        out["chance"] = chance_level(data.labels)
+    if "image" in wants:
+        out["image_metrics"] = image_metrics(images, data.references)
+    return out
 
 
 def _distribution(refs: References, generated: torch.Tensor, opts: EvaluateOptions) -> dict[str, Any]:
@@ -245,66 +257,130 @@ def run_model_path(model_path: str, shards: str, opts: EvaluateOptions, base_ove
                    progress: bool = True) -> Evaluated:
     model, meta = load_for_sampling(model_path, base_override=base_override)
     try:
-        return run_evaluation(model, (meta or {}).get("prompt_template", "{report}"), shards, opts, progress)
+        evaluated = run_evaluation(model, (meta or {}).get("prompt_template", "{report}"), shards, opts, progress)
     except NonFiniteSample as exc:  # the index within the call, the seed names which image it was
         raise exc.naming(str(model_path), exc.index) from None
+    evaluated.result["model"] = describe_model(model_path, meta, base_override)
+    return evaluated
 
 
-def within_prompt_diversity(base, reports: list[str], template: str, settings, opts: EvaluateOptions, measure) -> float | None:
-    """Mean over a few reports of the similarity between images of different seeds (lower = more diverse)."""
+def describe_model(model_path: str, meta: dict | None, base_override: str | None = None) -> dict[str, Any]:
+    """What was evaluated: a trained model (one with cxrdist metadata: an adapter, a full fine-tune's export, a
+    training checkpoint; or a plain diffusers LoRA, which loads only onto --base) and the base it was trained
+    from, or a pipeline without metadata (a base)."""
+    recorded = (meta or {}).get("base")
+    base = base_override or (recorded.get("source") if isinstance(recorded, dict) else None)
+    return {"path": str(model_path), "trained": meta is not None or base_override is not None, "base": base}
+
+
+def within_prompt_diversity(base, reports: list[str], template: str, settings, opts: EvaluateOptions,
+                            measure) -> list[float]:
+    """Per report of the first few: the similarity between its images of different seeds (lower = more
+    diverse); empty when the options ask for none."""
     k, s = min(opts.diversity_prompts, len(reports)), opts.diversity_seeds
     if k == 0 or s < 2:
-        return None
+        return []
     prompts = [r for r in reports[:k] for _ in range(s)]
     seeds = [10_000 + opts.seed + i for i in range(len(prompts))]
     images = generate_images(base, prompts, settings, template=template, seeds=seeds)
-    return float(np.mean([measure(list(images[i * s : (i + 1) * s])) for i in range(k)]))
+    return [float(measure(list(images[i * s : (i + 1) * s]))) for i in range(k)]
 
 
-def _cell(value: Any, digits: int) -> str:
-    return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"
+@dataclass
+class Cell:
+    """One model's value of one metric, with what was computed about its uncertainty."""
+
+    value: float | None
+    se: float | None = None  # standard error
+    ci95: tuple[float, float] | None = None  # 95 % interval
+
+    def missing(self) -> bool:
+        return self.value is None or (isinstance(self.value, float) and np.isnan(self.value))
 
 
-def _with_error(value: Any, error: Any, digits: int) -> str:
-    return _cell(value, digits) + ("" if error is None else f" +-{_cell(error, digits)}")
+@dataclass
+class MetricRow:
+    """A row of the results table: one metric, a cell per model (the real-image row has one), chance if any."""
+
+    label: str
+    cells: list[Cell]
+    digits: int
+    chance: float | None = None
+    group: str = ""  # faithfulness, image, distribution, memorization, classifier
+    sub: bool = False  # a detail of the row above it
+
+
+def _interval(block: dict | None, key: str) -> tuple[float, float] | None:
+    ci = (block or {}).get(key, {}).get("ci95")
+    return (float(ci[0]), float(ci[1])) if ci and all(np.isfinite(ci)) else None
+
+
+def metric_rows(results: dict[str, dict[str, Any]]) -> list[MetricRow]:
+    """The table both `format_table` and the HTML report show: rows = what was measured (attributes and macro,
+    image metrics, distribution metrics, memorization, classifier AUROC), cells = models; chance from the first
+    model's labels."""
+    names = list(results)
+    first = results[names[0]]
+    rows: list[MetricRow] = []
+    if "faithfulness" in first:
+        for attr in [a for a in first["faithfulness"] if a != "macro"] + ["macro"]:
+            cells = [Cell(results[n]["faithfulness"].get(attr),
+                          ci95=_interval(results[n].get("faithfulness_intervals"), attr)) for n in names]
+            rows.append(MetricRow(attr, cells, 3, first["chance"].get(attr), "faithfulness"))
+    if "image_metrics" in first:
+        for metric in ("ssim", "psnr", "mse"):
+            rows.append(MetricRow(metric, [Cell(results[n]["image_metrics"][metric],
+                                                results[n]["image_metrics"].get(f"{metric}_se")) for n in names],
+                                  4, group="image"))
+    if "diversity" in first:
+        rows.append(MetricRow("diversity (ssim)", [Cell(results[n]["diversity"], results[n].get("diversity_se"))
+                                                   for n in names], 4, group="image"))
+    for key, error, digits in (("fid", "fid_se", 3), ("kid", "kid_std", 5), *((k, f"{k}_se", 3) for k in PRDC_KEYS)):
+        if key in first:
+            cells = [Cell(results[n].get(key), results[n].get(error),
+                          tuple(results[n]["fid_ci95"]) if key == "fid" and results[n].get("fid_ci95") else None)
+                     for n in names]
+            rows.append(MetricRow(key, cells, digits, group="distribution"))
+    if "memorization" in first:
+        rows.append(MetricRow("memorized share", [Cell(results[n]["memorization"]["flagged_fraction"],
+                                                       results[n]["memorization"]["flagged_fraction_se"])
+                                                  for n in names], 3, group="memorization"))
+        rows.append(MetricRow("threshold (ssim)", [Cell(results[n]["memorization"]["threshold"]) for n in names], 3,
+                              group="memorization", sub=True))
+    if "classifier" in first:
+        for finding in first["classifier"]["findings"]:
+            cells = [Cell(results[n]["classifier"]["findings"][finding]["generated"]["auroc"],
+                          results[n]["classifier"]["findings"][finding]["generated"]["se"]) for n in names]
+            rows.append(MetricRow(f"AUROC {finding}", cells, 3, group="classifier"))
+            real = first["classifier"]["findings"][finding].get("real", {})
+            if real.get("auroc") is not None:  # the same real images for every model
+                rows.append(MetricRow("on the real images", [Cell(real["auroc"], real["se"])], 3,
+                                      group="classifier", sub=True))
+    return rows
+
+
+def format_value(cell: Cell, digits: int) -> str:
+    return "-" if cell.missing() else f"{cell.value:.{digits}f}"
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
-    """Rows = what was measured (attributes and macro, image metrics, distribution metrics with their standard
-    error, memorization, classifier AUROC), columns = models; chance from the first model's labels."""
+    """`metric_rows` as text: each value with its standard error (+-) where one was computed; chance first."""
     names = list(results)
     first = results[names[0]]
     width = max(14, *(len(n) for n in names))
     lines = [f"{'':<24}{'chance':>8}" + "".join(f"{n:>{width + 2}}" for n in names)]
-
-    def row(label: str, cells: list[str], chance: str = "") -> None:
-        lines.append(f"{label:<24}{chance:>8}" + "".join(f"{c:>{width + 2}}" for c in cells))
-
-    if "faithfulness" in first:
-        for attr in [a for a in first["faithfulness"] if a != "macro"] + ["macro"]:
-            row(attr, [_cell(results[n]["faithfulness"].get(attr), 3) for n in names],
-                _cell(first["chance"].get(attr), 3))
-    if "image_metrics" in first:
-        for metric in ("ssim", "psnr", "mse"):
-            row(metric, [_cell(results[n]["image_metrics"][metric], 4) for n in names])
-    if "diversity" in first:
-        row("diversity (ssim)", [_cell(results[n]["diversity"], 4) for n in names])
-    for key, error, digits in (("fid", "fid_se", 3), ("kid", "kid_std", 5), *((k, f"{k}_se", 3) for k in PRDC_KEYS)):
-        if key in first:
-            row(key, [_with_error(results[n].get(key), results[n].get(error), digits) for n in names])
-    if "distribution" in first:
-        d = first["distribution"]
-        lines.append(f"  (features {d['features']}, {d['n_real']} real vs {d['n_generated']} generated images)")
-    if "memorization" in first:
-        row("memorized share", [_with_error(results[n]["memorization"]["flagged_fraction"],
-                                            results[n]["memorization"]["flagged_fraction_se"], 3) for n in names])
-        row("  threshold (ssim)", [_cell(results[n]["memorization"]["threshold"], 3) for n in names])
-    if "classifier" in first:
-        for finding in first["classifier"]["findings"]:
-            cells = [_with_error(results[n]["classifier"]["findings"][finding]["generated"]["auroc"],
-                                 results[n]["classifier"]["findings"][finding]["generated"]["se"], 3) for n in names]
-            real = first["classifier"]["findings"][finding].get("real", {})
-            row(f"AUROC {finding}"[:24], cells)
-            if real.get("auroc") is not None:  # the same real images for every model
-                row("  on the real images", [_with_error(real["auroc"], real["se"], 3)])
+    for row in metric_rows(results):
+        chance = "" if row.chance is None else format_value(Cell(row.chance), row.digits)
+        cells = [format_value(c, row.digits) + ("" if c.se is None else f" +-{format_value(Cell(c.se), row.digits)}")
+                 for c in row.cells]
+        label = ("  " if row.sub else "") + row.label
+        lines.append(f"{label[:24]:<24}{chance:>8}" + "".join(f"{c:>{width + 2}}" for c in cells))
+        if row.group == "distribution" and row.label == _last_distribution(first):
+            d = first["distribution"]
+            lines.append(f"  (features {d['features']}, {d['n_real']} real vs {d['n_generated']} generated images)")
     return "\n".join(lines)
+
+
+def _last_distribution(first: dict[str, Any]) -> str | None:
+    present = [k for k in ("fid", "kid", *PRDC_KEYS) if k in first]
+    return present[-1] if present and "distribution" in first else None

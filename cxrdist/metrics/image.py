@@ -29,7 +29,7 @@ def to_unit_batch(images: ArrayLike, value_range: tuple[float, float] = (0.0, 1.
     uint8 input is read as 0..255 whatever `value_range` says."""
     if isinstance(images, (list, tuple)):
         images = np.stack([np.asarray(i) for i in images])
-    t = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.asarray(images))
+    t = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
     if t.dtype == torch.uint8:
         t, value_range = t.float() / 255.0, (0.0, 1.0)
     t = t.detach().to(torch.float32).cpu()
@@ -49,18 +49,26 @@ def to_unit_batch(images: ArrayLike, value_range: tuple[float, float] = (0.0, 1.
 def image_metrics(generated: ArrayLike, reference: ArrayLike,
                   value_range: tuple[float, float] = (0.0, 1.0)) -> dict[str, float]:
     """Mean over image pairs of MSE, SSIM (11-px Gaussian window) and PSNR (dB), all on [0, 1] with
-    data_range=1.0. PSNR is computed per image then averaged; identical pairs are capped at 100 dB."""
+    data_range=1.0, each with the standard error of its mean over the pairs (`*_se`; None for one pair). PSNR
+    is computed per image then averaged; identical pairs are capped at 100 dB."""
     g, r = to_unit_batch(generated, value_range), to_unit_batch(reference, value_range)
     if g.shape != r.shape:
         raise ValueError(f"generated {tuple(g.shape)} and reference {tuple(r.shape)} differ in shape")
     mse = ((g - r) ** 2).mean(dim=(1, 2, 3))
     psnr = peak_signal_noise_ratio(g, r, data_range=DATA_RANGE, reduction="none", dim=(1, 2, 3))
-    ssim = structural_similarity_index_measure(g, r, data_range=DATA_RANGE)
-    return {
-        "mse": float(mse.mean()),
-        "ssim": float(ssim),
-        "psnr": float(torch.nan_to_num(psnr, posinf=100.0).clamp(max=100.0).mean()),
-    }
+    ssim = structural_similarity_index_measure(g, r, data_range=DATA_RANGE, reduction="none")
+    per_pair = {"mse": mse, "ssim": ssim, "psnr": torch.nan_to_num(psnr, posinf=100.0).clamp(max=100.0)}
+    out: dict[str, float | None] = {}
+    for name, values in per_pair.items():
+        out[name] = float(values.mean())
+        out[f"{name}_se"] = standard_error(values.double().numpy())
+    return out
+
+
+def standard_error(values: np.ndarray) -> float | None:
+    """Standard error of the mean (sample standard deviation / sqrt(n)); None below two values."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) >= 2 else None
 
 
 def diversity(images: ArrayLike, value_range: tuple[float, float] = (0.0, 1.0), measure: str = "auto") -> float:

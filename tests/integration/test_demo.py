@@ -33,6 +33,8 @@ def test_demo_script_runs_every_step_in_short_form(tmp_path):
     results = json.loads((out / "evaluate.json").read_text())
     assert len(results) == 2  # base and adapter, side by side
     assert all("macro" in r["faithfulness"] for r in results.values())
+    report = (out / "report.html").read_text()  # base and adapter in one chart, each labelled
+    assert "<svg" in report and "(base)" in report and "(trained from " in report
     assert "tensorboard --logdir" in proc.stdout and "macro" in proc.stdout
     assert "(a 10 budget, at most 2 steps)" in proc.stdout
     assert "trained 2 of at most 2 steps in " in proc.stdout  # the step it reached

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from cxrdist.cli import main
 from cxrdist.metrics.attributes import ATTRIBUTES
 from cxrdist.models.loading import load_base
+from support.browser import open_page
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +92,11 @@ def test_evaluate_all_metrics_writes_json_keys_and_a_self_contained_report(pretr
     page = report.read_text()
     assert page.startswith("<!DOCTYPE html>") and page.count("data:image/png;base64,") >= 12
     assert "closest generated-training pairs" in page and "src=\"http" not in page  # nothing to fetch
+    # Every metric of a full run, as a reader's browser shows it: all its images load, nothing is requested.
+    shown = open_page(report)
+    assert shown.other_requests == [] and shown.console_errors == [] and shown.broken_images == []
+    assert shown.images >= 12 and "memorized share" in shown.text and "AUROC" in shown.text
+    assert f"{str(pretrained_base)} (base)" in shown.text
 
 
 def test_evaluate_names_the_bad_metric_or_features(pretrained_base, phantom_shards):
