@@ -110,7 +110,8 @@ def list_memory(rows: int, report_chars: int) -> None:
     import sys
 
     from cxrdist.data.listing import list_records
-    from cxrdist.data.shard import ShardOptions, assign_splits, filled_shards
+    from cxrdist.data.sharding.options import ShardOptions
+    from cxrdist.data.sharding.splits import assign_splits, filled_shards
     from cxrdist.data.sources.mimic_cxr import MimicCXRSource
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,8 +2,10 @@
 
 Every JSON, YAML or JSON-lines file the toolkit writes (index.json, checkpoint markers, trainer state, run and
 evaluation summaries) goes through `write_text_atomic`, and single binary files (the kohya LoRA export) through
-`write_bytes_atomic`: a temporary name in the same folder, flushed and fsynced, then renamed over the target.
-A crash or a full disk leaves the previous file or none, never a torn one.
+`write_bytes_atomic`, and files written piece by piece (shard tars, preview images) through `atomic_file`: a
+temporary name in the same folder, flushed and fsynced, then renamed over the target. A crash or a full disk
+leaves the previous file or none, never a torn one. `probe_writable` tells, before any work, whether a folder
+takes files at all.
 
 Temporary names are unique to the process and recognisably ours (`temp_name`): a user's `x.tmp` beside the
 target is never overwritten or removed. Paths that come from outside (a user, a manifest, a checkpoint, a model
@@ -12,6 +14,7 @@ device reads without end.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -19,7 +22,7 @@ import os
 import stat
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Iterator
 
 TEMP_SUFFIX = ".cxrdist-tmp"  # every temporary file or folder this toolkit creates ends with it
 
@@ -82,19 +85,29 @@ def check_not_special(path: str | os.PathLike, what: str, error: type[Exception]
         raise error(f"{what} {path} is {kind}, not a regular file: point it at a file")
 
 
-def _write_atomic(path: str | os.PathLike, data: str | bytes, mode: str, **open_kwargs: Any) -> Path:
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "wb", **open_kwargs: Any) -> Iterator[IO]:
+    """An open file that becomes `path` when the body ends without an exception: written under `temp_name(path)`,
+    flushed and fsynced, then renamed over it. On any exception the temporary file is removed and `path` is as
+    it was. The one temporary-name-and-rename route: text, JSON, tar shards and preview images all take it."""
     path = Path(path)
     tmp = temp_name(path)
     try:
         with open(tmp, mode, **open_kwargs) as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the error that stopped the write is the one to report
+            tmp.unlink(missing_ok=True)
         raise
-    return path
+
+
+def _write_atomic(path: str | os.PathLike, data: str | bytes, mode: str, **open_kwargs: Any) -> Path:
+    with atomic_file(path, mode, **open_kwargs) as handle:
+        handle.write(data)
+    return Path(path)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -125,3 +138,15 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def probe_writable(folder: str | os.PathLike, *, parents: bool = True) -> None:
+    """Create `folder` when it is missing, then create and remove a file in it; OSError when that fails.
+
+    Trying is the only reliable test: os.access says yes to root on a read-only mount. The probe's name is
+    temp_name's, unique to the process, so two writers probing one folder at once do not trip each other."""
+    folder = Path(folder)
+    folder.mkdir(parents=parents, exist_ok=True)
+    probe = temp_name(folder / "write-test")
+    probe.write_bytes(b"")
+    probe.unlink()

@@ -1,9 +1,7 @@
 """`cxrdist shard inspect`: the index summary in words, checksum verification, a preview grid with prompts."""
 from __future__ import annotations
 
-import contextlib
 import io
-import os
 import textwrap
 from collections import Counter
 from pathlib import Path
@@ -16,7 +14,7 @@ from cxrdist.data.index import TEST_SPLIT, ShardIndex
 from cxrdist.data.storage import safe_text
 from cxrdist.data.tars import read_samples
 from cxrdist.errors import DataError
-from cxrdist.fileio import temp_name
+from cxrdist.fileio import atomic_file
 
 
 def summary_lines(index: ShardIndex, top_labels: int = 8) -> list[str]:
@@ -88,14 +86,11 @@ def preview_grid(index: ShardIndex, out_path: str | Path, *, n: int = 16, split:
         for k, line in enumerate(lines):
             draw.text((x + 3, y + cell + 2 + k * line_height), line, fill=0, font=font)
     out_path = Path(out_path)
-    tmp = temp_name(out_path)
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        canvas.save(tmp, format="PNG")
-        os.replace(tmp, out_path)
+        with atomic_file(out_path) as handle:
+            canvas.save(handle, format="PNG")
     except OSError as exc:  # a read-only mount, a full disk, no permission
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         raise DataError(f"cannot write the preview {out_path} ({exc.strerror or exc}): {out_path.parent} is not "
                         "writable; pass --preview <a writable path>, or --no-preview") from None
     return out_path

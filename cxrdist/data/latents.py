@@ -39,10 +39,11 @@ import numpy as np
 from cxrdist.data import storage
 from cxrdist.data.imageio import to_model_range
 from cxrdist.data.index import PARTS_DIR, latents_record, load_index, record_latents
-from cxrdist.data.shard import build_lock, stats_path
+from cxrdist.data.sharding.layout import stats_path
+from cxrdist.data.sharding.lock import build_lock
 from cxrdist.data.tars import read_samples, write_tar
 from cxrdist.errors import DataError
-from cxrdist.fileio import TEMP_SUFFIX, is_disk_full, temp_name, write_json_atomic
+from cxrdist.fileio import TEMP_SUFFIX, is_disk_full, probe_writable, temp_name, write_json_atomic
 from cxrdist.progress import progress_meter
 
 log = logging.getLogger(__name__)
@@ -170,10 +171,7 @@ def _check_writable(root: Path) -> None:
     """Create and remove a file in the set and in its .parts: a read-only set fails here, before the VAE loads."""
     for folder in (root, root / PARTS_DIR):
         try:
-            folder.mkdir(exist_ok=True)
-            probe = temp_name(folder / "write-test")
-            probe.write_bytes(b"")
-            probe.unlink()
+            probe_writable(folder, parents=False)  # the set itself must exist: only .parts may be made here
         except OSError as exc:
             problem = _write_problem(root, exc)
             if problem is None:

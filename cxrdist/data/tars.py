@@ -14,7 +14,7 @@ from typing import BinaryIO, Iterator, Sequence
 
 from cxrdist.data import storage
 from cxrdist.errors import DataError
-from cxrdist.fileio import sha256_file, temp_name
+from cxrdist.fileio import atomic_file, sha256_file
 
 # well above the largest real member: a 4096 x 4096 16-bit PNG is 32 MiB, a latents array far less
 MAX_MEMBER_BYTES = 256 << 20
@@ -28,22 +28,15 @@ def write_tar(path: Path, samples: Sequence[tuple[str, dict[str, bytes]]]) -> tu
     tarfile directly rather than webdataset's TarWriter: every header field is fixed here (mtime 0, owner
     0/0, mode 0444), which the byte-identical guarantee needs, and the build stays free of a torch import.
     """
-    tmp = temp_name(path)
-    try:
-        with open(tmp, "wb") as handle:
-            with tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for key, parts in samples:
-                    for ext in sorted(parts):
-                        info = tarfile.TarInfo(f"{key}.{ext}")
-                        info.size, info.mtime, info.mode = len(parts[ext]), 0, 0o444
-                        tar.addfile(info, io.BytesIO(parts[ext]))
-            handle.flush()
-            os.fsync(handle.fileno())
-        digest, size = sha256_file(tmp), tmp.stat().st_size
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as handle:
+        with tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for key, parts in samples:
+                for ext in sorted(parts):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size, info.mtime, info.mode = len(parts[ext]), 0, 0o444
+                    tar.addfile(info, io.BytesIO(parts[ext]))
+        handle.flush()  # hashed under its temporary name: a shard that cannot be hashed never appears
+        digest, size = sha256_file(handle.name), os.fstat(handle.fileno()).st_size
     return digest, size
 
 

@@ -17,9 +17,10 @@ OPTS = dict(size=32, folds=3, test_fraction=0.2, seed=3, shard_size=3, progress=
 CRASH = textwrap.dedent("""
     import os, signal, sys
     from cxrdist.data import shard as m
+    from cxrdist.data.sharding import writer
     from cxrdist.data.sources.manifest import ManifestSource
     from cxrdist.fileio import temp_name
-    real, calls = m.write_tar, []
+    real, calls = writer.write_tar, []
     def write_then_die(path, samples):
         calls.append(path.name)
         if len(calls) == 4:  # half a shard on disk under its temp name, then the process dies hard
@@ -27,7 +28,7 @@ CRASH = textwrap.dedent("""
             tmp.write_bytes(b"partial" * 100)
             os.kill(os.getpid(), signal.SIGKILL)
         return real(path, samples)
-    m.write_tar = write_then_die
+    writer.write_tar = write_then_die
     m.build_shards(ManifestSource(sys.argv[1]), sys.argv[2], workers=2, **eval(sys.argv[3]))
 """)
 

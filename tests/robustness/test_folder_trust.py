@@ -119,7 +119,7 @@ def test_cache_latents_refuses_a_held_set_before_the_vae_loads(fresh, other_proc
 
 
 def test_a_build_resume_is_refused_while_cache_latents_holds_the_set(fresh):
-    from cxrdist.data.shard import build_lock
+    from cxrdist.data.sharding.lock import build_lock
 
     before = shards_of(fresh)
     with build_lock(fresh, elsewhere="shard set"):  # what cache-latents holds while it runs

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from cxrdist.data.shard import assign_splits
+from cxrdist.data.sharding.splits import assign_splits
 
 
 def gradient(height: int, width: int, *, seed: int = 0) -> np.ndarray:
@@ -171,9 +171,9 @@ def fill_disk_at_shard(monkeypatch, n: int) -> list[str]:
     write, in order."""
     import errno
 
-    from cxrdist.data import shard as shard_module
+    from cxrdist.data.sharding import writer as shard_writer
 
-    real_write, calls = shard_module.write_tar, []
+    real_write, calls = shard_writer.write_tar, []
 
     def failing_write(path, samples):
         calls.append(path.name)
@@ -181,7 +181,7 @@ def fill_disk_at_shard(monkeypatch, n: int) -> list[str]:
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real_write(path, samples)
 
-    monkeypatch.setattr(shard_module, "write_tar", failing_write)
+    monkeypatch.setattr(shard_writer, "write_tar", failing_write)
     return calls
 
 

@@ -11,7 +11,7 @@ import torch
 
 from cxrdist.data.index import sha256_file
 from cxrdist.data.loader import batches_per_epoch, eval_loader, train_loader
-from cxrdist.data.shard import write_tar
+from cxrdist.data.tars import write_tar
 from cxrdist.errors import DataError
 from support.data_files import build_uneven_shard_set, loader_keys
 

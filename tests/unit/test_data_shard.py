@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from cxrdist.data import shard as shard_module
 from cxrdist.data.index import load_index, verify_checksums
-from cxrdist.data.shard import ShardOptions, assign_splits, build_shards
+from cxrdist.data.shard import build_shards
+from cxrdist.data.sharding import writer as shard_writer
+from cxrdist.data.sharding.options import ShardOptions
+from cxrdist.data.sharding.splits import assign_splits
 from cxrdist.data.sources.manifest import ManifestSource
 from cxrdist.errors import DataError, InputError
 from support.data_files import fill_disk_at_shard, make_manifest_set, tar_members, tar_metas
@@ -79,13 +81,13 @@ def test_existing_output_needs_resume_and_matching_options(tmp_path, manifest):
 
 
 def test_disk_full_keeps_completed_shards_then_resume_finishes(tmp_path, manifest, monkeypatch):
-    real_write = shard_module.write_tar
+    real_write = shard_writer.write_tar
     calls = fill_disk_at_shard(monkeypatch, 3)
     with pytest.raises(DataError, match="disk full while writing .*--resume"):
         build_shards(ManifestSource(manifest), tmp_path / "out", **OPTS)
     kept = sorted(p.name for p in (tmp_path / "out").glob("*.tar"))
     assert kept == sorted(calls[:2]) and not (tmp_path / "out" / "index.json").exists()
-    monkeypatch.setattr(shard_module, "write_tar", real_write)
+    monkeypatch.setattr(shard_writer, "write_tar", real_write)
     index = build_shards(ManifestSource(manifest), tmp_path / "out", **{**OPTS, "resume": True})
     build_shards(ManifestSource(manifest), tmp_path / "clean", **OPTS)
     assert index["run"]["processed"] < 24

@@ -6,7 +6,8 @@ import socket
 
 import pytest
 
-from cxrdist.data.shard import LOCK_NAME, build_lock, build_shards
+from cxrdist.data.shard import build_shards
+from cxrdist.data.sharding.lock import LOCK_NAME, build_lock
 from cxrdist.data.sources.manifest import ManifestSource
 from cxrdist.errors import DataError
 from support.data_files import make_manifest_set

@@ -10,8 +10,10 @@ import pytest
 from click.testing import CliRunner
 
 from cxrdist.cli import main
-from cxrdist.data import shard as shard_module
-from cxrdist.data.shard import BuildRejected, assign_splits, build_shards
+from cxrdist.data.shard import build_shards
+from cxrdist.data.sharding import writer as shard_writer
+from cxrdist.data.sharding.outcome import BuildRejected
+from cxrdist.data.sharding.splits import assign_splits
 from cxrdist.data.sources.manifest import ManifestSource
 from cxrdist.errors import DataError
 from support.data_files import fill_disk_at_shard, make_manifest_set
@@ -82,12 +84,12 @@ def test_split_emptied_by_rejects_fails(tmp_path):
 def test_failed_resume_keeps_the_shards_an_earlier_build_completed(tmp_path, monkeypatch):
     root = tmp_path / "in"
     manifest = make_manifest_set(root)
-    real_write = shard_module.write_tar
+    real_write = shard_writer.write_tar
     fill_disk_at_shard(monkeypatch, 3)
     out = tmp_path / "out"
     with pytest.raises(DataError, match="disk full"):
         build_shards(ManifestSource(manifest), out, **OPTS)
-    monkeypatch.setattr(shard_module, "write_tar", real_write)
+    monkeypatch.setattr(shard_writer, "write_tar", real_write)
     kept = {p.name: p.read_bytes() for p in out.glob("*.tar")}
     assert len(kept) == 2
 
@@ -109,7 +111,7 @@ def test_failed_resume_keeps_the_shards_an_earlier_build_completed(tmp_path, mon
 
 
 def test_max_reject_fraction_is_checked_and_not_part_of_the_plan(tmp_path):
-    from cxrdist.data.shard import ShardOptions
+    from cxrdist.data.sharding.options import ShardOptions
     from cxrdist.errors import InputError
 
     with pytest.raises(InputError, match="--max-reject-fraction must be in"):
@@ -125,7 +127,7 @@ def test_max_reject_fraction_is_checked_and_not_part_of_the_plan(tmp_path):
 
 @pytest.mark.parametrize("seed", [-1, 2**64])
 def test_a_seed_out_of_range_is_refused_in_one_line(seed):
-    from cxrdist.data.shard import ShardOptions
+    from cxrdist.data.sharding.options import ShardOptions
     from cxrdist.errors import InputError
 
     with pytest.raises(InputError, match=r"--seed must be in 0..2\*\*63-1"):

@@ -36,7 +36,7 @@ def test_damaged_kept_shards_are_rebuilt(tmp_path, manifest, clean, caplog):
     flipped.write_bytes(bytes(data))
     truncated.write_bytes(truncated.read_bytes()[:-512])
     (out / ".parts" / bad_stats.name.replace(".tar", ".json")).write_text("{not json")
-    with caplog.at_level(logging.WARNING, logger="cxrdist.data.shard"):
+    with caplog.at_level(logging.WARNING, logger="cxrdist.data.sharding.resume"):
         index = build_shards(ManifestSource(manifest), out, **{**OPTS, "resume": True})
     assert index["run"]["shards_rebuilt"] == 3 and index["run"]["shards_written"] == 3
     assert index["run"]["shards_resumed"] == len(list(out.glob("*.tar"))) - 3

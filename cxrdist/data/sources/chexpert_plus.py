@@ -24,7 +24,7 @@ import numpy as np
 
 from cxrdist.data.imageio import decode_file
 from cxrdist.data.reports import DEFAULT_SECTIONS, build_prompt, check_sections, has_words, split_sections
-from cxrdist.data.sources.base import Record
+from cxrdist.data.sources.base import ListingRejects, Record
 from cxrdist.data.sources.tables import (CHEXPERT_LABELS, FRONTAL_VIEWS, SAFE_ID, check_policy,
                                          chexpert_labels, parse_views, read_table, view_wanted)
 from cxrdist.errors import DataError
@@ -41,7 +41,7 @@ _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _UNSAFE_KEY = re.compile(r"[^A-Za-z0-9_-]")
 
 
-class CheXpertPlusSource:
+class CheXpertPlusSource(ListingRejects):
     name = "chexpert-plus"
 
     def __init__(self, root: str | Path, table: str | Path, image_format: str = "png",
@@ -62,7 +62,7 @@ class CheXpertPlusSource:
         self.fallback = fallback
         self.official_split = official_split
         self.uncertain = check_policy(uncertain)
-        self._rejected: list[tuple[str, str, str]] = []
+        self._clear_rejects()
         self._summary: Counter = Counter()
 
     @property
@@ -83,7 +83,8 @@ class CheXpertPlusSource:
                             "to parse it from: choose other --sections")
 
     def records(self) -> Iterator[Record]:
-        self._rejected, self._summary = [], Counter()
+        self._clear_rejects()
+        self._summary = Counter()
         header, rows = read_table(self.table)
         self._check_header(header)
         label_columns = [name for name in CHEXPERT_LABELS if name in header]
@@ -148,12 +149,6 @@ class CheXpertPlusSource:
                     sections[name] = str(row[column])
                     break
         return build_prompt(sections, self.sections, report.last_paragraph if self.fallback else "")
-
-    def _reject(self, identifier: str, reason: str, detail: str) -> None:
-        self._rejected.append((identifier, reason, detail))
-
-    def rejected(self) -> list[tuple[str, str, str]]:
-        return list(self._rejected)
 
     def summary(self) -> dict[str, object]:
         counts = {key: int(self._summary[key]) for key in ("rows", "images", "other_views")}

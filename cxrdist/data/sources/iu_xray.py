@@ -21,7 +21,7 @@ import numpy as np
 
 from cxrdist.data.imageio import decode_file
 from cxrdist.data.reports import build_prompt, clean_text, has_words
-from cxrdist.data.sources.base import Record, RecordRejected
+from cxrdist.data.sources.base import ListingRejects, Record, RecordRejected
 from cxrdist.errors import DataError
 
 # clean_text and has_words are imported from here by older callers: the shared parser (cxrdist.data.reports)
@@ -69,7 +69,7 @@ def _within(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-class IUXraySource:
+class IUXraySource(ListingRejects):
     """Records from extracted NLMCXR folders: `roots` hold ecgen-radiology/*.xml and the PNGs (any depth).
 
     `exclude` are folders never scanned from a root outside them: the shard output and its download cache
@@ -86,7 +86,7 @@ class IUXraySource:
         self.roots = [Path(r) for r in roots]
         self.exclude = [Path(e).resolve() for e in exclude]
         self.fields = tuple(fields)
-        self._rejected: list[tuple[str, str, str]] = []
+        self._clear_rejects()
         self._summary: Counter = Counter()
 
     def _walk(self, root: Path) -> Iterator[tuple[Path, list[str]]]:
@@ -125,7 +125,8 @@ class IUXraySource:
         return index
 
     def records(self) -> Iterator[Record]:
-        self._rejected, self._summary = [], Counter()
+        self._clear_rejects()
+        self._summary = Counter()
         images = self._image_index()
         seen_images: set[str] = set()
         seen_reports: dict[str, str] = {}
@@ -134,7 +135,7 @@ class IUXraySource:
                 report = parse_report(path)
             except RecordRejected as exc:
                 self._summary["reports_seen"] += 1
-                self._reject(path.name, exc.reason, exc.detail)
+                self._reject_because(path.name, exc)
                 continue
             if report.uid in seen_reports:  # a second copy of the collection (archive and extracted folder)
                 self._reject(str(path), "duplicate_report",
@@ -164,12 +165,6 @@ class IUXraySource:
                 yield Record(uid=_UNSAFE_KEY.sub("_", image_id), group=report.uid, prompt=prompt,
                              labels=list(report.mesh), view="", source=self.name,
                              source_path=str(images[image_id]), extra={"report_file": report.file})
-
-    def _reject(self, identifier: str, reason: str, detail: str) -> None:
-        self._rejected.append((identifier, reason, detail))
-
-    def rejected(self) -> list[tuple[str, str, str]]:
-        return list(self._rejected)
 
     def summary(self) -> dict[str, int]:
         """Counts from the last records() pass: reports seen/used, images listed/found/missing."""

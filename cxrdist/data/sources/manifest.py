@@ -33,7 +33,7 @@ import numpy as np
 
 from cxrdist.data.imageio import decode_file
 from cxrdist.data.reports import check_sections, clean_text, has_words, report_prompt, unicode_problem
-from cxrdist.data.sources.base import Record, RecordRejected
+from cxrdist.data.sources.base import ListingRejects, Record, RecordRejected
 from cxrdist.errors import DataError
 from cxrdist.fileio import check_not_special, special_file_kind
 
@@ -186,7 +186,7 @@ def _unused_key(candidate: str, taken: set[str]) -> str:
     return key
 
 
-class ManifestSource:
+class ManifestSource(ListingRejects):
     name = "manifest"
 
     def __init__(self, manifest: str | Path, columns: ManifestColumns | None = None,
@@ -202,7 +202,7 @@ class ManifestSource:
         # None: the whole report text is the prompt; else only these sections (cxrdist.data.reports)
         self.sections = check_sections(sections) if sections is not None else None
         self.fallback = fallback
-        self._rejected: list[tuple[str, str, str]] = []
+        self._clear_rejects()
         self._summary = {"rows": 0, "records": 0}
 
     def _resolve_columns(self, header: list[str]) -> dict[str, Optional[str]]:
@@ -313,7 +313,8 @@ class ManifestSource:
         return [part.strip() for part in text.split(self.columns.label_sep) if part.strip()]
 
     def records(self) -> Iterator[Record]:
-        self._rejected, self._summary = [], {"rows": 0, "records": 0}
+        self._clear_rejects()
+        self._summary = {"rows": 0, "records": 0}
         header, rows = read_rows(self.manifest)
         cols = self._resolve_columns(header)
         seen: set[str] = set()
@@ -323,21 +324,21 @@ class ManifestSource:
             try:
                 self._check_unicode(row, cols)
             except RecordRejected as exc:
-                self._rejected.append((where, exc.reason, exc.detail))
+                self._reject_because(where, exc)
                 continue
             image, group = str(row.get(cols["image"]) or "").strip(), str(row.get(cols["group"]) or "").strip()
             if not image or not group:
-                self._rejected.append((where, "bad_row", f"empty {cols['image'] if not image else cols['group']}"))
+                self._reject(where, "bad_row", f"empty {cols['image'] if not image else cols['group']}")
                 continue
             try:
                 image_path = self._checked_path(image, "image")
                 prompt = self._text(row, cols)
             except RecordRejected as exc:
-                self._rejected.append((where, exc.reason, exc.detail))
+                self._reject_because(where, exc)
                 continue
             if not has_words(prompt):
                 what = f"no words in {'/'.join(self.sections)}" if self.sections else "no report text"
-                self._rejected.append((where, "empty_report", what))
+                self._reject(where, "empty_report", what)
                 continue
             base = str(row.get(cols["uid"]) or "") if cols["uid"] else ""
             uid = _UNSAFE_KEY.sub("_", base or Path(image).stem) or f"row{line}"
@@ -349,9 +350,6 @@ class ManifestSource:
                          labels=self._labels(row.get(cols["labels"]) if cols["labels"] else None),
                          view=str(row.get(cols["view"]) or "").strip().upper() if cols["view"] else "",
                          source=self.name, source_path=str(image_path), extra={"row": line})
-
-    def rejected(self) -> list[tuple[str, str, str]]:
-        return list(self._rejected)
 
     def summary(self) -> dict[str, int]:
         return dict(self._summary)

@@ -27,7 +27,7 @@ import numpy as np
 
 from cxrdist.data.imageio import decode_file
 from cxrdist.data.reports import DEFAULT_SECTIONS, check_sections, has_words, report_prompt
-from cxrdist.data.sources.base import Record, RecordRejected
+from cxrdist.data.sources.base import ListingRejects, Record, RecordRejected
 from cxrdist.data.sources.manifest import MAX_REPORT_BYTES
 from cxrdist.data.sources.tables import (CHEXPERT_LABELS, FRONTAL_VIEWS, SAFE_ID, check_policy,
                                          chexpert_labels, find_table, parse_views, read_table, view_wanted)
@@ -117,7 +117,7 @@ class ReportStore:
             raise RecordRejected("undecodable_report", f"{name}: not UTF-8 text (byte offset {exc.start})") from None
 
 
-class MimicCXRSource:
+class MimicCXRSource(ListingRejects):
     name = "mimic-cxr"
 
     def __init__(self, root: str | Path, reports: str | Path | None = None, views: Sequence[str] | str = FRONTAL_VIEWS,
@@ -141,7 +141,7 @@ class MimicCXRSource:
                             "--no-official-split to draw the test split from --test-fraction")
         self.label_table = self._label_table(labeler)
         self.reports = self._reports(reports)
-        self._rejected: list[tuple[str, str, str]] = []
+        self._clear_rejects()
         self._summary: Counter = Counter()
 
     def _layout(self, layout: str) -> str:
@@ -214,7 +214,8 @@ class MimicCXRSource:
 
     # ---- records -------------------------------------------------------------------------------------------
     def records(self) -> Iterator[Record]:
-        self._rejected, self._summary = [], Counter()
+        self._clear_rejects()
+        self._summary = Counter()
         splits, labels, views = self._splits(), self._labels(), self._views()
         table = self.metadata if self.layout == "jpg" else self.record_list
         required = ("dicom_id", "subject_id", "study_id") + (("path",) if self.layout == "dicom" else ())
@@ -253,7 +254,7 @@ class MimicCXRSource:
                     last_study = ((subject, study), self._prompt(store, subject, study))
                 prompt = last_study[1]
                 if isinstance(prompt, RecordRejected):
-                    self._reject(dicom, prompt.reason, prompt.detail)
+                    self._reject_because(dicom, prompt)
                     continue
                 positive, negative = labels.get((subject, study), ((), ()))
                 self._summary["images"] += 1
@@ -280,12 +281,6 @@ class MimicCXRSource:
             what = "/".join(self.sections) + (" (nor a last paragraph)" if self.fallback else "")
             return RecordRejected("empty_report", f"s{study}.txt has no words in {what}")
         return prompt
-
-    def _reject(self, identifier: str, reason: str, detail: str) -> None:
-        self._rejected.append((identifier, reason, detail))
-
-    def rejected(self) -> list[tuple[str, str, str]]:
-        return list(self._rejected)
 
     def summary(self) -> dict[str, object]:
         """Counts from the last records() pass, and which tables were read."""

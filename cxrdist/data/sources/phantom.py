@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -498,7 +498,8 @@ class PhantomSource:
                 extra={"phantom": study.geometry()},
             )
 
-    def load(self, record: Record) -> np.ndarray:
+    def load(self, record: Record, fit: Optional[tuple[int, str]] = None) -> np.ndarray:
+        # fit is ignored: a phantom is drawn at its own size, there is no large file to decode smaller
         index = int(record.extra["phantom"]["index"]) if record.extra else int(record.uid.rsplit("-", 1)[1])
         return draw_study(index, self.seed).render(self.size)
 
