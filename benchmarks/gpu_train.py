@@ -77,7 +77,6 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import itertools
 import json
 import math
 import os
@@ -99,6 +98,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from cxrdist.errors import CxrdistError  # noqa: E402  (after the repository is on the path)
 from cxrdist.fileio import write_text_atomic  # noqa: E402
 from cxrdist.processes import kill_tree  # noqa: E402
+from cxrdist.train.steps import endless_batches  # noqa: E402  (training batches across epochs)
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s (the datasheets' sparse figures halved), keyed by the EXACT
 # torch.cuda.get_device_name() string. Exact, because names that share a substring differ: "NVIDIA H100 PCIe" (756)
@@ -312,12 +312,6 @@ def probe_device(isolated: bool) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 # One variant (runs in a worker process, or in-process)
 # ---------------------------------------------------------------------------------------------------------
-
-def endless_batches(data):
-    """Training batches across epochs (shards are sized for one epoch; a second one only costs data time)."""
-    for epoch in itertools.count():
-        yield from data.train_batches(epoch)
-
 
 def sync(device) -> None:
     import torch

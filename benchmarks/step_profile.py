@@ -57,13 +57,14 @@ def measure(shards: str, base: Path, run_dir: Path, steps: int) -> dict:
 
     from cxrdist.config import load_config
     from cxrdist.train.data import ShardData
+    from cxrdist.train.steps import endless_batches
     from cxrdist.train.trainer import Trainer
 
     cfg = load_config("demo", [f"data.shards={shards}", f"model.pretrained={base}", "eval.eval_every_steps=0",
                                "train.checkpoint_every=0"])
     trainer = Trainer(cfg, fold=0, run_dir=run_dir, data_factory=functools.partial(ShardData, cfg, 0))
     trainer.model.train()
-    batches_iter = iter(trainer.data.train_batches(0, start_batch=0))
+    batches_iter = endless_batches(trainer.data)  # into the next epoch where one is short of 2 * steps + 2
     batches = [next(batches_iter) for _ in range(2 * steps + 2)]
     started = time.perf_counter()
     for batch in batches:  # warm the text cache: every report of these batches, and the empty prompt

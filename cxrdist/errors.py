@@ -8,15 +8,29 @@ class CxrdistError(Exception):
 
 
 def write_line(text: str) -> None:
-    """`text` on stderr as one line of its own, at once: below a progress bar still on the line (tqdm clears it
-    first), and in one write, so the lines several ranks print at the same moment never run into each other."""
+    """`text` on stderr as one line of its own, at once: below a progress bar still on the line, and in one write,
+    so the lines several ranks print at the same moment never run into each other.
+
+    On a terminal tqdm clears its bar first. In a log (a file, a pipe: a bar forced there, or a library's own bar)
+    that clearing is a carriage return, which leaves the bar's text at the start of the log's line: the line
+    then starts with a newline of its own, so a reader that splits the log on newlines finds it whole."""
     import sys
 
     from tqdm import tqdm
 
     with tqdm.external_write_mode(file=sys.stderr):
-        sys.stderr.write(text + "\n")
+        # tqdm keeps its open bars in a class-level set; external_write_mode walks the same set
+        under_bar = any(not getattr(bar, "disable", False) and getattr(bar, "fp", None) is not None
+                        and not _is_terminal(bar.fp) for bar in list(getattr(tqdm, "_instances", ())))
+        sys.stderr.write(("\n" if under_bar else "") + text + "\n")
         sys.stderr.flush()
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):  # no isatty, or a closed stream
+        return False
 
 
 def report_now(error: CxrdistError) -> CxrdistError:

@@ -26,6 +26,7 @@ from cxrdist.errors import InputError
 from cxrdist.train.checkpoint import TRAIN_LOCK, check_resumable, complete_checkpoints
 from support.fakes import make_trainer, reset_accelerate
 from support.launching import ACCEL, free_port
+from support.processes import reap, start
 from support.robustness import Result, error_line, snapshot
 from support.training import REPO, child_env, run_reaped
 
@@ -74,9 +75,9 @@ def wait_stopped(pid: int, timeout: float = 240.0) -> None:
 @pytest.mark.timeout(600)
 def test_a_live_training_owns_its_folder_until_it_dies(shards, tmp_path):
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, *train_argv(shards, out)], cwd=REPO, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL,
-                              env=child_env(CXRDIST_FAULT_KILL_AT_STEP="1", CXRDIST_FAULT_SIGNAL="SIGSTOP"))
+    holder = start([sys.executable, *train_argv(shards, out)], cwd=REPO, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL,
+                   env=child_env(CXRDIST_FAULT_KILL_AT_STEP="1", CXRDIST_FAULT_SIGNAL="SIGSTOP"))
     try:
         wait_stopped(holder.pid)  # alive, mid-run, its step-1 checkpoint written
         fold = out / "fold1"
@@ -100,8 +101,7 @@ def test_a_live_training_owns_its_folder_until_it_dies(shards, tmp_path):
         assert all(re.match(busy, line) for line in lines), lines
         assert state_of(out) == before
     finally:
-        holder.kill()
-        holder.wait()
+        reap(holder)  # stopped, with whatever it started: killed and waited for, however the test went
     # Its holder dead, the lock is stale: taken over, and the run continues from the step-1 checkpoint.
     done = run_reaped([sys.executable, *train_argv(shards, out, "--resume", "latest")], env=child_env(), timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
 
-from cxrdist.processes import kill_tree
+from support.processes import PORT_TRIES, free_port, port_taken, reap, start  # free_port: tests import it here
 from support.training import REPO, child_env, run_reaped
 
 ACCEL = REPO / "configs" / "accelerate"
@@ -24,12 +24,6 @@ STEP4 = Path("fold1") / "checkpoints" / "step_00000004"
 # LoRA values after 4 steps at lr 1e-2 (|w| up to ~0.5): ZeRO-3 vs ZeRO-2 measured 1.3e-5, DDP vs one process
 # ~1e-5 (float reduction order); a wrong gather, a missing rank or a different batch is >= 1e-3.
 ADAPTER_ATOL = 1e-4
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def train_args(shards: Path, out: Path, sets: list[str], extra: tuple[str, ...] = ()) -> list[str]:
@@ -54,48 +48,57 @@ def launch(config: Path | None, shards: Path, out: Path, *sets: str, extra: tupl
 
 def launch_until(config: Path, shards: Path, out: Path, *sets: str, line_starts: str, env=None,
                  timeout: int = LAUNCH_TIMEOUT_S) -> tuple[str | None, str]:
-    """Like `launch`, but read stderr only until a line starting with `line_starts` appears, then SIGKILL the
-    launcher and all its ranks (a SIGSTOPped rank included, which the launcher would wait 30 s for).
-    Returns (that line or None, the stderr read so far)."""
-    import time
-
-    proc = subprocess.Popen(launch_command(config, shards, out, sets, ()), cwd=REPO,
-                            env=env or child_env(DS_ACCELERATOR="cpu"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline, seen, found = time.monotonic() + timeout, [], None
-    try:
-        for line in proc.stderr:
-            seen.append(line)
-            if line.startswith(line_starts):
-                found = line.rstrip("\n")
-                break
-            if time.monotonic() > deadline:
-                break
-    finally:
-        kill_tree(proc.pid)
-        proc.wait()
-    return found, "".join(seen)
+    """Like `launch`, but read stderr only until a line starting with `line_starts` appears, then kill the
+    launcher and all its ranks (a SIGSTOPped rank included, which the launcher would wait 30 s for); they are
+    killed and reaped whatever happens while reading. Returns (that line or None, the stderr read so far)."""
+    for attempt in range(1, PORT_TRIES + 1):
+        proc = start(launch_command(config, shards, out, sets, ()), cwd=REPO,
+                     env=env or child_env(DS_ACCELERATOR="cpu"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                     text=True)
+        deadline, seen, found = time.monotonic() + timeout, [], None
+        try:
+            for line in proc.stderr:
+                seen.append(line)
+                if line.startswith(line_starts):
+                    found = line.rstrip("\n")
+                    break
+                if time.monotonic() > deadline:
+                    break
+        finally:
+            reap(proc)
+            proc.stderr.close()
+        if found is not None or attempt == PORT_TRIES or not port_taken("".join(seen)):
+            return found, "".join(seen)
+    raise AssertionError("unreachable")
 
 
 def two_machines(config: Path, shards, outs: tuple[Path, Path], *sets: str, extra: tuple[str, ...] = (),
                  env=None, timeout: int = LAUNCH_TIMEOUT_S) -> list[subprocess.CompletedProcess]:
     """Two `accelerate launch` processes on this host as machine 0 and machine 1 of a 2-machine world (one rank
     each, static rendezvous on 127.0.0.1), each writing to its own `outs[k]` (the same folder twice for a shared
-    filesystem). A multi-node DeepSpeed config brings `deepspeed_multinode_launcher: standard` itself."""
-    port = free_port()
-    launchers = [subprocess.Popen(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-         "--num_processes", "2", "--num_machines", "2", "--machine_rank", str(rank),
-         "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-         str(REPO / "launch" / "train.py"), *train_args(shards, outs[rank], list(sets), extra)],
-        cwd=REPO, env=env or child_env(DS_ACCELERATOR="cpu"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True) for rank in (0, 1)]
-    try:
-        outputs = [p.communicate(timeout=timeout) for p in launchers]
-    finally:
-        for p in launchers:
-            kill_tree(p.pid)
-    return [subprocess.CompletedProcess(p.args, p.wait(), *out) for p, out in zip(launchers, outputs)]
+    filesystem). A multi-node DeepSpeed config brings `deepspeed_multinode_launcher: standard` itself. Both are
+    killed and reaped with all they started before this returns; a rendezvous port taken meanwhile (machine 0
+    fails to bind it) is retried on another."""
+    for attempt in range(1, PORT_TRIES + 1):
+        port, launchers = free_port(), []
+        try:
+            for rank in (0, 1):
+                launchers.append(start(
+                    [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                     "--num_processes", "2", "--num_machines", "2", "--machine_rank", str(rank),
+                     "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+                     str(REPO / "launch" / "train.py"), *train_args(shards, outs[rank], list(sets), extra)],
+                    cwd=REPO, env=env or child_env(DS_ACCELERATOR="cpu"), stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, text=True))
+            first = launchers[0].communicate(timeout=timeout)
+            if launchers[0].returncode and port_taken(first[1]) and attempt < PORT_TRIES:
+                continue  # machine 1 waits for a store that never comes: the finally ends it
+            outputs = [first, launchers[1].communicate(timeout=timeout)]
+        finally:
+            for p in launchers:
+                reap(p)
+        return [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(launchers, outputs)]
+    raise AssertionError("unreachable")
 
 
 def rewind_to_step2(run: Path, copy: Path) -> Path:

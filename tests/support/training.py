@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cxrdist.processes import kill_tree
+from support.processes import PORT_TRIES, on_another_port, port_taken, reap, start
 
 REPO = Path(__file__).resolve().parents[2]
 # Quick settings for the tiny preset: 32 training samples, batch 4 -> 8 optimizer steps per epoch.
@@ -24,16 +24,27 @@ def child_env(**extra: str) -> dict[str, str]:
 
 
 def run_reaped(cmd: list[str], *, env: dict, timeout: float, cwd=REPO) -> subprocess.CompletedProcess:
-    """`subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)`, except that a command that outlives
-    `timeout` is killed with every process it started (launched ranks included) before TimeoutExpired is raised."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc.pid)  # the launcher and its ranks, which live in sessions of their own
-        out, err = proc.communicate()
-        raise subprocess.TimeoutExpired(cmd, timeout, output=out, stderr=err) from None
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    """`subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)`, except that every process the command
+    started (launched ranks included, a stopped one too) is killed and reaped before this returns or raises, however
+    the command ended; a launch whose rendezvous port was taken before the launcher bound it is run again on another
+    (support.processes), at most PORT_TRIES times."""
+    for attempt in range(1, PORT_TRIES + 1):
+        proc = start(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        timed_out = False
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            reap(proc)  # also when pytest-timeout or Ctrl-C interrupts the wait
+        if timed_out:
+            out, err = proc.communicate()
+            raise subprocess.TimeoutExpired(cmd, timeout, output=out, stderr=err)
+        again = on_another_port(cmd, env) if proc.returncode and port_taken(err) else None
+        if again is None or attempt == PORT_TRIES:
+            return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+        cmd, env = again
+    raise AssertionError("unreachable")
 
 
 def launch_train(args: list[str], *, timeout: int = 300, env: dict | None = None, launcher: list[str] | None = None):

@@ -6,23 +6,8 @@ import math
 import pytest
 import torch
 
+from cxrdist.train.steps import optimizer_steps
 from support.fakes import make_trainer
-
-
-def run_steps(trainer, n):
-    """n optimizer steps over the trainer's data; returns the per-step logs."""
-    logs, micro = [], 0
-    epoch = 0
-    while len(logs) < n:
-        for batch in trainer.data.train_batches(epoch):
-            out = trainer.train_step(batch, micro)
-            micro += 1
-            if out["stepped"]:
-                logs.append(out)
-                if len(logs) == n:
-                    break
-        epoch += 1
-    return logs
 
 
 def fixed_loss(trainer):
@@ -57,7 +42,7 @@ def test_loss_falls_and_only_adapters_change(trainer):
                                               ("vae", trainer.base.vae)) for n, p in m.named_parameters()}
     assert in_optimizer == {id(p) for n, p in named.items() if "lora_" in n}
     loss0 = fixed_loss(trainer)
-    run_steps(trainer, 20)
+    list(optimizer_steps(trainer, 20))
     loss1 = fixed_loss(trainer)  # same samples, noise and timesteps as loss0: any change is the training
     assert loss1 < 0.97 * loss0, (loss0, loss1)
     changed = {n for n, p in named.items() if not torch.equal(p.detach(), before[n])}
@@ -80,7 +65,7 @@ def test_clipping_clips_every_optimizer_step(tmp_path):
 
     inner.step = spy
     try:
-        logs = run_steps(t, 3)
+        logs = list(optimizer_steps(t, 3))
     finally:
         t.close()
     assert len(seen) == 3  # one optimizer step per 2 micro-batches
@@ -96,7 +81,7 @@ def test_lr_follows_warmup_then_cosine_per_optimizer_step(tmp_path):
     try:
         lrs = [t.lr_scheduler.get_last_lr()]
         for _ in range(8):
-            run_steps(t, 1)
+            list(optimizer_steps(t, 1))
             lrs.append(t.lr_scheduler.get_last_lr())
     finally:
         t.close()
@@ -117,7 +102,7 @@ def test_wsd_holds_the_peak_then_decays_to_zero_over_the_last_fraction(tmp_path)
         assert decay_steps(t.cfg.optim, 12) == 4  # 0.4 of the 10 steps after warm-up
         lrs = [t.lr_scheduler.get_last_lr()[0]]
         for _ in range(12):
-            run_steps(t, 1)
+            list(optimizer_steps(t, 1))
             lrs.append(t.lr_scheduler.get_last_lr()[0])
     finally:
         t.close()
