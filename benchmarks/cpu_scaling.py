@@ -41,7 +41,7 @@ def worker(args: argparse.Namespace) -> None:
     from cxrdist.models.lora import attach_lora
     from cxrdist.train.accel import build_accelerator, describe
     from cxrdist.train.optim import build_optimizer
-    from cxrdist.train.trainer import configure_model
+    from cxrdist.train.model_setup import configure_model
 
     quiet_dependencies()
     cfg = load_config(None, ["model.pretrained=preset:tiny", f"train.batch_size={args.batch}", "optim.name=adamw"])

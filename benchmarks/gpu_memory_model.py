@@ -395,7 +395,7 @@ def build_step_parts(preset: str, cfg, mode=None):
     from cxrdist.models.lora import attach_lora
     from cxrdist.models.presets import build_preset
     from cxrdist.train.accel import weight_dtype
-    from cxrdist.train.trainer import configure_model
+    from cxrdist.train.model_setup import configure_model
 
     with torch.device("meta") if mode is not None else contextlib.nullcontext(), _quiet():
         parts = build_preset(preset)

@@ -81,7 +81,7 @@ class AtLeast:
 
 
 VAE_DTYPES = ("fp32", "bf16", "fp16")  # model.vae_dtype (cxrdist.models.loading)
-ATTENTIONS = ("sdpa", "default")  # model.attention (cxrdist.train.trainer.ATTENTION)
+ATTENTIONS = ("sdpa", "default")  # model.attention (cxrdist.train.model_setup.ATTENTION)
 OPTIMIZERS = ("adamw", "adamw8bit")  # optim.name (cxrdist.train.optim.OPTIMIZERS)
 LR_SCHEDULES = ("cosine", "constant", "linear", "wsd")  # optim.scheduler (cxrdist.train.optim.SCHEDULES)
 PRECISIONS = ("no", "fp16", "bf16")  # train.mixed_precision

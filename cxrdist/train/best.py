@@ -1,4 +1,5 @@
-"""Best-model export: the adapter as `cxrdist sample` loads it, or under train.method=full the whole pipeline
+"""The best model of a fold: `BestModel` judges each validation with the early stopper and exports a new best;
+`export_best` writes the adapter as `cxrdist sample` loads it, or under train.method=full the whole pipeline
 (cxrdist.models.pipeline_folder), plus metrics and a short model card.
 
 Exporting only copies trained tensors (never merges or unloads), so the live model is untouched. The
@@ -10,7 +11,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from cxrdist import __version__
 from cxrdist.fileio import write_json_atomic
@@ -19,6 +20,8 @@ from cxrdist.models.lora import (METADATA_NAME, WEIGHTS_NAME, adapter_metadata, 
                                  split_prefixed, tensors_digest)
 from cxrdist.models.pipeline_folder import read_denoiser, read_text_encoder, save_with_trained
 from cxrdist.models.trained import FULL_FORMAT, is_full, trained_named_parameters
+from cxrdist.train.early_stop import EarlyStopper
+from cxrdist.train.ranks import all_ranks, main_process_only
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,53 @@ CARD_FILE = "README.md"
 
 def best_name(fold: int, epoch: int) -> str:
     return f"best_model_fold{fold}_epoch{epoch}"
+
+
+class BestModel:
+    """The best model so far of one fold: the early stopper that judges each validation (eval.metric, mode,
+    patience), the export of each new best (written by the main process) and its path. Its state travels in the
+    trainer's checkpoint state (`state_dict` / `load_state_dict`: the keys `stopper`, `best_path`,
+    `stopped_early`)."""
+
+    def __init__(self, accelerator, cfg, run_dir: Path, fold: int, base, spec: dict):
+        self.accelerator, self.cfg, self.run_dir, self.fold = accelerator, cfg, Path(run_dir), fold
+        self.base, self.spec = base, spec
+        self.stopper = EarlyStopper(cfg.eval.metric, cfg.eval.mode, cfg.eval.patience, cfg.eval.min_delta)
+        self.path: Path | None = None
+        self.stopped = False  # patience ran out: the run ends at this step
+
+    @all_ranks
+    def consider_all_ranks(self, metrics: dict[str, float], *, step: int, epoch: int,
+                           weights_all_ranks: Callable[[], Any], module, ema: dict[str, Any] | None) -> bool:
+        """Record one validation; on a new best, export it and return True. Every rank calls this with the same
+        (reduced) metrics, so all take the same decision; `weights_all_ranks()` (what the export writes, on the
+        main process; a collective under DeepSpeed) runs on every rank, then only the main process writes."""
+        metric = self.cfg.eval.metric
+        improved = self.stopper.update(metrics[metric], step=step, epoch=epoch)
+        if improved:
+            state_dicts = weights_all_ranks()
+            if self.accelerator.is_main_process:
+                with main_process_only():
+                    path = export_best(module, self.base, self.spec, self.cfg, self.run_dir, fold=self.fold,
+                                       epoch=epoch, step=step, metrics=metrics, previous=self.path,
+                                       state_dicts=state_dicts, ema=ema)
+                log.info("step %d: %s %.5g is the best so far -> %s", step, metric, metrics[metric], path)
+            self.path = self.run_dir / best_name(self.fold, epoch)
+        self.accelerator.wait_for_everyone()
+        if self.stopper.should_stop:
+            log.info("early stopping at step %d (epoch %d): no %s improvement in %d evaluations; best %.5g at epoch "
+                     "%d", step, epoch, metric, self.stopper.patience, self.stopper.best, self.stopper.best_epoch)
+            self.stopped = True
+        return improved
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stopper": self.stopper.state_dict(), "best_path": str(self.path) if self.path else "",
+                "stopped_early": self.stopped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stopper.load_state_dict(state.get("stopper") or {})
+        self.path = Path(state["best_path"]) if state.get("best_path") else None
+        self.stopped = bool(state.get("stopped_early", False))
 
 
 def export_best(model, base, spec: dict, cfg, run_dir: Path, *, fold: int, epoch: int, step: int,

@@ -45,6 +45,7 @@ from cxrdist.models.diffusion import LoraDiffusionModel
 from cxrdist.models.lora import CHECKPOINT_ADAPTER, CHECKPOINT_CONFIG, CHECKPOINT_MARKER
 from cxrdist.models.trained import CHECKPOINT_FULL, load_trained_state
 from cxrdist.train import distributed
+from cxrdist.train.ranks import all_ranks, main_process_only
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +122,12 @@ class Checkpointer:
             models.pop(i)
 
     # -- save / rotate ---------------------------------------------------------------------------------
-    def due(self, step: int, epoch_end: bool) -> bool:
-        """Every `train.checkpoint_every` optimizer steps, or at each epoch's end when that is 0. (The trainer
-        also saves at the last step and when stopping early, whatever this says.)"""
-        return step % self.every == 0 if self.every else epoch_end
+    def due(self, step: int, epoch_end: bool, *, last_step: bool = False) -> bool:
+        """Every `train.checkpoint_every` optimizer steps, or at each epoch's end when that is 0; and always at the
+        run's last step (`last_step`: the step budget is reached or early stopping ends the run)."""
+        return last_step or (step % self.every == 0 if self.every else epoch_end)
 
+    @all_ranks
     def save(self, step: int, info: dict[str, Any], trainer_state: dict[str, Any],
              writers: Sequence[Callable[[Path], Any]] = ()) -> Path:
         """Save on every rank; the main process then writes the config, the trainer state, each of `writers`
@@ -167,12 +169,13 @@ class Checkpointer:
         self.accelerator.save_state(str(path), **save_kwargs)  # every rank: DeepSpeed saves collectively
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            self.cfg.save(path / CHECKPOINT_CONFIG)
-            write_json_atomic(path / TRAINER_STATE, trainer_state)
-            for write in writers:
-                write(path)
-            write_json_atomic(path / CHECKPOINT_MARKER, {"step": step, **info})
-            self._rotate()
+            with main_process_only():
+                self.cfg.save(path / CHECKPOINT_CONFIG)
+                write_json_atomic(path / TRAINER_STATE, trainer_state)
+                for write in writers:
+                    write(path)
+                write_json_atomic(path / CHECKPOINT_MARKER, {"step": step, **info})
+                self._rotate()
         self.accelerator.wait_for_everyone()
         return path
 

@@ -25,6 +25,7 @@ import torch
 
 from cxrdist.errors import ConfigError
 from cxrdist.models.trained import trained_named_parameters
+from cxrdist.train.ranks import all_ranks
 
 # Optimizers that DeepSpeed's CPU offload cannot run as a client optimizer, and what to use instead.
 OFFLOAD_INCOMPATIBLE = {
@@ -266,6 +267,7 @@ def _stage_or_none(accelerator: Any) -> int | None:
     return zero_stage(accelerator) if deepspeed_plugin(accelerator) is not None else None
 
 
+@all_ranks
 def trained_named_state(accelerator: Any, joint: torch.nn.Module, main_only: bool = False) -> dict[str, torch.Tensor]:
     """Every trained tensor of the prepared module by its full parameter name (the training-checkpoint format),
     fp32 on CPU, from DeepSpeed's master copy where there is one. Collective under DeepSpeed: every rank. With
@@ -275,6 +277,7 @@ def trained_named_state(accelerator: Any, joint: torch.nn.Module, main_only: boo
     return _raw_trained_state(accelerator.unwrap_model(joint), _stage_or_none(accelerator), keep=keep)
 
 
+@all_ranks
 def trained_fp32_values(accelerator: Any, joint: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every trained tensor's full fp32 value by full name, copied only where it must be: without DeepSpeed the
     module holds them whole in fp32, so these are the parameters themselves (detached, on their device: read
@@ -286,6 +289,7 @@ def trained_fp32_values(accelerator: Any, joint: torch.nn.Module) -> dict[str, t
     return {name: param.detach().float() for name, param in named}
 
 
+@all_ranks
 def live_trained_state(accelerator: Any, joint: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The trained values the module computes with, by full name (fp32, CPU): each rank's own copy under DDP and
     ZeRO-2 (so comparing ranks means something), gathered partitions under ZeRO-3 (collective: every rank)."""
@@ -294,6 +298,7 @@ def live_trained_state(accelerator: Any, joint: torch.nn.Module) -> dict[str, to
         return {name: p.detach().to("cpu", torch.float32).clone() for name, p in named}
 
 
+@all_ranks
 def set_fp32_masters(accelerator: Any, joint: torch.nn.Module, values: dict[str, torch.Tensor]) -> int:
     """Make DeepSpeed's fp32 master copies of the trained parameters exactly `values` (by full name); returns how
     many were set. The engine builds its masters from the module it is given, which under bf16/fp16 holds the
@@ -307,6 +312,7 @@ def set_fp32_masters(accelerator: Any, joint: torch.nn.Module, values: dict[str,
     return len(named)
 
 
+@all_ranks
 def gathered_for_update(accelerator: Any, params: list[torch.nn.Parameter]):
     """Context in which rank 0's in-place changes to `params` reach every rank's partition under ZeRO-3
     (enter on every rank and make the same change everywhere); a no-op otherwise."""
@@ -342,6 +348,7 @@ def prepare_text_encoder_for_zero3(text_encoder: torch.nn.Module, spec: dict) ->
     return marked
 
 
+@all_ranks
 def lora_state_dicts(accelerator: Any, joint: torch.nn.Module) -> tuple[dict, dict | None]:
     """(unet_sd, text_sd) in peft format, fp32 on CPU, for DDP, ZeRO-2 and ZeRO-3 alike.
 

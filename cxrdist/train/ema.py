@@ -31,6 +31,7 @@ from cxrdist.errors import InputError
 from cxrdist.models.lora import tensors_digest
 from cxrdist.models.trained import trained_named_parameters
 from cxrdist.train import distributed
+from cxrdist.train.ranks import all_ranks
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,7 @@ class TrainedEMA:
         self.last_decay = decay_at(self.ema_decay, updates) if updates else 0.0
 
     # -- evaluation and export ---------------------------------------------------------------------------
+    @all_ranks
     @contextlib.contextmanager
     def swapped_in(self, accelerator: Any, joint: torch.nn.Module) -> Iterator[None]:
         """The module's adapters hold the EMA inside the block and exactly their own values again after it,

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import resource
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -127,9 +129,10 @@ class MetricsLogger:
         for tracker in self._others:
             tracker.store_init_configuration(self._hparams)  # TensorBoard's hparams come at the end, with metrics
 
-    def due(self, step: int) -> bool:
-        """Training scalars every `every` optimizer steps (train.log_every); evaluations log whenever they run."""
-        return step % self.every == 0
+    def due(self, step: int, *, last_step: bool = False) -> bool:
+        """Training scalars every `every` optimizer steps (train.log_every) and at the run's last step (`last_step`);
+        evaluations log whenever they run."""
+        return last_step or step % self.every == 0
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         clean = {k: float(v) for k, v in values.items() if v is not None}
@@ -173,3 +176,35 @@ class MetricsLogger:
         trains in the same processes; it is destroyed once, at exit (accel._end_process_group_at_exit)."""
         for tracker in self.accelerator.trackers:
             tracker.finish()
+
+
+class Window:
+    """Running loss / throughput of training between two log lines, and over the whole fit."""
+
+    def __init__(self):
+        self.start = self.t0 = time.perf_counter()
+        self.total_images = 0
+        self.reset()
+
+    def reset(self) -> None:
+        self.losses, self.images, self.t0 = [], 0, time.perf_counter()
+        self.last_grad_norm = float("nan")
+
+    def add(self, n: int) -> None:
+        self.images += n
+        self.total_images += n
+
+    def record(self, logs: dict[str, Any]) -> None:
+        if math.isfinite(logs["loss"]):  # an inf/NaN loss is counted in the train state, not averaged in
+            self.losses.append(logs["loss"])
+        if logs["stepped"]:
+            self.last_grad_norm = logs["grad_norm"]
+
+    def mean_loss(self) -> float:
+        return sum(self.losses) / max(1, len(self.losses))
+
+    def rate(self) -> float:
+        return self.images / max(1e-9, time.perf_counter() - self.t0)
+
+    def overall_rate(self) -> float:
+        return self.total_images / max(1e-9, time.perf_counter() - self.start)

@@ -10,7 +10,15 @@ data.rank_split=samples, N ranks x batch b also train like one process with batc
 to the order of float reductions); the default, "shards", gives each rank its own 1/N of the shards to read.
 
 Scale-out (DDP, DeepSpeed ZeRO-2/3; see cxrdist.train.distributed): every collective -- checkpoint saves, adapter
-exports, the rank-agreement check, validation forward passes -- runs on every rank; only rank 0 writes.
+exports, the rank-agreement check, validation forward passes -- runs on every rank; only rank 0 writes. Methods
+that every rank must call at the same point end in `_all_ranks` (or are `train_step` / `fit`) and carry
+`cxrdist.train.ranks.all_ranks`; what only the main process does runs inside `ranks.main_process_only()`, where
+a collective raises at once instead of hanging the other ranks.
+
+The loop (`_fit`) asks components and decides nothing itself: the optimizer-step policy (OptimizerStep: stepped,
+or skipped and why), each component's cadence (`due(step, ..., last_step=...)`: the logger, the validator, the
+checkpointer), the best model (BestModel: early stopping, export, best path) and the time budget. TrainState holds
+the counters and, at each save, the components' state.
 
 A run owns its run folder (cxrdist.train.checkpoint.run_folder_lock) from before its first write until close(),
 and a signal of train.preempt_signals stops it at the next optimizer-step boundary with a checkpoint
@@ -34,27 +42,28 @@ import torch
 
 from cxrdist.config import Config, parse_duration
 from cxrdist.data.latents import check_cached_latents, latents_info
-from cxrdist.errors import ConfigError, CxrdistError, DataError, ModelError, report_now
+from cxrdist.errors import ConfigError, CxrdistError, DataError, report_now
 from cxrdist.fileio import write_json_atomic
 from cxrdist.models.diffusion import (BatchEncoder, DiffusionObjective, FlowSettings, LoraDiffusionModel,
                                       timestep_weights, to_device)
 from cxrdist.models.loading import load_base
 from cxrdist.models.lora import count_parameters, tensors_digest
-from cxrdist.models.trained import (attach_training, fully_trained, is_full, trained_parameters,
-                                    trains_text_encoder)
+from cxrdist.models.trained import attach_training, is_full, trained_parameters, trains_text_encoder
 from cxrdist.progress import progress_meter
 from cxrdist.sampling.archive import write_zip
 from cxrdist.train import checkpoint, distributed, faults
 from cxrdist.train.accel import build_accelerator, describe, weight_dtype
-from cxrdist.train.best import best_name, export_best, load_exported, weights_digest
+from cxrdist.train.best import BestModel, load_exported, weights_digest
 from cxrdist.train.checkpoint import Checkpointer, check_shared_folder, decide_resume, run_folder_lock
-from cxrdist.train.early_stop import EarlyStopper
 from cxrdist.train.ema import TrainedEMA
 from cxrdist.train.optim import GROUP_NAMES, build_lr_scheduler, build_optimizer
 from cxrdist.train.preemption import StopRequested, StopSignals, announce, signal_name
+from cxrdist.train.ranks import all_ranks, main_process_only
+from cxrdist.train.step_policy import OptimizerStep, StepOutcome
 from cxrdist.train.text_prefill import distinct_prompts, prefill_text_cache
 from cxrdist.train.time_budget import DecayDecision, TimeBudget, share
-from cxrdist.train.tracking import MetricsLogger, memory_scalars
+from cxrdist.train.model_setup import configure_model
+from cxrdist.train.tracking import MetricsLogger, Window, memory_scalars
 from cxrdist.train.validation import Evaluator
 
 log = logging.getLogger(__name__)
@@ -80,13 +89,14 @@ def draw_seed(seed: int, key: str, micro_step: int) -> int:
 @dataclass
 class TrainState:
     """Everything beyond accelerate's own state that a resumed run needs (same on every rank); saved as JSON
-    (checkpoint.TRAINER_STATE), never as a pickle."""
+    (checkpoint.TRAINER_STATE), never as a pickle. The counters move only through the methods below; the
+    components' own state (best model, time budget) is copied in at each save (`snapshot`)."""
 
     step: int = 0  # optimizer steps taken (a step skipped for overflow is not one)
     micro_step: int = 0  # micro-batches consumed: the data position (the loss of a skipped step was still read)
     skipped_steps: int = 0  # optimizer steps skipped: gradient overflow (fp16 loss scale, DeepSpeed) or inf/NaN
     nonfinite_losses: int = 0  # micro-batches whose loss was inf/NaN on some rank (train.nonfinite_loss=skip)
-    stopper: dict = field(default_factory=dict)
+    stopper: dict = field(default_factory=dict)  # BestModel.state_dict()
     best_path: str = ""
     stopped_early: bool = False
     last_eval_step: int = -1
@@ -97,6 +107,39 @@ class TrainState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+
+    def snapshot(self, **component_state: Any) -> None:
+        """Copy the components' state in before a save (keys of this class only)."""
+        unknown = set(component_state) - set(self.__dict__)
+        if unknown:
+            raise KeyError(f"TrainState has no field {sorted(unknown)[0]}")
+        self.__dict__.update(component_state)
+
+    # -- the data position: micro-batches consumed, whatever happened to their optimizer steps -----------------
+    def consumed_micro_batch(self) -> None:
+        self.micro_step += 1
+
+    def took_step(self) -> None:
+        self.step += 1
+
+    def skipped_step(self) -> None:
+        self.skipped_steps += 1
+
+    def counted_nonfinite_loss(self) -> None:
+        self.nonfinite_losses += 1
+
+    def position(self, micro_per_epoch: int) -> tuple[int, int]:
+        """(0-based epoch of the next micro-batch, micro-batches of it already consumed)."""
+        return divmod(self.micro_step, micro_per_epoch)
+
+    def epoch(self, micro_per_epoch: int) -> int:
+        """1-based epoch of the latest micro-batch (of the latest optimizer step, when none was skipped)."""
+        return (max(self.micro_step, 1) - 1) // micro_per_epoch + 1
+
+    def epochs_done_if_ended(self, micro_per_epoch: int) -> int | None:
+        """Epochs completed, when the latest micro-batch ended one; None within an epoch."""
+        done, within = self.position(micro_per_epoch)
+        return done if within == 0 else None
 
 
 @dataclass
@@ -126,6 +169,7 @@ class Trainer:
         self.stop_signals: Optional[StopSignals] = None
         self._stopping = ""  # what a stop requested by a signal is doing now, for the warning of a slow stop
         self._last_saved_step: Optional[int] = None
+        self.last_validated_step = -1
         try:
             self._build(data_factory, resume)
         except BaseException:
@@ -193,8 +237,8 @@ class Trainer:
                      "their %s rounding)", distributed.set_fp32_masters(acc, self.model, exact),
                      str(self.dtype).replace("torch.", ""))
             del exact
-        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self._step_lrs = self.lr_scheduler.get_last_lr()  # the rates the latest optimizer step used (lr/* logs)
+        self.optimizer_step = OptimizerStep(acc, self.model, self.optimizer, self.lr_scheduler,
+                                            cfg.optim.max_grad_norm)
         self.group_names = [g.get("name", GROUP_NAMES[i]) for i, g in enumerate(self.optimizer.param_groups)]
         t = cfg.train
         bias = functools.partial(timestep_weights, bias=t.timestep_bias, multiplier=t.timestep_bias_multiplier,
@@ -204,7 +248,7 @@ class Trainer:
         self.encoder = BatchEncoder(self.base.vae, self.base.tokenizer, cfg.data.prompt_template,
                                     cfg.train.caption_dropout, use_cached=self._use_cached_latents(),
                                     context_tokens=self.base.context_tokens)
-        self.stopper = EarlyStopper(cfg.eval.metric, cfg.eval.mode, cfg.eval.patience, cfg.eval.min_delta)
+        self.best = BestModel(acc, cfg, self.run_dir, fold, self.base, self.spec)
         distributed.load_weights_only(self.model)  # a DeepSpeed engine unpickles its files with weights_only=True
         # The EMA of the trained weights (train.ema_decay): the same values on every rank; None when off.
         self.ema = TrainedEMA.from_model(acc, self.model, cfg.train.ema_decay) if cfg.train.ema_decay else None
@@ -242,7 +286,8 @@ class Trainer:
                 raise DataError(f"cannot resume from {path}: it is fold {info.get('fold')}, this run is fold "
                                 f"{self.fold}")
             check_same_batching(path, info, self.effective_batch_info())
-            self.stopper.load_state_dict(self.state.stopper)
+            self.best.load_state_dict(self.state.state_dict())
+            self.last_validated_step = self.state.last_eval_step
             if self.ema is not None:
                 self.ema.load(path, step=self.state.step)  # every rank; a checkpoint without it is refused
         log.info("resumed from %s at step %d", path, self.state.step)
@@ -283,12 +328,14 @@ class Trainer:
         timesteps = torch.cat([self.objective.sample_timesteps(1, g) for g in gens])
         return prompts, to_device(noise, self.accelerator.device), to_device(timesteps, self.accelerator.device)
 
+    @all_ranks
     def train_step(self, batch: dict, micro_step: int) -> dict[str, Any]:
-        """Forward/backward one micro-batch; on the last micro-batch of a window also clip, step and schedule.
+        """Forward/backward one micro-batch; on the last micro-batch of a window also the optimizer step
+        (OptimizerStep: clip, step or skip, schedule).
 
         Returns `synced` (a window ended), `stepped` (the optimizer really stepped: not skipped for a gradient
-        overflow or an inf/NaN loss), the loss and, on synced micro-batches, the pre-clip gradient norm. A step
-        that happened also updates the adapter EMA (train.ema_decay; every rank, collective under DeepSpeed).
+        overflow or an inf/NaN loss), `skipped_because`, the loss and, on synced micro-batches, the pre-clip
+        gradient norm. A step that happened also updates the EMA (train.ema_decay; collective under DeepSpeed).
         """
         acc, device = self.accelerator, self.accelerator.device
         latents = self.encoder.latents(batch, device)
@@ -299,37 +346,16 @@ class Trainer:
             pred = self.model(noisy, timesteps, ids.to(device), mask.to(device))
             loss = self.objective.per_sample_loss(pred, target, timesteps).mean()
             loss = faults.maybe_inf_loss(loss, micro_step, self.accelerator.process_index)
-            loss_value = self._check_finite_loss(loss, micro_step)
+            loss_value = self._check_finite_loss_all_ranks(loss, micro_step)
             acc.backward(loss)
-            grad_norm, skip_ourselves = None, False
-            if acc.sync_gradients:
-                # Under DeepSpeed the engine already clipped inside backward() (at optim.max_grad_norm, written
-                # into its config); this call then only reports the engine's pre-clip global norm.
-                max_norm = self.cfg.optim.max_grad_norm or float("inf")  # inf: measure without clipping
-                grad_norm = acc.clip_grad_norm_(self.params, max_norm)
-                if grad_norm is None:
-                    grad_norm = self._engine_grad_norm()
-                # DeepSpeed and the fp16 GradScaler skip a step with inf/NaN gradients themselves; with neither
-                # (fp32, bf16 autocast) the norm -- reduced, so the same on every rank -- decides it here.
-                skip_ourselves = not self._steps_itself() and not _finite(grad_norm)
-            if not skip_ourselves:
-                self.optimizer.step()
-            skipped = acc.sync_gradients and (skip_ourselves or acc.optimizer_step_was_skipped)
-            if acc.sync_gradients and not skipped:
-                self._step_lrs = self.lr_scheduler.get_last_lr()  # before the schedule moves on to the next step
-                self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        stepped = acc.sync_gradients and not skipped
-        if stepped and self.ema is not None:
+            outcome: StepOutcome = self.optimizer_step()
+        if outcome.stepped and self.ema is not None:
             self.ema.update(distributed.trained_fp32_values(acc, self.model))
-        return {"loss": loss_value, "synced": acc.sync_gradients, "stepped": stepped,
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+        return {"loss": loss_value, "synced": outcome.synced, "stepped": outcome.stepped,
+                "skipped_because": outcome.skipped_because, "grad_norm": outcome.grad_norm}
 
-    def _steps_itself(self) -> bool:
-        """True when something below us skips overflowing steps (DeepSpeed's engine, accelerate's GradScaler)."""
-        return distributed.deepspeed_plugin(self.accelerator) is not None or self.accelerator.scaler is not None
-
-    def _check_finite_loss(self, loss: torch.Tensor, micro_step: int) -> float:
+    @all_ranks
+    def _check_finite_loss_all_ranks(self, loss: torch.Tensor, micro_step: int) -> float:
         """The loss as a float; an inf/NaN loss on ANY rank stops every rank (train.nonfinite_loss=stop) or is
         counted and its step skipped (=skip). The decision is reduced, so all ranks take the same path."""
         value = float(loss.detach())
@@ -343,22 +369,13 @@ class Trainer:
                 f"stopped: the training loss is {value} (inf/NaN on {int(float(bad))} rank(s)) in micro-batch "
                 f"{micro_step}", hint="lower optim.lr_unet/lr_text, use bf16 instead of fp16, or set "
                 "train.nonfinite_loss=skip to skip such steps; then rerun with --resume latest")))
-        self.state.nonfinite_losses += 1
+        self.state.counted_nonfinite_loss()
         log.warning("step %d: the training loss is %s on some rank: this optimizer step is skipped "
                     "(train.nonfinite_loss=skip; %d so far)", self.state.step + 1, value, self.state.nonfinite_losses)
         return value
 
-    def _engine_grad_norm(self):
-        """DeepSpeed's global gradient norm of the step just taken; None (logged once) when it has none."""
-        getter = getattr(self.model, "get_global_grad_norm", None)
-        norm = getter() if getter is not None else None
-        if norm is None and not getattr(self, "_warned_grad_norm", False):
-            log.warning("the gradient norm is not available from %s: train/grad_norm is logged as NaN",
-                        describe(self.accelerator))
-            self._warned_grad_norm = True
-        return norm
-
     # -- the loop ----------------------------------------------------------------------------------------
+    @all_ranks
     def fit(self) -> FoldResult:
         """Train; with several ranks, a dead or silent peer ends this rank too, with one line that says how to
         continue -- never a hang (collectives time out after train.collective_timeout_s). A signal of
@@ -394,7 +411,8 @@ class Trainer:
         doing = self._stopping or f"finishing optimizer step {self.state.step + 1}"
         return f"{doing} (rank {self.accelerator.process_index}); {last}"
 
-    def _stop_if_requested(self) -> None:
+    @all_ranks
+    def _stop_if_requested_all_ranks(self) -> None:
         """At an optimizer-step boundary: when any rank received a signal of train.preempt_signals, every rank
         saves this step's checkpoint (unless it was just saved) and raises StopRequested; the main process prints
         one line with the checkpoint and the command that continues the run. Collective: one all-reduce."""
@@ -403,24 +421,27 @@ class Trainer:
             return
         acc, step = self.accelerator, self.state.step
         self._stopping = f"saving the checkpoint of step {step}"
-        path = self._save_checkpoint() if self._last_saved_step != step else self.checkpointer.path(step)
+        path = self._save_checkpoint_all_ranks() if self._last_saved_step != step else self.checkpointer.path(step)
         self._stopping = "exiting"
         how = self.resume_command or "rerun the same command with --resume latest (and the same --output-dir)"
         message = (f"stopped by {signal_name(signum)} after step {step} of {self.total_steps} (epoch {self.epoch}): "
                    f"checkpoint {path} is complete; continue with: {how}")
         if acc.is_main_process:
-            announce(message)
+            with main_process_only():
+                announce(message)
         self.stop_signals.ignore_from_now()
         acc.wait_for_everyone()  # no rank exits (and makes a launcher stop the others) before the line is out
         stop = StopRequested(message, signum)
         stop.reported = True
         raise stop
 
-    def _save_checkpoint(self) -> Path:
-        """This step's checkpoint, through the one save path (every rank: DeepSpeed saves collectively)."""
+    @all_ranks
+    def _save_checkpoint_all_ranks(self) -> Path:
+        """This step's checkpoint, through the one save path (every rank: DeepSpeed saves collectively), with
+        the components' state copied into the trainer state first."""
         step = self.state.step
-        if self.budget is not None:
-            self.state.time_budget = self.budget.state_dict()
+        self.state.snapshot(**self.best.state_dict(), last_eval_step=self.last_validated_step,
+                            **({"time_budget": self.budget.state_dict()} if self.budget is not None else {}))
         path = self.checkpointer.save(step, {"fold": self.fold, "epoch": self.epoch, "config_hash": self.cfg.hash(),
                                              **self.effective_batch_info()}, self.state.state_dict(),
                                       writers=[self.ema.save] if self.ema is not None else ())
@@ -435,20 +456,25 @@ class Trainer:
         last = f"the last complete checkpoint is {done[-1].name}" if done else "no checkpoint is complete yet"
         return f"rank {self.accelerator.process_index} {reason} at step {self.state.step}; {last}: {hint}"
 
+    def _finished(self) -> bool:
+        """The run's last step has been taken: the step budget (which the time budget may lower) is reached, or
+        early stopping ended the run."""
+        return self.state.step >= self.total_steps or self.best.stopped
+
     def _fit(self) -> FoldResult:
         acc = self.accelerator
         per_epoch = self.micro_per_epoch
         window = Window()
         self.model.train()
-        self._prefill_text_cache()
+        self._prefill_text_cache_all_ranks()
         # Leaving on an error writes no last progress line: the error's own line stays the last one.
         if self.budget is not None:
             self.budget.start(self.state.step)
         with _progress(acc, self.total_steps, self.state.step) as progress:
             self._progress = progress
-            while self.state.step < self.total_steps and not self.state.stopped_early:
+            while not self._finished():
                 # The data position counts micro-batches: a skipped optimizer step consumed its batches too.
-                epoch, done_in_epoch = divmod(self.state.micro_step, per_epoch)
+                epoch, done_in_epoch = self.state.position(per_epoch)
                 self.encoder.cut_prompts = self.encoder.seen_prompts = 0
                 batches = iter(self.data.train_batches(epoch, start_batch=done_in_epoch))
                 for _ in range(per_epoch - done_in_epoch):
@@ -456,19 +482,19 @@ class Trainer:
                     if batch is None:
                         raise DataError(f"fold {self.fold} loader ended early in epoch {epoch}: rebuild the shard set")
                     logs = self.train_step(batch, self.state.micro_step)
-                    self.state.micro_step += 1
+                    self.state.consumed_micro_batch()
                     window.add(len(batch["prompts"]))
                     window.record(logs)  # every micro-batch's loss counts in the logged mean
                     if not logs["synced"]:
                         continue
                     if not logs["stepped"]:
-                        self._count_skipped_step()
+                        self._count_skipped_step(logs["skipped_because"])
                         continue
-                    self.state.step += 1
+                    self.state.took_step()
                     progress.update(1)
-                    self._after_step(window)
-                    self._stop_if_requested()
-                    if self.state.stopped_early or self.state.step >= self.total_steps:
+                    self._after_step_all_ranks(window)
+                    self._stop_if_requested_all_ranks()
+                    if self._finished():
                         break
                 if self.encoder.cut_prompts:
                     # 77 CLIP tokens cut many long reports where a 300-token T5 / Gemma-2 encoder reads them whole
@@ -476,9 +502,10 @@ class Trainer:
                                 "and were cut", epoch + 1, self.encoder.cut_prompts, self.encoder.seen_prompts,
                                 100.0 * self.encoder.cut_prompts / max(1, self.encoder.seen_prompts),
                                 self.base.family.label, self.base.context_tokens)
-        return self._finish(window)
+        return self._finish_all_ranks(window)
 
-    def _prefill_text_cache(self) -> None:
+    @all_ranks
+    def _prefill_text_cache_all_ranks(self) -> None:
         """With a frozen encoder and a cache that holds the whole training split, encode each distinct training
         prompt once over all ranks before the first step (cxrdist.train.text_prefill says why)."""
         model = self.accelerator.unwrap_model(self.model)
@@ -502,47 +529,43 @@ class Trainer:
     def micro_per_epoch(self) -> int:
         return self.steps_per_epoch * self.cfg.train.grad_accum
 
-    def _count_skipped_step(self) -> None:
+    def _count_skipped_step(self, why: str) -> None:
         """A window whose optimizer step did not happen: not a step for the schedule, counter, checkpoints or
         early stopping; its micro-batches stay consumed (the data position moved on)."""
-        self.state.skipped_steps += 1
+        self.state.skipped_step()
         scale_now = self.loss_scale()
-        log.warning("optimizer step %d skipped: inf/NaN gradients%s (%d skipped so far)", self.state.step + 1,
+        log.warning("optimizer step %d skipped: %s%s (%d skipped so far)", self.state.step + 1, why,
                     f", loss scale now {scale_now:g}" if scale_now is not None else "", self.state.skipped_steps)
 
     def loss_scale(self) -> Optional[float]:
         """The fp16 loss scale (accelerate's GradScaler or DeepSpeed's dynamic scale); None without one."""
-        if self.accelerator.scaler is not None:
-            return float(self.accelerator.scaler.get_scale())
-        engine_fp16 = getattr(self.model, "fp16_enabled", None)
-        if callable(engine_fp16) and engine_fp16():
-            return float(self.model.optimizer.loss_scale)
-        return None
+        return self.optimizer_step.loss_scale()
 
-    def _after_step(self, window: "Window") -> None:
-        """Each component decides its own cadence (logger, validator, checkpointer); the last step does all three."""
+    @all_ranks
+    def _after_step_all_ranks(self, window: Window) -> None:
+        """Each component decides its own cadence (logger, validator, checkpointer), told whether this is the run's
+        last step; the validation comes before the checkpoint, so a checkpoint holds the best model it judged."""
         step = self.state.step
-        epochs_done, within = divmod(self.state.micro_step, self.micro_per_epoch)
-        epoch_end = within == 0
+        epochs_done = self.state.epochs_done_if_ended(self.micro_per_epoch)
         if self.budget is not None:
-            self._follow_time_budget(step)
-        last = step >= self.total_steps
-        if self.logger.due(step) or last:
-            self._log_train(window)
-        if self.validator.due(step, epochs_done if epoch_end else None) or (last and self.state.last_eval_step != step):
+            self._follow_time_budget_all_ranks(step)
+        if self.logger.due(step, last_step=self._finished()):
+            self._log_train_all_ranks(window)
+        if self.validator.due(step, epochs_done, last_step=self._finished()):
             started = self._clock()
-            self.evaluate()
+            self.validate_all_ranks()
             self._end_work["validation"] = self._clock() - started
-        if self.checkpointer.due(step, epoch_end) or last or self.state.stopped_early:
+        if self.checkpointer.due(step, epochs_done is not None, last_step=self._finished()):  # early stop included
             started = self._clock()
-            self._save_checkpoint()
+            self._save_checkpoint_all_ranks()
             self._end_work["checkpoint"] = self._clock() - started
         if self.budget is not None and all(self._end_work.values()):
             # what follows the last step: a validation, the test split (about as long) and a checkpoint
             self.budget.note_end_work(2 * self._end_work["validation"] + self._end_work["checkpoint"])
         faults.maybe_die_after_step(step, self.accelerator.process_index)
 
-    def _follow_time_budget(self, step: int) -> None:
+    @all_ranks
+    def _follow_time_budget_all_ranks(self, step: int) -> None:
         """Every rank, after each optimizer step: the main process decides from its clock whether the decay starts
         now, and every rank follows that decision (one broadcast), so all end at the same step."""
         acc = self.accelerator
@@ -558,7 +581,8 @@ class Trainer:
         if self._progress is not None:
             self._progress.total = self.total_steps
         if acc.is_main_process:
-            self._record_decay(decision)
+            with main_process_only():
+                self._record_decay(decision)
 
     def _record_decay(self, decision: DecayDecision) -> None:
         """When and why the decay began: the log, TensorBoard and <run>/time_budget.json."""
@@ -574,9 +598,10 @@ class Trainer:
     @property
     def epoch(self) -> int:
         """1-based epoch of the latest micro-batch (of the latest optimizer step, when none was skipped)."""
-        return (max(self.state.micro_step, 1) - 1) // self.micro_per_epoch + 1
+        return self.state.epoch(self.micro_per_epoch)
 
-    def _log_train(self, window: "Window") -> None:
+    @all_ranks
+    def _log_train_all_ranks(self, window: Window) -> None:
         acc = self.accelerator
         loss = acc.reduce(torch.tensor([window.mean_loss()], device=acc.device), reduction="mean").item()
         values = {"train/loss": loss, "train/grad_norm": window.last_grad_norm,
@@ -587,40 +612,29 @@ class Trainer:
             values["train/loss_scale"] = self.loss_scale()
         if self.ema is not None:
             values["train/ema_decay"] = self.ema.last_decay
-        for name, lr in zip(self.group_names, self._step_lrs):  # the rate step s used, logged at step s
+        for name, lr in zip(self.group_names, self.optimizer_step.step_lrs):  # the rate step s used, at step s
             values[f"lr/{name}"] = lr
         self.logger.scalars(values, self.state.step)
         window.reset()
 
     # -- evaluation --------------------------------------------------------------------------------------
-    def evaluate(self) -> dict[str, float]:
-        acc, step = self.accelerator, self.state.step
-        with self._eval_weights():  # the EMA when it is on; training continues on the raw adapter afterwards
+    @all_ranks
+    def validate_all_ranks(self) -> dict[str, float]:
+        """Validate (on the EMA when it is on), log, and let the best model judge the result."""
+        step = self.state.step
+        with self._eval_weights_all_ranks():  # the EMA when it is on; training continues on the raw weights after
             metrics, images = self.validator.run(self.model)
-        self.state.last_eval_step = step
+        self.last_validated_step = step
         self.logger.scalars({f"val/{k}": v for k, v in metrics.items()}, step)
         if images is not None:
             self.logger.image("val/samples", images, step)
-        improved = self.stopper.update(metrics[self.cfg.eval.metric], step=step, epoch=self.epoch)
-        state_dicts = self._best_weights() if improved else None
-        if improved and acc.is_main_process:
-            previous = Path(self.state.best_path) if self.state.best_path else None
-            path = export_best(acc.unwrap_model(self.model), self.base, self.spec, self.cfg, self.run_dir,
-                               fold=self.fold, epoch=self.epoch, step=step, metrics=metrics, previous=previous,
-                               state_dicts=state_dicts, ema=self.ema.info() if self.ema is not None else None)
-            log.info("step %d: %s %.5g is the best so far -> %s", step, self.cfg.eval.metric,
-                     metrics[self.cfg.eval.metric], path)
-        if improved:
-            self.state.best_path = str(self.run_dir / best_name(self.fold, self.epoch))
-        acc.wait_for_everyone()
-        self.state.stopper = self.stopper.state_dict()
-        if self.stopper.should_stop:
-            log.info("early stopping at step %d (epoch %d): no %s improvement in %d evaluations; best %.5g at epoch %d",
-                     step, self.epoch, self.cfg.eval.metric, self.stopper.patience, self.stopper.best, self.stopper.best_epoch)
-            self.state.stopped_early = True
+        self.best.consider_all_ranks(metrics, step=step, epoch=self.epoch, weights_all_ranks=self._best_weights_all_ranks,
+                                     module=self.accelerator.unwrap_model(self.model),
+                                     ema=self.ema.info() if self.ema is not None else None)
         return metrics
 
-    def _best_weights(self):
+    @all_ranks
+    def _best_weights_all_ranks(self):
         """What the best export writes, on the main process (None elsewhere): the adapter in peft format, or a full
         fine-tune's denoiser by full name; the EMA's when it is on. Every rank takes the same decision (metrics are
         reduced) and calls this: the gather under DeepSpeed is collective. The EMA is whole on every rank: no
@@ -636,17 +650,19 @@ class Trainer:
             return distributed.trained_named_state(acc, self.model, main_only=True) or None
         return distributed.lora_state_dicts(acc, self.model)
 
-    def _eval_weights(self):
+    @all_ranks
+    def _eval_weights_all_ranks(self):
         """Context in which the module computes with the weights validation judges: the adapter EMA swapped in
         (and the raw adapter put back exactly on leaving) when train.ema_decay is on. Every rank enters it."""
         if self.ema is None:
             return contextlib.nullcontext()
         return self.ema.swapped_in(self.accelerator, self.model)
 
-    def test(self) -> dict[str, float]:
+    @all_ranks
+    def test_all_ranks(self) -> dict[str, float]:
         """Load the BEST export's trained weights into the live model (every rank) and evaluate it on the test split
         (with train.ema_decay on, the best export holds the EMA: the test split is judged on it too)."""
-        best = Path(self.state.best_path)
+        best = self.best.path
         live = self.accelerator.unwrap_model(self.model)
         # Under ZeRO-3 the module holds partitions: load into gathered tensors, which are re-partitioned on exit.
         trained = trained_parameters(live)
@@ -657,28 +673,34 @@ class Trainer:
         if images is not None:
             self.logger.image("test/samples", images, self.state.step)
         if self.accelerator.is_main_process:
+            stopper = self.best.stopper
             report = {"fold": self.fold, "validation_split": self.data.val_split, "checkpoint": str(best),
                       "weights_sha256": weights_digest(best),
-                      "best_epoch": self.stopper.best_epoch, "best_step": self.stopper.best_step,
-                      "early_stopping_metric": self.cfg.eval.metric, "best_value": self.stopper.best, "test": metrics}
-            write_json_atomic(self.run_dir / TEST_METRICS, report)
+                      "best_epoch": stopper.best_epoch, "best_step": stopper.best_step,
+                      "early_stopping_metric": self.cfg.eval.metric, "best_value": stopper.best, "test": metrics}
+            with main_process_only():
+                write_json_atomic(self.run_dir / TEST_METRICS, report)
         return metrics
 
-    def _finish(self, window: "Window") -> FoldResult:
-        self._check_ranks_agree()
-        test = self.test() if self.cfg.eval.run_test and self.state.best_path else {}
-        if self.cfg.train.export_zip and self.state.best_path and self.accelerator.is_main_process:
-            log.info("wrote %s", write_zip(Path(self.state.best_path)))
-        self.logger.hparams({**{f"test_{k}": v for k, v in test.items()}, "best_value": self.stopper.best or float("nan")})
+    @all_ranks
+    def _finish_all_ranks(self, window: Window) -> FoldResult:
+        self._check_ranks_agree_all_ranks()
+        best, stopper = self.best.path, self.best.stopper
+        test = self.test_all_ranks() if self.cfg.eval.run_test and best else {}
+        if self.cfg.train.export_zip and best and self.accelerator.is_main_process:
+            with main_process_only():
+                log.info("wrote %s", write_zip(best))
+        self.logger.hparams({**{f"test_{k}": v for k, v in test.items()}, "best_value": stopper.best or float("nan")})
         if self.budget is not None and self.accelerator.is_main_process:
             log.info("time budget: ended at step %d (train.max_steps allowed %d), %.1f of %.1f minutes used",
                      self.state.step, self.budget.max_steps, self.budget.elapsed_s() / 60, self.budget.budget_s / 60)
-        return FoldResult(self.fold, self.run_dir, self.state.step, Path(self.state.best_path) if self.state.best_path else None,
-                          self.stopper.best, self.stopper.best_epoch, self.state.stopped_early, test,
+        return FoldResult(self.fold, self.run_dir, self.state.step, best, stopper.best, stopper.best_epoch,
+                          self.best.stopped, test,
                           window.overall_rate() * self.accelerator.num_processes,
                           stop_signal=self.stop_signals.agreed(self.accelerator) if self.stop_signals else 0)
 
-    def _check_ranks_agree(self) -> None:
+    @all_ranks
+    def _check_ranks_agree_all_ranks(self) -> None:
         """Every rank must end with the same trained weights; a silent divergence would make checkpoints lie."""
         from accelerate.utils import gather_object
 
@@ -687,7 +709,8 @@ class Trainer:
         if self.ema is not None:
             report["ema_per_rank"] = gather_object([self.ema.digest()])
         if self.accelerator.is_main_process:
-            write_json_atomic(self.run_dir / "adapter_digests.json", report)
+            with main_process_only():
+                write_json_atomic(self.run_dir / "adapter_digests.json", report)
         if len(set(digests)) > 1:
             raise RuntimeError(f"ranks hold different adapters after training: {digests}")
         if len(set(report.get("ema_per_rank", []))) > 1:
@@ -700,8 +723,8 @@ class Trainer:
         # The DeepSpeed engine's teardown talks to the process group: free it while the group is up.
         self.accelerator.free_memory()
         self.logger.close()
-        for name in ("model", "optimizer", "lr_scheduler", "params", "base", "spec", "ema", "validator", "encoder",
-                     "objective", "data", "checkpointer"):
+        for name in ("model", "optimizer", "lr_scheduler", "optimizer_step", "base", "spec", "ema", "validator",
+                     "encoder", "objective", "data", "checkpointer", "best"):
             setattr(self, name, None)
         gc.collect()
         if torch.cuda.is_available():
@@ -710,38 +733,6 @@ class Trainer:
             # A run a signal stopped leaves them ignored: its process exits next (stop_signals.restore() otherwise).
             self.stop_signals.restore()
         self._owned.close()  # the run folder is free for the next run (or the next fold's Trainer)
-
-
-class Window:
-    """Running loss / throughput between two log lines."""
-
-    def __init__(self):
-        self.start = self.t0 = time.perf_counter()
-        self.total_images = 0
-        self.reset()
-
-    def reset(self) -> None:
-        self.losses, self.images, self.t0 = [], 0, time.perf_counter()
-        self.last_grad_norm = float("nan")
-
-    def add(self, n: int) -> None:
-        self.images += n
-        self.total_images += n
-
-    def record(self, logs: dict[str, Any]) -> None:
-        if math.isfinite(logs["loss"]):  # an inf/NaN loss is counted in the train state, not averaged in
-            self.losses.append(logs["loss"])
-        if logs["stepped"]:
-            self.last_grad_norm = logs["grad_norm"]
-
-    def mean_loss(self) -> float:
-        return sum(self.losses) / max(1, len(self.losses))
-
-    def rate(self) -> float:
-        return self.images / max(1e-9, time.perf_counter() - self.t0)
-
-    def overall_rate(self) -> float:
-        return self.total_images / max(1e-9, time.perf_counter() - self.start)
 
 
 def adapter_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -756,10 +747,6 @@ def optimizer_chain(optimizer) -> str:
         names.append(type(optimizer).__name__)
         optimizer = getattr(optimizer, "optimizer", None)
     return " > ".join(names)
-
-
-def _finite(value) -> bool:
-    return value is not None and math.isfinite(float(value))
 
 
 def check_same_batching(path: Path, saved: dict[str, Any], now: dict[str, int]) -> None:
@@ -777,49 +764,6 @@ def _is_comm_failure(exc: BaseException) -> bool:
     text = str(exc).lower()
     return isinstance(exc, torch.distributed.DistError) or any(
         word in text for word in ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "broken pipe"))
-
-
-def configure_model(model: LoraDiffusionModel, cfg: Config, dtype: torch.dtype, deepspeed: bool = False) -> None:
-    """Frozen base in the compute dtype, trained weights in fp32, attention kernel, gradient checkpointing.
-
-    A fully trained denoiser (train.method=full) keeps fp32 weights under accelerate's autocast, which computes in
-    bf16/fp16 from them. Under DeepSpeed bf16/fp16 it is cast to the compute dtype like the frozen base: the engine
-    computes from half-precision weights and keeps the fp32 masters in its optimizer, built from these (DeepSpeed
-    0.19.8 under accelerate 1.15 left such a module in fp32, partitions included: a "bf16" run computed in fp32)."""
-    for module in (model.unet, model.text_encoder):
-        whole = fully_trained(module)
-        if dtype != torch.float32 and (deepspeed or not whole):
-            module.to(dtype)
-        if not (whole and deepspeed):
-            for p in trained_parameters(module):
-                p.data = p.data.float()
-    if model.family.is_transformer:
-        # PixArt-Σ and Sana keep their own processors (SDPA, and Sana's linear attention, which a generic
-        # processor would replace with softmax attention)
-        if cfg.model.attention != "sdpa":
-            raise ModelError(f"model.attention={cfg.model.attention} applies to UNets; {model.family.label} keeps "
-                             "its own attention kernels: set model.attention=sdpa")
-    else:
-        ATTENTION[cfg.model.attention](model.unet)
-    if cfg.model.gradient_checkpointing:
-        model.unet.enable_gradient_checkpointing()
-        if model.train_text_encoder:
-            model.text_encoder.gradient_checkpointing_enable()
-
-
-def _sdpa(unet) -> None:
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    unet.set_attn_processor(AttnProcessor2_0())
-
-
-def _plain_attention(unet) -> None:
-    from diffusers.models.attention_processor import AttnProcessor
-
-    unet.set_attn_processor(AttnProcessor())
-
-
-ATTENTION = {"sdpa": _sdpa, "default": _plain_attention}
 
 
 def _progress(accelerator, total: int, done: int):

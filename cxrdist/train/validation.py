@@ -33,6 +33,7 @@ from cxrdist.models.diffusion import BatchEncoder, DiffusionObjective
 from cxrdist.sampling.output import read_prompts
 from cxrdist.sampling.pipeline import NonFiniteSample, SampleSettings, generate_images
 from cxrdist.train.distributed import zero_stage
+from cxrdist.train.ranks import all_ranks
 
 log = logging.getLogger(__name__)
 
@@ -201,10 +202,13 @@ class Evaluator:
         split_grid = 0 if self.grid_prompts else cfg.eval.num_grid_prompts
         self.n_images = max(cfg.eval.num_metric_images, split_grid)  # split samples to generate for
 
-    def due(self, step: int, epochs_done: int | None) -> bool:
+    def due(self, step: int, epochs_done: int | None, *, last_step: bool = False) -> bool:
         """Every `eval.eval_every_steps` optimizer steps, else after every `eval.eval_every_epochs`-th epoch
-        (`epochs_done`: epochs completed when an epoch has just ended, None otherwise)."""
+        (`epochs_done`: epochs completed when an epoch has just ended, None otherwise); and always at the run's
+        last step (`last_step`), so the best export has seen the final weights."""
         e = self.cfg.eval
+        if last_step:
+            return True
         if e.eval_every_steps:
             return step % e.eval_every_steps == 0
         return epochs_done is not None and epochs_done % e.eval_every_epochs == 0
@@ -247,6 +251,7 @@ class Evaluator:
         """Rank 0 generates; under ZeRO-3 every rank does (layer calls gather partitions collectively)."""
         return self.accelerator.is_main_process or zero_stage(self.accelerator) == 3
 
+    @all_ranks
     def run(self, model) -> tuple[dict[str, float], np.ndarray | None]:
         """Metrics (identical on every rank) and the grid images (main process only, else None)."""
         from accelerate.utils import broadcast_object_list

@@ -92,7 +92,7 @@ def test_early_stopping_and_final_test_use_the_best_checkpoint(phantom_shards, t
         return metrics, images
 
     live = {}
-    real_test = Trainer.test
+    real_test = Trainer.test_all_ranks
 
     def spy_test(self):
         live["before_test"] = {k: v.clone() for k, v in self.accelerator.unwrap_model(self.model).state_dict().items() if "lora_" in k}
@@ -101,7 +101,7 @@ def test_early_stopping_and_final_test_use_the_best_checkpoint(phantom_shards, t
         return out
 
     monkeypatch.setattr(ev.Evaluator, "run", fake_run)
-    monkeypatch.setattr(Trainer, "test", spy_test)
+    monkeypatch.setattr(Trainer, "test_all_ranks", spy_test)
     cfg = load_config(None, QUICK + [f"data.shards={phantom_shards}", "train.epochs=10", "eval.patience=2",
                                      "data.max_train_samples=8", "eval.num_metric_images=0", "eval.num_grid_prompts=0"])
     result = run(cfg, 0, output_dir=str(tmp_path / "run"))

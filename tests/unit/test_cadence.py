@@ -39,3 +39,12 @@ def test_validator_runs_every_n_steps_or_every_kth_epoch():
 def test_logger_logs_every_n_steps():
     logger = MetricsLogger(_accelerator(), "tensorboard", {}, every=5)
     assert [s for s in range(1, 16) if logger.due(s)] == [5, 10, 15]
+
+
+def test_every_component_is_due_at_the_last_step_whatever_its_cadence(tmp_path):
+    checkpointer = Checkpointer(_accelerator(), tmp_path, load_config(None, ["train.checkpoint_every=3"]))
+    validator = _validator("eval.eval_every_steps=0", "eval.eval_every_epochs=2")
+    logger = MetricsLogger(_accelerator(), "tensorboard", {}, every=5)
+    assert not checkpointer.due(7, epoch_end=False) and checkpointer.due(7, epoch_end=False, last_step=True)
+    assert not validator.due(7, epochs_done=None) and validator.due(7, epochs_done=None, last_step=True)
+    assert not logger.due(7) and logger.due(7, last_step=True)

@@ -72,9 +72,9 @@ def test_each_choice_is_one_its_consumer_knows():
     """The tables that read a choice key have an entry for every value the config accepts."""
     from cxrdist.config import ATTENTIONS, LR_SCHEDULES, OPTIMIZERS, VAE_DTYPES
     from cxrdist.models.loading import DTYPES
-    from cxrdist.train import optim, trainer
+    from cxrdist.train import model_setup, optim
 
-    assert set(trainer.ATTENTION) == set(ATTENTIONS)
+    assert set(model_setup.ATTENTION) == set(ATTENTIONS)
     assert set(optim.OPTIMIZERS) == set(OPTIMIZERS)
     assert set(optim.SCHEDULES) == set(LR_SCHEDULES)
     assert set(DTYPES) == set(VAE_DTYPES)

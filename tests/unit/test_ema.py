@@ -16,6 +16,7 @@ from cxrdist.models.lora import lora_named_parameters
 from cxrdist.train import distributed
 from cxrdist.train.checkpoint import PICKLE_SUFFIXES, RESUME_MAY_DIFFER, check_pickles
 from cxrdist.train.ema import EMA_FILE, decay_at
+from cxrdist.train.steps import optimizer_steps
 from support.fakes import make_trainer, reset_accelerate
 
 pytestmark = pytest.mark.usefixtures("one_thread", "fresh_accelerate")
@@ -41,21 +42,6 @@ def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def run_steps(trainer, n):
-    """n optimizer steps through train_step; returns the adapter values after each."""
-    after, micro, epoch = [], 0, 0
-    while len(after) < n:
-        for batch in trainer.data.train_batches(epoch):
-            out = trainer.train_step(batch, micro)
-            micro += 1
-            if out["stepped"]:
-                after.append(live(trainer))
-                if len(after) == n:
-                    break
-        epoch += 1
-    return after
-
-
 def fit(tmp_path, *overrides, resume=None):
     """A finished run: (its folder, the EMA at each evaluation by step, the final EMA or None). One intra-op
     thread, whether called from a module fixture or a test: runs compared bit for bit must reduce alike."""
@@ -71,14 +57,14 @@ def _fit(tmp_path, *overrides, resume=None):
     reset_accelerate()
     trainer = make_trainer(tmp_path, *RUN, *overrides, resume=resume)
     at_eval = {}
-    original = trainer.evaluate
+    original = trainer.validate_all_ranks
 
     def evaluate():
         if trainer.ema is not None:
             at_eval[trainer.state.step] = ema_values(trainer)
         return original()
 
-    trainer.evaluate = evaluate
+    trainer.validate_all_ranks = evaluate
     trainer.fit()
     final = ema_values(trainer) if trainer.ema is not None else None
     trainer.close()
@@ -112,7 +98,7 @@ def test_the_ema_after_k_steps_is_the_hand_computed_average_of_the_adapters_afte
                            "optim.warmup_steps=0", "optim.scheduler=constant", "train.caption_dropout=0", n_train=8)
     try:
         start = live(trainer)
-        after = run_steps(trainer, 5)
+        after = [live(trainer) for _ in optimizer_steps(trainer, 5)]  # the adapters after each step
         got = ema_values(trainer)
         assert trainer.ema.updates == 5 and trainer.ema.last_decay == 0.3
     finally:
@@ -164,7 +150,7 @@ def test_a_skipped_step_leaves_the_ema_alone(tmp_path):
 def test_validation_sees_the_ema_and_training_continues_on_the_raw_adapter_bit_for_bit(tmp_path):
     trainer = make_trainer(tmp_path, EMA, "optim.lr_unet=3e-2", "optim.lr_text=3e-2")
     try:
-        run_steps(trainer, 3)
+        list(optimizer_steps(trainer, 3))
         raw, ema = live(trainer), ema_values(trainer)
         assert not same(raw, ema)
         optimizer_state = {k: v.clone() for s in trainer.optimizer.state_dict()["state"].values()
@@ -177,7 +163,7 @@ def test_validation_sees_the_ema_and_training_continues_on_the_raw_adapter_bit_f
             return original(model)
 
         trainer.validator.run = run
-        trainer.evaluate()
+        trainer.validate_all_ranks()
         assert len(seen) == 1 and same(seen[0], ema)  # evaluated with the EMA
         assert same(live(trainer), raw)  # and the raw adapter is back, bit for bit
         assert same(ema_values(trainer), ema)
@@ -191,7 +177,7 @@ def test_validation_sees_the_ema_and_training_continues_on_the_raw_adapter_bit_f
 
         trainer.validator.run = failing
         with pytest.raises(RuntimeError, match="evaluation failed"):
-            trainer.evaluate()
+            trainer.validate_all_ranks()
         assert same(live(trainer), raw)  # restored on an error too
     finally:
         trainer.close()
@@ -238,7 +224,7 @@ def test_the_best_export_holds_the_ema_says_so_and_the_test_split_uses_it(ema_ru
     raw = load_file(str(run / "fold0" / "checkpoints" / f"step_{training['step']:08d}" / "adapter.safetensors"))
     assert not same(raw, at_eval[training["step"]])
     report = json.loads((run / "fold0" / "test_metrics.json").read_text())
-    assert report["checkpoint"] == str(best)  # Trainer.test evaluated this (EMA) export
+    assert report["checkpoint"] == str(best)  # Trainer.test_all_ranks evaluated this (EMA) export
     digests = json.loads((run / "fold0" / "adapter_digests.json").read_text())
     assert len(digests["ema_per_rank"]) == 1
 

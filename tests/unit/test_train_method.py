@@ -40,7 +40,7 @@ def test_a_fully_trained_denoiser_stays_fp32_under_autocast_and_is_cast_for_deep
     from cxrdist.models.diffusion import LoraDiffusionModel
     from cxrdist.models.loading import load_base
     from cxrdist.models.trained import attach_training
-    from cxrdist.train.trainer import configure_model
+    from cxrdist.train.model_setup import configure_model
 
     cfg = load_config(overrides=["train.method=full", "train.mixed_precision=bf16"])
     base = load_base(tiny_base_path)

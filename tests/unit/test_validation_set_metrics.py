@@ -37,7 +37,7 @@ def test_set_metrics_score_the_validation_images_flag_training_copies_and_drive_
 
     noise = generating(np.random.default_rng(0).random(real.shape).astype(np.float32))
     assert noise["fid"] > 1.0 and noise["kid"] > perfect["kid"] and noise["coverage"] < 0.5
-    assert trainer.stopper.mode == "min" and all(math.isfinite(v) for v in noise.values())
+    assert trainer.best.stopper.mode == "min" and all(math.isfinite(v) for v in noise.values())
 
     copies = np.concatenate([b["pixel_values"].mean(dim=1).add(1).div(2).numpy()
                              for b in trainer.data.first_samples("train", 16)])
