@@ -415,7 +415,7 @@ def build_step_parts(preset: str, cfg, mode=None):
         _fake_parameters([model, base.vae], mode)
     objective = DiffusionObjective(base.scheduler_config, cfg.train.noise_offset, cfg.train.snr_gamma)
     encoder = BatchEncoder(base.vae, base.tokenizer, cfg.data.prompt_template, cfg.train.caption_dropout,
-                           use_cached=False)
+                           use_cached=False, context_tokens=base.context_tokens, lowercase=base.lowercase_prompts)
     return model, base, objective, encoder
 
 

@@ -17,7 +17,7 @@ from cxrdist.config import TIMESTEP_BIASES
 from cxrdist.data.latents import encode_mean
 from cxrdist.errors import ModelError
 from cxrdist.models.families import FAMILIES, Family
-from cxrdist.models.text import CONTEXT_TOKENS, apply_template, encode_ids, max_length, tokenize
+from cxrdist.models.text import CONTEXT_TOKENS, apply_template, as_read, encode_ids, max_length, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -343,9 +343,10 @@ class BatchEncoder:
     token ids. The VAE is frozen and never part of the trained module."""
 
     def __init__(self, vae, tokenizer, template: str, caption_dropout: float, use_cached: bool = True,
-                 context_tokens: int = CONTEXT_TOKENS):
+                 context_tokens: int = CONTEXT_TOKENS, lowercase: bool = False):
         self.vae = vae
         self.context_tokens = context_tokens
+        self.lowercase = lowercase  # the family's (Family.lowercase_prompts)
         self.use_cached = use_cached
         self.tokenizer = tokenizer
         self.template = template
@@ -374,8 +375,8 @@ class BatchEncoder:
 
     def token_ids(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         length = max_length(self.tokenizer, self.context_tokens)
-        full = self.tokenizer(prompts, truncation=False)["input_ids"]
+        full = self.tokenizer(as_read(prompts, self.lowercase), truncation=False)["input_ids"]
         self.cut_prompts += sum(len(ids) > length for ids in full)  # reported once per epoch, not per batch
         self.seen_prompts += len(prompts)
         # exactly what the sampler feeds the encoder
-        return tokenize(self.tokenizer, prompts, warn=False, limit=self.context_tokens)
+        return tokenize(self.tokenizer, prompts, warn=False, limit=self.context_tokens, lowercase=self.lowercase)

@@ -41,6 +41,10 @@ class Family:
     samplers: tuple[str, ...]  # sample.scheduler names that fit the noise schedule
     export_formats: tuple[str, ...]  # `cxrdist export --format` values that have a meaning for the family
     text_encoder_lora: bool  # whether an adapter on the text encoder is supported (and loadable by diffusers)
+    # diffusers' PixArt-Σ and Sana pipelines lower-case and strip every prompt before tokenizing (their
+    # `_text_preprocessing` with clean_caption=False), and so do its training scripts through `encode_prompt`: a model
+    # trained on other text than those pipelines feed it would be sampled off its training conditioning there
+    lowercase_prompts: bool
     call_denoiser: Callable[..., torch.Tensor]
 
     @property
@@ -72,17 +76,20 @@ FAMILIES: dict[str, Family] = {
         name="sd", label="Stable Diffusion 1.x/2.x", pipeline="StableDiffusionPipeline", denoiser_folder="unet",
         denoiser_class="UNet2DConditionModel", vae_class="AutoencoderKL", text_encoder_class="AutoModel",
         objective="ddpm", context_tokens=77, lora_prefix="unet", samplers=DDPM_SAMPLERS,
-        export_formats=("merged", "zip", "kohya"), text_encoder_lora=True, call_denoiser=_call_unet),
+        export_formats=("merged", "zip", "kohya"), text_encoder_lora=True, lowercase_prompts=False,
+        call_denoiser=_call_unet),
     "pixart-sigma": Family(
         name="pixart-sigma", label="PixArt-Σ", pipeline="PixArtSigmaPipeline", denoiser_folder="transformer",
         denoiser_class="PixArtTransformer2DModel", vae_class="AutoencoderKL", text_encoder_class="T5EncoderModel",
         objective="ddpm", context_tokens=300, lora_prefix="transformer", samplers=DDPM_SAMPLERS,
-        export_formats=("merged", "zip"), text_encoder_lora=False, call_denoiser=_call_pixart),
+        export_formats=("merged", "zip"), text_encoder_lora=False, lowercase_prompts=True,
+        call_denoiser=_call_pixart),
     "sana": Family(
         name="sana", label="Sana", pipeline="SanaPipeline", denoiser_folder="transformer",
         denoiser_class="SanaTransformer2DModel", vae_class="AutoencoderDC", text_encoder_class="AutoModel",
         objective="flow", context_tokens=300, lora_prefix="transformer", samplers=("dpm++", "euler"),
-        export_formats=("merged", "zip"), text_encoder_lora=False, call_denoiser=_call_sana),
+        export_formats=("merged", "zip"), text_encoder_lora=False, lowercase_prompts=True,
+        call_denoiser=_call_sana),
 }
 BY_PIPELINE = {family.pipeline: family for family in FAMILIES.values()}
 

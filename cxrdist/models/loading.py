@@ -67,6 +67,11 @@ class BaseModel:
         return _vae_scale_factor(self.vae)
 
     @property
+    def lowercase_prompts(self) -> bool:
+        """Whether prompts are lower-cased before tokenizing (PixArt-Σ, Sana: as diffusers' pipelines do)."""
+        return self.family.lowercase_prompts
+
+    @property
     def context_tokens(self) -> int:
         """Text tokens the denoiser reads: 77 for SD, 300 for PixArt-Σ and Sana."""
         return self.family.context_tokens

@@ -1,7 +1,8 @@
 """Prompts to conditioning: the prompt template (applied exactly once) and the text encoder call.
 
-Training, validation and sampling all go through `encode_prompts`, so the conditioning the sampler sees is
-the conditioning the adapter was trained on, for CLIP and BERT-style encoders alike.
+Training, validation and sampling all go through `tokenize`, so the conditioning the sampler sees is the
+conditioning the adapter was trained on, for CLIP and BERT-style encoders alike. `lowercase` is the family's
+(`Family.lowercase_prompts`): PixArt-Σ and Sana prompts are lower-cased as diffusers' pipelines do.
 """
 from __future__ import annotations
 
@@ -32,10 +33,16 @@ def max_length(tokenizer, limit: int = CONTEXT_TOKENS) -> int:
     return min(length, limit)
 
 
-def tokenize(tokenizer, prompts: list[str], warn: bool = True,
-             limit: int = CONTEXT_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+def as_read(prompts: list[str], lowercase: bool = False) -> list[str]:
+    """The prompts as the text encoder reads them: lower-cased and stripped where the family's pipeline does so."""
+    return [p.lower().strip() for p in prompts] if lowercase else list(prompts)
+
+
+def tokenize(tokenizer, prompts: list[str], warn: bool = True, limit: int = CONTEXT_TOKENS,
+             lowercase: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids padded to the encoder's length (at most `limit`); say what was cut rather than truncating
     silently."""
+    prompts = as_read(prompts, lowercase)
     length = max_length(tokenizer, limit)
     if warn:
         for prompt in prompts:
@@ -75,14 +82,14 @@ def is_clip(text_encoder) -> bool:
 
 
 def encode_prompts(tokenizer, text_encoder, prompts: list[str], warn: bool = True,
-                   limit: int = CONTEXT_TOKENS) -> torch.Tensor:
-    return encode_prompts_masked(tokenizer, text_encoder, prompts, warn, limit)[0]
+                   limit: int = CONTEXT_TOKENS, lowercase: bool = False) -> torch.Tensor:
+    return encode_prompts_masked(tokenizer, text_encoder, prompts, warn, limit, lowercase)[0]
 
 
 def encode_prompts_masked(tokenizer, text_encoder, prompts: list[str], warn: bool = True,
-                          limit: int = CONTEXT_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+                          limit: int = CONTEXT_TOKENS, lowercase: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(contexts, attention masks): the transformer families' denoisers read the mask too."""
-    ids, mask = tokenize(tokenizer, prompts, warn=warn, limit=limit)
+    ids, mask = tokenize(tokenizer, prompts, warn=warn, limit=limit, lowercase=lowercase)
     return encode_ids(text_encoder, ids, mask), mask
 
 

@@ -258,7 +258,8 @@ def _embed_unique(base: BaseModel, prompts: list[str]) -> tuple[torch.Tensor, to
     """Encode each distinct prompt once (one truncation warning per prompt), then index per image: (contexts,
     attention masks)."""
     unique = list(dict.fromkeys(prompts))
-    embeds, masks = encode_prompts_masked(base.tokenizer, base.text_encoder, unique, limit=base.context_tokens)
+    embeds, masks = encode_prompts_masked(base.tokenizer, base.text_encoder, unique, limit=base.context_tokens,
+                                          lowercase=base.lowercase_prompts)
     where = torch.tensor([{p: i for i, p in enumerate(unique)}[p] for p in prompts])
     return embeds[where.to(embeds.device)], masks[where].to(embeds.device)
 
@@ -295,7 +296,7 @@ def generate_images(base: BaseModel, reports: list[str], settings: SampleSetting
         cond, cond_mask = _embed_unique(base, prompts)
         uncond, uncond_mask = encode_prompts_masked(base.tokenizer, base.text_encoder,
                                                     [settings.negative_prompt.strip()], warn=True,
-                                                    limit=base.context_tokens)
+                                                    limit=base.context_tokens, lowercase=base.lowercase_prompts)
         uncond_mask = uncond_mask.to(uncond.device)
         for batch in batches:
             noise, generators = _initial_noise([seeds[i] for i in batch], latent_shape)

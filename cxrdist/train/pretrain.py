@@ -93,7 +93,8 @@ def caption_contexts(parts: dict, captions: list[str], family: Family = FAMILIES
     distinct = sorted(set(captions))
     row = {caption: i for i, caption in enumerate(distinct)}
     texts = distinct + [""]
-    ids, masks = tokenize(parts["tokenizer"], texts, warn=False, limit=family.context_tokens)
+    ids, masks = tokenize(parts["tokenizer"], texts, warn=False, limit=family.context_tokens,
+                          lowercase=family.lowercase_prompts)
     if family.is_transformer:
         ids, masks = trim_padding(ids, masks)
     with torch.no_grad():

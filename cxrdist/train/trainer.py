@@ -247,7 +247,7 @@ class Trainer:
                                             objective=self.base.family.objective, flow=FlowSettings.from_train(t))
         self.encoder = BatchEncoder(self.base.vae, self.base.tokenizer, cfg.data.prompt_template,
                                     cfg.train.caption_dropout, use_cached=self._use_cached_latents(),
-                                    context_tokens=self.base.context_tokens)
+                                    context_tokens=self.base.context_tokens, lowercase=self.base.lowercase_prompts)
         self.best = BestModel(acc, cfg, self.run_dir, fold, self.base, self.spec)
         distributed.load_weights_only(self.model)  # a DeepSpeed engine unpickles its files with weights_only=True
         # The EMA of the trained weights (train.ema_decay): the same values on every rank; None when off.
@@ -523,7 +523,7 @@ class Trainer:
         reports = [report for share in gather_object([self.data.train_reports()]) for report in share]
         prompts = distinct_prompts(reports, self.cfg.data.prompt_template, with_empty=self.cfg.train.caption_dropout > 0)
         prefill_text_cache(self.accelerator, cache, model.text_encoder, self.base.tokenizer, prompts,
-                           self.base.context_tokens)
+                           self.base.context_tokens, lowercase=self.base.lowercase_prompts)
 
     @property
     def micro_per_epoch(self) -> int:
@@ -628,7 +628,8 @@ class Trainer:
         self.logger.scalars({f"val/{k}": v for k, v in metrics.items()}, step)
         if images is not None:
             self.logger.image("val/samples", images, step)
-        self.best.consider_all_ranks(metrics, step=step, epoch=self.epoch, weights_all_ranks=self._best_weights_all_ranks,
+        self.best.consider_all_ranks(metrics, step=step, epoch=self.epoch,
+                                     weights_all_ranks=self._best_weights_all_ranks,
                                      module=self.accelerator.unwrap_model(self.model),
                                      ema=self.ema.info() if self.ema is not None else None)
         return metrics
