@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from cxrdist.errors import InputError
-from cxrdist.fileio import TEMP_SUFFIX, temp_name, write_json_atomic
+from cxrdist.fileio import TEMP_SUFFIX, probe_writable, temp_name, write_json_atomic
 from cxrdist.locks import folder_lock
 
 
@@ -177,10 +177,7 @@ def _check_writable(out: Path) -> None:
     if not existing.is_dir():
         raise InputError(f"--out {out}: {existing} is a file, not a folder: choose another path")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = temp_name(out / "write-test")
-        probe.write_bytes(b"")
-        probe.unlink()
+        probe_writable(out)
     except OSError as exc:
         raise InputError(f"--out {out} cannot be written ({exc.strerror or exc}): choose a folder you can "
                          "write to") from None
