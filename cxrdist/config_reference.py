@@ -1,7 +1,7 @@
 """The configuration reference (docs/config.md), generated from the config dataclasses: every key with its type,
 default, allowed values and help text. The help text is the comment written beside or above the key in
-cxrdist/config.py, so the page cannot say something the code does not; tests/unit/test_config_reference.py fails
-when the committed page and the code disagree.
+cxrdist/config.py, so the page cannot say something the code does not; tests/unit/foundation/test_config_reference.py
+fails when the committed page and the code disagree.
 
     python -m cxrdist.config_reference > docs/config.md
 """

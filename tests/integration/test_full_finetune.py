@@ -151,8 +151,8 @@ def test_the_text_encoder_trains_fully_under_zero2_and_is_exported(phantom_shard
 
 @pytest.mark.timeout(3 * LAUNCH_TIMEOUT_S)
 @pytest.mark.skipif(os.environ.get("CXRDIST_FULL_SIZE") != "1",
-                    reason="four launches: make test-full, or CXRDIST_FULL_SIZE=1 (make test: tests/unit/"
-                           "test_train_method.py checks both in one process)")
+                    reason="four launches: make test-full, or CXRDIST_FULL_SIZE=1 (make test: tests/unit/train/"
+                           "test_method.py checks both in one process)")
 def test_each_fold_starts_from_the_pristine_base_and_one_process_resumes_exactly(phantom_shards, tmp_path,
                                                                                 tiny_base_path):
     """One process (no DeepSpeed: the fp32 weights in trained.safetensors), the text encoder trained too. Fold 1

@@ -1,7 +1,7 @@
 """Mixed precision on the launchers users run, for real on 2 CPU ranks (gloo, DS_ACCELERATOR=cpu).
 
 What runs here, per launcher x train.mixed_precision (the fp32 column is tests/integration/test_scale_train.py):
-- bf16: one process (tests/unit/test_train_nonfinite.py), DDP (cpu_2ranks.yaml), ZeRO-2, ZeRO-3 -- each
+- bf16: one process (tests/unit/train/test_nonfinite_steps.py), DDP (cpu_2ranks.yaml), ZeRO-2, ZeRO-3 -- each
   trains with ranks in step and a falling loss; the exports are fp32 and load in plain diffusers; a ZeRO-2 bf16
   run whose rank dies resumes bit for bit; an inf loss on one rank skips that step on both (with AdamW8bit as
   DeepSpeed's client optimizer).

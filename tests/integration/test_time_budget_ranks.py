@@ -14,7 +14,7 @@ from support.launching import ACCEL, LAUNCH_TIMEOUT_S, last_by_step, launch, sca
 from support.training import child_env
 
 # 24 s at 1 s/step with 5% kept back for the end of the run: the decay (20% of the run) begins after step 18 and
-# ends at step 22 (tests/unit/test_time_budget.py works the arithmetic through)
+# ends at step 22 (tests/unit/train/test_time_budget.py works the arithmetic through)
 BUDGET = ["train.max_steps=40", "optim.scheduler=wsd", "optim.warmup_steps=0", "train.time_budget=0:24",
           "train.checkpoint_every=4", "train.keep_last=10", "eval.eval_every_steps=100", "eval.num_metric_images=0",
           "eval.num_grid_prompts=0", "train.log_every=2"]

@@ -26,7 +26,7 @@ from PIL import Image
 
 from cxrdist.data.sources.manifest import MAX_REPORT_BYTES, ManifestSource
 from cxrdist.models.lora import METADATA_NAME, WEIGHTS_NAME
-from support.data_files import (DEDUPE_OPTS, leaky_manifest, png_digests_by_split, write_dicom,
+from support.data_files import (SHARD_OPTS, leaky_manifest, png_digests_by_split, write_dicom,
                                 write_manifest, write_png)
 from support.robustness import (Case, Ctx, Plan, good_rows, index_of, invoke, mount_tmpfs, params, rejects_of,
                                 run_case, shard_manifest)
@@ -140,7 +140,7 @@ def _duplicates(ctx: Ctx) -> Plan:
     """One image under two group ids (and spelt another way), a byte-copy, a link: never in two splits."""
     manifest = leaky_manifest(ctx.tmp / "in")
     out = ctx.tmp / "out"
-    o = DEDUPE_OPTS  # the helper picks group ids that the split with these options would separate
+    o = SHARD_OPTS  # the helper picks group ids that the split with these options would separate
 
     def check(result) -> None:
         assert result.exit_code == 0, result.output

@@ -185,8 +185,9 @@ def fill_disk_at_shard(monkeypatch, n: int) -> list[str]:
     return calls
 
 
-# Build options of the deduplication tests: small images, 3 folds, shards of 4.
-DEDUPE_OPTS = dict(size=32, folds=3, test_fraction=0.25, seed=0, shard_size=4, workers=1, progress=False)
+# Build options of the shard builder's unit tests (and of leaky_manifest's split): 32 px images, 3 folds, a quarter
+# of the groups for test, shards of 4 samples, one worker, no progress output.
+SHARD_OPTS = dict(size=32, folds=3, test_fraction=0.25, seed=0, shard_size=4, workers=1, progress=False)
 
 
 def _row(image: str, group: str) -> dict:
@@ -199,7 +200,7 @@ def _other_split_group(groups: list[str], original: str, suffix: str) -> str:
     different places: `patient03<suffix>` sorts right after patient03.)"""
     for n in range(8):
         candidate = f"patient{n:02d}{suffix}"
-        split = assign_splits(groups + [candidate], DEDUPE_OPTS["folds"], DEDUPE_OPTS["test_fraction"], DEDUPE_OPTS["seed"])
+        split = assign_splits(groups + [candidate], SHARD_OPTS["folds"], SHARD_OPTS["test_fraction"], SHARD_OPTS["seed"])
         if split[candidate] != split[original]:
             return candidate
     raise AssertionError("no group id lands in another split")

@@ -1,8 +1,9 @@
 """The package's imports point one way: foundation -> data -> models -> sampling -> train -> evaluation -> commands.
 
 Read from the source (every import statement, lazy ones inside functions too), so a module that reaches a layer
-above it fails here with the import named, before it can grow into a cycle. `python -m tests.unit.test_architecture`
-prints the whole graph (module -> the cxrdist modules it imports) and the count of upward imports.
+above it fails here with the import named, before it can grow into a cycle.
+`python -m tests.unit.foundation.test_architecture` prints the whole graph (module -> the cxrdist modules it
+imports) and the count of upward imports.
 """
 from __future__ import annotations
 

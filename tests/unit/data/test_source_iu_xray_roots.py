@@ -1,5 +1,6 @@
-"""Hostile inputs, item 5: with --out (and so its download cache) inside --from, the IU source must read
-each report once, not once from --from and again from the cache."""
+"""IU X-ray source with overlapping roots (cxrdist.data.sources.iu_xray): with --out (and so its download cache)
+inside --from, each report is read once, not once from --from and again from the cache, and a second copy of the
+reports is rejected rather than counted twice."""
 from __future__ import annotations
 
 import shutil

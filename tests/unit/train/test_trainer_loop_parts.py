@@ -1,16 +1,18 @@
 """The parts the training loop asks: the trainer state's counters and epoch arithmetic, the optimizer-step policy
-(stepped, or skipped and why), the best model's state, and the rule that collectives never run in code only the
-main process runs."""
+(stepped, or skipped and why), the best model's state, the rule that collectives never run in code only the
+main process runs, and the resume check that a checkpoint continues with the batching it was trained with."""
 from __future__ import annotations
 
 import inspect
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from cxrdist.config import load_config
+from cxrdist.errors import ConfigError
 from cxrdist.train import distributed
 from cxrdist.train.best import BestModel
 from cxrdist.train.ranks import CollectiveOnOneRank, all_ranks, in_main_process_only, main_process_only
@@ -109,3 +111,13 @@ def test_the_best_model_state_round_trips_through_the_trainer_state(tmp_path):
     again = BestModel(accelerator, cfg, tmp_path, fold=1, base=None, spec={})
     again.load_state_dict(state.state_dict())
     assert again.stopped and again.path == best.path and again.stopper.best == 0.5 and again.stopper.bad_evals == 2
+
+
+def test_resuming_with_another_world_size_is_refused_naming_both_values():
+    from cxrdist.train.trainer import check_same_batching
+
+    saved = {"world_size": 2, "effective_batch": 8}
+    check_same_batching(Path("ckpt"), saved, {"world_size": 2, "effective_batch": 8})
+    check_same_batching(Path("ckpt"), {"fold": 0}, {"world_size": 4, "effective_batch": 16})  # older checkpoints
+    with pytest.raises(ConfigError, match=r"trained with world size 2, this launch has 4.*same number of processes \(2\)"):
+        check_same_batching(Path("ckpt"), saved, {"world_size": 4, "effective_batch": 16})

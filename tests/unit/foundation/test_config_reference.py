@@ -9,7 +9,7 @@ from pathlib import Path
 from cxrdist.config import Config
 from cxrdist.config_reference import render
 
-PAGE = Path(__file__).resolve().parents[2] / "docs" / "config.md"
+PAGE = Path(__file__).resolve().parents[3] / "docs" / "config.md"
 
 
 def test_the_committed_page_is_what_the_code_generates():

@@ -231,3 +231,20 @@ def test_sampling_and_pretraining_report_in_plain_lines(tiny_base_path, one_thre
     assert last["sampling"].startswith("sampling: step 4/4 (100%)") and "done in" in last["sampling"]
     assert last["vae"].startswith("vae: step 3/3 (100%)") and ", loss=" in last["vae"]
     assert last["unet"].startswith("unet: step 3/3 (100%)") and ", loss=" in last["unet"]
+
+
+def test_a_stop_line_starts_its_own_line_even_under_a_progress_bar(capsys):
+    """The launcher's log is read line by line: `Error: rank 0 ...` must not trail the bar's last update."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    from cxrdist.errors import CxrdistError, report_now
+
+    bar = tqdm(total=2, file=sys.stderr, desc="train")
+    bar.update(1)
+    error = report_now(CxrdistError("rank 0 lost the other ranks at step 1"))
+    bar.close()
+    assert error.reported
+    # split on "\n" only: splitlines() also splits on the bar's "\r", so a line glued to the bar would pass
+    assert "Error: rank 0 lost the other ranks at step 1" in capsys.readouterr().err.split("\n")

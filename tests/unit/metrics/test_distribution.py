@@ -200,7 +200,7 @@ def test_samples_that_decode_training_latents_are_flagged_against_the_pool_as_th
     from cxrdist.models.loading import load_base
     from cxrdist.sampling.pipeline import as_drawn
 
-    base = load_base(str(Path(__file__).parents[2] / "models" / "phantom-base"))
+    base = load_base(str(Path(__file__).parents[3] / "models" / "phantom-base"))
     pool, heldout, other = (phantoms(seed, n)[:, 0].numpy() for seed, n in ((1, 120), (2, 200), (3, 60)))
     draw = functools.partial(as_drawn, base)
     drawn_pool = draw(pool)

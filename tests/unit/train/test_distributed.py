@@ -13,7 +13,7 @@ import torch
 from cxrdist.errors import ConfigError
 from cxrdist.train import distributed
 
-DEEPSPEED = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
+DEEPSPEED = Path(__file__).resolve().parents[3] / "configs" / "deepspeed"
 
 
 def _plugin(name="zero2", offload="none"):

@@ -62,9 +62,9 @@ def test_template_applied_exactly_once(tiny, monkeypatch):
     seen = []
     real = sample.encode_prompts_masked
 
-    def spy(tokenizer, text_encoder, prompts, warn=True, limit=77):
+    def spy(tokenizer, text_encoder, prompts, warn=True, limit=77, **kwargs):  # kwargs: e.g. lowercase
         seen.extend(prompts)
-        return real(tokenizer, text_encoder, prompts, warn=warn, limit=limit)
+        return real(tokenizer, text_encoder, prompts, warn=warn, limit=limit, **kwargs)
 
     monkeypatch.setattr(sample, "encode_prompts_masked", spy)
     generate_images(tiny, ["Normal heart.", "Normal heart."], SampleSettings(steps=1, negative_prompt="blurry"),

@@ -40,7 +40,7 @@ CHOICES = [(s, k, typing.get_args(tp)) for s, k, tp in _declared() if typing.get
 BOUNDS = [(s, k, m.low) for s, k, tp in _declared() for m in getattr(tp, "__metadata__", ()) if isinstance(m, AtLeast)]
 
 
-def test_the_declarations_cover_the_keys_the_issue_named_and_more():
+def test_choice_keys_and_lower_bounded_keys_are_declared_in_their_types():
     assert {"model.attention", "model.vae_dtype", "optim.name", "train.method", "eval.metric"} <= {
         f"{s}.{k}" for s, k, _ in CHOICES}
     assert {"train.log_every", "eval.eval_every_epochs", "train.max_steps", "train.epochs"} <= {

@@ -1,5 +1,6 @@
-"""Hostile inputs, item 1: one image listed twice (two group ids, another spelling of its path, a link) or
-byte-copied under another name and patient must land in one split only, with the duplicates in the rejects."""
+"""Shard builder deduplication (cxrdist.data.listing.drop_duplicates): one image listed twice (two group ids,
+another spelling of its path, a link) or byte-copied under another name and patient lands in one split only, with
+the duplicates in the rejects; otherwise the same image in train and test would leak into the evaluation."""
 from __future__ import annotations
 
 import json
@@ -10,12 +11,12 @@ from cxrdist.data.listing import drop_duplicates
 from cxrdist.data.shard import build_shards
 from cxrdist.data.sources.base import Record
 from cxrdist.data.sources.manifest import ManifestSource
-from support.data_files import DEDUPE_OPTS, leaky_manifest, png_digests_by_split, write_png
+from support.data_files import SHARD_OPTS, leaky_manifest, png_digests_by_split, write_png
 
 
 def test_no_image_content_in_two_splits(tmp_path):
     manifest = leaky_manifest(tmp_path / "in")
-    index = build_shards(ManifestSource(manifest), tmp_path / "out", **DEDUPE_OPTS)
+    index = build_shards(ManifestSource(manifest), tmp_path / "out", **SHARD_OPTS)
     by_split = png_digests_by_split(tmp_path / "out", index)
     every = [digest for digests in by_split.values() for digest in digests]
     assert len(every) == 16 and len(set(every)) == 16  # each of the 16 distinct images once, in one split
@@ -61,5 +62,5 @@ def test_records_without_a_file_are_compared_by_descriptor_only():
 @pytest.mark.parametrize("workers", [1, 2])
 def test_dedupe_keeps_builds_identical_across_worker_counts(tmp_path, workers):
     manifest = leaky_manifest(tmp_path / "in")
-    index = build_shards(ManifestSource(manifest), tmp_path / "out", **{**DEDUPE_OPTS, "workers": workers})
+    index = build_shards(ManifestSource(manifest), tmp_path / "out", **{**SHARD_OPTS, "workers": workers})
     assert index["counts"]["duplicates"] == 4

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from support.lock_holders import dead_pid
 from support.processes import _ephemeral_start, free_port, on_another_port, port_taken, reap, start
@@ -39,29 +40,21 @@ def _wait_stopped(pid: int) -> None:
         time.sleep(0.05)
 
 
-def test_reap_ends_a_stopped_rank_below_a_live_launcher():
-    launcher = start([sys.executable, "-c", LAUNCHER, "stay"], env=dict(os.environ), cwd=None,
+@pytest.mark.parametrize("launcher_mode, status", [("stay", -9), ("go", 0)], ids=["live-launcher", "launcher-exited"])
+def test_reap_ends_a_stopped_rank_and_keeps_an_exited_launchers_status(launcher_mode, status):
+    """Below a live launcher (killed: -9), and as an orphan whose launcher already exited (its status 0 is kept):
+    an exited launcher's rank is outside its tree and process group, and only the environment marker finds it."""
+    launcher = start([sys.executable, "-c", LAUNCHER, launcher_mode], env=dict(os.environ), cwd=None,
                      stdout=subprocess.PIPE, text=True)
     try:
         rank = int(launcher.stdout.readline())
         _wait_stopped(rank)
+        if launcher_mode == "go":
+            launcher.wait(timeout=30)
     finally:
         reap(launcher)
         launcher.stdout.close()
-    assert _gone(rank) and launcher.returncode == -9
-
-
-def test_reap_ends_a_stopped_rank_whose_launcher_exited_and_keeps_the_launchers_status():
-    launcher = start([sys.executable, "-c", LAUNCHER, "go"], env=dict(os.environ), cwd=None,
-                     stdout=subprocess.PIPE, text=True)
-    try:
-        rank = int(launcher.stdout.readline())
-        _wait_stopped(rank)
-        launcher.wait(timeout=30)  # the rank is an orphan now, outside the launcher's tree and process group
-    finally:
-        reap(launcher)
-        launcher.stdout.close()
-    assert _gone(rank) and launcher.returncode == 0
+    assert _gone(rank) and launcher.returncode == status
 
 
 def test_a_dead_holders_pid_is_not_alive():

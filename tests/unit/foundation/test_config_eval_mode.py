@@ -9,7 +9,7 @@ from cxrdist.config import (METRIC_MODES, SET_METRICS, Config, EvalConfig, confi
 from cxrdist.errors import ConfigError
 from cxrdist.train.early_stop import EarlyStopper
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.mark.parametrize("metric, mode", [("val_loss", "min"), ("mse", "min"), ("ssim", "max"), ("psnr", "max"),

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -13,14 +12,7 @@ from cxrdist.data.sharding.options import ShardOptions
 from cxrdist.data.sharding.splits import assign_splits
 from cxrdist.data.sources.manifest import ManifestSource
 from cxrdist.errors import DataError, InputError
-from support.data_files import fill_disk_at_shard, make_manifest_set, tar_members, tar_metas
-
-OPTS = dict(size=32, folds=3, test_fraction=0.25, seed=0, shard_size=4, workers=1, progress=False)
-
-
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory) -> Path:
-    return make_manifest_set(tmp_path_factory.mktemp("m"), corrupt=[5])
+from support.data_files import SHARD_OPTS, fill_disk_at_shard, tar_members, tar_metas
 
 
 def test_assign_splits_is_group_level_and_seeded():
@@ -32,8 +24,8 @@ def test_assign_splits_is_group_level_and_seeded():
     assert counts == {"test": 20, "fold0": 16, "fold1": 16, "fold2": 16, "fold3": 16, "fold4": 16}
 
 
-def test_build_index_rejects_and_no_group_leak(tmp_path, manifest):
-    index = build_shards(ManifestSource(manifest), tmp_path / "out", **OPTS)
+def test_build_index_rejects_and_no_group_leak(tmp_path, corrupt_manifest):
+    index = build_shards(ManifestSource(corrupt_manifest), tmp_path / "out", **SHARD_OPTS)
     assert index["counts"] == {"records": 24, "written": 23, "rejected": 1, "duplicates": 0}
     assert index["rejects"] == {"corrupt_image": 1}
     rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
@@ -61,54 +53,54 @@ def test_build_index_rejects_and_no_group_leak(tmp_path, manifest):
     assert sum(loaded.splits["test"]["labels"].values()) == loaded.splits["test"]["count"]
 
 
-def test_same_inputs_give_identical_bytes_with_any_worker_count(tmp_path, manifest):
-    build_shards(ManifestSource(manifest), tmp_path / "a", **OPTS)
-    build_shards(ManifestSource(manifest), tmp_path / "b", **{**OPTS, "workers": 2})
+def test_same_inputs_give_identical_bytes_with_any_worker_count(tmp_path, corrupt_manifest):
+    build_shards(ManifestSource(corrupt_manifest), tmp_path / "a", **SHARD_OPTS)
+    build_shards(ManifestSource(corrupt_manifest), tmp_path / "b", **{**SHARD_OPTS, "workers": 2})
     names = sorted(p.name for p in (tmp_path / "a").iterdir() if p.is_file())
     assert names == sorted(p.name for p in (tmp_path / "b").iterdir() if p.is_file())
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
 
-def test_existing_output_needs_resume_and_matching_options(tmp_path, manifest):
-    build_shards(ManifestSource(manifest), tmp_path / "out", **OPTS)
+def test_existing_output_needs_resume_and_matching_options(tmp_path, corrupt_manifest):
+    build_shards(ManifestSource(corrupt_manifest), tmp_path / "out", **SHARD_OPTS)
     with pytest.raises(DataError, match="already holds a shard set.*--resume"):
-        build_shards(ManifestSource(manifest), tmp_path / "out", **OPTS)
+        build_shards(ManifestSource(corrupt_manifest), tmp_path / "out", **SHARD_OPTS)
     with pytest.raises(DataError, match="cannot resume.*options size"):
-        build_shards(ManifestSource(manifest), tmp_path / "out", **{**OPTS, "size": 64, "resume": True})
-    again = build_shards(ManifestSource(manifest), tmp_path / "out", **{**OPTS, "resume": True})
+        build_shards(ManifestSource(corrupt_manifest), tmp_path / "out", **{**SHARD_OPTS, "size": 64, "resume": True})
+    again = build_shards(ManifestSource(corrupt_manifest), tmp_path / "out", **{**SHARD_OPTS, "resume": True})
     assert again["run"]["processed"] == 0 and again["counts"]["written"] == 23
 
 
-def test_disk_full_keeps_completed_shards_then_resume_finishes(tmp_path, manifest, monkeypatch):
+def test_disk_full_keeps_completed_shards_then_resume_finishes(tmp_path, corrupt_manifest, monkeypatch):
     real_write = shard_writer.write_tar
     calls = fill_disk_at_shard(monkeypatch, 3)
     with pytest.raises(DataError, match="disk full while writing .*--resume"):
-        build_shards(ManifestSource(manifest), tmp_path / "out", **OPTS)
+        build_shards(ManifestSource(corrupt_manifest), tmp_path / "out", **SHARD_OPTS)
     kept = sorted(p.name for p in (tmp_path / "out").glob("*.tar"))
     assert kept == sorted(calls[:2]) and not (tmp_path / "out" / "index.json").exists()
     monkeypatch.setattr(shard_writer, "write_tar", real_write)
-    index = build_shards(ManifestSource(manifest), tmp_path / "out", **{**OPTS, "resume": True})
-    build_shards(ManifestSource(manifest), tmp_path / "clean", **OPTS)
+    index = build_shards(ManifestSource(corrupt_manifest), tmp_path / "out", **{**SHARD_OPTS, "resume": True})
+    build_shards(ManifestSource(corrupt_manifest), tmp_path / "clean", **SHARD_OPTS)
     assert index["run"]["processed"] < 24
     for tar in (tmp_path / "clean").glob("*.tar"):
         assert tar.read_bytes() == (tmp_path / "out" / tar.name).read_bytes()
 
 
-def test_unwritable_output_and_bad_options(tmp_path, manifest):
+def test_unwritable_output_and_bad_options(tmp_path, corrupt_manifest):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(InputError, match="cannot write to .*writable --out"):
-        build_shards(ManifestSource(manifest), blocker / "out", **OPTS)
+        build_shards(ManifestSource(corrupt_manifest), blocker / "out", **SHARD_OPTS)
     with pytest.raises(InputError, match="--size must be a multiple of 8"):
         ShardOptions(size=30)
     with pytest.raises(InputError, match="--test-fraction"):
         ShardOptions(test_fraction=1.0)
 
 
-def test_sixteen_bit_and_crop_options(tmp_path, manifest):
-    index = build_shards(ManifestSource(manifest), tmp_path / "out",
-                         **{**OPTS, "bit_depth": 16, "resize_mode": "crop", "test_fraction": 0.0})
+def test_sixteen_bit_and_crop_options(tmp_path, corrupt_manifest):
+    index = build_shards(ManifestSource(corrupt_manifest), tmp_path / "out",
+                         **{**SHARD_OPTS, "bit_depth": 16, "resize_mode": "crop", "test_fraction": 0.0})
     assert "test" not in index["splits"] and index["bit_depth"] == 16
     import io
     import tarfile
