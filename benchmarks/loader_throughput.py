@@ -15,9 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from shard_throughput import make_inputs
 

@@ -77,3 +77,15 @@ def trainable_counts(log: str) -> tuple[int, int]:
     assert found, log[-4000:]
     trainable, total = (int(g.replace(",", "")) for g in found.groups())
     return trainable, total
+
+
+def tiny_lora_model(base_path, train_text: bool = True):
+    """(base, joint model) of a tiny base with LoRA attached, the text encoder's too when `train_text`."""
+    from cxrdist.config import LoraConfig
+    from cxrdist.models.diffusion import LoraDiffusionModel
+    from cxrdist.models.loading import load_base
+    from cxrdist.models.lora import attach_lora
+
+    base = load_base(base_path)
+    attach_lora(base, LoraConfig(train_text_encoder=train_text))
+    return base, LoraDiffusionModel(base.unet, base.text_encoder, train_text)
