@@ -13,10 +13,18 @@ decay already begun.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+from cxrdist.fileio import write_json_atomic
+from cxrdist.train.ranks import all_ranks
+
+log = logging.getLogger(__name__)
 
 MIN_PACE_STEPS = 5  # steps measured before the pace is trusted (the first ones include compile and caching)
 DEFAULT_RESERVE_FRACTION = 0.05  # the reserve before the end-of-run work has been timed once
@@ -52,6 +60,7 @@ class TimeBudget:
         self.pace_from: Optional[tuple[int, float]] = None  # (step, time) the pace is measured from
         self.end_work_s: Optional[float] = None  # measured cost of the end-of-run work
         self.decision: Optional[DecayDecision] = None
+        self._last_work_s = {"validation": 0.0, "checkpoint": 0.0}  # as last timed (`timed`)
 
     # ---- the clock -------------------------------------------------------------------------------------------
     def start(self, step: int) -> None:
@@ -66,6 +75,16 @@ class TimeBudget:
     def note_end_work(self, seconds: float) -> None:
         """The duration of a validation plus checkpoint, as the last step will also need (the largest seen)."""
         self.end_work_s = max(seconds, self.end_work_s or 0.0)
+
+    @contextlib.contextmanager
+    def timed(self, work: str) -> Iterator[None]:
+        """Time a periodic `validation` or `checkpoint`: once both were timed, what follows the last step (a
+        validation, the test split, about as long, and a checkpoint) is known, and the reserve follows it."""
+        started = self.clock()
+        yield
+        self._last_work_s[work] = self.clock() - started
+        if all(self._last_work_s.values()):
+            self.note_end_work(2 * self._last_work_s["validation"] + self._last_work_s["checkpoint"])
 
     def reserve_s(self) -> float:
         if self.end_work_s is None:
@@ -112,6 +131,29 @@ class TimeBudget:
         """Follow the main process's decision (every rank, after `share`)."""
         if decision is not None and self.decision is None:
             self.decision = decision
+
+    @all_ranks
+    def follow_all_ranks(self, accelerator, step: int) -> Optional[DecayDecision]:
+        """Every rank, after each optimizer step: the main process decides from its clock whether the decay starts
+        now, and every rank adopts that decision (one broadcast), so all end at the same step. Returns the
+        decision when it was taken at this step."""
+        decision = self.decide(step) if accelerator.is_main_process else None
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            decision = share(decision, broadcast)
+        self.adopt(decision)
+        return decision
+
+    def record(self, decision: DecayDecision, logger, run_dir: Path) -> None:
+        """When and why the decay began: the log, TensorBoard (`logger`) and <run>/time_budget.json (main process)."""
+        log.info("time budget: the lr decay begins after step %d and the run ends at step %d: %s", decision.step,
+                 decision.end_step, decision.reason)
+        logger.scalars({"train/decay_start_step": decision.step, "train/planned_steps": decision.end_step},
+                       decision.step)
+        logger.text("train/time_budget", decision.reason, decision.step)
+        write_json_atomic(Path(run_dir) / "time_budget.json", {
+            "budget_s": self.budget_s, "max_steps": self.max_steps, **asdict(decision), "end_step": decision.end_step})
 
     def total_steps(self) -> int:
         return self.decision.end_step if self.decision is not None else self.max_steps

@@ -34,7 +34,7 @@ import logging
 import math
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -61,7 +61,7 @@ from cxrdist.train.preemption import StopRequested, StopSignals, announce, signa
 from cxrdist.train.ranks import all_ranks, main_process_only
 from cxrdist.train.step_policy import OptimizerStep, StepOutcome
 from cxrdist.train.text_prefill import distinct_prompts, prefill_text_cache
-from cxrdist.train.time_budget import DecayDecision, TimeBudget, share
+from cxrdist.train.time_budget import DecayDecision, TimeBudget
 from cxrdist.train.model_setup import configure_model
 from cxrdist.train.tracking import MetricsLogger, Window, memory_scalars
 from cxrdist.train.validation import Evaluator
@@ -226,7 +226,6 @@ class Trainer:
         self._clock = faults.budget_clock(lambda: self.state.step) or time.monotonic
         self.budget = TimeBudget(budget_s, warmup=cfg.optim.warmup_steps, decay_fraction=cfg.optim.decay_fraction,
                                  max_steps=self.total_steps, clock=self._clock) if budget_s else None
-        self._end_work = {"validation": 0.0, "checkpoint": 0.0}  # seconds, as last measured
         self._progress = None
         optimizer = build_optimizer(model, cfg.optim, acc.device)
         scheduler = build_lr_scheduler(optimizer, cfg.optim, self.total_steps,
@@ -547,53 +546,31 @@ class Trainer:
         last step; the validation comes before the checkpoint, so a checkpoint holds the best model it judged."""
         step = self.state.step
         epochs_done = self.state.epochs_done_if_ended(self.micro_per_epoch)
-        if self.budget is not None:
-            self._follow_time_budget_all_ranks(step)
+        decision = self.budget.follow_all_ranks(self.accelerator, step) if self.budget is not None else None
+        if decision is not None:
+            self._decay_began(decision)
         if self.logger.due(step, last_step=self._finished()):
             self._log_train_all_ranks(window)
         if self.validator.due(step, epochs_done, last_step=self._finished()):
-            started = self._clock()
-            self.validate_all_ranks()
-            self._end_work["validation"] = self._clock() - started
+            with self._timed("validation"):
+                self.validate_all_ranks()
         if self.checkpointer.due(step, epochs_done is not None, last_step=self._finished()):  # early stop included
-            started = self._clock()
-            self._save_checkpoint_all_ranks()
-            self._end_work["checkpoint"] = self._clock() - started
-        if self.budget is not None and all(self._end_work.values()):
-            # what follows the last step: a validation, the test split (about as long) and a checkpoint
-            self.budget.note_end_work(2 * self._end_work["validation"] + self._end_work["checkpoint"])
+            with self._timed("checkpoint"):
+                self._save_checkpoint_all_ranks()
         faults.maybe_die_after_step(step, self.accelerator.process_index)
 
-    @all_ranks
-    def _follow_time_budget_all_ranks(self, step: int) -> None:
-        """Every rank, after each optimizer step: the main process decides from its clock whether the decay starts
-        now, and every rank follows that decision (one broadcast), so all end at the same step."""
-        acc = self.accelerator
-        decision = self.budget.decide(step) if acc.is_main_process else None
-        if acc.num_processes > 1:
-            from accelerate.utils import broadcast
+    def _timed(self, work: str):
+        """The time budget measures the periodic validation and checkpoint (what the last step will also need)."""
+        return self.budget.timed(work) if self.budget is not None else contextlib.nullcontext()
 
-            decision = share(decision, broadcast)
-        if decision is None:
-            return
-        self.budget.adopt(decision)
+    def _decay_began(self, decision: DecayDecision) -> None:
+        """The time budget moved the run's end: the loop, the progress bar and the record follow it."""
         self.total_steps = self.budget.total_steps()
         if self._progress is not None:
             self._progress.total = self.total_steps
-        if acc.is_main_process:
+        if self.accelerator.is_main_process:
             with main_process_only():
-                self._record_decay(decision)
-
-    def _record_decay(self, decision: DecayDecision) -> None:
-        """When and why the decay began: the log, TensorBoard and <run>/time_budget.json."""
-        log.info("time budget: the lr decay begins after step %d and the run ends at step %d: %s", decision.step,
-                 decision.end_step, decision.reason)
-        self.logger.scalars({"train/decay_start_step": decision.step, "train/planned_steps": decision.end_step},
-                            decision.step)
-        self.logger.text("train/time_budget", decision.reason, decision.step)
-        write_json_atomic(self.run_dir / "time_budget.json", {
-            "budget_s": self.budget.budget_s, "max_steps": self.budget.max_steps, **asdict(decision),
-            "end_step": decision.end_step})
+                self.budget.record(decision, self.logger, self.run_dir)
 
     @property
     def epoch(self) -> int:
