@@ -81,6 +81,7 @@ class AtLeast:
 
 
 VAE_DTYPES = ("fp32", "bf16", "fp16")  # model.vae_dtype (cxrdist.models.loading)
+TEXT_INSTRUCTIONS = ("none", "sana")  # model.text_instruction (cxrdist.models.text.instruction_text)
 ATTENTIONS = ("sdpa", "default")  # model.attention (cxrdist.train.model_setup.ATTENTION)
 OPTIMIZERS = ("adamw", "adamw8bit")  # optim.name (cxrdist.train.optim.OPTIMIZERS)
 LR_SCHEDULES = ("cosine", "constant", "linear", "wsd")  # optim.scheduler (cxrdist.train.optim.SCHEDULES)
@@ -151,6 +152,11 @@ class ModelConfig:
     vae_dtype: Literal[VAE_DTYPES] = "fp32"  # the frozen VAE's weights
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about a third more time
     attention: Literal[ATTENTIONS] = "sdpa"  # UNets; the transformer families keep their own kernels
+    # Sana only: an instruction every non-empty prompt is encoded after, as diffusers' SanaPipeline applies its
+    # `complex_human_instruction` ("sana": that pipeline's default; the context keeps the prompt's tokens as the
+    # text encoder reads them after it). Off by default, as in diffusers' Sana training script; recorded in exports,
+    # so sampling encodes as training did.
+    text_instruction: Literal[TEXT_INSTRUCTIONS] = "none"
 
     def __post_init__(self) -> None:
         _check_declared(self, "model")

@@ -6,6 +6,7 @@ own scheduler config (its betas and prediction type), never the sampler's.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -17,7 +18,7 @@ from cxrdist.config import TIMESTEP_BIASES
 from cxrdist.data.latents import encode_mean
 from cxrdist.errors import ModelError
 from cxrdist.models.families import FAMILIES, Family
-from cxrdist.models.text import CONTEXT_TOKENS, apply_template, as_read, encode_ids, max_length, tokenize
+from cxrdist.models.text import CONTEXT_TOKENS, Instruction, apply_template, as_read, encode_ids, max_length, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,11 @@ class FrozenTextCache:
     fp32), not the 300-token budget (2.8 MB). Without it (a UNet reads every position), the padded row is kept.
     """
 
-    def __init__(self, max_items: int, trim: bool = False):
+    def __init__(self, max_items: int, trim: bool = False, instruction: Instruction | None = None,
+                 limit: int = CONTEXT_TOKENS):
         self.max_items = max_items
         self.trim = trim
+        self.instruction, self.limit = instruction, limit  # a row's context is kept as cut (Instruction.cut)
         self.store: dict[bytes, torch.Tensor] = {}
         self.hits = 0
         self.misses = 0
@@ -71,15 +74,20 @@ class FrozenTextCache:
     @staticmethod
     @torch.no_grad()
     def encode_row(text_encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                   i: int, trim: bool = False) -> torch.Tensor:
+                   i: int, trim: bool = False, instruction: Instruction | None = None,
+                   limit: int = CONTEXT_TOKENS) -> torch.Tensor:
         """Row i's context, encoded alone: the one way every cached context is computed. With `trim`, only the
-        row's own tokens (right padding), so its context does not depend on the batch it came in."""
+        row's own tokens (right padding), so its context does not depend on the batch it came in; with an
+        `instruction`, cut as Instruction.cut cuts it."""
         ids = input_ids[i : i + 1]
         mask = attention_mask[i : i + 1] if attention_mask is not None else None
         if trim and mask is not None:
             length = FrozenTextCache.own_length(mask[0])
             ids, mask = ids[:, :length], mask[:, :length]
-        return encode_ids(text_encoder, ids, mask)[0]
+        context = encode_ids(text_encoder, ids, mask)
+        if instruction is not None and mask is not None:
+            context = instruction.cut(context, mask, ids, limit)[0]
+        return context[0]
 
     @staticmethod
     def own_length(mask_row: torch.Tensor) -> int:
@@ -110,12 +118,15 @@ class FrozenTextCache:
         for i, key in enumerate(self.keys(input_ids, attention_mask)):
             if key not in self.store:
                 self.misses += 1
-                self.put(key, self.encode_row(text_encoder, input_ids, attention_mask, i, trim=self.trim))
+                self.put(key, self.encode_row(text_encoder, input_ids, attention_mask, i, trim=self.trim,
+                                              instruction=self.instruction, limit=self.limit))
             else:
                 self.hits += 1
             rows.append(self.store[key])
         if self.trim:
-            return pad_rows(rows, input_ids.shape[1])
+            width = input_ids.shape[1] if self.instruction is None else self.instruction.cut_width(input_ids,
+                                                                                                     self.limit)
+            return pad_rows(rows, width)
         return torch.stack(rows)
 
 
@@ -132,14 +143,17 @@ class LoraDiffusionModel(nn.Module):
     family calls it (`unet` is the denoiser: a UNet or a diffusion transformer)."""
 
     def __init__(self, unet: nn.Module, text_encoder: nn.Module, train_text_encoder: bool, text_cache_size: int = 0,
-                 family: Family = FAMILIES["sd"]):
+                 family: Family = FAMILIES["sd"], instruction: Instruction | None = None):
         super().__init__()
         self.unet = unet
         self.family = family
         self.text_encoder = text_encoder
         self.train_text_encoder = train_text_encoder
+        # model.text_instruction (Sana): token ids arrive with it, the context and mask leave cut (Instruction.cut)
+        self.instruction = instruction
         # A plain attribute, not a buffer: nothing to synchronise or checkpoint, rebuilt after a resume.
-        self.text_cache = (FrozenTextCache(text_cache_size, trim=family.is_transformer)
+        self.text_cache = (FrozenTextCache(text_cache_size, trim=family.is_transformer, instruction=instruction,
+                                           limit=family.context_tokens)
                            if text_cache_size and not train_text_encoder else None)
 
     def train(self, mode: bool = True) -> "LoraDiffusionModel":
@@ -158,18 +172,21 @@ class LoraDiffusionModel(nn.Module):
         return next(p for name, p in self.unet.named_parameters() if "lora_" not in name).dtype
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        if self.train_text_encoder:
-            return encode_ids(self.text_encoder, input_ids, attention_mask)
-        if self.text_cache is not None:
-            return self.text_cache(self.text_encoder, input_ids, attention_mask)
-        with torch.no_grad():
-            return encode_ids(self.text_encoder, input_ids, attention_mask)
+        if self.text_cache is not None and not self.train_text_encoder:
+            return self.text_cache(self.text_encoder, input_ids, attention_mask)  # cut as it is cached
+        with contextlib.nullcontext() if self.train_text_encoder else torch.no_grad():
+            context = encode_ids(self.text_encoder, input_ids, attention_mask)
+        if self.instruction is not None and attention_mask is not None:
+            context = self.instruction.cut(context, attention_mask, input_ids, self.family.context_tokens)[0]
+        return context
 
     def forward(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if attention_mask is not None and self.family.is_transformer:
             input_ids, attention_mask = trim_padding(input_ids, attention_mask)
         context = self.encode_text(input_ids, attention_mask)
+        if self.instruction is not None and attention_mask is not None:
+            attention_mask = self.instruction.cut_mask(attention_mask, input_ids, self.family.context_tokens)
         sample = noisy_latents.to(self.input_dtype())
         mask = attention_mask.to(sample.device) if attention_mask is not None else None
         return self.family.call_denoiser(self.unet, sample, timesteps, context.to(sample.dtype), mask)
@@ -343,10 +360,12 @@ class BatchEncoder:
     token ids. The VAE is frozen and never part of the trained module."""
 
     def __init__(self, vae, tokenizer, template: str, caption_dropout: float, use_cached: bool = True,
-                 context_tokens: int = CONTEXT_TOKENS, lowercase: bool = False):
+                 context_tokens: int = CONTEXT_TOKENS, lowercase: bool = False,
+                 instruction: Instruction | None = None):
         self.vae = vae
         self.context_tokens = context_tokens
         self.lowercase = lowercase  # the family's (Family.lowercase_prompts)
+        self.instruction = instruction  # model.text_instruction (Instruction)
         self.use_cached = use_cached
         self.tokenizer = tokenizer
         self.template = template
@@ -375,8 +394,12 @@ class BatchEncoder:
 
     def token_ids(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         length = max_length(self.tokenizer, self.context_tokens)
-        full = self.tokenizer(as_read(prompts, self.lowercase), truncation=False)["input_ids"]
+        read = as_read(prompts, self.lowercase)
+        if self.instruction is not None:  # the report is cut where the instruction and it exceed the width
+            read, length = [self.instruction.text + p if p else p for p in read], self.instruction.width(length)
+        full = self.tokenizer(read, truncation=False)["input_ids"]
         self.cut_prompts += sum(len(ids) > length for ids in full)  # reported once per epoch, not per batch
         self.seen_prompts += len(prompts)
         # exactly what the sampler feeds the encoder
-        return tokenize(self.tokenizer, prompts, warn=False, limit=self.context_tokens, lowercase=self.lowercase)
+        return tokenize(self.tokenizer, prompts, warn=False, limit=self.context_tokens, lowercase=self.lowercase,
+                        instruction=self.instruction)

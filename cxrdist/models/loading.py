@@ -61,6 +61,9 @@ class BaseModel:
     revision: str | None = None  # hub revision and weights variant it was loaded with (recorded in adapters)
     variant: str | None = None
     family: Family = FAMILIES["sd"]
+    # model.text_instruction as trained (cxrdist.models.text.Instruction): set for training from the config and for
+    # sampling from the model's metadata; None: prompts are encoded alone
+    instruction: Any = None
 
     @property
     def vae_scale_factor(self) -> int:

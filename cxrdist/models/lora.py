@@ -229,6 +229,9 @@ def adapter_metadata(base: BaseModel, spec: dict, prompt_template: str, config: 
                  "variant": base.variant},
         "adapter": spec,
         "prompt_template": prompt_template,
+        # the instruction every non-empty prompt was encoded after (model.text_instruction), as text: sampling uses
+        # exactly what training did, whatever the installed diffusers' default
+        "text_instruction": base.instruction.text if base.instruction is not None else None,
         "config": config or {},
         **extra,
     }
@@ -272,6 +275,8 @@ def _metadata_problem(data: dict) -> str | None:
         return "'adapter' needs 'unet' and 'text_encoder' entries"
     if "prompt_template" in data and not isinstance(data["prompt_template"], str):
         return "'prompt_template' is not a string"
+    if data.get("text_instruction") is not None and not isinstance(data["text_instruction"], str):
+        return "'text_instruction' is not a string"
     for part in ("unet", "text_encoder"):
         spec = adapter[part]
         if spec is None and part == "text_encoder":

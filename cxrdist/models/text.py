@@ -6,11 +6,15 @@ conditioning the adapter was trained on, for CLIP and BERT-style encoders alike.
 """
 from __future__ import annotations
 
+import inspect
 import logging
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
-from cxrdist.errors import InputError
+from cxrdist.config import TEXT_INSTRUCTIONS
+from cxrdist.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +37,104 @@ def max_length(tokenizer, limit: int = CONTEXT_TOKENS) -> int:
     return min(length, limit)
 
 
+def instruction_text(name: str) -> Optional[str]:
+    """The instruction `model.text_instruction` names, joined as diffusers joins it; None for "none". "sana" is
+    SanaPipeline's own default `complex_human_instruction`, read from the installed diffusers."""
+    if name == "none":
+        return None
+    if name == "sana":
+        from diffusers import SanaPipeline
+
+        lines = inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default
+        return "\n".join(lines)
+    raise ValueError(f"unknown text instruction {name!r}: choose one of {', '.join(TEXT_INSTRUCTIONS)}")
+
+
+def instruction_for(name: str, base) -> Optional["Instruction"]:
+    """model.text_instruction for `base` (a cxrdist.models.loading.BaseModel): None for "none"; "sana" on a base of
+    another family is refused in one line (its pipeline has no such instruction)."""
+    if name != "none" and base.family.name != name:
+        raise ConfigError(f"model.text_instruction={name} applies to {name.capitalize()} bases; {base.source} is "
+                          f"{base.family.label}: set model.text_instruction=none")
+    return Instruction.build(base.tokenizer, instruction_text(name))
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """An instruction prefix as diffusers' SanaPipeline applies `complex_human_instruction`: each non-empty prompt is
+    encoded after it (padded to the instruction's tokens + limit - 2), and the context keeps the first position and
+    the last limit - 1 (the instruction's last token, the prompt, its padding): the prompt's tokens as the causal
+    text encoder reads them after the instruction. Empty prompts (caption dropout, guidance's unconditional side)
+    are encoded without it, as the pipeline encodes its negative prompt.
+
+    A row carries the instruction when it starts with `lead`, the instruction's tokens but its last (which may merge
+    with the prompt's first when tokenized together)."""
+
+    text: str
+    tokens: int  # len(tokenizer.encode(text)), as diffusers counts them
+    lead: tuple[int, ...]
+
+    @classmethod
+    def build(cls, tokenizer, text: Optional[str]) -> Optional["Instruction"]:
+        if not text:
+            return None
+        ids = tokenizer.encode(text)
+        return cls(text, len(ids), tuple(ids[: len(ids) - 1]))
+
+    def width(self, limit: int) -> int:
+        """Token columns of a tokenized batch (before any trimming)."""
+        return self.tokens + limit - 2
+
+    def carried(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Per row: whether it starts with the instruction (B bools)."""
+        lead = torch.tensor(self.lead, dtype=input_ids.dtype, device=input_ids.device)
+        if input_ids.shape[1] < len(lead):
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        return (input_ids[:, : len(lead)] == lead).all(dim=1)
+
+    def cut_width(self, input_ids: torch.Tensor, limit: int) -> int:
+        """K, the columns every row keeps: W - tokens + 2 when some row carries the instruction, else min(W, limit)
+        (W: the batch's width, which trimming the padding may have lowered)."""
+        width = input_ids.shape[1]
+        return width - self.tokens + 2 if bool(self.carried(input_ids).any()) else min(width, limit)
+
+    def kept_columns(self, input_ids: torch.Tensor, limit: int) -> torch.Tensor:
+        """B x K column indices each row keeps (`cut_width`): [0] + [tokens - 1, W) where it carries the
+        instruction, [0, K) where not."""
+        rows = input_ids.shape[0]
+        carried = self.carried(input_ids)
+        keep = self.cut_width(input_ids, limit)
+        plain = torch.arange(keep, device=input_ids.device).expand(rows, keep)
+        instructed = torch.cat([torch.zeros(1, dtype=torch.long, device=input_ids.device),
+                                torch.arange(self.tokens - 1, self.tokens - 1 + keep - 1, device=input_ids.device)])
+        return torch.where(carried[:, None], instructed.expand(rows, keep), plain)
+
+    def cut(self, contexts: torch.Tensor, attention_mask: torch.Tensor, input_ids: torch.Tensor,
+            limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(contexts, mask) of the columns each row keeps (`kept_columns`)."""
+        index = self.kept_columns(input_ids, limit).to(contexts.device)
+        contexts = torch.gather(contexts, 1, index[..., None].expand(-1, -1, contexts.shape[-1]))
+        return contexts, self.cut_mask(attention_mask, input_ids, limit)
+
+    def cut_mask(self, attention_mask: torch.Tensor, input_ids: torch.Tensor, limit: int) -> torch.Tensor:
+        index = self.kept_columns(input_ids, limit).to(attention_mask.device)
+        return torch.gather(attention_mask, 1, index)
+
+
 def as_read(prompts: list[str], lowercase: bool = False) -> list[str]:
     """The prompts as the text encoder reads them: lower-cased and stripped where the family's pipeline does so."""
     return [p.lower().strip() for p in prompts] if lowercase else list(prompts)
 
 
 def tokenize(tokenizer, prompts: list[str], warn: bool = True, limit: int = CONTEXT_TOKENS,
-             lowercase: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+             lowercase: bool = False, instruction: Optional[Instruction] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids padded to the encoder's length (at most `limit`); say what was cut rather than truncating
-    silently."""
+    silently. With an `instruction`, non-empty prompts are tokenized after it, to its width (Instruction)."""
     prompts = as_read(prompts, lowercase)
     length = max_length(tokenizer, limit)
+    if instruction is not None:
+        prompts = [instruction.text + p if p else p for p in prompts]
+        length = instruction.width(length)
     if warn:
         for prompt in prompts:
             ids = tokenizer(prompt, truncation=False, add_special_tokens=True)["input_ids"]
@@ -87,10 +178,14 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], warn: bool = Tru
 
 
 def encode_prompts_masked(tokenizer, text_encoder, prompts: list[str], warn: bool = True,
-                          limit: int = CONTEXT_TOKENS, lowercase: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                          limit: int = CONTEXT_TOKENS, lowercase: bool = False,
+                          instruction: Optional[Instruction] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(contexts, attention masks): the transformer families' denoisers read the mask too."""
-    ids, mask = tokenize(tokenizer, prompts, warn=warn, limit=limit, lowercase=lowercase)
-    return encode_ids(text_encoder, ids, mask), mask
+    ids, mask = tokenize(tokenizer, prompts, warn=warn, limit=limit, lowercase=lowercase, instruction=instruction)
+    contexts = encode_ids(text_encoder, ids, mask)
+    if instruction is not None:
+        return instruction.cut(contexts, mask, ids, max_length(tokenizer, limit))
+    return contexts, mask
 
 
 def check_prompts(prompts: list[str]) -> list[str]:

@@ -21,6 +21,7 @@ from cxrdist.models.loading import (PICKLED_WEIGHTS, PRESET_PREFIX, BaseModel, c
                                     fingerprint, load_base)
 from cxrdist.models.lora import (CHECKPOINT_ADAPTER, CHECKPOINT_CONFIG, CHECKPOINT_MARKER, METADATA_NAME,
                                  WEIGHTS_NAME, adapter_metadata, attach_lora, load_adapter, read_adapter_metadata)
+from cxrdist.models.text import Instruction, instruction_for
 from cxrdist.models.trained import CHECKPOINT_FULL, load_trained_state, unfreeze_denoiser
 from cxrdist.sampling.archive import safe_extract
 from cxrdist.sampling.pipeline import assemble_pipeline, build_scheduler
@@ -42,10 +43,19 @@ def load_for_sampling(model_path: str | Path, base_override: str | None = None,
     # A FIFO or device, as --model-path or anywhere inside the folder, would block or never end when opened.
     check_model_files(path, "model path" if not path.is_dir() else "model folder")
     if path.is_dir():
-        return _load_folder(path, base_override, vae_dtype)
+        return _with_instruction(*_load_folder(path, base_override, vae_dtype))
     with tempfile.TemporaryDirectory(prefix="cxrdist-zip-") as tmp:
         root = safe_extract(path, tmp)
-        return _load_folder(_model_root(root, path), base_override, vae_dtype)
+        return _with_instruction(*_load_folder(_model_root(root, path), base_override, vae_dtype))
+
+
+def _with_instruction(base: BaseModel, meta: dict | None) -> tuple[BaseModel, dict | None]:
+    """The instruction the model was trained after (model.text_instruction), as its metadata records it."""
+    text = (meta or {}).get("text_instruction")
+    if text is not None and not isinstance(text, str):
+        raise ModelError("the model's cxrdist.json has a 'text_instruction' that is not a string: export it again")
+    base.instruction = Instruction.build(base.tokenizer, text)
+    return base, meta
 
 
 def _readable(path: Path) -> bool:
@@ -161,6 +171,7 @@ def _load_training_checkpoint(folder: Path, base_override: str | None, vae_dtype
     source = base_override or cfg.model.pretrained
     base = _load_base_for(source, folder, vae_dtype, overridden=bool(base_override), revision=cfg.model.revision,
                           variant=cfg.model.variant)
+    base.instruction = instruction_for(cfg.model.text_instruction, base)  # recorded in the metadata below
     spec = attach_lora(base, cfg.lora)
     joint = LoraDiffusionModel(base.unet, base.text_encoder, cfg.lora.train_text_encoder, family=base.family)
     load_trained_state(joint, adapter, folder)  # after attach_lora only the adapters require a gradient
@@ -177,6 +188,7 @@ def _load_full_checkpoint(folder: Path, base_override: str | None, vae_dtype: st
     source = base_override or cfg.model.pretrained
     base = _load_base_for(source, folder, vae_dtype, overridden=bool(base_override), revision=cfg.model.revision,
                           variant=cfg.model.variant)
+    base.instruction = instruction_for(cfg.model.text_instruction, base)  # recorded in the metadata below
     spec = unfreeze_denoiser(base, text_encoder=cfg.train.train_text_encoder)
     joint = LoraDiffusionModel(base.unet, base.text_encoder, False, family=base.family)
     load_trained_state(joint, trained, folder)

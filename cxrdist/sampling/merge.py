@@ -138,6 +138,7 @@ def merge_adapter(model_path: str | Path, out: str | Path, base_override: str | 
         "base": meta.get("base", {"source": base.source, "fingerprint": base.fingerprint}),
         "adapter": meta.get("adapter"),
         "prompt_template": meta.get("prompt_template", "{report}"),
+        "text_instruction": meta.get("text_instruction"),
         "config": meta.get("config", {}),
         "software": f"cxrdist {__version__}",
     }

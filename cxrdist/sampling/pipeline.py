@@ -259,7 +259,7 @@ def _embed_unique(base: BaseModel, prompts: list[str]) -> tuple[torch.Tensor, to
     attention masks)."""
     unique = list(dict.fromkeys(prompts))
     embeds, masks = encode_prompts_masked(base.tokenizer, base.text_encoder, unique, limit=base.context_tokens,
-                                          lowercase=base.lowercase_prompts)
+                                          lowercase=base.lowercase_prompts, instruction=base.instruction)
     where = torch.tensor([{p: i for i, p in enumerate(unique)}[p] for p in prompts])
     return embeds[where.to(embeds.device)], masks[where].to(embeds.device)
 

@@ -160,13 +160,18 @@ say nothing about clinical correctness.
 def diffusers_lines(base, cfg=None) -> str:
     """How plain diffusers loads this export: a full fine-tune as any pipeline; an adapter, for the families whose
     loading differs from SD's `load_lora_weights`."""
+    instruction = ""
+    if base.family.name == "sana":  # SanaPipeline applies its own default instruction unless told otherwise
+        instruction = (" Sample with `complex_human_instruction=None`: it was trained on the report alone."
+                       if base.instruction is None else
+                       " Sample with the pipeline's `complex_human_instruction` (cxrdist.json's `text_instruction`, "
+                       "split into lines): it was trained after that instruction.")
     if cfg is not None and cfg.train.method == "full":
         return (f"\nIn plain diffusers: `{base.family.pipeline}.from_pretrained(<this folder>)` (or "
-                "`DiffusionPipeline.from_pretrained`).\n")
+                f"`DiffusionPipeline.from_pretrained`).{instruction}\n")
     if base.family.name == "sana":
         return ("\nIn plain diffusers: `SanaPipeline.from_pretrained(<base>)`, then `pipe.load_lora_weights(<this "
-                "folder>)`, and sample with `complex_human_instruction=None`: the adapter was trained on the report "
-                "alone.\n")
+                f"folder>)`.{instruction}\n")
     if base.family.name == "pixart-sigma":
         return ("\nIn plain diffusers (PixArtSigmaPipeline has no LoRA loader): `pipe.transformer = "
                 "peft.PeftModel.from_pretrained(pipe.transformer, <this folder>/peft)`.\n")

@@ -29,7 +29,7 @@ def distinct_prompts(reports: list[str], template: str, with_empty: bool) -> lis
 
 
 def prefill_text_cache(accelerator, cache: FrozenTextCache, text_encoder, tokenizer, prompts: list[str],
-                       context_tokens: int = CONTEXT_TOKENS, lowercase: bool = False) -> int:
+                       context_tokens: int = CONTEXT_TOKENS, lowercase: bool = False, instruction=None) -> int:
     """Encode `prompts` (each once, spread over the ranks) into every rank's cache; returns how many were added.
 
     Collective: every rank must call it with the same prompts. Prompts beyond the cache's bound are not filled
@@ -40,11 +40,13 @@ def prefill_text_cache(accelerator, cache: FrozenTextCache, text_encoder, tokeni
         return 0
     started = time.perf_counter()
     # the ids BatchEncoder.token_ids gives the model
-    ids, mask = tokenize(tokenizer, prompts, warn=False, limit=context_tokens, lowercase=lowercase)
+    ids, mask = tokenize(tokenizer, prompts, warn=False, limit=context_tokens, lowercase=lowercase,
+                         instruction=instruction)
     keys = FrozenTextCache.keys(ids, mask)
 
     def encode(i: int) -> torch.Tensor:
-        return FrozenTextCache.encode_row(text_encoder, ids, mask, i, trim=cache.trim)
+        return FrozenTextCache.encode_row(text_encoder, ids, mask, i, trim=cache.trim, instruction=cache.instruction,
+                                          limit=cache.limit)
 
     world, rank = accelerator.num_processes, accelerator.process_index
     if world == 1 or len(prompts) < world:

@@ -48,6 +48,7 @@ from cxrdist.models.diffusion import (BatchEncoder, DiffusionObjective, FlowSett
                                       timestep_weights, to_device)
 from cxrdist.models.loading import load_base
 from cxrdist.models.lora import count_parameters, tensors_digest
+from cxrdist.models.text import instruction_for
 from cxrdist.models.trained import attach_training, is_full, trained_parameters, trains_text_encoder
 from cxrdist.progress import progress_meter
 from cxrdist.sampling.archive import write_zip
@@ -193,11 +194,13 @@ class Trainer:
             key = "eval.scheduler" if cfg.eval.scheduler is not None else "sample.scheduler (eval.scheduler is null)"
             raise ConfigError(f"{key}={scheduler} does not fit {self.base.family.label}'s noise "
                               f"schedule: choose one of {', '.join(self.base.family.samplers)}")
+        self.base.instruction = instruction_for(cfg.model.text_instruction, self.base)
         self.data = data_factory(channels=self.base.channels, rank=acc.process_index, world_size=acc.num_processes)
         # every fold loads the base afresh above: a full fine-tune never starts from another fold's weights
         self.spec = attach_training(self.base, cfg)
         model = LoraDiffusionModel(self.base.unet, self.base.text_encoder, trains_text_encoder(self.spec),
-                                   text_cache_size=cfg.train.text_cache_size, family=self.base.family)
+                                   text_cache_size=cfg.train.text_cache_size, family=self.base.family,
+                                   instruction=self.base.instruction)
         if distributed.zero_stage(acc) == 3:
             distributed.prepare_text_encoder_for_zero3(self.base.text_encoder, self.spec)
             if model.text_cache is not None:
@@ -246,7 +249,8 @@ class Trainer:
                                             objective=self.base.family.objective, flow=FlowSettings.from_train(t))
         self.encoder = BatchEncoder(self.base.vae, self.base.tokenizer, cfg.data.prompt_template,
                                     cfg.train.caption_dropout, use_cached=self._use_cached_latents(),
-                                    context_tokens=self.base.context_tokens, lowercase=self.base.lowercase_prompts)
+                                    context_tokens=self.base.context_tokens, lowercase=self.base.lowercase_prompts,
+                                    instruction=self.base.instruction)
         self.best = BestModel(acc, cfg, self.run_dir, fold, self.base, self.spec)
         distributed.load_weights_only(self.model)  # a DeepSpeed engine unpickles its files with weights_only=True
         # The EMA of the trained weights (train.ema_decay): the same values on every rank; None when off.
@@ -522,7 +526,8 @@ class Trainer:
         reports = [report for share in gather_object([self.data.train_reports()]) for report in share]
         prompts = distinct_prompts(reports, self.cfg.data.prompt_template, with_empty=self.cfg.train.caption_dropout > 0)
         prefill_text_cache(self.accelerator, cache, model.text_encoder, self.base.tokenizer, prompts,
-                           self.base.context_tokens, lowercase=self.base.lowercase_prompts)
+                           self.base.context_tokens, lowercase=self.base.lowercase_prompts,
+                           instruction=self.base.instruction)
 
     @property
     def micro_per_epoch(self) -> int:
