@@ -396,7 +396,7 @@ class BatchEncoder:
         length = max_length(self.tokenizer, self.context_tokens)
         read = as_read(prompts, self.lowercase)
         if self.instruction is not None:  # the report is cut where the instruction and it exceed the width
-            read, length = [self.instruction.text + p if p else p for p in read], self.instruction.width(length)
+            read, length = self.instruction.prefixed(read), self.instruction.width(length)
         full = self.tokenizer(read, truncation=False)["input_ids"]
         self.cut_prompts += sum(len(ids) > length for ids in full)  # reported once per epoch, not per batch
         self.seen_prompts += len(prompts)

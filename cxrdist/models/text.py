@@ -85,6 +85,10 @@ class Instruction:
         """Token columns of a tokenized batch (before any trimming)."""
         return self.tokens + limit - 2
 
+    def prefixed(self, prompts: list[str]) -> list[str]:
+        """The texts to tokenize: each non-empty prompt after the instruction, the empty prompt alone."""
+        return [self.text + p if p else p for p in prompts]
+
     def carried(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Per row: whether it starts with the instruction (B bools)."""
         lead = torch.tensor(self.lead, dtype=input_ids.dtype, device=input_ids.device)
@@ -133,8 +137,7 @@ def tokenize(tokenizer, prompts: list[str], warn: bool = True, limit: int = CONT
     prompts = as_read(prompts, lowercase)
     length = max_length(tokenizer, limit)
     if instruction is not None:
-        prompts = [instruction.text + p if p else p for p in prompts]
-        length = instruction.width(length)
+        prompts, length = instruction.prefixed(prompts), instruction.width(length)
     if warn:
         for prompt in prompts:
             ids = tokenizer(prompt, truncation=False, add_special_tokens=True)["input_ids"]
