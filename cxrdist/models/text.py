@@ -99,15 +99,17 @@ class Instruction:
     def cut_width(self, input_ids: torch.Tensor, limit: int) -> int:
         """K, the columns every row keeps: W - tokens + 2 when some row carries the instruction, else min(W, limit)
         (W: the batch's width, which trimming the padding may have lowered)."""
-        width = input_ids.shape[1]
-        return width - self.tokens + 2 if bool(self.carried(input_ids).any()) else min(width, limit)
+        return self._width(input_ids.shape[1], bool(self.carried(input_ids).any()), limit)
+
+    def _width(self, width: int, any_carried: bool, limit: int) -> int:
+        return width - self.tokens + 2 if any_carried else min(width, limit)
 
     def kept_columns(self, input_ids: torch.Tensor, limit: int) -> torch.Tensor:
         """B x K column indices each row keeps (`cut_width`): [0] + [tokens - 1, W) where it carries the
         instruction, [0, K) where not."""
-        rows = input_ids.shape[0]
+        rows, width = input_ids.shape
         carried = self.carried(input_ids)
-        keep = self.cut_width(input_ids, limit)
+        keep = self._width(width, bool(carried.any()), limit)
         plain = torch.arange(keep, device=input_ids.device).expand(rows, keep)
         instructed = torch.cat([torch.zeros(1, dtype=torch.long, device=input_ids.device),
                                 torch.arange(self.tokens - 1, self.tokens - 1 + keep - 1, device=input_ids.device)])
@@ -118,7 +120,7 @@ class Instruction:
         """(contexts, mask) of the columns each row keeps (`kept_columns`)."""
         index = self.kept_columns(input_ids, limit).to(contexts.device)
         contexts = torch.gather(contexts, 1, index[..., None].expand(-1, -1, contexts.shape[-1]))
-        return contexts, self.cut_mask(attention_mask, input_ids, limit)
+        return contexts, torch.gather(attention_mask.to(index.device), 1, index)
 
     def cut_mask(self, attention_mask: torch.Tensor, input_ids: torch.Tensor, limit: int) -> torch.Tensor:
         index = self.kept_columns(input_ids, limit).to(attention_mask.device)
